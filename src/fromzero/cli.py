@@ -1,0 +1,281 @@
+"""The ``fromzero`` command: one subcommand per verb, each a thin layer over the package.
+
+Exit codes: 0 success; 2 bad input, reported as one line ``error: ...`` on stderr (add
+``--debug`` for the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fromzero import __version__
+from fromzero.errors import FromzeroError
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults after every option and keep the hand-written layout of descriptions."""
+
+
+def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str = "", **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# data prepare / tokenizer train
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from fromzero.data.text import prepare_dataset
+
+    meta = prepare_dataset(
+        args.corpus, args.tokenizer, Path(args.out), val_fraction=args.val_fraction,
+        force=args.force, progress=not args.quiet,
+    )
+    print(
+        f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+        f"vocab {meta['vocab_size']} ({meta['tokenizer']}), {meta['dtype']}"
+    )
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from fromzero.data.corpora import resolve_corpus
+    from fromzero.data.tokenizers import train_bpe_tokenizer, train_char_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FromzeroError(f"{out} already exists; pass --force to overwrite it")
+    corpus = resolve_corpus(args.corpus)
+    if args.kind == "char":
+        tok = train_char_tokenizer(corpus.iter_chunks())
+    else:
+        tok = train_bpe_tokenizer(corpus.iter_chunks(), args.vocab_size)
+    path = tok.save(out)
+    print(f"wrote {path}: {tok.kind} tokenizer, vocab {tok.vocab_size}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain
+
+
+_PRETRAIN_ALIASES = {"--device": "--train.device", "--dtype": "--train.dtype", "--compile": "--train.compile",
+                     "--out-dir": "--out_dir", "--seed": "--train.seed"}
+
+
+def _pretrain_epilog() -> str:
+    from fromzero.config import PretrainConfig, options_help
+
+    return (
+        "recipe options (override any with --section.key VALUE; shown with built-in defaults,\n"
+        "a recipe sets its own):\n" + "\n".join(options_help(PretrainConfig)) + "\n\n"
+        "aliases: --device, --dtype, --compile, --seed mean --train.device, --train.dtype,\n"
+        "--train.compile, --train.seed; --out-dir means --out_dir.\n\n"
+        "example:\n  fromzero pretrain --config recipes/shakespeare-char.yaml --train.max_iters 500\n"
+    )
+
+
+def _cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fromzero.config import deep_merge, from_dict, load_pretrain_config, parse_overrides, PretrainConfig, validate_pretrain
+    from fromzero.training.trainer import load_run_config, pretrain
+
+    expanded: list[str] = []
+    for tok in overrides:
+        key, eq, val = tok.partition("=")
+        key = _PRETRAIN_ALIASES.get(key, key)
+        expanded.append(key + eq + val)
+    expanded = _bool_flags(expanded, {"--train.compile"})
+    if args.resume:
+        if args.config:
+            raise FromzeroError("--resume takes its config from the run directory; drop --config")
+        run_dir = Path(args.resume)
+        data = deep_merge(load_run_config(run_dir), parse_overrides(expanded, PretrainConfig))
+        cfg = from_dict(PretrainConfig, data)
+        validate_pretrain(cfg)
+        result = pretrain(cfg, run_dir=run_dir, resume=True, progress=not args.quiet)
+    else:
+        if not args.config:
+            raise FromzeroError("pretrain needs --config RECIPE.yaml (or --resume RUN_DIR)")
+        cfg = load_pretrain_config(args.config, expanded)
+        result = pretrain(cfg, force=args.force, progress=not args.quiet)
+    print(
+        f"{'stopped' if result.stopped_early else 'done'}: step {result.step}, "
+        f"val loss {result.last_val_loss:.4f} (best {result.best_val_loss:.4f}); "
+        f"run directory {result.run_dir}"
+    )
+    return 0
+
+
+def _bool_flags(tokens: list[str], flags: set[str]) -> list[str]:
+    """Let boolean options be given bare (``--compile``) as well as with a value."""
+    out: list[str] = []
+    for i, tok in enumerate(tokens):
+        out.append(tok)
+        if tok in flags:
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+            if nxt is None or nxt.startswith("--"):
+                out.append("true")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from fromzero.data.tokenizers import TextTokenizer
+    from fromzero.training.checkpoint import load_model
+    from fromzero.training.trainer import resolve_device
+
+    if args.max_new_tokens < 0:
+        raise FromzeroError("--max-new-tokens must be >= 0")
+    if args.temperature < 0:
+        raise FromzeroError("--temperature must be >= 0 (0 = greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise FromzeroError("--top-p must be in (0, 1]")
+    if args.top_k is not None and args.top_k <= 0:
+        raise FromzeroError("--top-k must be positive")
+    if args.num_samples <= 0:
+        raise FromzeroError("--num-samples must be positive")
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    tokenizer = TextTokenizer.load(Path(args.checkpoint))
+    prompt = args.prompt
+    if args.prompt_file:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        if tokenizer.eos_id is None:
+            raise FromzeroError("empty prompt: give --prompt TEXT (this tokenizer has no start token)")
+        ids = [tokenizer.eos_id]  # GPT-2 convention: <|endoftext|> starts a fresh document
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
+    out = model.generate(
+        idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_cache,
+    )
+    for i, row in enumerate(out.tolist()):
+        if tokenizer.eos_id is not None and tokenizer.eos_id in row[len(ids):]:
+            row = row[: len(ids) + row[len(ids):].index(tokenizer.eos_id)]
+        text = tokenizer.decode(row if prompt else row[1:])
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fromzero",
+        description="Develop large neural models from zero: prepare data, train tokenizers, "
+        "pretrain GPTs, generate text.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fromzero {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # data
+    data = _add_parser(sub, "data", "prepare datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    prep = _add_parser(
+        data_sub, "prepare", "corpus -> tokenizer -> train.bin / val.bin / meta.json / tokenizer.json",
+        description="Tokenize a corpus into memory-mappable token files (90/10 train/val split, "
+        "the last 10%% of the text is validation).\n\nexample:\n"
+        "  fromzero data prepare --corpus shakespeare --tokenizer char --out data/shakespeare-char",
+    )
+    prep.add_argument("--corpus", nargs="+", required=True, metavar="CORPUS",
+                      help="shakespeare | python-stdlib | a file, folder or glob of UTF-8 text (several allowed)")
+    prep.add_argument("--tokenizer", default="char", metavar="SPEC",
+                      help="char | bpe:N (train byte-level BPE with vocab N) | path to a tokenizer.json")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
+    prep.add_argument("--force", action="store_true", help="replace an existing output directory")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=_cmd_data_prepare)
+
+    # tokenizer
+    tok = _add_parser(sub, "tokenizer", "train tokenizers")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    train = _add_parser(tok_sub, "train", "train a tokenizer on a corpus and save tokenizer.json",
+                        description="Train a byte-level BPE (or char-level) tokenizer with Hugging Face "
+                        "`tokenizers`.\n\nexample:\n  fromzero tokenizer train --corpus python-stdlib "
+                        "--vocab-size 8192 --out tok.json")
+    train.add_argument("--corpus", nargs="+", required=True, help="as for `data prepare`")
+    train.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (>= 257)")
+    train.add_argument("--kind", choices=("bpe", "char"), default="bpe", help="tokenizer type")
+    train.add_argument("--out", required=True, help="output tokenizer.json path")
+    train.add_argument("--force", action="store_true", help="overwrite an existing file")
+    train.set_defaults(func=_cmd_tokenizer_train)
+
+    # pretrain
+    pre = _add_parser(
+        sub, "pretrain", "pretrain a GPT from a YAML recipe",
+        description="Pretrain a GPT language model. Writes runs/<recipe>-<timestamp>/ with config.yaml, "
+        "metrics.jsonl, tb/, plots/ and checkpoints/{last,best}.",
+        epilog=_pretrain_epilog(),
+    )
+    pre.add_argument("--config", help="recipe YAML (e.g. recipes/shakespeare-char.yaml)")
+    pre.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoints/last")
+    pre.add_argument("--force", action="store_true", help="start over in an existing run directory")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(func=_cmd_pretrain, takes_overrides=True)
+
+    # generate
+    gen = _add_parser(sub, "generate", "sample text from a checkpoint",
+                      description="Sample a continuation of a prompt.\n\nexample:\n  fromzero generate "
+                      "--checkpoint runs/RUN/checkpoints/best --prompt 'ROMEO:' --max-new-tokens 300")
+    gen.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    gen.add_argument("--prompt", default="", help="text to continue")
+    gen.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest token set with this probability")
+    gen.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same text)")
+    gen.add_argument("--num-samples", type=int, default=1, help="independent samples to draw")
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    gen.add_argument("--no-cache", action="store_true", help="recompute attention over the whole context each step (slower; for checking)")
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    debug = "--debug" in argv
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if not getattr(args, "func", None):
+            # A group without an action (``fromzero data``) or no command: show help.
+            sub_help = {"data": "data", "tokenizer": "tokenizer"}.get(getattr(args, "command", None) or "")
+            parser.parse_args([sub_help, "--help"] if sub_help else ["--help"])
+            return 2
+        if getattr(args, "takes_overrides", False):
+            return args.func(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.func(args)
+    except FromzeroError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

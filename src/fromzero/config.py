@@ -1,0 +1,354 @@
+"""Typed configs: dataclasses, YAML recipes and dotted command-line overrides.
+
+A recipe is a YAML file whose top-level sections mirror :class:`PretrainConfig`
+(``model``, ``train``, ``data``, ``out_dir``). Any field can be overridden on the command
+line with a dotted key: ``--train.lr 3e-4 --model.n_layer 6``. Unknown keys are refused with
+the closest valid name; values are checked against the field's type. The attribute
+docstrings of the dataclasses are the documentation: ``fromzero pretrain --help`` prints them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fromzero.errors import FromzeroError
+from fromzero.models.gpt import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and runtime settings (nanoGPT's names)."""
+
+    batch_size: int = 12
+    """Sequences per micro-batch (per process)."""
+    max_iters: int = 2000
+    """Number of optimizer steps."""
+    lr: float = 1e-3
+    """Peak learning rate (reached after warmup)."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_iters: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_iters: int = 0
+    """Step at which the cosine decay reaches min_lr (0: max_iters)."""
+    decay_lr: bool = True
+    """Use warmup + cosine decay; false keeps lr constant."""
+    optimizer: str = "adamw"
+    """adamw | sgd (SGD with momentum)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied only to matrices (>= 2-D weights, not biases/norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    momentum: float = 0.9
+    """SGD momentum (optimizer: sgd)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    eval_interval: int = 250
+    """Evaluate (and checkpoint) every this many steps, and at the last step."""
+    eval_iters: int = 20
+    """Validation batches per evaluation (the same batches every time)."""
+    log_interval: int = 10
+    """Write a metrics row every this many steps."""
+    device: str = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (autocast; float16 needs CUDA and uses a GradScaler)."""
+    compile: bool = False
+    """torch.compile the model (and fuse the optimizer step)."""
+    seed: int = 1337
+    """Seed for initialisation, batch sampling and dropout."""
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared token files live (``fromzero data prepare`` writes them)."""
+
+    dir: str = "data/shakespeare-char"
+    """Directory with train.bin, val.bin, meta.json and tokenizer.json."""
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; saved as the run directory's config.yaml."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = ""
+    """Run directory (default: runs/<recipe>-<timestamp>)."""
+    name: str = "run"
+    """Run name used in the default out_dir (defaults to the recipe's file name)."""
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    """Check values that types alone cannot; raise FromzeroError with the offending key."""
+    t = cfg.train
+    try:
+        if cfg.model.vocab_size != 0:
+            cfg.model.validate()
+        else:
+            dataclasses.replace(cfg.model, vocab_size=1).validate()
+    except ValueError as e:
+        raise FromzeroError(str(e)) from None
+    positive = ("batch_size", "max_iters", "grad_accum_steps", "eval_interval", "eval_iters",
+                "log_interval")
+    for name in positive:
+        if getattr(t, name) <= 0:
+            raise FromzeroError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise FromzeroError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={t.lr}, min_lr={t.min_lr})")
+    if t.warmup_iters < 0 or t.lr_decay_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0:
+        raise FromzeroError("train.warmup_iters, lr_decay_iters, grad_clip and weight_decay must be >= 0")
+    choices = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16", "float16")}
+    for name, allowed in choices.items():
+        if getattr(t, name) not in allowed:
+            raise FromzeroError(
+                f"train.{name} must be one of {', '.join(allowed)}, got {getattr(t, name)!r}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with clear errors
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise FromzeroError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except FromzeroError as e:
+                errors.append(str(e))
+        raise FromzeroError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-4" as a string; Python reads it as a float.
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return from_dict(tp, value, prefix=key + ".")
+    else:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise FromzeroError(f"{key} must be {'a mapping' if dataclasses.is_dataclass(tp) else name}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise FromzeroError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = _type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise FromzeroError(_unknown_key_message(prefix + str(key), [prefix + n for n in names]))
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls`` (leaves only)."""
+    keys = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key_message(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes and overrides
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; missing file or bad YAML is a one-line FromzeroError."""
+    p = Path(path)
+    if not p.is_file():
+        raise FromzeroError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise FromzeroError(f"invalid YAML in {p}{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise FromzeroError(f"config file {p} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FromzeroError(f"{p} must hold a YAML mapping at the top level")
+    return data
+
+
+def parse_overrides(tokens: list[str], cls: type) -> dict:
+    """Turn ``["--train.lr", "3e-4", "--model.bias=false"]`` into a nested dict.
+
+    Values are parsed as YAML scalars (so ``true``, ``12``, ``null`` work) and type-checked
+    later by :func:`from_dict`.
+    """
+    valid = all_keys(cls)
+    out: dict = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise FromzeroError(f"unexpected argument '{tok}' (overrides look like --train.lr 3e-4)")
+        key = tok[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                raise FromzeroError(f"option --{key} needs a value")
+            raw = tokens[i + 1]
+            i += 2
+        key = key.replace("-", "_")
+        if key not in valid:
+            raise FromzeroError(_unknown_key_message(key, valid).replace("config key '", "option '--"))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_pretrain_config(
+    recipe: str | Path | None, overrides: list[str] | dict | None = None
+) -> PretrainConfig:
+    """Recipe YAML (optional) + overrides -> validated PretrainConfig."""
+    data = load_yaml(recipe) if recipe is not None else {}
+    if recipe is not None and "name" not in data:
+        data["name"] = Path(recipe).stem
+    if isinstance(overrides, dict):
+        extra = overrides
+    else:
+        extra = parse_overrides(list(overrides or []), PretrainConfig)
+    cfg = from_dict(PretrainConfig, deep_merge(data, extra))
+    validate_pretrain(cfg)
+    return cfg
+
+
+def save_yaml(data: dict, path: str | Path) -> None:
+    from fromzero.training.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Help text from attribute docstrings
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map field name -> the docstring written under it in the class body."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def options_help(cls: type, defaults: Any | None = None, prefix: str = "") -> list[str]:
+    """Lines ``--section.key  (default: X)  doc`` for every leaf field of ``cls``."""
+    defaults = defaults if defaults is not None else cls()
+    lines = []
+    hints = _type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += options_help(hints[f.name], value, prefix + f.name + ".")
+        else:
+            shown = "''" if value == "" else value
+            lines.append(f"  --{prefix}{f.name} (default: {shown})  {docs.get(f.name, '')}".rstrip())
+    return lines

@@ -1,0 +1,12 @@
+"""The one exception type that means "the user gave us something we cannot use".
+
+Anything raised as :class:`FromzeroError` is reported by the CLI as a single line
+``error: <message>`` on stderr with exit code 2 (no traceback unless ``--debug``).
+Everything else is a bug in fromzero and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FromzeroError(Exception):
+    """Bad input: a missing or corrupt file, an invalid config, an impossible shape, ..."""

@@ -1,0 +1,158 @@
+"""What a run reports while it trains: metrics.jsonl, TensorBoard, plots and a progress bar.
+
+Only these helpers touch the run directory's logs, so the trainer stays about training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class MetricsLogger:
+    """Appends one JSON object per row to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    On resume from step k, rows after k (written by the interrupted run after its last
+    checkpoint) are dropped, and TensorBoard is told to purge them too.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.rows: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the crash
+                if row.get("step", 0) <= resume_step:
+                    self.rows.append(row)
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self._tb = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+        self.rows.append(clean)
+        self._file.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            step = row["step"]
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def write_plots(rows: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
+    """plots/loss.png (train + val loss) and plots/lr.png from metrics rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if train or val:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1.2)
+        if val:
+            ax.plot(*zip(*val), "o-", label="val loss", lw=1.5, ms=4)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = plots_dir / "loss.png"
+        fig.savefig(out)
+        plt.close(fig)
+        written.append(out)
+    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    if lrs:
+        fig, ax = plt.subplots(figsize=(7, 3), dpi=110)
+        ax.plot(*zip(*lrs), lw=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = plots_dir / "lr.png"
+        fig.savefig(out)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+class TrainingProgress:
+    """A rich progress bar with step, loss, lr, tokens/s and ETA, on stderr."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", rate="-")
+
+    def __enter__(self) -> "TrainingProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def set_metrics(self, loss: float, lr: float, rate: str) -> None:
+        self.progress.update(self.task, loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=rate)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.progress.console.print(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+
+def now() -> float:
+    return time.perf_counter()

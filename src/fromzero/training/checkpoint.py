@@ -1,0 +1,228 @@
+"""Checkpoint directories: atomic save, safe load, exact resume.
+
+A checkpoint directory (what ``--checkpoint`` takes) holds::
+
+    config.json          architecture (GPTConfig) + model_type
+    model.safetensors    weights, never pickle (tied lm_head stored once, as GPT-2 does)
+    tokenizer.json       the tokenizer the model reads text with
+    info.json            step and validation loss at save time
+    trainer_state.pt     (checkpoints/last only) optimizer, scaler, step, RNG states;
+                         tensors and plain containers, loaded with weights_only=True
+
+Every directory is written to a temporary sibling, fsynced, then renamed into place, so a crash
+or a full disk never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fromzero.errors import FromzeroError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+INFO_FILE = "info.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_error(e: OSError, what: Path) -> FromzeroError:
+    if e.errno == errno.ENOSPC:
+        return FromzeroError(f"disk full while writing {what}; nothing was replaced")
+    return FromzeroError(f"could not write {what}: {e.strerror or e}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _disk_error(e, path) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def commit_directory(tmp_dir: Path, final_dir: Path) -> None:
+    """Move the fully written ``tmp_dir`` to ``final_dir``, replacing it, never half-way.
+
+    A directory cannot be replaced in one rename, so the old one is first renamed aside
+    (``.old-<name>``), the new one renamed in, and the old one deleted. If the process dies
+    between the two renames, :func:`recover_directory` restores the old one.
+    """
+    _fsync_tree(tmp_dir)
+    old = final_dir.parent / f".old-{final_dir.name}"
+    if old.exists():
+        shutil.rmtree(old)
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(final_dir: Path) -> None:
+    """Undo an interrupted :func:`commit_directory` (the old copy is still complete)."""
+    old = final_dir.parent / f".old-{final_dir.name}"
+    if not final_dir.exists() and old.exists():
+        os.replace(old, final_dir)
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each shared tensor stored once (tied ``lm_head.weight`` is dropped).
+
+    Works on models wrapped by torch.compile (``_orig_mod.`` prefixes are removed).
+    """
+    state = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        name = name.replace("_orig_mod.", "")
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        if key in seen and tensor.numel():
+            continue  # a tied weight: the first name is enough to restore it
+        seen[key] = name
+        state[name] = tensor.detach().to("cpu").contiguous()
+    return state
+
+
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    model_config: dict,
+    tokenizer_file: Path | None = None,
+    info: dict | None = None,
+    trainer_state: dict | None = None,
+) -> None:
+    """Write a complete checkpoint directory atomically (see module docstring)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        if info is not None:
+            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+        commit_directory(tmp, directory)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(e, directory) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FromzeroError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FromzeroError(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise FromzeroError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``model``; shape/key mismatches are one-line errors."""
+    if not path.is_file():
+        raise FromzeroError(f"weights not found: {path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FromzeroError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name not in own:
+            raise FromzeroError(f"{path}: unexpected tensor '{name}' for this model")
+        if own[name].shape != tensor.shape:
+            raise FromzeroError(
+                f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(own[name].shape)}"
+            )
+    missing, _ = model.load_state_dict(state, strict=False)
+    # Tied weights are stored once; the others must all be present.
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {
+        n for n, p in model.named_parameters()
+    }
+    really_missing = [m for m in missing if m not in tied]
+    if really_missing:
+        raise FromzeroError(f"{path}: missing tensors {really_missing[:5]}")
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise FromzeroError(f"no trainer state in {directory}: cannot resume from it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file
+        raise FromzeroError(f"cannot read trainer state {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the model saved in a checkpoint directory (config.json + model.safetensors)."""
+    from fromzero.models.gpt import GPT, GPTConfig
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FromzeroError(f"checkpoint directory not found: {directory}")
+    recover_directory(directory)
+    config = read_json(directory / CONFIG_FILE, "model config")
+    model_type = config.get("model_type")
+    if model_type != "fromzero-gpt":
+        raise FromzeroError(
+            f"{directory / CONFIG_FILE}: unsupported model_type {model_type!r} (supported: fromzero-gpt)"
+        )
+    try:
+        model = GPT(GPTConfig.from_dict(config))
+    except (TypeError, ValueError) as e:
+        raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
+    load_weights(model, directory / MODEL_FILE)
+    return model.to(device).eval()

@@ -1,0 +1,463 @@
+"""The pretraining loop: one place, easy to find.
+
+    data (memmap) -> batches -> model -> loss -> backward -> clip -> optimizer step
+                  -> metrics rows / progress bar -> eval + checkpoints every eval_interval
+
+Run it through the CLI (``fromzero pretrain --config recipes/shakespeare-char.yaml``) or
+from Python with :func:`pretrain`. A run stopped at any point resumes with
+``--resume RUN_DIR`` and produces bit-for-bit the weights of an uninterrupted run on CPU: the
+trainer state saves the optimizer, the step, the batch sampler's generator and the global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import math
+import shutil
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from fromzero import __version__
+from fromzero.config import PretrainConfig, save_yaml, to_dict
+from fromzero.errors import FromzeroError
+from fromzero.models.gpt import GPT
+from fromzero.training import checkpoint as ckpt
+from fromzero.training.callbacks import MetricsLogger, TrainingProgress, now, write_plots
+from fromzero.training.optim import build_optimizer, lr_at
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "plots")
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, precision and performance settings
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto picks cuda > mps > cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FromzeroError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FromzeroError(f"device {name!r} requested but CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise FromzeroError("device 'mps' requested but MPS is not available here")
+    return device
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; float32 runs without autocast."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype == "float16" and device.type != "cuda":
+        raise FromzeroError("train.dtype float16 needs a CUDA device (use bfloat16 on CPU)")
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def configure_backends(device: torch.device) -> None:
+    if device.type == "cuda":
+        # TF32 matmuls/convolutions: ~free accuracy-wise for training, much faster on Ampere+.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory
+
+
+def default_run_dir(cfg: PretrainConfig) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.name}-{stamp}"
+
+
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    """Create ``run_dir``; an existing non-empty one is refused unless ``force``.
+
+    With force only the files a run writes are removed: other files a user keeps there stay.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FromzeroError(f"run directory {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not force:
+            raise FromzeroError(
+                f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it "
+                "or --force to start over"
+            )
+        for name in RUN_FILES:
+            p = run_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping cleanly on Ctrl-C / SIGTERM
+
+
+class StopRequest:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step and save a
+    checkpoint; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not in the main thread: leave signals alone
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    run_dir: Path
+    step: int
+    best_val_loss: float
+    last_val_loss: float
+    stopped_early: bool
+
+
+class Pretrainer:
+    """Owns the model, optimizer, data and run directory of one pretraining run."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        run_dir: Path | None = None,
+        resume: bool = False,
+        force: bool = False,
+        progress: bool = True,
+    ) -> None:
+        from fromzero.data.text import load_split
+
+        self.cfg = cfg
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        configure_backends(self.device)
+        self.autocast = autocast_context(self.device, t.dtype)
+        self.run_dir = Path(run_dir or cfg.out_dir or default_run_dir(cfg))
+        self.progress_enabled = progress
+        self.resumed = resume
+
+        # Data: memory-mapped token files; vocabulary size from meta.json.
+        data_dir = Path(cfg.data.dir)
+        self.train_data = load_split(data_dir, "train")
+        self.val_data = load_split(data_dir, "val")
+        meta = ckpt.read_json(data_dir / "meta.json", "dataset metadata")
+        vocab = int(meta["vocab_size"])
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size < vocab:
+            raise FromzeroError(
+                f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary ({vocab})"
+            )
+        self.tokenizer_file = data_dir / ckpt.TOKENIZER_FILE
+        if not self.tokenizer_file.is_file():
+            self.tokenizer_file = None
+        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            if len(data) <= cfg.model.block_size:
+                raise FromzeroError(
+                    f"model.block_size {cfg.model.block_size} is longer than the {split} data "
+                    f"({len(data)} tokens); use a smaller block_size or more data"
+                )
+
+        # Model and optimizer. Seeding first makes initialisation reproducible.
+        torch.manual_seed(t.seed)
+        self.model = GPT(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.dtype == "float16")
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.batch_generator = torch.Generator().manual_seed(t.seed)
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.last_val_loss = math.nan
+
+        if resume:
+            self._load_resume_state()
+        else:
+            prepare_run_dir(self.run_dir, force)
+            save_yaml(to_dict(cfg), self.run_dir / "config.yaml")
+        self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def last_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "last"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+    def trainer_state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "batch_generator": self.batch_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "fromzero_version": __version__,
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _load_resume_state(self) -> None:
+        ckpt.recover_directory(self.last_dir)
+        if not self.last_dir.is_dir():
+            raise FromzeroError(f"nothing to resume: {self.last_dir} does not exist")
+        ckpt.load_weights(self.model, self.last_dir / ckpt.MODEL_FILE)
+        state = ckpt.load_trainer_state(self.last_dir)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.batch_generator.set_state(state["batch_generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self.step = int(state["step"])
+            self.best_val_loss = float(state["best_val_loss"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise FromzeroError(f"trainer state in {self.last_dir} does not fit this run: {e}") from None
+
+    def save(self, directory: Path, with_trainer_state: bool, val_loss: float | None) -> None:
+        info = {"step": self.step, "val_loss": val_loss, "fromzero_version": __version__}
+        ckpt.save_checkpoint(
+            directory,
+            self.model,
+            self.cfg.model.to_dict(),
+            tokenizer_file=self.tokenizer_file,
+            info=info,
+            trainer_state=self.trainer_state() if with_trainer_state else None,
+        )
+
+    # --- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over eval_iters batches (the same batches at every eval)."""
+        from fromzero.data.text import sample_batch
+
+        t = self.cfg.train
+        self.model.eval()
+        generator = torch.Generator().manual_seed(t.seed + 1)
+        losses = torch.zeros(t.eval_iters)
+        for i in range(t.eval_iters):
+            x, y = sample_batch(self.val_data, t.batch_size, self.cfg.model.block_size, generator)
+            with self.autocast:
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            losses[i] = loss.float().cpu()
+        self.model.train()
+        return float(losses.mean())
+
+    # --- training --------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One (x, y) per optimizer step holding all grad_accum_steps micro-batches.
+
+        Drawing the whole step at once means k micro-batches of b are the same samples as one
+        batch of k*b: gradient accumulation changes memory use, not the data.
+        """
+        from fromzero.data.text import sample_batch
+
+        t = self.cfg.train
+        non_blocking = self.device.type == "cuda"
+        while True:
+            x, y = sample_batch(
+                self.train_data, t.batch_size * t.grad_accum_steps, self.cfg.model.block_size,
+                self.batch_generator,
+            )
+            if non_blocking:
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad_norm)
+        as device tensors (no host sync here)."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for xm, ym in zip(x.chunk(t.grad_accum_steps), y.chunk(t.grad_accum_steps)):
+            with self.autocast:
+                _, loss = self.forward(xm, ym)
+            loss = loss / t.grad_accum_steps
+            self.scaler.scale(loss).backward()
+            total += loss.detach().float()
+        if t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    def fit(self) -> PretrainResult:
+        t = self.cfg.train
+        tokens_per_step = t.batch_size * t.grad_accum_steps * self.cfg.model.block_size
+        start_step = self.step
+        resumed = self.resumed
+        if resumed and start_step >= t.max_iters:
+            raise FromzeroError(
+                f"{self.run_dir} already finished at step {start_step}; pass a larger "
+                "--train.max_iters to train longer"
+            )
+        progress = TrainingProgress(t.max_iters, start_step, enabled=self.progress_enabled)
+        progress.print(
+            f"run {self.run_dir} | {self.cfg.model.n_layer} layers, "
+            f"{self.model.num_params() / 1e6:.2f}M params | device {self.device}, {t.dtype}"
+            f"{', compiled' if t.compile else ''} | {tokens_per_step} tokens/step"
+            + (f" | resuming at step {start_step}" if resumed else "")
+        )
+        pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # (step, loss, norm, lr)
+        window_start, window_steps = now(), 0
+        run_start = now()
+        elapsed_before = self._elapsed_from_metrics()
+        stopped = False
+        batches = self.batches()
+
+        def flush_pending() -> None:
+            """Sync the losses since the last row: stop on NaN/inf, write a metrics row."""
+            nonlocal window_start, window_steps
+            if not pending:
+                return
+            losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()
+            for (step, _, _, _), value in zip(pending, losses):
+                if not math.isfinite(value):
+                    self._fail_nonfinite(step, value)
+            elapsed = now() - window_start
+            rate = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            last_step, _, norm, lr = pending[-1]
+            row = {
+                "step": last_step,
+                "loss": sum(losses) / len(losses),
+                "lr": lr,
+                "grad_norm": float(norm),
+                "tokens_per_sec": rate,
+                "elapsed_s": elapsed_before + now() - run_start,
+            }
+            self.logger.log(row)
+            progress.set_metrics(row["loss"], lr, f"{rate / 1000:.1f}k tok/s")
+            pending.clear()
+            window_start, window_steps = now(), 0
+
+        with progress, StopRequest() as stop:
+            while self.step < t.max_iters:
+                if self.step % t.eval_interval == 0 and not (resumed and self.step == start_step):
+                    flush_pending()
+                    self._evaluate_and_checkpoint(progress, elapsed_before + now() - run_start)
+                    window_start = now()
+                if stop.requested:
+                    break
+                x, y = next(batches)
+                lr = lr_at(self.step, t)
+                loss, norm = self.train_step(x, y, lr)
+                self.step += 1
+                window_steps += 1
+                pending.append((self.step, loss, norm, lr))
+                progress.advance(self.step)
+                if self.step % t.log_interval == 0:
+                    flush_pending()
+            flush_pending()
+            if stop.requested and self.step < t.max_iters:
+                stopped = True
+                self.save(self.last_dir, with_trainer_state=True, val_loss=None)
+                progress.print(
+                    f"stopped at step {self.step}; checkpoint saved. Continue with: "
+                    f"fromzero pretrain --resume {self.run_dir}"
+                )
+            else:
+                self._evaluate_and_checkpoint(progress, elapsed_before + now() - run_start)
+        self.logger.close()
+        write_plots(self.logger.rows, self.run_dir / "plots")
+        return PretrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss, stopped)
+
+    def _evaluate_and_checkpoint(self, progress: TrainingProgress, elapsed: float) -> None:
+        val_loss = self.evaluate()
+        if not math.isfinite(val_loss):
+            self._fail_nonfinite(self.step, val_loss, what="validation loss")
+        self.last_val_loss = val_loss
+        improved = val_loss < self.best_val_loss
+        self.logger.log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                         "elapsed_s": elapsed})
+        if improved:
+            self.best_val_loss = val_loss
+            self.save(self.best_dir, with_trainer_state=False, val_loss=val_loss)
+        self.save(self.last_dir, with_trainer_state=True, val_loss=val_loss)
+        progress.print(
+            f"step {self.step}: val loss {val_loss:.4f}" + (" (best, saved)" if improved else "")
+        )
+        write_plots(self.logger.rows, self.run_dir / "plots")
+
+    def _fail_nonfinite(self, step: int, value: float, what: str = "training loss") -> None:
+        info_path = self.last_dir / ckpt.INFO_FILE
+        if info_path.is_file():
+            good = json.loads(info_path.read_text()).get("step")
+            where = f"the last good checkpoint is {self.last_dir} (step {good})"
+        else:
+            where = "no checkpoint was written"
+        self.logger.close()
+        raise FromzeroError(
+            f"{what} became {value} at step {step}; training stopped, {where}. "
+            "Try a lower train.lr, grad_clip, or float32"
+        )
+
+    def _elapsed_from_metrics(self) -> float:
+        rows = [r for r in self.logger.rows if "elapsed_s" in r]
+        return float(rows[-1]["elapsed_s"]) if rows else 0.0
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> PretrainResult:
+    """Run (or resume) pretraining described by ``cfg``; returns where and how it ended."""
+    return Pretrainer(cfg, run_dir=run_dir, resume=resume, force=force, progress=progress).fit()
+
+
+def load_run_config(run_dir: Path) -> dict:
+    """The resolved config.yaml of an existing run (for --resume)."""
+    from fromzero.config import load_yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FromzeroError(f"{run_dir} is not a run directory (no config.yaml)")
+    return load_yaml(path)
+
+
