@@ -68,9 +68,13 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps."""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16 (autocast; float16 needs CUDA and uses a GradScaler)."""
+    """float32 | bfloat16 | float16 | auto (autocast; auto = bfloat16 where the hardware has
+    fast bf16 matmuls, else float32; float16 needs CUDA and uses a GradScaler)."""
     compile: bool = False
-    """torch.compile the model (and fuse the optimizer step)."""
+    """torch.compile the model's forward and backward."""
+    compile_mode: str = "default"
+    """torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    (max-autotune also tunes CPU matmul kernels; compiling takes longer)."""
     seed: int = 1337
     """Seed for initialisation, batch sampling and dropout."""
 
@@ -115,7 +119,11 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise FromzeroError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={t.lr}, min_lr={t.min_lr})")
     if t.warmup_iters < 0 or t.lr_decay_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0:
         raise FromzeroError("train.warmup_iters, lr_decay_iters, grad_clip and weight_decay must be >= 0")
-    choices = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16", "float16")}
+    choices = {
+        "optimizer": ("adamw", "sgd"),
+        "dtype": ("float32", "bfloat16", "float16", "auto"),
+        "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    }
     for name, allowed in choices.items():
         if getattr(t, name) not in allowed:
             raise FromzeroError(

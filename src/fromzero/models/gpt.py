@@ -181,8 +181,9 @@ class GPT(nn.Module):
         With ``use_cache`` keys and values of past positions are kept, so each step runs the
         model on one new token. Once the sequence is longer than block_size, the context is
         cropped to the last block_size tokens exactly as the uncached path does; since learned
-        position embeddings then shift, the cache is rebuilt from the cropped window (so both
-        paths always produce the same tokens).
+        position embeddings then shift and cached keys go stale, so from there on each step
+        recomputes the cropped window, exactly as the uncached path does (both paths always
+        produce the same tokens; the cache speeds up generation inside the window).
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError("idx must be a non-empty (batch, time) tensor of token ids")
@@ -193,10 +194,11 @@ class GPT(nn.Module):
         cache = self.new_kv_cache(idx.size(0)) if use_cache else None
         prefill_needed = True
         for _ in range(max_new_tokens):
-            if cache is None:
+            if cache is None or cache.length >= block_size:
+                # No cache, or the context is full: past block_size every position shifts, so
+                # cached keys are stale and the cropped window is recomputed (as uncached).
                 logits, _ = self(idx[:, -block_size:], last_only=True)
-            elif prefill_needed or cache.length >= block_size:
-                cache.reset()
+            elif prefill_needed:
                 logits, _ = self(idx[:, -block_size:], kv_cache=cache, last_only=True)
                 prefill_needed = False
             else:

@@ -95,6 +95,8 @@ class CausalSelfAttention(nn.Module):
             if T == 1:
                 # One new token may see every cached position: no mask needed.
                 y = F.scaled_dot_product_attention(q, k, v)
+            elif past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # a fresh prefill
             else:
                 # New token i (absolute position past + i) sees keys 0 .. past + i.
                 S = k.size(2)

@@ -57,6 +57,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def fast_bf16_available(device: torch.device) -> bool:
+    """True where bf16 matmuls are native: CUDA GPUs with bf16 (Ampere+), CPUs with
+    AVX512-BF16 or AMX (oneDNN), Apple MPS."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "mps"
+
+
+def resolve_dtype(device: torch.device, dtype: str) -> str:
+    """The compute dtype a run uses: ``auto`` becomes bfloat16 or float32 by hardware."""
+    if dtype == "auto":
+        return "bfloat16" if fast_bf16_available(device) else "float32"
+    return dtype
+
+
 def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass; float32 runs without autocast."""
     if dtype == "float32":
@@ -164,7 +181,8 @@ class Pretrainer:
         t = cfg.train
         self.device = resolve_device(t.device)
         configure_backends(self.device)
-        self.autocast = autocast_context(self.device, t.dtype)
+        self.dtype = resolve_dtype(self.device, t.dtype)
+        self.autocast = autocast_context(self.device, self.dtype)
         self.run_dir = Path(run_dir or cfg.out_dir or default_run_dir(cfg))
         self.progress_enabled = progress
         self.resumed = resume
@@ -195,8 +213,8 @@ class Pretrainer:
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, t, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=t.dtype == "float16")
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == "float16")
+        self.forward = torch.compile(self.model, mode=t.compile_mode) if t.compile else self.model
         self.batch_generator = torch.Generator().manual_seed(t.seed)
         self.step = 0
         self.best_val_loss = math.inf
@@ -338,7 +356,7 @@ class Pretrainer:
         progress = TrainingProgress(t.max_iters, start_step, enabled=self.progress_enabled)
         progress.print(
             f"run {self.run_dir} | {self.cfg.model.n_layer} layers, "
-            f"{self.model.num_params() / 1e6:.2f}M params | device {self.device}, {t.dtype}"
+            f"{self.model.num_params() / 1e6:.2f}M params | device {self.device}, {self.dtype}"
             f"{', compiled' if t.compile else ''} | {tokens_per_step} tokens/step"
             + (f" | resuming at step {start_step}" if resumed else "")
         )
