@@ -181,12 +181,19 @@ class CliResult:
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
-    """``cli("pretrain", "--config", ...)`` runs ``fromzero.cli.main`` in-process."""
+    """``cli("pretrain", "--config", ...)`` runs ``fromzero.cli.main`` in-process.
+
+    ``SystemExit(n)`` (argparse's --help and usage errors) becomes exit code n, as for the
+    console script; any other exception propagates (a traceback is a failure).
+    """
     from fromzero.cli import main
 
     def run(*argv: str | os.PathLike[str]) -> CliResult:
         capsys.readouterr()  # drop anything printed before
-        code = main([os.fspath(a) for a in argv])
+        try:
+            code = main([os.fspath(a) for a in argv])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
 

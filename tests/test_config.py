@@ -161,11 +161,6 @@ def test_int_and_bool_coercions(tmp_path: Path) -> None:
         load_pretrain_config(None, {"train": {"batch_size": True}})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _coerce accepts the strings '1'/'0' for bool fields, but YAML (recipes and "
-    "override values) turns 1/0 into ints first, which are then refused",
-)
 def test_bool_field_accepts_1_and_0_from_the_command_line() -> None:
     cfg = load_pretrain_config(None, ["--train.compile", "1", "--model.bias", "0"])
     assert cfg.train.compile is True and cfg.model.bias is False
@@ -219,6 +214,7 @@ def test_empty_and_non_utf8_files(tmp_path: Path) -> None:
         ({"train": {"lr": 0.0}}, "lr"),
         ({"train": {"dtype": "fp8"}}, "train.dtype must be one of float32, bfloat16, float16"),
         ({"train": {"optimizer": "adam"}}, "train.optimizer must be one of adamw, sgd"),
+        ({"train": {"compile_mode": "fast"}}, "train.compile_mode must be one of"),
         ({"train": {"batch_size": 0}}, "train.batch_size must be positive"),
         ({"train": {"eval_iters": -1}}, "train.eval_iters must be positive"),
         ({"train": {"warmup_iters": -5}}, "warmup_iters"),
@@ -237,13 +233,10 @@ def test_validate_pretrain_accepts_vocab_size_zero() -> None:
     cfg = PretrainConfig(model=GPTConfig(vocab_size=0, n_layer=1, n_head=1, n_embd=8))
     validate_pretrain(cfg)  # 0 = "take it from the data": not an error
     validate_pretrain(PretrainConfig())
+    for dtype in ("float32", "bfloat16", "float16", "auto"):
+        assert load_pretrain_config(None, {"train": {"dtype": dtype}}).train.dtype == dtype
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validate_pretrain's comparisons (lr <= 0, min_lr > lr, grad_clip < 0) are all "
-    "False for NaN, so --train.lr nan passes validation",
-)
 def test_validate_pretrain_rejects_nan() -> None:
     with pytest.raises(FromzeroError, match="lr"):
         load_pretrain_config(None, ["--train.lr", "nan"])

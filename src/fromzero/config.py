@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -115,6 +116,11 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     for name in positive:
         if getattr(t, name) <= 0:
             raise FromzeroError(f"train.{name} must be positive, got {getattr(t, name)}")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2", "momentum"):
+        if not math.isfinite(getattr(t, name)):
+            raise FromzeroError(f"train.{name} must be a finite number, got {getattr(t, name)}")
+    if not (0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0):
+        raise FromzeroError(f"train.beta1 and beta2 must be in [0, 1), got {t.beta1} and {t.beta2}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise FromzeroError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={t.lr}, min_lr={t.min_lr})")
     if t.warmup_iters < 0 or t.lr_decay_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0:
@@ -158,6 +164,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
     elif tp is int:

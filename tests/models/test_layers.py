@@ -192,8 +192,9 @@ def test_bf16_cpu_attention_core_runs_in_fp32(monkeypatch: pytest.MonkeyPatch) -
     real = F.scaled_dot_product_attention
 
     def spy(q, k, v, *args, **kwargs):
-        seen.append(q.dtype)
-        return real(q, k, v, *args, **kwargs)
+        out = real(q, k, v, *args, **kwargs)
+        seen.append(out.dtype)  # the dtype the core really ran in (autocast would give bf16)
+        return out
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     x = torch.randn(2, 8, C)

@@ -204,11 +204,32 @@ def test_recover_directory_keeps_existing_final(tmp_path: Path) -> None:
     assert not (tmp_path / "missing").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_model raises 'checkpoint directory not found' before calling "
-    "recover_directory, so an interrupted commit (only .old-<name> left) is never recovered",
-)
+def test_crash_between_renames_leaves_a_recoverable_old_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    final = tmp_path / "last"
+    old_model = tiny_model(seed=1)
+    save(final, old_model, info={"step": 1})
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".tmp-"):  # the second rename: new dir into place
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(FromzeroError, match="could not write"):
+        save(final, tiny_model(seed=2), info={"step": 2})
+    monkeypatch.undo()
+    # The old checkpoint was moved aside intact, the half-committed new one removed.
+    assert not final.exists()
+    assert json.loads((tmp_path / ".old-last" / "info.json").read_text()) == {"step": 1}
+    assert leftovers(tmp_path, {".old-last"}) == []
+    ckpt.recover_directory(final)
+    assert leftovers(tmp_path, {"last"}) == []
+    assert torch.equal(logits_of(ckpt.load_model(final)), logits_of(old_model))
+
+
 def test_load_model_recovers_interrupted_commit(tmp_path: Path) -> None:
     final = tmp_path / "best"
     model = tiny_model(seed=1)
@@ -284,11 +305,6 @@ def test_real_disk_full_in_safetensors_keeps_previous(tmp_path: Path, monkeypatc
 
 
 @needs_dev_full
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: safetensors reports ENOSPC as SafetensorError (not OSError), so save_checkpoint "
-    "re-raises it raw instead of FromzeroError('disk full ...')",
-)
 def test_real_disk_full_in_safetensors_is_fromzero_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -298,18 +314,25 @@ def test_real_disk_full_in_safetensors_is_fromzero_error(
 
 
 @needs_dev_full
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: torch.save reports a full disk as RuntimeError (not OSError), so "
-    "save_checkpoint re-raises it raw instead of FromzeroError('disk full ...')",
-)
 def test_real_disk_full_in_trainer_state_is_fromzero_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # torch.save's error does not carry ENOSPC; save_checkpoint asks the file system instead.
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, "/dev/full", *a, **k))
+    with pytest.raises(FromzeroError, match="could not write"):
+        save(tmp_path / "c", tiny_model(), trainer_state={"x": torch.zeros(100_000)})
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: shutil_usage(0))
     with pytest.raises(FromzeroError, match="disk full"):
         save(tmp_path / "c", tiny_model(), trainer_state={"x": torch.zeros(100_000)})
+    assert not (tmp_path / "c").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def shutil_usage(free: int):
+    import collections
+
+    return collections.namedtuple("usage", "total used free")(1 << 30, (1 << 30) - free, free)
 
 
 # ----------------------------------------------------------------------------------------

@@ -117,14 +117,15 @@ def test_resume_after_shorter_run_is_bit_exact(make_recipe, cli, reference_run):
     assert [r["step"] for r in _train_rows(run_dir)] == list(range(1, N_STEPS + 1))
 
 
-def _interrupt_after(monkeypatch, k: int) -> None:
-    """Send ourselves SIGINT (as Ctrl-C would) right after optimizer step k."""
+def _interrupt_after(monkeypatch, k: int, times: int = 1) -> None:
+    """Send ourselves SIGINT ``times`` times (as Ctrl-C would) right after optimizer step k."""
     original = Pretrainer.train_step
 
     def train_step_then_interrupt(self, x, y, lr):
         out = original(self, x, y, lr)
         if self.step + 1 == k:  # the loop increments self.step after train_step returns
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
         return out
 
     monkeypatch.setattr(Pretrainer, "train_step", train_step_then_interrupt)
@@ -168,6 +169,58 @@ def test_stop_request_mid_training_saves_and_resumes_exactly(make_recipe, cli, r
     # best/ holds the better of the evals at steps 10 and 20, as in the reference run.
     assert _info(run_dir / "checkpoints" / "best") == _info(reference_run / "checkpoints" / "best")
     assert_same_weights(reference_run / "checkpoints" / "best", run_dir / "checkpoints" / "best")
+
+
+def test_second_ctrl_c_interrupts_and_resume_continues_from_last_checkpoint(
+        make_recipe, cli, reference_run, monkeypatch):
+    """Two SIGINTs after step 13 abort at once (exit 130, no new checkpoint): the run resumes
+    from the step-10 checkpoint, drops the rows logged after it and ends bit-identical."""
+    recipe = make_recipe("crashed", **RESUME_SECTIONS)
+    run_dir = recipe.parent / "runs" / "crashed"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 13, times=2)
+        result = cli("pretrain", "--config", recipe, "--quiet")
+    assert result.code == 130, result
+    assert result.err_lines[-1] == "interrupted"
+    assert "Traceback" not in result.err
+    last = run_dir / "checkpoints" / "last"
+    assert _info(last)["step"] == 10
+    assert max(r["step"] for r in _train_rows(run_dir)) == 12  # rows written after the checkpoint
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "last"]
+
+    result = cli("pretrain", "--resume", run_dir, "--quiet")
+    assert result.code == 0, result
+    assert_same_weights(reference_run / "checkpoints" / "last", last)
+    assert [r["step"] for r in _train_rows(run_dir)] == list(range(1, N_STEPS + 1))
+    assert_rows_equal_after(reference_run, run_dir, 0)
+    assert_train_rows_ordered(run_dir)
+
+
+def test_resume_recovers_an_interrupted_checkpoint_commit(reference_run, cli, tmp_path):
+    """A crash between the two renames of commit_directory leaves checkpoints/.old-last (complete)
+    and no last/; a crash while writing leaves a .tmp-last-* folder. --resume copes with both."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference_run, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "last").rename(checkpoints / ".old-last")
+    partial = checkpoints / ".tmp-last-abc123"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a file")
+    result = cli("pretrain", "--resume", run_dir, "--train.max_iters", str(N_STEPS + 2), "--quiet")
+    assert result.code == 0, result
+    assert f"resuming at step {N_STEPS}" in result.err
+    assert _info(checkpoints / "last")["step"] == N_STEPS + 2
+    assert not (checkpoints / ".old-last").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: --resume of a finished run opens the metrics logger "
+                   "(a new TensorBoard event file) before refusing")
+def test_refused_resume_writes_nothing(reference_run, cli, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference_run, run_dir)
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    assert cli("pretrain", "--resume", run_dir, "--quiet").code == 2
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: --resume does not write the overrides it was given "

@@ -55,6 +55,18 @@ def _disk_error(e: OSError, what: Path) -> FromzeroError:
     return FromzeroError(f"could not write {what}: {e.strerror or e}")
 
 
+def _as_os_error(e: Exception, where: Path | None = None) -> OSError:
+    """Turn a library's wrapped I/O failure back into an OSError (ENOSPC when the disk is full)."""
+    text = str(e)
+    full = "os error 28" in text or "No space left" in text
+    if not full and where is not None:
+        try:
+            full = shutil.disk_usage(where).free < 1 << 20
+        except OSError:
+            pass
+    return OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else text.splitlines()[0])
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,14 +152,20 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
-        save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        try:
+            save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        except SafetensorError as e:  # safetensors reports I/O failures as its own error type
+            raise _as_os_error(e) from None
         (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         if info is not None:
             (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+            try:
+                torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+            except RuntimeError as e:  # torch's zip writer reports I/O failures as RuntimeError
+                raise _as_os_error(e, tmp) from None
         commit_directory(tmp, directory)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,9 +229,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tor
     from fromzero.models.gpt import GPT, GPTConfig
 
     directory = Path(directory)
+    recover_directory(directory)
     if not directory.is_dir():
         raise FromzeroError(f"checkpoint directory not found: {directory}")
-    recover_directory(directory)
     config = read_json(directory / CONFIG_FILE, "model config")
     model_type = config.get("model_type")
     if model_type != "fromzero-gpt":
