@@ -17,12 +17,20 @@ from fromzero import __version__
 from fromzero.errors import FromzeroError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error:`` line (exit 2) like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise FromzeroError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults after every option and keep the hand-written layout of descriptions."""
 
 
 def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str = "", **kw) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter, **kw)
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter,
+                          **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,12 +152,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise FromzeroError("--top-k must be positive")
     if args.num_samples <= 0:
         raise FromzeroError("--num-samples must be positive")
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise FromzeroError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise FromzeroError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     tokenizer = TextTokenizer.load(Path(args.checkpoint))
-    prompt = args.prompt
-    if args.prompt_file:
-        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         if tokenizer.eos_id is None:
@@ -176,7 +189,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fromzero",
         description="Develop large neural models from zero: prepare data, train tokenizers, "
         "pretrain GPTs, generate text.",

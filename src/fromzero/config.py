@@ -284,7 +284,9 @@ def parse_overrides(tokens: list[str], cls: type) -> dict:
             i += 2
         key = key.replace("-", "_")
         if key not in valid:
-            raise FromzeroError(_unknown_key_message(key, valid).replace("config key '", "option '--"))
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '--{close[0]}'?" if close else ""
+            raise FromzeroError(f"unknown option '--{key}'{hint} (fromzero pretrain --help lists them)")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

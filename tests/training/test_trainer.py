@@ -213,8 +213,6 @@ def test_resume_recovers_an_interrupted_checkpoint_commit(reference_run, cli, tm
     assert not (checkpoints / ".old-last").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --resume of a finished run opens the metrics logger "
-                   "(a new TensorBoard event file) before refusing")
 def test_refused_resume_writes_nothing(reference_run, cli, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(reference_run, run_dir)
@@ -223,8 +221,6 @@ def test_refused_resume_writes_nothing(reference_run, cli, tmp_path):
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --resume does not write the overrides it was given "
-                   "into the run's config.yaml, so a second --resume forgets the raised max_iters")
 def test_resume_overrides_are_remembered_by_the_next_resume(make_recipe, cli, monkeypatch):
     """Train to 10, resume to 20 but get interrupted at 15, resume again without options: the
     run should finish at 20, the max_iters it was last given. config.yaml ("the fully resolved

@@ -134,8 +134,11 @@ def prepare_dataset(
             )
         dtype = token_dtype(tokenizer.vocab_size)
 
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        except OSError as e:
+            raise FromzeroError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
         try:
             tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
             # Pass 2: encode, appending ids to train.bin / val.bin as we go.

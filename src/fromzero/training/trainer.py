@@ -222,9 +222,16 @@ class Pretrainer:
 
         if resume:
             self._load_resume_state()
+            if self.step >= t.max_iters:
+                raise FromzeroError(
+                    f"{self.run_dir} already finished at step {self.step}; pass a larger "
+                    "--train.max_iters to train longer"
+                )
         else:
             prepare_run_dir(self.run_dir, force)
-            save_yaml(to_dict(cfg), self.run_dir / "config.yaml")
+        # The resolved config, with the run directory filled in; a resume records its overrides.
+        cfg.out_dir = str(self.run_dir)
+        save_yaml(to_dict(cfg), self.run_dir / "config.yaml")
         self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
 
     # --- state -----------------------------------------------------------------------------
@@ -348,11 +355,6 @@ class Pretrainer:
         tokens_per_step = t.batch_size * t.grad_accum_steps * self.cfg.model.block_size
         start_step = self.step
         resumed = self.resumed
-        if resumed and start_step >= t.max_iters:
-            raise FromzeroError(
-                f"{self.run_dir} already finished at step {start_step}; pass a larger "
-                "--train.max_iters to train longer"
-            )
         progress = TrainingProgress(t.max_iters, start_step, enabled=self.progress_enabled)
         progress.print(
             f"run {self.run_dir} | {self.cfg.model.n_layer} layers, "
