@@ -16,8 +16,10 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
 import shutil
 import signal
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -88,6 +90,26 @@ def configure_backends(device: torch.device) -> None:
         # TF32 matmuls/convolutions: ~free accuracy-wise for training, much faster on Ampere+.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def _cpp_compiler_available() -> bool:
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    return any(shutil.which(n) for n in names)
+
+
+def compile_model(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    """torch.compile ``model``, or return it unchanged (with a warning) where compiling cannot
+    work: inductor's CPU backend needs a C++ compiler."""
+    if device.type == "cpu" and not _cpp_compiler_available():
+        warnings.warn("train.compile: no C++ compiler (g++/clang++) found, which torch.compile "
+                      "needs on CPU; training without compile", stacklevel=2)
+        return model
+    return torch.compile(model, mode=mode)
+
+
+def is_compile_failure(e: BaseException) -> bool:
+    """True for errors raised by torch.compile's machinery (not by the model's own code)."""
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +236,7 @@ class Pretrainer:
         self.model = GPT(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == "float16")
-        self.forward = torch.compile(self.model, mode=t.compile_mode) if t.compile else self.model
+        self.forward = compile_model(self.model, t.compile_mode, self.device) if t.compile else self.model
         self.batch_generator = torch.Generator().manual_seed(t.seed)
         self.step = 0
         self.best_val_loss = math.inf
@@ -404,7 +426,10 @@ class Pretrainer:
                     break
                 x, y = next(batches)
                 lr = lr_at(self.step, t)
-                loss, norm = self.train_step(x, y, lr)
+                if self.forward is not self.model and self.step == start_step:
+                    loss, norm = self._first_compiled_step(x, y, lr, progress)
+                else:
+                    loss, norm = self.train_step(x, y, lr)
                 self.step += 1
                 window_steps += 1
                 pending.append((self.step, loss, norm, lr))
@@ -424,6 +449,26 @@ class Pretrainer:
         self.logger.close()
         write_plots(self.logger.rows, self.run_dir / "plots")
         return PretrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss, stopped)
+
+    def _first_compiled_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, progress: TrainingProgress
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first compiled step compiles (tens of seconds the first time, cached on disk
+        afterwards). If compiling fails, say why and continue without compile."""
+        progress.print("compiling the model (first step; later runs reuse the cache)...")
+        start = now()
+        try:
+            result = self.train_step(x, y, lr)
+        except Exception as e:  # noqa: BLE001 - only compile failures are handled
+            if not is_compile_failure(e):
+                raise
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            progress.print(f"warning: torch.compile failed ({first_line}); continuing without compile")
+            self.forward = self.model
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.train_step(x, y, lr)
+        progress.print(f"compiled in {now() - start:.1f} s")
+        return result
 
     def _evaluate_and_checkpoint(self, progress: TrainingProgress, elapsed: float) -> None:
         val_loss = self.evaluate()
