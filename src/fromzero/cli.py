@@ -188,7 +188,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 # parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_pretrain_help: bool = True) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fromzero",
         description="Develop large neural models from zero: prepare data, train tokenizers, "
@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "pretrain", "pretrain a GPT from a YAML recipe",
         description="Pretrain a GPT language model. Writes runs/<recipe>-<timestamp>/ with config.yaml, "
         "metrics.jsonl, tb/, plots/ and checkpoints/{last,best}.",
-        epilog=_pretrain_epilog(),
+        # The recipe-option list imports torch (via the config dataclasses): build it only when
+        # pretrain is the command, so `fromzero --help` stays fast.
+        epilog=_pretrain_epilog() if with_pretrain_help else None,
     )
     pre.add_argument("--config", help="recipe YAML (e.g. recipes/shakespeare-char.yaml)")
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoints/last")
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(with_pretrain_help="pretrain" in argv)
     debug = "--debug" in argv
     try:
         args, extra = parser.parse_known_args(argv)
