@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -250,7 +251,7 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", full)
+    monkeypatch.setattr(ckpt, "write_safetensors", full)
     with pytest.raises(FromzeroError, match="disk full") as e:
         save(out, tiny_model(seed=2), info={"step": 2})
     assert str(out) in str(e.value)
@@ -264,7 +265,7 @@ def test_other_os_error_is_one_line_error(tmp_path: Path, monkeypatch: pytest.Mo
     def denied(*args, **kwargs):
         raise OSError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(ckpt, "save_file", denied)
+    monkeypatch.setattr(ckpt, "write_safetensors", denied)
     with pytest.raises(FromzeroError, match="could not write .*Permission denied"):
         save(tmp_path / "c", tiny_model())
     assert leftovers(tmp_path, set()) == []
@@ -276,28 +277,32 @@ def test_non_os_error_while_writing_cleans_up(tmp_path: Path, monkeypatch: pytes
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(ckpt, "write_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path / "c", tiny_model(seed=2), info={"step": 2})
     assert json.loads((tmp_path / "c" / "info.json").read_text()) == {"step": 1}
     assert leftovers(tmp_path, {"c"}) == []
 
 
-def _to_dev_full(*args, **kwargs):
-    """Call the real safetensors writer on /dev/full: a genuinely full disk."""
-    tensors = args[0] if args else kwargs.pop("tensors")
-    kwargs.pop("filename", None)
-    return real_save_file(tensors, "/dev/full", **{k: v for k, v in kwargs.items() if k == "metadata"})
+_real_write_safetensors = ckpt.write_safetensors
 
 
-needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def _to_dev_full(state, path, *args, **kwargs):
+    """Call the real weights writer on /dev/full: a genuinely full disk."""
+    return _real_write_safetensors(state, Path("/dev/full"), *args, **kwargs)
+
+
+needs_dev_full = pytest.mark.skipif(
+    not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
+    reason="needs the /dev/full character device",
+)
 
 
 @needs_dev_full
 def test_real_disk_full_in_safetensors_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "last"
     save(out, tiny_model(seed=1), info={"step": 1})
-    monkeypatch.setattr(ckpt, "save_file", _to_dev_full)
+    monkeypatch.setattr(ckpt, "write_safetensors", _to_dev_full)
     with pytest.raises(Exception):
         save(out, tiny_model(seed=2), info={"step": 2})
     assert json.loads((out / "info.json").read_text()) == {"step": 1}
@@ -308,7 +313,7 @@ def test_real_disk_full_in_safetensors_keeps_previous(tmp_path: Path, monkeypatc
 def test_real_disk_full_in_safetensors_is_fromzero_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ckpt, "save_file", _to_dev_full)
+    monkeypatch.setattr(ckpt, "write_safetensors", _to_dev_full)
     with pytest.raises(FromzeroError, match="disk full"):
         save(tmp_path / "c", tiny_model())
 

@@ -1,0 +1,34 @@
+"""Model families. Each family module exposes ``build_from_config(config: dict) -> nn.Module``
+that rebuilds a model from the ``config.json`` of a checkpoint directory (which names its
+``model_type``); :func:`build_model` dispatches on that name."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from fromzero.errors import FromzeroError
+
+# model_type in a checkpoint's config.json -> module that can rebuild it
+MODEL_REGISTRY: dict[str, str] = {
+    "fromzero-gpt": "fromzero.models.gpt",
+    "fromzero-bert": "fromzero.models.bert",
+    "fromzero-vit": "fromzero.models.vit",
+    "fromzero-cnn": "fromzero.models.cnn",
+}
+
+
+def build_model(config: dict) -> torch.nn.Module:
+    """A freshly initialised model for a checkpoint config (weights are loaded separately)."""
+    model_type = config.get("model_type")
+    module_name = MODEL_REGISTRY.get(str(model_type))
+    if module_name is None:
+        raise FromzeroError(
+            f"unsupported model_type {model_type!r} (supported: {', '.join(sorted(MODEL_REGISTRY))})"
+        )
+    module = importlib.import_module(module_name)
+    try:
+        return module.build_from_config(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise FromzeroError(f"invalid {model_type} config: {e}") from None

@@ -214,6 +214,11 @@ class GPT(nn.Module):
         return idx
 
 
+def build_from_config(config: dict) -> GPT:
+    """Rebuild a GPT from a checkpoint's config.json (see fromzero.models.build_model)."""
+    return GPT(GPTConfig.from_dict(config))
+
+
 def sample_next_token(
     logits: torch.Tensor,
     temperature: float = 1.0,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fromzero.errors import FromzeroError
 
@@ -65,6 +65,22 @@ def _as_os_error(e: Exception, where: Path | None = None) -> OSError:
         except OSError:
             pass
     return OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else text.splitlines()[0])
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Serialise ``state`` to safetensors at ``path``, surfacing every I/O error.
+
+    safetensors 0.8's ``save_file`` ignores write errors (it reports success writing to
+    /dev/full), so the bytes are built in memory and written with plain file I/O + fsync.
+    """
+    try:
+        data = save(state, metadata={"format": "pt", **(metadata or {})})
+    except SafetensorError as e:
+        raise FromzeroError(f"cannot serialise weights for {path}: {e}") from None
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -152,10 +168,7 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
-        try:
-            save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        except SafetensorError as e:  # safetensors reports I/O failures as its own error type
-            raise _as_os_error(e) from None
+        write_safetensors(model_state_for_saving(model), tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
@@ -226,21 +239,16 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the model saved in a checkpoint directory (config.json + model.safetensors)."""
-    from fromzero.models.gpt import GPT, GPTConfig
+    from fromzero.models import build_model
 
     directory = Path(directory)
     recover_directory(directory)
     if not directory.is_dir():
         raise FromzeroError(f"checkpoint directory not found: {directory}")
     config = read_json(directory / CONFIG_FILE, "model config")
-    model_type = config.get("model_type")
-    if model_type != "fromzero-gpt":
-        raise FromzeroError(
-            f"{directory / CONFIG_FILE}: unsupported model_type {model_type!r} (supported: fromzero-gpt)"
-        )
     try:
-        model = GPT(GPTConfig.from_dict(config))
-    except (TypeError, ValueError) as e:
+        model = build_model(config)
+    except FromzeroError as e:
         raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
     load_weights(model, directory / MODEL_FILE)
     return model.to(device).eval()
