@@ -185,6 +185,47 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# convert / embed
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from fromzero.models.hf import convert_from_hf, convert_to_hf
+
+    if args.direction == "from-hf":
+        config = convert_from_hf(args.src, Path(args.out), force=args.force)
+    else:
+        config = convert_to_hf(Path(args.src), Path(args.out), force=args.force)
+    print(f"wrote {args.out} ({config.get('model_type')})")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from fromzero.models.bert import embed_checkpoint
+    from fromzero.training.trainer import resolve_device
+
+    texts = list(args.text or [])
+    if args.input:
+        try:
+            texts += [line for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise FromzeroError(f"cannot read --input {args.input}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise FromzeroError(f"--input {args.input} is not UTF-8 text") from None
+    if not texts:
+        raise FromzeroError("nothing to embed: give --text TEXT (repeatable) or --input FILE")
+    if args.batch_size <= 0:
+        raise FromzeroError("--batch-size must be positive")
+    vectors = embed_checkpoint(
+        Path(args.checkpoint), texts, normalize=not args.no_normalize, batch_size=args.batch_size,
+        device=resolve_device(args.device),
+    )
+    json.dump({"model": str(args.checkpoint), "dim": len(vectors[0]), "normalized": not args.no_normalize,
+               "embeddings": vectors}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # parser
 
 
@@ -263,6 +304,34 @@ def build_parser(with_pretrain_help: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     gen.add_argument("--no-cache", action="store_true", help="recompute attention over the whole context each step (slower; for checking)")
     gen.set_defaults(func=_cmd_generate)
+
+    # convert
+    conv = _add_parser(
+        sub, "convert", "convert weights between Hugging Face and fromzero",
+        description="from-hf SRC OUT: a Hugging Face model directory (config.json + safetensors or "
+        ".bin) or hub id -> a fromzero checkpoint directory (tokenizer files carried along).\n"
+        "to-hf SRC OUT: a fromzero checkpoint -> a directory transformers.AutoModel* loads.\n\n"
+        "examples:\n  fromzero convert from-hf ./all-MiniLM-L6-v2 checkpoints/minilm\n"
+        "  fromzero convert to-hf runs/RUN/checkpoints/best exported/",
+    )
+    conv.add_argument("direction", choices=("from-hf", "to-hf"), help="conversion direction")
+    conv.add_argument("src", help="source directory (or, for from-hf, a hub id)")
+    conv.add_argument("out", help="output directory")
+    conv.add_argument("--force", action="store_true", help="replace an existing output directory")
+    conv.set_defaults(func=_cmd_convert)
+
+    # embed
+    emb = _add_parser(sub, "embed", "sentence embeddings from an encoder checkpoint (JSON on stdout)",
+                      description="Mean-pooled (over the attention mask), L2-normalised sentence embeddings, "
+                      "as sentence-transformers computes them.\n\nexample:\n  fromzero embed --checkpoint "
+                      "checkpoints/minilm --text 'A man is eating.' --text 'Someone eats.'")
+    emb.add_argument("--checkpoint", required=True, help="encoder checkpoint directory (e.g. converted MiniLM)")
+    emb.add_argument("--text", action="append", help="a sentence to embed (repeat for several)")
+    emb.add_argument("--input", help="UTF-8 file with one sentence per line")
+    emb.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass")
+    emb.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    emb.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    emb.set_defaults(func=_cmd_embed)
     return parser
 
 

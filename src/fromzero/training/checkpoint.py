@@ -70,8 +70,10 @@ def _as_os_error(e: Exception, where: Path | None = None) -> OSError:
 def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     """Serialise ``state`` to safetensors at ``path``, surfacing every I/O error.
 
-    safetensors 0.8's ``save_file`` ignores write errors (it reports success writing to
-    /dev/full), so the bytes are built in memory and written with plain file I/O + fsync.
+    The bytes are built in memory and written with plain file I/O + fsync, so a full disk is
+    an OSError(ENOSPC) on our side: safetensors 0.8's ``save_file`` writes a temp file and
+    renames it over the target (a test of it turned /dev/full into a regular file), which hides
+    where the failure happened and skips fsync.
     """
     try:
         data = save(state, metadata={"format": "pt", **(metadata or {})})
