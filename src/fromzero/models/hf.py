@@ -100,7 +100,7 @@ def resolve_source(src: str) -> Path:
         if not (path / "config.json").is_file():
             raise FromzeroError(f"{src} has no config.json: not a Hugging Face model directory")
         return path
-    if src.count("/") > 1 or src.startswith((".", "~")) or not src.strip():
+    if src.count("/") > 1 or src.startswith((".", "~", "/")) or not src.strip():
         raise FromzeroError(f"model directory not found: {src}")
     try:
         from huggingface_hub import snapshot_download
