@@ -1,0 +1,350 @@
+"""CNN image classifiers: the guide's simple CNN, and torchvision ResNets, behind one builder.
+
+The simple CNN is the one the classic guide (section 5.2.2) means: two 3x3 convolutions, global
+average pooling, two Linear layers. Its code declared ``fc1 = nn.Linear(128 * 56 * 56, 1024)``
+after pooling to 1x1; after global pooling each image is 128 numbers, so ``fc1`` is
+``Linear(128, 1024)`` here, and the model takes any image size.
+
+ResNets are torchvision's own modules (the library that owns the job); :func:`build_cnn` only
+adds what a fine-tuning user needs around them: a new head for ``num_classes``, an input
+convolution for ``in_channels`` != 3 (adapted from the pretrained one), pretrained weights from
+torchvision's names or from a local file, and a one-line error when they cannot be downloaded.
+
+Try it::
+
+    from fromzero.models.cnn import CNNConfig, build_cnn
+    model = build_cnn("resnet18", num_classes=5, weights="DEFAULT")          # ImageNet features
+    model = build_cnn("resnet18", 5, weights="/data/resnet18-f37072fd.pth")  # offline
+    model = build_cnn("simple", 10)
+    logits = model(images)                 # images: (B, 3, H, W) float -> (B, num_classes)
+    save_checkpoint(out_dir, model, CNNConfig("resnet18", 5).to_dict())  # load_model rebuilds it
+
+Every model maps images to logits (the caller computes the loss, e.g. ``nn.CrossEntropyLoss``).
+Shapes: B = batch, Ch = channels, H x W = image size, K = num_classes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fromzero.errors import FromzeroError
+
+# ResNets that build_cnn offers: torchvision builder name == arch name.
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+ARCHES = ("simple", *RESNETS)
+
+
+@dataclass
+class SimpleCNNConfig:
+    """The simple CNN: conv 3x3 (Ch->64) + ReLU, conv 3x3 (64->128) + ReLU, global average
+    pool, fc 128->1024 + ReLU, fc 1024->num_classes. Only the ends are configurable."""
+
+    num_classes: int = 10
+    """Number of classes K (outputs of the last Linear layer)."""
+    in_channels: int = 3
+    """Channels of the input images (3 for RGB, 1 for grayscale)."""
+
+    def validate(self) -> None:
+        _check_positive(num_classes=self.num_classes, in_channels=self.in_channels)
+
+
+class SimpleCNN(nn.Module):
+    """Two convolutions, global average pooling, a two-layer MLP head."""
+
+    def __init__(self, config: SimpleCNNConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        # padding 1 keeps H x W through a 3x3 convolution
+        self.conv1 = nn.Conv2d(config.in_channels, 64, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(64, 128, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(128, 1024)  # 128 = conv2's channels: one number each after pooling
+        self.fc2 = nn.Linear(1024, config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))  # (B, 64, H, W)
+        x = F.relu(self.conv2(x))  # (B, 128, H, W)
+        # Global average pooling: each channel's mean over the image. It makes the head
+        # independent of the image size (any H x W works).
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 128)
+        x = F.relu(self.fc1(x))  # (B, 1024)
+        return self.fc2(x)  # (B, K) logits
+
+
+@dataclass
+class CNNConfig:
+    """A CNN checkpoint's architecture (its config.json): which network, how many classes."""
+
+    arch: str = "simple"
+    """Network: "simple" or a torchvision ResNet ("resnet18", "resnet34", "resnet50", ...)."""
+    num_classes: int = 10
+    """Number of classes K."""
+    in_channels: int = 3
+    """Channels of the input images."""
+    labels: list[str] | None = None
+    """Optional class names, index = class id (num_classes of them)."""
+
+    def validate(self) -> None:
+        if self.arch not in ARCHES:
+            raise ValueError(f"model.arch {self.arch!r} is not supported (supported: {', '.join(ARCHES)})")
+        _check_positive(num_classes=self.num_classes, in_channels=self.in_channels)
+        if self.labels is not None and len(self.labels) != self.num_classes:
+            raise ValueError(
+                f"model.labels has {len(self.labels)} names but model.num_classes is {self.num_classes}"
+            )
+
+    def to_dict(self) -> dict:
+        return {"model_type": "fromzero-cnn", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CNNConfig":
+        fields = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def _fresh(arch: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A randomly initialised network (no download ever happens here)."""
+    if arch == "simple":
+        return SimpleCNN(SimpleCNNConfig(num_classes=num_classes, in_channels=in_channels))
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        old = model.conv1
+        model.conv1 = nn.Conv2d(in_channels, old.out_channels, kernel_size=old.kernel_size,
+                                stride=old.stride, padding=old.padding, bias=False)
+        # torchvision's ResNet init for convolutions
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def _input_conv(model: nn.Module) -> nn.Conv2d:
+    return model.conv1  # both SimpleCNN and torchvision ResNets call it conv1
+
+
+def _head_name(model: nn.Module) -> str:
+    return "fc2" if isinstance(model, SimpleCNN) else "fc"
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``model`` a freshly initialised last Linear layer with ``num_classes`` outputs.
+
+    Everything before it (the pretrained features) is kept.
+    """
+    name = _head_name(model)
+    old: nn.Linear = getattr(model, name)
+    setattr(model, name, nn.Linear(old.in_features, num_classes).to(old.weight.device, old.weight.dtype))
+    if isinstance(model, SimpleCNN):
+        model.config.num_classes = num_classes
+    return model
+
+
+def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
+    """Make the first convolution take ``in_channels`` channels, reusing its trained filters.
+
+    One channel (grayscale): the filters are summed over R, G, B, so a gray image gives exactly
+    the response the RGB network gives to that image repeated in three channels. Otherwise the
+    RGB filters are repeated cyclically and scaled by 3 / in_channels, keeping activations at
+    the scale the rest of the network was trained with (as timm does).
+    """
+    old = _input_conv(model)
+    if old.in_channels == in_channels:
+        return model
+    new = nn.Conv2d(in_channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
+                    padding=old.padding, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
+    with torch.no_grad():
+        w = old.weight  # (out, Ch_old, k, k)
+        if in_channels == 1:
+            new.weight.copy_(w.sum(dim=1, keepdim=True))
+        else:
+            reps = -(-in_channels // w.size(1))  # ceil
+            new.weight.copy_(w.repeat(1, reps, 1, 1)[:, :in_channels] * (w.size(1) / in_channels))
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    model.conv1 = new
+    if isinstance(model, SimpleCNN):
+        model.config.in_channels = in_channels
+    return model
+
+
+def build_cnn(arch: str, num_classes: int, weights: str | os.PathLike[str] | None = None,
+              in_channels: int = 3) -> nn.Module:
+    """A CNN classifier mapping (B, in_channels, H, W) images to (B, num_classes) logits.
+
+    arch: "simple" or a torchvision ResNet ("resnet18", "resnet50", ...; see ``ARCHES``).
+    weights: None (random init); a torchvision weights name for ResNets ("DEFAULT",
+        "IMAGENET1K_V1", "ResNet50_Weights.IMAGENET1K_V2"), downloaded to / read from
+        torchvision's cache ``torch.hub.get_dir()/checkpoints``; or a local file (.safetensors,
+        or .pth/.pt/.bin loaded with ``weights_only=True``) or fromzero checkpoint directory.
+        A pretrained head with a different number of classes is replaced by a fresh one and an
+        input convolution with other channels is adapted (see :func:`adapt_input_channels`):
+        the pretrained features are kept.
+    """
+    try:
+        CNNConfig(arch=arch, num_classes=num_classes, in_channels=in_channels).validate()
+    except ValueError as e:  # a bad argument from the user (a recipe, the command line)
+        raise FromzeroError(str(e).removeprefix("model.")) from None
+    if weights is None:
+        return _fresh(arch, num_classes, in_channels)
+    state, source = _weights_state(arch, weights)
+    file_classes, file_in = _saved_shape(arch, state, source)
+    model = _fresh(arch, file_classes, file_in)
+    _load_checked(model, state, source)
+    if file_in != in_channels:
+        adapt_input_channels(model, in_channels)
+    if file_classes != num_classes:
+        replace_head(model, num_classes)
+    return model
+
+
+def build_from_config(config: dict) -> nn.Module:
+    """Rebuild a CNN from a checkpoint's config.json (weights are loaded separately, never downloaded)."""
+    cfg = CNNConfig.from_dict(config)
+    cfg.validate()
+    return _fresh(cfg.arch, cfg.num_classes, cfg.in_channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _is_path(weights: str | os.PathLike[str]) -> bool:
+    """A file path, not a torchvision weights name ("DEFAULT", "ResNet50_Weights.IMAGENET1K_V2")."""
+    if isinstance(weights, os.PathLike):
+        return True
+    text = str(weights)
+    return (os.sep in text or "/" in text or text.startswith((".", "~"))
+            or text.endswith((".safetensors", ".pth", ".pt", ".bin")))
+
+
+def _weights_state(arch: str, weights: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, where it came from) for a weights argument of build_cnn."""
+    if not str(weights).strip():
+        raise FromzeroError("weights is empty: give None, a torchvision weights name or a file path")
+    if _is_path(weights):
+        path = Path(weights).expanduser()
+        return _read_local(path), str(path)
+    if arch == "simple":
+        raise FromzeroError(
+            f"the simple CNN has no pretrained weights named {weights!r}; pass weights=PATH to a "
+            ".safetensors/.pth file or checkpoint directory"
+        )
+    return _download(arch, str(weights))
+
+
+def _read_local(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise FromzeroError(f"weights directory {path} has no model.safetensors")
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FromzeroError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FromzeroError(f"cannot read weights {path}: {_first_line(e)}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - corrupt file, or a pickle that is not plain weights
+            raise FromzeroError(
+                f"cannot read weights {path} (loaded with weights_only=True): {_first_line(e)}"
+            ) from None
+    return _plain_state(state, str(path))
+
+
+def _plain_state(state: object, source: str) -> dict[str, torch.Tensor]:
+    """A name -> tensor dict; unwraps {"state_dict": ...} and DDP / torch.compile prefixes."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise FromzeroError(f"{source} does not hold a state dict (names -> tensors)")
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _download(arch: str, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """torchvision's pretrained weights by name, from its cache or the network."""
+    import torchvision
+    from torchvision.models import get_model_weights, get_weight
+
+    enum = get_model_weights(getattr(torchvision.models, arch))
+    try:
+        w = get_weight(name) if "." in name else enum[name]
+    except (KeyError, ValueError, AttributeError):
+        w = None
+    if w is None or not isinstance(w, enum):
+        options = ", ".join(enum.__members__)
+        raise FromzeroError(f"unknown weights {name!r} for {arch} (torchvision has: {options}; or give a file path)")
+    filename = os.path.basename(w.url)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        # weights_only=True: a cached or downloaded file is read as plain tensors, never run.
+        state = torch.hub.load_state_dict_from_url(w.url, progress=False, check_hash=True,
+                                                   map_location="cpu", weights_only=True)
+    except OSError as e:  # URLError, HTTPError, timeouts, DNS failures are all OSErrors
+        reason = getattr(e, "reason", None) or _first_line(e)
+        raise FromzeroError(
+            f"cannot download {arch} weights {w!r} ({reason}); download {w.url} elsewhere and pass "
+            f"weights=/path/to/{filename}, or put it in torchvision's cache {cache}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a corrupt cached file, a download with a bad hash
+        if (cache / filename).is_file():
+            raise FromzeroError(
+                f"cannot load {arch} weights {w!r} from torchvision's cache {cache / filename}: "
+                f"{_first_line(e)}; delete that file to download it again, or pass weights=/path/to/a/good/copy"
+            ) from None
+        raise FromzeroError(f"cannot download {arch} weights {w!r} from {w.url}: {_first_line(e)}") from None
+    return _plain_state(state, str(cache / filename)), str(cache / filename)
+
+
+def _saved_shape(arch: str, state: dict[str, torch.Tensor], source: str) -> tuple[int, int]:
+    """(classes, input channels) of the network a state dict was saved from."""
+    head = "fc2.weight" if arch == "simple" else "fc.weight"
+    for name, dims in ((head, 2), ("conv1.weight", 4)):
+        if name not in state:
+            raise FromzeroError(f"{source}: no tensor {name}: not {arch} weights")
+        if state[name].dim() != dims:
+            raise FromzeroError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}: not {arch} weights")
+    return int(state[head].shape[0]), int(state["conv1.weight"].shape[1])
+
+
+def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``; missing / unexpected / misshapen tensors are one-line errors."""
+    from fromzero.models.hf import check_keys, check_shape
+
+    own = model.state_dict()
+    # BatchNorm's batch counter is absent from old torchvision checkpoints; it is not a weight.
+    expected = {k for k in own if not (k.endswith("num_batches_tracked") and k not in state)}
+    check_keys(expected, set(state), source)
+    for name, tensor in state.items():
+        check_shape(name, tensor, tuple(own[name].shape), source)
+    model.load_state_dict(state, strict=False)
