@@ -545,3 +545,23 @@ def test_sample_seeded_generator_is_reproducible() -> None:
     b = sample_next_token(logits, 1.0, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b)
     assert a.min() >= 0 and a.max() < V
+
+
+def test_generate_cache_holds_only_the_positions_it_can_fill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zeroing a block_size cache of a big model costs more than many decoding steps."""
+    model = tiny_model(seed=1, sharpen=5.0)
+    sizes: list[int | None] = []
+    real = model.new_kv_cache
+
+    def spy(batch_size: int, max_len: int | None = None):
+        sizes.append(max_len)
+        return real(batch_size, max_len)
+
+    monkeypatch.setattr(model, "new_kv_cache", spy)
+    idx = tokens(2, 3)
+    a = model.generate(idx, max_new_tokens=5, temperature=0.0)
+    b = model.generate(tokens(2, 10), max_new_tokens=20, temperature=0.0)  # crosses block_size
+    model.generate(idx, max_new_tokens=0)
+    assert sizes == [8, BS]
+    assert torch.equal(a, model.generate(idx, max_new_tokens=5, temperature=0.0, use_cache=False))
+    assert torch.equal(b, model.generate(tokens(2, 10), max_new_tokens=20, temperature=0.0, use_cache=False))

@@ -1,10 +1,17 @@
 """GPT: a decoder-only transformer language model, written from scratch.
 
-The architecture is GPT-2's: token + learned position embeddings, a stack of pre-LayerNorm
-blocks (causal self-attention, GELU MLP, residual connections), a final LayerNorm and a
-language-model head tied to the token embedding. Parameter names are GPT-2's
+The default architecture is GPT-2's: token + learned position embeddings, a stack of
+pre-LayerNorm blocks (causal self-attention, GELU MLP, residual connections), a final LayerNorm
+and a language-model head tied to the token embedding. Parameter names are GPT-2's
 (``transformer.wte``, ``transformer.h.0.attn.c_attn``, ..., ``lm_head``) so GPT-2 weights map
 directly.
+
+The same class builds LLaMA-style decoders (LLaMA, Mistral, Qwen2) through config fields:
+``norm="rmsnorm"``, ``pos_embedding="rope"`` (rotary embeddings instead of ``wpe``),
+``mlp="swiglu"``, ``n_kv_head`` < ``n_head`` (grouped-query attention), ``bias=False`` and
+``tie_embeddings=False`` (a separate ``lm_head``). The parameter names stay GPT-2's: q/k/v are
+fused into ``c_attn`` and gate/up into ``mlp.c_fc`` (``fromzero.models.convert_gpt`` maps
+them to and from ``q_proj``, ``gate_proj``, ...). See :data:`LLAMA_STYLE`.
 
 Try it::
 
@@ -12,6 +19,8 @@ Try it::
     model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
     logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=40)
+    llama = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128,
+                          n_kv_head=2, **LLAMA_STYLE))
 """
 
 from __future__ import annotations
@@ -23,12 +32,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.models.layers import Block, KVCache
+from fromzero.models.layers import (
+    Block,
+    KVCache,
+    RotaryEmbedding,
+    make_norm,
+    rope_inverse_frequencies,
+    set_linear_weight_layout,
+)
+
+NORMS = ("layernorm", "rmsnorm")
+POS_EMBEDDINGS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
+ACTIVATIONS = ("", "gelu_tanh", "gelu", "silu", "relu")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+# The config fields that turn the GPT-2 defaults into a LLaMA-style decoder (add n_kv_head,
+# intermediate_size, rope_theta, norm_eps to taste).
+LLAMA_STYLE = dict(norm="rmsnorm", pos_embedding="rope", mlp="swiglu", bias=False, tie_embeddings=False)
 
 
 @dataclass
 class GPTConfig:
-    """Architecture of a GPT model: everything needed to rebuild it (saved as config.json)."""
+    """Architecture of a GPT model: everything needed to rebuild it (saved as config.json).
+
+    The defaults are GPT-2; see LLAMA_STYLE for the fields that make a LLaMA-style model.
+    """
 
     vocab_size: int = 50304
     """Number of token ids. 0 means: take it from the prepared data's meta.json."""
@@ -37,25 +66,99 @@ class GPTConfig:
     n_layer: int = 12
     """Number of transformer blocks."""
     n_head: int = 12
-    """Attention heads per block (n_embd must be divisible by it)."""
+    """Attention heads per block (n_embd must be divisible by it unless head_dim is set)."""
     n_embd: int = 768
     """Width of the residual stream."""
     dropout: float = 0.0
     """Dropout on attention weights, residual branches and embeddings (0 for pretraining)."""
     bias: bool = True
     """Biases in Linear layers and LayerNorms (GPT-2: True; a bit faster and as good: False)."""
+    norm: str = "layernorm"
+    """Normalisation: layernorm (GPT-2) | rmsnorm (LLaMA: no centring, no bias)."""
+    norm_eps: float = 1e-5
+    """Epsilon added to the variance in every norm (GPT-2: 1e-5; LLaMA: 1e-5 or 1e-6)."""
+    pos_embedding: str = "learned"
+    """Positions: learned (GPT-2's wpe table) | rope (rotary embeddings on queries and keys)."""
+    rope_theta: float = 10000.0
+    """RoPE base: rotation wavelengths span 2 pi .. 2 pi theta (LLaMA 2: 1e4; LLaMA 3: 5e5)."""
+    rope_scaling: str = "none"
+    """RoPE frequency scaling for longer contexts: none | linear | llama3 (Llama 3.1+)."""
+    rope_scaling_factor: float = 1.0
+    """linear, llama3: how many times the context was stretched (slow rotations divided by it)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than rope_original_block_size / this are scaled fully."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than rope_original_block_size / this are kept."""
+    rope_original_block_size: int = 0
+    """llama3: the context length the model was pretrained with, before scaling."""
+    mlp: str = "gelu"
+    """Feed-forward: gelu (GPT-2: expand, activate, project) | swiglu (LLaMA: gated, 3 matrices)."""
+    activation: str = ""
+    """MLP activation: gelu_tanh | gelu | silu | relu ('': gelu_tanh for mlp gelu, silu for swiglu)."""
+    intermediate_size: int = 0
+    """Hidden width of the MLP (0: 4 * n_embd)."""
+    n_kv_head: int = 0
+    """Key/value heads, for grouped-query attention (divides n_head; 0: n_head; 1: multi-query)."""
+    head_dim: int = 0
+    """Size of each attention head (0: n_embd // n_head)."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projection even when bias is false (Qwen2)."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head (GPT-2: true; LLaMA: false)."""
 
     def validate(self) -> None:
         """Raise ValueError for shapes that cannot be built."""
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head != 0:
+        for name in ("intermediate_size", "n_kv_head", "head_dim", "rope_original_block_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0 (0: default), got {getattr(self, name)}")
+        if self.head_dim == 0 and self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
             )
+        if self.n_kv_head and (self.n_kv_head > self.n_head or self.n_head % self.n_kv_head):
+            raise ValueError(
+                f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        choices = {"norm": NORMS, "pos_embedding": POS_EMBEDDINGS, "mlp": MLPS,
+                   "activation": ACTIVATIONS, "rope_scaling": ROPE_SCALINGS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(a or "''" for a in allowed)
+                raise ValueError(f"model.{name} must be one of {shown}, got {getattr(self, name)!r}")
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ValueError(f"model.norm_eps must be a positive number, got {self.norm_eps}")
+        if self.pos_embedding == "rope":
+            if self.head_size % 2:
+                raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
+            if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+                raise ValueError(f"model.rope_theta must be a positive number, got {self.rope_theta}")
+            if self.rope_scaling != "none" and not (
+                self.rope_scaling_factor > 0 and math.isfinite(self.rope_scaling_factor)
+            ):
+                raise ValueError(f"model.rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+            if self.rope_scaling == "llama3" and not (
+                self.rope_original_block_size > 0
+                and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+            ):
+                raise ValueError(
+                    "llama3 rope scaling needs model.rope_original_block_size > 0 and "
+                    "0 < model.rope_low_freq_factor < model.rope_high_freq_factor"
+                )
+
+    @property
+    def head_size(self) -> int:
+        """D: the width of one attention head."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """G: key/value heads (n_head unless grouped-query attention)."""
+        return self.n_kv_head or self.n_head
 
     def to_dict(self) -> dict:
         return {"model_type": "fromzero-gpt", **asdict(self)}
@@ -67,34 +170,47 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer language model (GPT-2 architecture)."""
+    """Decoder-only transformer language model (GPT-2 architecture, LLaMA options)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         config.validate()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(
-                    Block(config.n_embd, config.n_head, config.dropout, config.bias)
-                    for _ in range(config.n_layer)
-                ),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        self._decode_layout = False  # Linear weights column-major (see generate)
+        c = config
+        modules: dict[str, nn.Module] = {"wte": nn.Embedding(c.vocab_size, c.n_embd)}  # tokens
+        if c.pos_embedding == "learned":
+            modules["wpe"] = nn.Embedding(c.block_size, c.n_embd)  # position embedding
+        modules["drop"] = nn.Dropout(c.dropout)
+        modules["h"] = nn.ModuleList(
+            Block(
+                c.n_embd, c.n_head, c.dropout, c.bias, norm=c.norm, norm_eps=c.norm_eps, mlp=c.mlp,
+                activation=c.activation, intermediate_size=c.intermediate_size,
+                n_kv_head=c.n_kv_head, head_size=c.head_dim, qkv_bias=c.qkv_bias,
             )
+            for _ in range(c.n_layer)
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the output projection reuses the token embedding (fewer parameters,
-        # and what GPT-2 does, so its checkpoints have no separate lm_head).
-        self.lm_head.weight = self.transformer.wte.weight
+        modules["ln_f"] = make_norm(c.norm, c.n_embd, c.norm_eps, c.bias)
+        self.transformer = nn.ModuleDict(modules)
+        # RoPE: cos/sin tables for every position, shared by all blocks (not saved).
+        self.rotary = None
+        if c.pos_embedding == "rope":
+            inv_freq = rope_inverse_frequencies(
+                c.head_size, c.rope_theta, c.rope_scaling, c.rope_scaling_factor,
+                c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_block_size,
+            )
+            self.rotary = RotaryEmbedding(c.head_size, c.block_size, inv_freq)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            # Weight tying: the output projection reuses the token embedding (fewer parameters,
+            # and what GPT-2 does, so its checkpoints have no separate lm_head).
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer),
         # since every block adds two of them to the stream.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -105,13 +221,29 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def train(self, mode: bool = True) -> "GPT":
+        if mode and self._decode_layout:
+            self.use_decode_layout(False)  # training-size matmuls are faster row-major
+        return super().train(mode)
+
+    def use_decode_layout(self, enabled: bool = True) -> None:
+        """Store Linear weights column-major (True) or row-major (False, the default), in place.
+
+        Same values, shapes and names; see :func:`fromzero.models.layers.set_linear_weight_layout`
+        for the measured speeds. :meth:`generate` turns it on for cached CPU decoding of one or
+        two rows (once: it costs one copy of the weights); ``train()`` turns it off.
+        """
+        if enabled != self._decode_layout:
+            set_linear_weight_layout(self, column_major=enabled)
+            self._decode_layout = enabled
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (as in the GPT-2 paper).
 
-        The token embedding is counted once: it doubles as the output head.
+        A tied token embedding is counted once: it doubles as the output head.
         """
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -133,10 +265,16 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.rotary is None:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = self.rotary(start, T)  # positions enter inside attention, on q and k
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)
+            x = block(x, kv_cache, i, rope)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
@@ -152,11 +290,12 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         return self.lm_head(x), None
 
-    def new_kv_cache(self, batch_size: int) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache for ``max_len`` positions (default block_size) of every layer."""
         p = self.transformer.wte.weight
         c = self.config
         return KVCache(
-            c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype
+            c.n_layer, batch_size, c.kv_heads, max_len or c.block_size, c.head_size, p.device, p.dtype
         )
 
     @torch.no_grad()
@@ -180,18 +319,26 @@ class GPT(nn.Module):
 
         With ``use_cache`` keys and values of past positions are kept, so each step runs the
         model on one new token. Once the sequence is longer than block_size, the context is
-        cropped to the last block_size tokens exactly as the uncached path does; since learned
-        position embeddings then shift and cached keys go stale, so from there on each step
-        recomputes the cropped window, exactly as the uncached path does (both paths always
-        produce the same tokens; the cache speeds up generation inside the window).
+        cropped to the last block_size tokens exactly as the uncached path does; since
+        positions then shift (learned embeddings and rotary angles alike), cached keys go
+        stale, so from there on each step recomputes the cropped window, exactly as the
+        uncached path does (both paths always produce the same tokens; the cache speeds up
+        generation inside the window).
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError("idx must be a non-empty (batch, time) tensor of token ids")
         was_training = self.training
         self.eval()
+        if idx.device.type == "cpu" and not was_training:
+            # One-token steps of one or two rows stream column-major weights faster on CPU;
+            # bigger batches are faster row-major (a model being trained keeps its layout).
+            self.use_decode_layout(use_cache and idx.size(0) <= 2)
         block_size = self.config.block_size
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache = self.new_kv_cache(idx.size(0)) if use_cache else None
+        # The cache holds only the positions this call can fill (zeroing a full block_size
+        # cache of a big model costs more than a dozen decoding steps).
+        cache_len = min(block_size, idx.size(1) + max_new_tokens)
+        cache = self.new_kv_cache(idx.size(0), cache_len) if use_cache and max_new_tokens > 0 else None
         prefill_needed = True
         for _ in range(max_new_tokens):
             if cache is None or cache.length >= block_size:
