@@ -50,6 +50,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
     "preprocessor_config.json",
+    "sentence_bert_config.json",  # sentence-transformers' max_seq_length (MiniLM: 256)
 )
 
 
