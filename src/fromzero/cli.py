@@ -168,15 +168,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if tokenizer.eos_id is None:
             raise FromzeroError("empty prompt: give --prompt TEXT (this tokenizer has no start token)")
         ids = [tokenizer.eos_id]  # GPT-2 convention: <|endoftext|> starts a fresh document
+    stop_ids = _stop_ids(Path(args.checkpoint), tokenizer.eos_id)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     out = model.generate(
         idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_id=tokenizer.eos_id, generator=generator, use_cache=not args.no_cache,
+        top_p=args.top_p, eos_id=stop_ids, generator=generator, use_cache=not args.no_cache,
     )
     for i, row in enumerate(out.tolist()):
-        if tokenizer.eos_id is not None and tokenizer.eos_id in row[len(ids):]:
-            row = row[: len(ids) + row[len(ids):].index(tokenizer.eos_id)]
+        new = row[len(ids):]
+        stops = [pos for pos, t in enumerate(new) if t in stop_ids]
+        if stops:
+            row = row[: len(ids) + stops[0]]
         text = tokenizer.decode(row if prompt else row[1:])
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
@@ -223,6 +226,19 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                "embeddings": vectors}, sys.stdout)
     sys.stdout.write("\n")
     return 0
+
+
+def _stop_ids(checkpoint: Path, tokenizer_eos: int | None) -> list[int]:
+    """Token ids that end generation: the tokenizer's <|endoftext|>, else the eos id(s) a
+    converted Hugging Face model declared (kept under hf_special_tokens in config.json)."""
+    if tokenizer_eos is not None:
+        return [tokenizer_eos]
+    from fromzero.training.checkpoint import CONFIG_FILE, read_json
+
+    special = read_json(checkpoint / CONFIG_FILE, "model config").get("hf_special_tokens") or {}
+    eos = special.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if isinstance(i, int)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ Try it::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -306,7 +307,7 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_id: int | None = None,
+        eos_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
@@ -314,8 +315,8 @@ class GPT(nn.Module):
 
         temperature 0 means greedy decoding. top_k keeps the k most likely tokens; top_p keeps
         the smallest set whose probability reaches p (nucleus sampling). A row that produces
-        ``eos_id`` stops there and is padded with ``eos_id``; generation ends early once every
-        row has stopped.
+        ``eos_id`` (or any of several, e.g. LLaMA 3's end-of-text and end-of-turn) stops there
+        and is padded with the (first) eos id; generation ends early once every row has stopped.
 
         With ``use_cache`` keys and values of past positions are kept, so each step runs the
         model on one new token. Once the sequence is longer than block_size, the context is
@@ -335,6 +336,9 @@ class GPT(nn.Module):
             self.use_decode_layout(use_cache and idx.size(0) <= 2)
         block_size = self.config.block_size
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
+        stop_ids = torch.tensor(eos_ids, device=idx.device) if eos_ids else None
+        pad_id = eos_ids[0] if eos_ids else 0
         # The cache holds only the positions this call can fill (zeroing a full block_size
         # cache of a big model costs more than a dozen decoding steps).
         cache_len = min(block_size, idx.size(1) + max_new_tokens)
@@ -351,11 +355,11 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache, last_only=True)
             next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                next_id = torch.where(finished, torch.full_like(next_id, eos_id), next_id)
-                finished |= next_id == eos_id
+            if stop_ids is not None:
+                next_id = torch.where(finished, torch.full_like(next_id, pad_id), next_id)
+                finished |= torch.isin(next_id, stop_ids)
             idx = torch.cat([idx, next_id[:, None]], dim=1)
-            if eos_id is not None and bool(finished.all()):
+            if stop_ids is not None and bool(finished.all()):
                 break
         self.train(was_training)
         return idx
