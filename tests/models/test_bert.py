@@ -66,7 +66,7 @@ def batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
         (dict(hidden_size=30, num_attention_heads=4), "divisible"),
         (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
         (dict(vocab_size=-1), "vocab_size"),
-        (dict(hidden_act="swish"), "hidden_act must be one of"),
+        (dict(hidden_act="mish"), "hidden_act must be one of"),
         (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"),
         (dict(head="qa"), "head must be one of"),
         (dict(pooling="max"), "pooling must be one of"),

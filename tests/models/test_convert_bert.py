@@ -271,7 +271,7 @@ def test_unsupported_model_type_lists_supported(saved_bert: Path, tmp_path: Path
 @pytest.mark.parametrize("change, fragments", [
     ({"architectures": ["BertForTokenClassification"]}, ["BertForTokenClassification is not supported"]),
     ({"position_embedding_type": "relative_key"}, ["position_embedding_type 'relative_key'"]),
-    ({"hidden_act": "swish"}, ["hidden_act 'swish'"]),
+    ({"hidden_act": "mish"}, ["hidden_act 'mish'"]),
     ({"hidden_size": 30}, ["divisible"]),
     ({"vocab_size": 100}, ["embeddings.word.weight", "(99, 32)", "(100, 32)"]),
 ])

@@ -41,7 +41,6 @@ V = vocabulary size.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,13 +50,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromzero.errors import FromzeroError
-from fromzero.models.layers import attention
+from fromzero.models.layers import HF_ACTIVATIONS, attention
 
 HEADS = ("embedding", "classification", "mlm", "none")
 POOLINGS = ("mean", "cls")
-# HF names of the activations BERT-family checkpoints use; gelu_pytorch_tanh is gelu_new's
-# formula computed by PyTorch's fused kernel (equal to ~1e-7).
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+# Activations by their HF names (``hidden_act``); see fromzero.models.layers.HF_ACTIVATIONS.
+ACTIVATIONS = tuple(HF_ACTIVATIONS)
 
 
 @dataclass
@@ -161,13 +159,9 @@ class BertConfig:
 
 def activation(name: str):
     """The feed-forward non-linearity named by a HF ``hidden_act``."""
-    if name == "gelu":
-        return F.gelu  # exact: x * Phi(x), with the erf
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return functools.partial(F.gelu, approximate="tanh")  # a partial pickles, a lambda would not
-    if name == "relu":
-        return F.relu
-    raise ValueError(f"unknown activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
+    return HF_ACTIVATIONS[name]
 
 
 class BertEmbeddings(nn.Module):

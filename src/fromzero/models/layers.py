@@ -317,6 +317,26 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP / some ViTs."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# The same functions under the names Hugging Face configs use (``hidden_act``), for the
+# encoders converted from HF (BERT, ViT). HF's "gelu" is the exact (erf) GELU; "gelu_new" and
+# "gelu_pytorch_tanh" are the tanh approximation (one formula, two kernels: equal to ~1e-7).
+HF_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
 def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r} (one of {', '.join(ACTIVATIONS)})")

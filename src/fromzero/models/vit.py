@@ -35,21 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.models.layers import attention
+from fromzero.models.layers import HF_ACTIVATIONS, attention
 
 # Activations by their Hugging Face names (``hidden_act`` / ``pooler_act`` in a HF config).
-# HF's "gelu" is the exact (erf) GELU that ViT was trained with; "gelu_new" and
-# "gelu_pytorch_tanh" are the tanh approximation.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
+ACTIVATIONS = HF_ACTIVATIONS
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
