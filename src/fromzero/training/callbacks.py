@@ -89,7 +89,7 @@ def write_plots(rows: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
         if val:
             ax.plot(*zip(*val), "o-", label="val loss", lw=1.5, ms=4)
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_ylabel("cross-entropy (nats)")
         ax.set_title("loss")
         ax.grid(alpha=0.3)
         ax.legend()

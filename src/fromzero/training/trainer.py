@@ -33,7 +33,7 @@ from fromzero.training import checkpoint as ckpt
 from fromzero.training.callbacks import MetricsLogger, TrainingProgress, now, write_plots
 from fromzero.training.optim import build_optimizer, lr_at
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "plots")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "tb", "checkpoints", "plots")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Fine-tuning: image classifiers on ImageFolders (see fromzero.finetune.images)."""

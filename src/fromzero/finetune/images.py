@@ -1,0 +1,446 @@
+"""Fine-tune an image classifier on an ImageFolder: train / val / test, best by val macro-F1.
+
+The data directory holds three splits with the same class folders::
+
+    DATA/train/<class>/*.png    DATA/val/<class>/*.png    DATA/test/<class>/*.png
+
+:func:`finetune_images` builds the model (the simple CNN, a torchvision ResNet, or a ViT), trains
+it with AdamW or SGD (cosine learning rate, optional label smoothing, MixUp / CutMix), scores the
+val split after every epoch, keeps the weights with the best val macro-F1 and stops early when
+it has not improved for ``patience`` epochs. The best weights are restored and the held-out test
+split is scored once, at the end (never used for any choice). Try it::
+
+    from fromzero.finetune.images import ImageFinetuneConfig, finetune_images
+    result = finetune_images(ImageFinetuneConfig(data_dir="data/pets", arch="resnet18",
+                                                 weights="DEFAULT", epochs=5, out_dir="runs/pets"))
+    result["test"]["accuracy"]
+
+The run directory (see DESIGN.md)::
+
+    config.yaml  metrics.jsonl  tb/  metrics.json (test)  plots/{loss,lr,confusion_matrix}.png
+    checkpoints/best/   # config.json (with labels) + model.safetensors + info.json; load_model reads it
+
+``method="frozen"`` trains only the classification head (linear probing): every other weight has
+``requires_grad=False`` and the backbone runs in eval mode, so BatchNorm statistics stay those of
+the pretrained model too.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fromzero.data.images import AUGMENTS, BAD_IMAGES, build_transforms, default_resize, load_image_folder, normalization
+from fromzero.errors import FromzeroError
+
+ARCHS = ("simple", "resnet18", "resnet50", "vit")
+OPTIMIZERS = ("adamw", "sgd")
+METHODS = ("full", "frozen")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageFinetuneConfig:
+    """Fine-tuning an image classifier on DATA/{train,val,test}/<class>/<image>."""
+
+    data_dir: str = ""
+    """Folder with train/, val/ and test/ ImageFolders (the same class folders in each)."""
+    arch: str = "simple"
+    """simple | resnet18 | resnet50 | vit."""
+    weights: str | None = None
+    """Pretrained weights: None (random init); for ResNets a torchvision name ("DEFAULT") or a
+    file; for any arch a fromzero checkpoint directory (the head is replaced for these classes)."""
+    image_size: int = 224
+    """Side of the square crop the model sees."""
+    resize_size: int = 0
+    """Short side the image is resized to before cropping; 0 = image_size * 256 / 224."""
+    channels: int = 3
+    """3 (RGB) or 1 (grayscale, L): every image is converted to it."""
+    normalize: bool = True
+    """Normalise with ImageNet's mean/std (averaged for 1 channel); what pretrained models expect."""
+    mean: list[float] | None = None
+    """Per-channel mean to normalise with instead of ImageNet's (e.g. [0.5, 0.5, 0.5] for HF ViT weights)."""
+    std: list[float] | None = None
+    """Per-channel std to normalise with instead of ImageNet's."""
+    augment: str = "none"
+    """Training augmentation: none | flip | trivialaugment | randaugment."""
+    bad_images: str = "fail"
+    """Corrupt / truncated images: fail (error listing them) | skip (warn and leave them out)."""
+    epochs: int = 10
+    """Maximum number of passes over the training split."""
+    batch_size: int = 32
+    """Images per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (cosine decay to lr * min_lr_ratio over all steps)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of lr; 1.0 keeps it constant."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay on matrices and filters (not on biases / norms)."""
+    optimizer: str = "adamw"
+    """adamw | sgd (with momentum 0.9, Nesterov)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing in [0, 1)."""
+    mixup_alpha: float = 0.0
+    """MixUp Beta(alpha, alpha) on training batches; 0 = off."""
+    cutmix_alpha: float = 0.0
+    """CutMix Beta(alpha, alpha) on training batches; 0 = off (both on: one of the two per batch)."""
+    method: str = "full"
+    """full (train every weight) | frozen (train the classification head only)."""
+    patience: int = 0
+    """Stop after this many epochs without a better val macro-F1; 0 = never stop early."""
+    vit_patch_size: int = 4
+    """ViT trained from scratch: patch size (image_size must be divisible by it)."""
+    vit_hidden_size: int = 192
+    """ViT trained from scratch: width."""
+    vit_layers: int = 6
+    """ViT trained from scratch: encoder blocks."""
+    vit_heads: int = 3
+    """ViT trained from scratch: attention heads."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and augmentation."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16 (autocast; weights stay float32)."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the main process)."""
+    out_dir: str = "runs/finetune-images"
+    """Run directory (refused if it exists and is not empty, unless force)."""
+    force: bool = False
+    """Replace the files of an existing run directory."""
+    progress: bool = True
+    """Show a rich progress bar on stderr."""
+
+    def validate(self) -> None:
+        """Raise FromzeroError for a value that cannot work."""
+        def one_of(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                raise FromzeroError(f"{name} {getattr(self, name)!r} is not supported (supported: {', '.join(options)})")
+
+        if not str(self.data_dir).strip():
+            raise FromzeroError("data_dir is required (a folder with train/, val/ and test/)")
+        one_of("arch", ARCHS)
+        one_of("augment", AUGMENTS)
+        one_of("bad_images", BAD_IMAGES)
+        one_of("optimizer", OPTIMIZERS)
+        one_of("method", METHODS)
+        one_of("dtype", ("auto", "float32", "bfloat16", "float16"))
+        for name in ("image_size", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise FromzeroError(f"{name} must be a positive integer, got {v!r}")
+        if self.channels not in (1, 3):
+            raise FromzeroError(f"channels must be 1 or 3, got {self.channels!r}")
+        if self.resize_size and self.resize_size < self.image_size:
+            raise FromzeroError(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size}) or 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FromzeroError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise FromzeroError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise FromzeroError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise FromzeroError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise FromzeroError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.patience < 0:
+            raise FromzeroError(f"patience must be >= 0 (0 = no early stopping), got {self.patience}")
+        if self.num_workers < 0:
+            raise FromzeroError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.method == "frozen" and self.weights is None:
+            raise FromzeroError("method=frozen trains only the head: it needs pretrained weights (weights=...)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: build, name the head, save
+
+
+def build_image_model(cfg: ImageFinetuneConfig, num_classes: int) -> nn.Module:
+    """The classifier for ``cfg.arch`` with ``num_classes`` outputs, from ``cfg.weights`` if given."""
+    if cfg.arch == "vit":
+        return _build_vit(cfg, num_classes)
+    from fromzero.models.cnn import build_cnn
+
+    return build_cnn(cfg.arch, num_classes, weights=cfg.weights, in_channels=cfg.channels)
+
+
+def _build_vit(cfg: ImageFinetuneConfig, num_classes: int) -> nn.Module:
+    from fromzero.models.vit import ViT, ViTConfig
+
+    if cfg.weights is None:
+        vc = ViTConfig(image_size=cfg.image_size, patch_size=cfg.vit_patch_size, num_channels=cfg.channels,
+                       hidden_size=cfg.vit_hidden_size, num_hidden_layers=cfg.vit_layers,
+                       num_attention_heads=cfg.vit_heads, intermediate_size=4 * cfg.vit_hidden_size,
+                       layer_norm_eps=1e-6, num_labels=num_classes)
+        try:
+            return ViT(vc)
+        except ValueError as e:
+            raise FromzeroError(str(e).removeprefix("model.")) from None
+    from fromzero.training.checkpoint import load_model
+
+    model = load_model(cfg.weights)  # a fromzero-vit checkpoint (e.g. converted from Hugging Face)
+    if not isinstance(model, ViT):
+        raise FromzeroError(f"weights {cfg.weights} are not a ViT checkpoint (arch=vit)")
+    if model.config.num_channels != cfg.channels:
+        raise FromzeroError(f"ViT weights take {model.config.num_channels} channels but channels={cfg.channels}")
+    if model.image_size != (cfg.image_size, cfg.image_size):
+        # Resize the learned position grid once (bicubic) so the model runs at the new size.
+        h = w = cfg.image_size
+        ph, pw = model.patch_size
+        if h % ph or w % pw:
+            raise FromzeroError(f"image_size {cfg.image_size} is not divisible by the ViT's patch size {ph}")
+        with torch.no_grad():
+            new_pos = model.position_embeddings(h, w, interpolate=True).clone()
+        model.pos_embed = nn.Parameter(new_pos)
+        model.config.image_size = cfg.image_size
+        model.image_size = (h, w)
+    D = model.config.hidden_size
+    model.head = nn.Linear(D, num_classes)
+    nn.init.zeros_(model.head.weight)  # a zero head starts at uniform predictions (as in ViT fine-tuning)
+    nn.init.zeros_(model.head.bias)
+    model.config.num_labels = num_classes
+    model.config.labels = None
+    return model
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The last Linear layer (the one replaced for new classes): fc2 / fc / head."""
+    from fromzero.models.cnn import SimpleCNN
+
+    name = "fc2" if isinstance(model, SimpleCNN) else ("head" if hasattr(model, "head") else "fc")
+    head = getattr(model, name, None)
+    if not isinstance(head, nn.Linear):
+        raise FromzeroError(f"cannot find the classification head of {type(model).__name__}")
+    return head
+
+
+def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
+    """requires_grad=False on everything but the head; returns the head's parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = head_module(model)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return list(head.parameters())
+
+
+def model_config(model: nn.Module, cfg: ImageFinetuneConfig, labels: list[str]) -> dict:
+    """config.json of the checkpoint: the model family's config with the class names."""
+    if cfg.arch == "vit":
+        vc = copy.deepcopy(model.config)
+        vc.num_labels, vc.labels = len(labels), list(labels)
+        return vc.to_dict()
+    from fromzero.models.cnn import CNNConfig
+
+    return CNNConfig(arch=cfg.arch, num_classes=len(labels), in_channels=cfg.channels, labels=list(labels)).to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _set_train_mode(model: nn.Module, method: str) -> None:
+    if method == "frozen":
+        model.eval()  # frozen BatchNorm statistics and no dropout in the backbone
+        head_module(model).train()
+    else:
+        model.train()
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader: Any, device: torch.device, autocast: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, K) float32 on CPU, labels (N,)) of every batch of ``loader``."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        with autocast():
+            out = model(x.to(device, non_blocking=True))
+        logits.append(out.float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _score(logits: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    from fromzero.evaluation.metrics import classification_metrics
+
+    m = classification_metrics(labels.tolist(), logits.argmax(1).tolist(), labels=names)
+    m["loss"] = float(nn.functional.cross_entropy(logits, labels))
+    return m
+
+
+def _mixer(cfg: ImageFinetuneConfig, num_classes: int) -> Any:
+    from torchvision.transforms import v2
+
+    mixes = []
+    if cfg.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
+    """Train, select by val macro-F1, test once; write the run directory. Returns a summary::
+
+        {"run_dir", "checkpoint", "labels", "best_epoch", "epochs_run", "stopped_early",
+         "val": best val metrics, "test": test metrics, "train_s", "wall_s"}
+    """
+    import yaml
+    from torch.utils.data import DataLoader
+
+    from fromzero.evaluation.metrics import format_report, write_metrics_json
+    from fromzero.evaluation.plots import plot_confusion_matrix
+    from fromzero.training.callbacks import MetricsLogger, TrainingProgress, write_plots
+    from fromzero.training.checkpoint import atomic_write_text, save_checkpoint
+    from fromzero.training.optim import param_groups
+    from fromzero.training.trainer import autocast_context, prepare_run_dir, resolve_device, resolve_dtype
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    data_dir = Path(cfg.data_dir)
+    for split in SPLITS:
+        if not (data_dir / split).is_dir():
+            raise FromzeroError(f"{data_dir / split} not found: data_dir needs train/, val/ and test/ folders")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(device, cfg.dtype)
+    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+
+    # -- data (checked before the run directory is touched: bad input leaves nothing behind)
+    mode = "RGB" if cfg.channels == 3 else "L"
+    tf_args = dict(image_size=cfg.image_size, resize_size=cfg.resize_size or None, channels=cfg.channels,
+                   normalize=cfg.normalize, mean=cfg.mean, std=cfg.std)
+    train_ds = load_image_folder(data_dir / "train", build_transforms(True, augment=cfg.augment, **tf_args),
+                                 mode=mode, bad_images=cfg.bad_images)
+    labels = list(train_ds.classes)
+    if len(labels) < 2:
+        raise FromzeroError(f"{data_dir / 'train'} has {len(labels)} class folder; a classifier needs at least 2")
+    eval_tf = build_transforms(False, **tf_args)
+    val_ds = load_image_folder(data_dir / "val", eval_tf, mode=mode, bad_images=cfg.bad_images, classes=labels)
+    test_ds = load_image_folder(data_dir / "test", eval_tf, mode=mode, bad_images=cfg.bad_images, classes=labels)
+
+    torch.manual_seed(cfg.seed)
+    model = build_image_model(cfg, len(labels))
+    trainable = freeze_backbone(model) if cfg.method == "frozen" else [p for p in model.parameters()]
+    model.to(device)
+
+    run_dir = Path(cfg.out_dir)
+    prepare_run_dir(run_dir, cfg.force)
+    if (run_dir / "metrics.json").is_file():  # ours, but not in the trainer's RUN_FILES
+        (run_dir / "metrics.json").unlink()
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    pin = device.type == "cuda"
+    loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin,
+                       persistent_workers=cfg.num_workers > 0)
+    # drop_last only when it loses little: a batch of 1 breaks BatchNorm, tiny sets need every image.
+    n_train = len(train_ds)
+    drop_last = n_train > 4 * cfg.batch_size or (n_train > cfg.batch_size and n_train % cfg.batch_size == 1)
+    train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=generator, **loader_args)
+    val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
+    test_loader = DataLoader(test_ds, shuffle=False, **loader_args)
+
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * cfg.min_lr_ratio)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # also takes MixUp's soft targets
+    mixer = _mixer(cfg, len(labels))
+
+    def autocast() -> Any:
+        return autocast_context(device, dtype)
+
+    logger = MetricsLogger(run_dir)
+    best_f1, best_epoch, best_state, best_val = -1.0, 0, None, None
+    stale_epochs, step, epochs_run, stopped_early = 0, 0, 0, False
+    t_train = time.perf_counter()
+    try:
+        with TrainingProgress(total_steps, enabled=cfg.progress) as bar:
+            for epoch in range(1, cfg.epochs + 1):
+                _set_train_mode(model, cfg.method)
+                t_epoch, seen = time.perf_counter(), 0
+                for x, y in train_loader:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if mixer is not None:
+                        x, y = mixer(x, y)  # y becomes (B, K) mixed one-hot targets
+                    with autocast():
+                        logits = model(x)  # (B, K)
+                    loss = criterion(logits.float(), y)
+                    if not torch.isfinite(loss):
+                        raise FromzeroError(f"loss became {loss.item()} at step {step + 1}: lower lr (now {cfg.lr})")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    lr = opt.param_groups[0]["lr"]
+                    sched.step()
+                    step += 1
+                    seen += x.size(0)
+                    rate = seen / max(time.perf_counter() - t_epoch, 1e-9)
+                    logger.log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+                                "samples_per_sec": rate, "elapsed_s": time.perf_counter() - t_train})
+                    bar.set_metrics(loss.item(), lr, f"{rate:.0f} img/s")
+                    bar.advance(step)
+                epochs_run = epoch
+                val_logits, val_labels = predict_loader(model, val_loader, device, autocast)
+                val = _score(val_logits, val_labels, labels)
+                logger.log({"step": step, "epoch": epoch, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                            "val_f1_macro": val["f1_macro"], "elapsed_s": time.perf_counter() - t_train})
+                improved = val["f1_macro"] > best_f1
+                if improved:
+                    best_f1, best_epoch, best_val, stale_epochs = val["f1_macro"], epoch, val, 0
+                    # a CPU copy: the best weights survive later (worse) epochs
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                else:
+                    stale_epochs += 1
+                bar.print(f"epoch {epoch}: val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
+                          f"macro-F1 {val['f1_macro']:.4f}" + (" (best)" if improved else ""))
+                if cfg.patience and stale_epochs >= cfg.patience:
+                    stopped_early = epoch < cfg.epochs
+                    if stopped_early:
+                        bar.print(f"early stop: no better val macro-F1 for {cfg.patience} epoch(s); best epoch {best_epoch}")
+                    break
+        train_s = time.perf_counter() - t_train
+
+        assert best_state is not None  # at least one epoch ran
+        model.load_state_dict(best_state)
+        test_logits, test_labels = predict_loader(model, test_loader, device, autocast)
+        test = _score(test_logits, test_labels, labels)
+        logger.log({"step": step, "epoch": best_epoch, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                    "test_f1_macro": test["f1_macro"]})
+    finally:
+        logger.close()
+
+    report = {**test, "split": "test", "best_epoch": best_epoch, "epochs_run": epochs_run,
+              "stopped_early": stopped_early, "val_f1_macro": best_f1, "val_accuracy": best_val["accuracy"]}
+    write_metrics_json(report, run_dir / "metrics.json")
+    plots = run_dir / "plots"
+    write_plots(logger.rows, plots)
+    plot_confusion_matrix(test["confusion_matrix"], labels, plots / "confusion_matrix.png")
+    mean, std = normalization(cfg.channels) if cfg.normalize else (None, None)
+    if cfg.normalize:
+        mean, std = list(cfg.mean or mean), list(cfg.std or std)
+    info = {"task": "image-classification", "best_epoch": best_epoch, "val_f1_macro": best_f1,
+            "test_accuracy": test["accuracy"], "image_size": cfg.image_size,
+            "resize_size": cfg.resize_size or default_resize(cfg.image_size), "channels": cfg.channels,
+            "mean": mean, "std": std}
+    ckpt = run_dir / "checkpoints" / "best"
+    save_checkpoint(ckpt, model, model_config(model, cfg, labels), info=info)
+    print(f"test ({len(test_ds)} images, best epoch {best_epoch}):\n{format_report(test)}")
+    return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "labels": labels, "best_epoch": best_epoch,
+            "epochs_run": epochs_run, "stopped_early": stopped_early, "val": best_val, "test": test,
+            "trainable_params": sum(p.numel() for p in trainable), "train_s": train_s,
+            "wall_s": time.perf_counter() - t_start}
