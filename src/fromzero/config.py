@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 from fromzero.models.gpt import GPTConfig
 
 
@@ -249,7 +249,7 @@ def load_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise FromzeroError(f"invalid YAML in {p}{where}: {problem}") from None
     except UnicodeDecodeError:
         raise FromzeroError(f"config file {p} is not UTF-8 text") from None

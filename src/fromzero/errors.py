@@ -10,3 +10,10 @@ from __future__ import annotations
 
 class FromzeroError(Exception):
     """Bad input: a missing or corrupt file, an invalid config, an impossible shape, ..."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): the part of
+    a library's error worth putting in a one-line ``error:``."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

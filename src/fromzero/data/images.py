@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torchvision.datasets import ImageFolder
 
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 
 # ImageNet statistics (RGB), the normalisation every torchvision pretrained model expects.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,7 +204,7 @@ def _check_image(path: str) -> str | None:
         with Image.open(path) as img:
             img.load()  # a full decode: verify() alone misses truncated pixel data
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return first_line(e)
     return None
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 
 if TYPE_CHECKING:
     from fromzero.data.corpora import Corpus
@@ -98,7 +98,7 @@ class TextTokenizer:
             try:
                 ids = self.backend.encode(text, add_special_tokens=False).ids
             except Exception as e:  # e.g. a WordLevel model meeting an unknown word
-                raise FromzeroError(f"cannot encode text: {_first_line(e)}") from None
+                raise FromzeroError(f"cannot encode text: {first_line(e)}") from None
             return np.asarray(ids, dtype=np.int64)
         # "surrogatepass": a lone surrogate is just another unknown character, not a crash.
         cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
@@ -122,7 +122,7 @@ class TextTokenizer:
         try:
             encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
         except Exception as e:
-            raise FromzeroError(f"cannot encode text: {_first_line(e)}") from None
+            raise FromzeroError(f"cannot encode text: {first_line(e)}") from None
         return [e.ids for e in encodings]
 
     def _raise_unknown(self, code_points: np.ndarray) -> None:
@@ -186,16 +186,12 @@ class TextTokenizer:
         try:
             backend = Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception on bad JSON
-            raise FromzeroError(f"{file} is not a valid tokenizer.json: {_first_line(e)}") from None
+            raise FromzeroError(f"{file} is not a valid tokenizer.json: {first_line(e)}") from None
         return cls(backend)
 
     def __repr__(self) -> str:
         return f"TextTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 from fromzero.models.layers import HF_ACTIVATIONS, attention
 
 HEADS = ("embedding", "classification", "mlm", "none")
@@ -515,7 +515,7 @@ def load_encoder_tokenizer(directory: Path, config: BertConfig):
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception on bad JSON
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise FromzeroError(f"{path} is not a valid tokenizer.json: {first}") from None
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=_max_length(directory, config))

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 
 # ResNets that build_cnn offers: torchvision builder name == arch name.
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -262,13 +262,13 @@ def _read_local(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise FromzeroError(f"cannot read weights {path}: {_first_line(e)}") from None
+            raise FromzeroError(f"cannot read weights {path}: {first_line(e)}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - corrupt file, or a pickle that is not plain weights
             raise FromzeroError(
-                f"cannot read weights {path} (loaded with weights_only=True): {_first_line(e)}"
+                f"cannot read weights {path} (loaded with weights_only=True): {first_line(e)}"
             ) from None
     return _plain_state(state, str(path))
 
@@ -286,9 +286,6 @@ def _plain_state(state: object, source: str) -> dict[str, torch.Tensor]:
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _download(arch: str, name: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -311,7 +308,7 @@ def _download(arch: str, name: str) -> tuple[dict[str, torch.Tensor], str]:
         state = torch.hub.load_state_dict_from_url(w.url, progress=False, check_hash=True,
                                                    map_location="cpu", weights_only=True)
     except OSError as e:  # URLError, HTTPError, timeouts, DNS failures are all OSErrors
-        reason = getattr(e, "reason", None) or _first_line(e)
+        reason = getattr(e, "reason", None) or first_line(e)
         raise FromzeroError(
             f"cannot download {arch} weights {w!r} ({reason}); download {w.url} elsewhere and pass "
             f"weights=/path/to/{filename}, or put it in torchvision's cache {cache}"
@@ -320,9 +317,9 @@ def _download(arch: str, name: str) -> tuple[dict[str, torch.Tensor], str]:
         if (cache / filename).is_file():
             raise FromzeroError(
                 f"cannot load {arch} weights {w!r} from torchvision's cache {cache / filename}: "
-                f"{_first_line(e)}; delete that file to download it again, or pass weights=/path/to/a/good/copy"
+                f"{first_line(e)}; delete that file to download it again, or pass weights=/path/to/a/good/copy"
             ) from None
-        raise FromzeroError(f"cannot download {arch} weights {w!r} from {w.url}: {_first_line(e)}") from None
+        raise FromzeroError(f"cannot download {arch} weights {w!r} from {w.url}: {first_line(e)}") from None
     return _plain_state(state, str(cache / filename)), str(cache / filename)
 
 

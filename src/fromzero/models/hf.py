@@ -30,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 
 # family converter modules; each lists the HF model types it reads (see module docstring)
 CONVERTER_MODULES: tuple[str, ...] = (
@@ -119,7 +119,7 @@ def resolve_source(src: str) -> Path:
             "model directory instead"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise FromzeroError(
             f"cannot download {src!r} from the Hugging Face hub ({first}); with no network set "
             "HF_HUB_OFFLINE=1 and pass a local model directory instead"
@@ -147,7 +147,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise FromzeroError(f"cannot read weights {path}: {first}") from None
 
 
@@ -155,7 +155,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt or unsafe pickle
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise FromzeroError(f"cannot read weights {path} (loaded with weights_only=True): {first}") from None
     if not isinstance(state, dict):
         raise FromzeroError(f"{path} does not hold a state dict")

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -209,7 +209,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise FromzeroError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
+        raise FromzeroError(f"cannot read weights {path}: {first_line(e)}") from None
     own = model.state_dict()
     for name, tensor in state.items():
         if name not in own:
@@ -236,7 +236,7 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file
-        raise FromzeroError(f"cannot read trainer state {path}: {str(e).splitlines()[0]}") from None
+        raise FromzeroError(f"cannot read trainer state {path}: {first_line(e)}") from None
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

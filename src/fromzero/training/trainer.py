@@ -27,7 +27,7 @@ import torch
 
 from fromzero import __version__
 from fromzero.config import PretrainConfig, save_yaml, to_dict
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 from fromzero.models.gpt import GPT
 from fromzero.training import checkpoint as ckpt
 from fromzero.training.callbacks import MetricsLogger, TrainingProgress, now, write_plots
@@ -462,8 +462,8 @@ class Pretrainer:
         except Exception as e:  # noqa: BLE001 - only compile failures are handled
             if not is_compile_failure(e):
                 raise
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            progress.print(f"warning: torch.compile failed ({first_line}); continuing without compile")
+            reason = first_line(e)[:200]
+            progress.print(f"warning: torch.compile failed ({reason}); continuing without compile")
             self.forward = self.model
             self.optimizer.zero_grad(set_to_none=True)
             return self.train_step(x, y, lr)
