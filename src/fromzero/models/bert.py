@@ -483,7 +483,7 @@ def build_from_config(config: dict) -> Bert:
 # Sentence embeddings from a checkpoint directory (``fromzero embed``)
 
 
-def _max_length(directory: Path, config: BertConfig) -> int:
+def encoder_limit(directory: Path, config: BertConfig) -> int:
     """Longest input: the model's position limit, lowered by the tokenizer's declared limits."""
     limit = config.max_position_embeddings
     declared = (("tokenizer_config.json", "model_max_length"), ("sentence_bert_config.json", "max_seq_length"))
@@ -518,7 +518,7 @@ def load_encoder_tokenizer(directory: Path, config: BertConfig):
         first = first_line(e)
         raise FromzeroError(f"{path} is not a valid tokenizer.json: {first}") from None
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=_max_length(directory, config))
+    tokenizer.enable_truncation(max_length=encoder_limit(directory, config))
     return tokenizer
 
 

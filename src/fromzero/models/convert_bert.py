@@ -241,3 +241,18 @@ def to_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str,
     check_keys({fz for fz, _ in pairs}, own, "fromzero-bert checkpoint")
     hf_state = {(hf if _is_head_key(hf) else prefix + hf): state[fz] for fz, hf in pairs}
     return hf_config, hf_state
+
+
+def hf_module_names(config: dict) -> tuple[dict[str, str], dict]:
+    """fromzero module name -> full HF module name (as in :func:`to_hf`'s model), for adapters.
+
+    Returns the name map and the extra ``LoraConfig`` fields the HF model needs (none for
+    BERT: its layers are ``nn.Linear`` like ours).
+    """
+    cfg = BertConfig.from_dict(config)
+    prefix = "" if HEAD_ARCHITECTURE[cfg.head] == "BertModel" else "bert."
+    names = {}
+    for fz, hf in _name_pairs(cfg):
+        module, hf_module = fz.rsplit(".", 1)[0], hf.rsplit(".", 1)[0]
+        names[module] = hf_module if _is_head_key(hf) else prefix + hf_module
+    return names, {}

@@ -502,3 +502,24 @@ def _llama_to_hf(cfg: GPTConfig, state: dict[str, Tensor], special: dict) -> tup
 def _dtype_name(state: dict[str, Tensor]) -> str:
     dtype = next(iter(state.values())).dtype
     return str(dtype).removeprefix("torch.")
+
+
+def hf_module_names(config: dict) -> tuple[dict[str, str], dict]:
+    """fromzero module name -> HF module name of the exported model, for adapters (GPT-2 only).
+
+    GPT-2's names are ours; its Linear layers are ``Conv1D`` (weights stored in x out), which
+    peft handles with ``fan_in_fan_out=True``: the LoRA A/B matrices themselves are the same.
+    LLaMA-style models fuse q/k/v (and gate/up) here but not in HF: not mapped yet.
+    """
+    cfg = GPTConfig.from_dict(config)
+    if (cfg.pos_embedding, cfg.norm, cfg.mlp) != ("learned", "layernorm", "gelu"):
+        raise FromzeroError(
+            "LoRA adapters in PEFT format are only written for GPT-2-style models so far "
+            "(this one has fused q/k/v that HF's LLaMA splits); use method full or frozen"
+        )
+    names = {"transformer.wte": "transformer.wte", "transformer.wpe": "transformer.wpe",
+             "transformer.ln_f": "transformer.ln_f", "lm_head": "lm_head"}
+    for i in range(cfg.n_layer):
+        for m in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            names[f"transformer.h.{i}.{m}"] = f"transformer.h.{i}.{m}"
+    return names, {"fan_in_fan_out": True}

@@ -202,8 +202,14 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights into ``model``; shape/key mismatches are one-line errors."""
+def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> tuple[list[str], list[str]]:
+    """Load safetensors weights into ``model``; shape/key mismatches are one-line errors.
+
+    partial: for initialising a model for a new task from another checkpoint (a new head):
+    tensors of the file that the model lacks or that differ in shape are skipped, and the
+    model's tensors the file lacks keep their fresh initialisation. Returns (missing, skipped)
+    names so the caller can check they are only the head's.
+    """
     if not path.is_file():
         raise FromzeroError(f"weights not found: {path}")
     try:
@@ -211,7 +217,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except (SafetensorError, OSError, ValueError) as e:
         raise FromzeroError(f"cannot read weights {path}: {first_line(e)}") from None
     own = model.state_dict()
+    skipped = []
     for name, tensor in state.items():
+        if name not in own or own[name].shape != tensor.shape:
+            if partial:
+                skipped.append(name)
+                continue
         if name not in own:
             raise FromzeroError(f"{path}: unexpected tensor '{name}' for this model")
         if own[name].shape != tensor.shape:
@@ -219,14 +230,17 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
                 f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(own[name].shape)}"
             )
+    for name in skipped:
+        del state[name]
     missing, _ = model.load_state_dict(state, strict=False)
     # Tied weights are stored once; the others must all be present.
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {
         n for n, p in model.named_parameters()
     }
     really_missing = [m for m in missing if m not in tied]
-    if really_missing:
+    if really_missing and not partial:
         raise FromzeroError(f"{path}: missing tensors {really_missing[:5]}")
+    return really_missing, skipped
 
 
 def load_trainer_state(directory: Path) -> dict[str, Any]:
@@ -247,6 +261,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tor
     recover_directory(directory)
     if not directory.is_dir():
         raise FromzeroError(f"checkpoint directory not found: {directory}")
+    if not (directory / MODEL_FILE).exists() and (directory / "adapter_config.json").is_file():
+        from fromzero.finetune.lora import load_adapter_model
+
+        return load_adapter_model(directory).to(device).eval()  # base + LoRA, merged
     config = read_json(directory / CONFIG_FILE, "model config")
     try:
         model = build_model(config)

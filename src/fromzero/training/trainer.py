@@ -121,6 +121,11 @@ def default_run_dir(cfg: PretrainConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{stamp}"
 
 
+def default_finetune_dir(task: str) -> Path:
+    """runs/<task>-<timestamp>/ for a fine-tune without out_dir."""
+    return Path("runs") / f"{task}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
 def prepare_run_dir(run_dir: Path, force: bool) -> None:
     """Create ``run_dir``; an existing non-empty one is refused unless ``force``.
 

@@ -1,0 +1,428 @@
+"""Instruction-tuning (SFT) data for decoder LMs: load, render, tokenize with loss masks, pack.
+
+Formats (:func:`load_sft_examples`) -- every example is normalised to
+``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``:
+
+* JSONL, one example per line, either ``{"prompt": ..., "response": ...}`` (plus an optional
+  ``"system"``), which becomes a user and an assistant message, or chat style
+  ``{"messages": [...]}``. Roles must be system/user/assistant, contents non-empty strings, and
+  there must be at least one assistant message; a bad line raises :class:`FromzeroError` naming
+  the file and line. Blank lines are skipped; other keys are ignored.
+* The source is a folder with ``train.jsonl`` (and optionally ``val.jsonl``, ``test.jsonl``;
+  a missing one is carved out of train: ``val_fraction`` / ``test_fraction`` of it, chosen by
+  ``seed``) or a single ``.jsonl`` file, split the same way. Carved splits keep file order.
+* ``"shakespeare-dialogue"``: a built-in dataset made from the plays (:func:`shakespeare_dialogue`).
+
+Template (:class:`ChatTemplate`): each message is ``prefix + content + turn_end``; with the
+defaults a prompt/response pair renders as::
+
+    USER:
+    Who's there?
+
+    ASSISTANT:
+    Nay, answer me: stand, and unfold yourself.
+
+    <eos, if the tokenizer has one>
+
+The defaults use only capital letters, a colon, newlines and spaces, so a character-level
+tokenizer trained on Shakespeare encodes them (and the speeches never contain a blank line, so
+for char models ``turn_end`` doubles as the stop sequence).
+
+Masking (:func:`tokenize_sft`): only assistant contents, their ``turn_end`` and the ``eos``
+appended after them are targets; system/user text and all template prefixes get label ``-100``,
+which ``GPT.forward`` ignores. Segments are tokenized separately and concatenated, so a target
+boundary never falls inside a token. Items are ``(x, y) = (ids[:-1], labels[1:])``.
+
+Packing (:func:`pack_sft`): examples are concatenated in order and cut into rows of exactly
+``block_size`` tokens (the last row padded with ``y = -100``), so no compute is wasted on
+padding. There is no block-diagonal attention mask: a token may attend to earlier examples in the
+same row, and an example can be split across two rows. That cross-contamination is the standard
+trade-off of packed SFT (the loss itself is unchanged: prompt tokens are never targets).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fromzero.data.corpora import fetch_shakespeare, shakespeare_files
+from fromzero.data.datasets import SPLIT_PLAYS, play_genres, strip_header
+from fromzero.data.tokenizers import TextTokenizer
+from fromzero.errors import FromzeroError
+
+__all__ = [
+    "ROLES",
+    "IGNORE_INDEX",
+    "load_sft_examples",
+    "shakespeare_dialogue",
+    "ChatTemplate",
+    "SFTSet",
+    "tokenize_sft",
+    "pack_sft",
+    "collate_sft",
+]
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+SPLITS = ("train", "val", "test")
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_sft_examples(
+    source: str, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> dict[str, list[dict]]:
+    """``{"train", "val", "test"}`` lists of normalised examples (see the module docstring)."""
+    if source == "shakespeare-dialogue":
+        return shakespeare_dialogue()
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise FromzeroError(
+            f"val_fraction and test_fraction must be >= 0 and sum to < 1 "
+            f"(got {val_fraction}, {test_fraction})"
+        )
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "train.jsonl").is_file():
+            raise FromzeroError(f"SFT data folder {path} has no train.jsonl")
+        files = {s: path / f"{s}.jsonl" for s in SPLITS}
+        splits = {s: _read_jsonl(f) for s, f in files.items() if f.is_file()}
+    elif path.is_file() and path.suffix == ".jsonl":
+        splits = {"train": _read_jsonl(path)}
+    elif path.exists():
+        raise FromzeroError(f"SFT data {path} must be a .jsonl file or a folder with train.jsonl")
+    else:
+        raise FromzeroError(
+            f"SFT data {source!r} not found: expected shakespeare-dialogue, a .jsonl file "
+            "or a folder with train.jsonl"
+        )
+    train = splits["train"]
+    fractions = {"val": val_fraction, "test": test_fraction}
+    carve = {s: int(round(len(train) * fractions[s])) for s in ("val", "test") if s not in splits}
+    order = np.random.default_rng(seed).permutation(len(train))
+    start = 0
+    for s, n in carve.items():
+        picked = sorted(order[start : start + n].tolist())
+        splits[s] = [train[i] for i in picked]
+        start += n
+    if start:
+        taken = set(order[:start].tolist())
+        splits["train"] = [ex for i, ex in enumerate(train) if i not in taken]
+    if not splits["train"]:
+        raise FromzeroError(f"SFT data {source!r}: no training examples left after the split")
+    return {s: splits[s] for s in SPLITS}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FromzeroError(f"cannot read SFT file {path}: {e}") from None
+    examples = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FromzeroError(f"{where}: not valid JSON ({e.msg})") from None
+        examples.append({"messages": _normalise(obj, where)})
+    if not examples:
+        raise FromzeroError(f"SFT file {path} holds no examples")
+    return examples
+
+
+def _normalise(obj: object, where: str) -> list[dict]:
+    """The validated message list of one JSONL record."""
+    if not isinstance(obj, dict):
+        raise FromzeroError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        raw = obj["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise FromzeroError(f"{where}: 'messages' must be a non-empty list")
+        messages = []
+        for j, m in enumerate(raw):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise FromzeroError(f"{where}: message {j} must be an object with role and content")
+            messages.append({"role": m["role"], "content": m["content"]})
+    elif "prompt" in obj and "response" in obj:
+        messages = [{"role": "user", "content": obj["prompt"]},
+                    {"role": "assistant", "content": obj["response"]}]
+        if "system" in obj:
+            messages.insert(0, {"role": "system", "content": obj["system"]})
+    else:
+        raise FromzeroError(
+            f"{where}: expected {{\"prompt\", \"response\"}} or {{\"messages\"}}, "
+            f"got keys {sorted(obj)}"
+        )
+    for j, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise FromzeroError(
+                f"{where}: message {j} has role {m['role']!r}; expected one of {ROLES}"
+            )
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise FromzeroError(
+                f"{where}: message {j} ({m['role']}) needs a non-empty string content"
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise FromzeroError(f"{where}: no assistant message (nothing to learn)")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# shakespeare-dialogue
+# ---------------------------------------------------------------------------------------------
+
+# A speaker line: "Ber.", "FIRST WITCH.", "TIMON. [To another Servant.]" or (A Midsummer
+# Night's Dream) "THESEUS" alone. The name's words must be capitalised (or "and"/"of"), which
+# rejects one-sentence lines like "Saddle my horse."; bare roman numerals are song stanzas.
+_SPEAKER = re.compile(
+    r"^(?P<name>[A-Z][A-Za-z'&\-. ]{0,40}?)\.(?:\s*(?P<rest>\[.*))?$"
+    r"|^(?P<caps>[A-Z][A-Z'&\- ]{0,40})$"
+)
+_HEADING = re.compile(r"^(ACT|SCENE)\b", re.IGNORECASE)
+_NUMERAL = re.compile(r"^[IVXL]+$")
+# Inside a block, an all-capitals "NAME." line is a speaker whose speech lacks a blank line.
+_INNER_SPEAKER = re.compile(r"^[A-Z][A-Z'&\-. ]{1,40}\.$")
+DIALOGUE_MIN_CHARS = 20
+DIALOGUE_MAX_CHARS = 400
+
+
+def _speaker(line: str) -> tuple[str, str] | None:
+    """(name, rest of the line) if ``line`` opens a speech."""
+    m = _SPEAKER.match(line)
+    if not m or _HEADING.match(line):
+        return None
+    name = m["name"] or m["caps"]
+    if _NUMERAL.match(name) or not all(w[0].isupper() or w in ("and", "of") for w in name.split()):
+        return None
+    return name.upper(), m["rest"] or ""
+
+
+def _speeches(lines: list[str]) -> list[list[tuple[str, str]]]:
+    """A play's speeches as scenes of ``(speaker, text)``; a heading starts a new scene.
+
+    Blocks are separated by blank lines (or an all-capitals speaker line). A block opening
+    with a speaker line starts a speech; a ``[stage direction]`` block between speeches is
+    dropped; any other block continues the current speech (after a stage direction, a song, a
+    letter), with the directions that came before it kept in the text.
+    """
+    blocks: list[list[str]] = [[]]
+    for line in lines:
+        line = line.strip()
+        if blocks[-1] and _INNER_SPEAKER.match(line) and _speaker(line):
+            blocks.append([])
+        if line:
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    scenes: list[list[tuple[str, str]]] = [[]]
+    speaker, text, pending = None, [], []  # pending: directions after the current speech
+
+    def flush() -> None:
+        if speaker is not None and text:
+            scenes[-1].append((speaker, "\n".join(text)))
+
+    for block in blocks:
+        if not block:
+            continue
+        # A speaker line alone in its block (its speech follows a blank line) must be capitals.
+        head = _speaker(block[0]) if len(block) >= 2 or _INNER_SPEAKER.match(block[0]) else None
+        if _HEADING.match(block[0]):
+            flush()
+            speaker, text, pending = None, [], []
+            scenes.append([])
+        elif head is not None:
+            flush()
+            speaker, text, pending = head[0], ([head[1]] if head[1] else []) + block[1:], []
+        elif block[0].startswith("[") and block[-1].endswith("]"):
+            pending.extend(block)
+        elif speaker is not None:
+            text.extend(pending + block)
+            pending = []
+    flush()
+    return [s for s in scenes if s]
+
+
+def shakespeare_dialogue(
+    min_chars: int = DIALOGUE_MIN_CHARS, max_chars: int = DIALOGUE_MAX_CHARS
+) -> dict[str, list[dict]]:
+    """Prompt/response pairs from consecutive speeches of the plays, split by play.
+
+    Every two consecutive speeches of one scene by different speakers give an example: the
+    first speech (without its speaker line) is the user message, the reply the assistant
+    message; pairs where either text has fewer than ``min_chars`` or more than ``max_chars``
+    characters are skipped. Stage directions inside a speech stay. Plays are the 36 of
+    ``play_genres`` (poems and Pericles are left out); ``SPLIT_PLAYS`` holds out 6 plays each
+    for val and test. Each example also has ``"play"`` (the file name without ``_gut.txt``).
+    Deterministic: plays in file-name order, pairs in text order. With the defaults:
+    train 13,407, val 3,824, test 2,279 examples (19,510 in all).
+    """
+    files = shakespeare_files(fetch_shakespeare())
+    genres = play_genres(files)
+    split_of = {play: split for split, plays in SPLIT_PLAYS.items() for play in plays}
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for path in files:
+        play = path.name[: -len("_gut.txt")]
+        if play not in genres:
+            continue
+        rows = out[split_of.get(play, "train")]
+        for scene in _speeches(strip_header(path.read_text(encoding="utf-8"), play)):
+            for (a, prompt), (b, reply) in zip(scene, scene[1:]):
+                if a == b or not all(min_chars <= len(t) <= max_chars for t in (prompt, reply)):
+                    continue
+                rows.append({"messages": [{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": reply}],
+                             "play": play})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Template
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatTemplate:
+    """How messages become text: ``prefix + content + turn_end`` per message."""
+
+    system_prefix: str = ""
+    user_prefix: str = "USER:\n"
+    assistant_prefix: str = "ASSISTANT:\n"
+    turn_end: str = "\n\n"
+
+    def prefix(self, role: str) -> str:
+        if role not in ROLES:
+            raise FromzeroError(f"unknown message role {role!r}; expected one of {ROLES}")
+        return {"system": self.system_prefix, "user": self.user_prefix,
+                "assistant": self.assistant_prefix}[role]
+
+    def render(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """``(text, is_target)`` segments; targets are assistant content + ``turn_end``."""
+        segments: list[tuple[str, bool]] = []
+        for m in messages:
+            if m["role"] == "assistant":
+                if self.assistant_prefix:
+                    segments.append((self.assistant_prefix, False))
+                segments.append((m["content"] + self.turn_end, True))
+            else:
+                segments.append((self.prefix(m["role"]) + m["content"] + self.turn_end, False))
+        return segments
+
+    def text(self, messages: list[dict]) -> str:
+        """The whole conversation as one string (no eos)."""
+        return "".join(t for t, _ in self.render(messages))
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        """The text to generate the next assistant turn from: every message (a final assistant
+        message, e.g. a reference answer, is left out) followed by ``assistant_prefix``."""
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return self.text(messages) + self.assistant_prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing, packing, batching
+# ---------------------------------------------------------------------------------------------
+
+
+class SFTSet(Dataset):
+    """Item ``i`` is ``(x, y)``: int64 inputs and next-token labels (-100 = no loss)."""
+
+    def __init__(self, xs: list[torch.Tensor], ys: list[torch.Tensor],
+                 n_truncated: int = 0, n_dropped: int = 0) -> None:
+        self.xs, self.ys = xs, ys
+        self.lengths = [len(x) for x in xs]
+        self.n_truncated = n_truncated
+        self.n_dropped = n_dropped
+        self.n_target_tokens = int(sum(int((y != IGNORE_INDEX).sum()) for y in ys))
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.xs[i], self.ys[i]
+
+    def __repr__(self) -> str:
+        return (f"SFTSet({len(self)} sequences, {self.n_target_tokens} target tokens, "
+                f"{self.n_truncated} truncated, {self.n_dropped} dropped)")
+
+
+def tokenize_sft(
+    examples: list[dict], tokenizer: TextTokenizer, template: ChatTemplate | None = None,
+    max_length: int = 1024, add_eos: bool = True,
+) -> SFTSet:
+    """Token ids and loss-masked labels of each example (see the module docstring).
+
+    A sequence longer than ``max_length + 1`` tokens is cut to that (``n_truncated``), so every
+    ``x`` has at most ``max_length`` tokens; an example left with no target is dropped
+    (``n_dropped``).
+    """
+    if max_length < 1:
+        raise FromzeroError(f"max_length must be >= 1, got {max_length}")
+    template = template or ChatTemplate()
+    eos = tokenizer.eos_id if add_eos else None
+    xs, ys, n_truncated, n_dropped = [], [], 0, 0
+    for i, example in enumerate(examples):
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, is_target in template.render(example["messages"]):
+            try:
+                seg = tokenizer.encode(text)
+            except FromzeroError as e:
+                raise FromzeroError(f"SFT example {i}: {e}") from None
+            if is_target and eos is not None:
+                seg = seg + [eos]
+            ids.extend(seg)
+            labels.extend(seg if is_target else [IGNORE_INDEX] * len(seg))
+        if len(ids) > max_length + 1:
+            ids, labels = ids[: max_length + 1], labels[: max_length + 1]
+            n_truncated += 1
+        y = torch.tensor(labels[1:], dtype=torch.int64)
+        if len(ids) < 2 or not bool((y != IGNORE_INDEX).any()):
+            n_dropped += 1
+            continue
+        xs.append(torch.tensor(ids[:-1], dtype=torch.int64))
+        ys.append(y)
+    return SFTSet(xs, ys, n_truncated=n_truncated, n_dropped=n_dropped)
+
+
+def pack_sft(sft_set: SFTSet, block_size: int, pad_id: int = 0) -> SFTSet:
+    """Concatenate all ``(x, y)`` pairs in order and cut them into rows of ``block_size``.
+
+    The last row is padded (``x`` with ``pad_id``, ``y`` with -100). See the module docstring
+    for what packing does to attention.
+    """
+    if block_size < 1:
+        raise FromzeroError(f"block_size must be >= 1, got {block_size}")
+    if len(sft_set) == 0:
+        return SFTSet([], [], sft_set.n_truncated, sft_set.n_dropped)
+    x = torch.cat([sft_set[i][0] for i in range(len(sft_set))])
+    y = torch.cat([sft_set[i][1] for i in range(len(sft_set))])
+    pad = -len(x) % block_size
+    x = torch.cat([x, torch.full((pad,), pad_id, dtype=torch.int64)])
+    y = torch.cat([y, torch.full((pad,), IGNORE_INDEX, dtype=torch.int64)])
+    return SFTSet(list(x.view(-1, block_size)), list(y.view(-1, block_size)),
+                  sft_set.n_truncated, sft_set.n_dropped)
+
+
+def collate_sft(
+    batch: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(x, y)`` pairs into ``(B, T)`` tensors, right-padding x with ``pad_id`` and
+    y with -100 (padding never contributes to the loss)."""
+    T = max(len(x) for x, _ in batch)
+    X = torch.full((len(batch), T), pad_id, dtype=torch.int64)
+    Y = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.int64)
+    for b, (x, y) in enumerate(batch):
+        X[b, : len(x)] = x
+        Y[b, : len(y)] = y
+    return X, Y

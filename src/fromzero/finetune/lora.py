@@ -1,0 +1,223 @@
+"""LoRA with ``peft`` on fromzero models, saved in PEFT's own format with Hugging Face names.
+
+Training: :func:`apply_lora` wraps a fromzero model with ``peft.get_peft_model``; the target
+Linear layers get ``lora_A`` / ``lora_B`` (the update is ``(alpha / r) * B @ A``), the base
+weights are frozen and the new task head (``modules_to_save``) trains in full.
+
+Saving (:func:`save_adapter`) writes a checkpoint directory a user can take to either world::
+
+    adapter_config.json         # peft's LoraConfig; target_modules are the full module names of
+                                # the model `fromzero convert to-hf` exports (BERT: bert.encoder...)
+    adapter_model.safetensors   # peft's tensors, also under HF module names
+    config.json                 # the fine-tuned fromzero architecture (e.g. classification, labels)
+    info.json                   # base_checkpoint: the fromzero checkpoint the adapter sits on
+    tokenizer.json
+
+so ``PeftModel.from_pretrained(AutoModelFor...(exported base), adapter_dir)`` gives the same
+outputs as fromzero does (tested). ``fromzero`` reads it back with :func:`load_adapter_model`
+(base + adapter, merged), and ``fromzero merge-lora`` writes the merged weights as a plain
+checkpoint. Families whose names map onto HF's one module to one module are supported
+(BERT, GPT-2-style GPT); each converter module provides ``hf_module_names(config)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fromzero.errors import FromzeroError, first_line
+from fromzero.finetune.methods import MethodConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+CONVERTERS = {"fromzero-bert": "fromzero.models.convert_bert", "fromzero-gpt": "fromzero.models.convert_gpt"}
+DEFAULT_TARGETS = {
+    "fromzero-bert": ["query", "key", "value", "out"],
+    "fromzero-gpt": ["attn.c_attn", "attn.c_proj"],
+}
+TASK_TYPES = {"fromzero-bert": "SEQ_CLS", "fromzero-gpt": "CAUSAL_LM"}
+
+
+def hf_names(model_config: dict) -> tuple[dict[str, str], dict]:
+    """(fromzero module -> HF module names, extra LoraConfig fields) for a model family."""
+    model_type = model_config.get("model_type")
+    if model_type not in CONVERTERS:
+        raise FromzeroError(
+            f"LoRA is supported for {', '.join(CONVERTERS)} models, not {model_type!r}; use method full or frozen"
+        )
+    return importlib.import_module(CONVERTERS[model_type]).hf_module_names(model_config)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of the model's Linear layers (what LoRA can adapt)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Full Linear-layer names matched by ``targets`` (a full name, or its trailing part)."""
+    linears = linear_names(model)
+    matched: list[str] = []
+    for target in targets:
+        hits = [n for n in linears if n == target or n.endswith("." + target)]
+        if not hits:
+            leaves = sorted({re.sub(r"^(.*\.)?\d+\.", "", n) for n in linears})  # layers.0.attn.query -> attn.query
+            raise FromzeroError(f"lora target {target!r} matches no Linear layer; the model has: {', '.join(leaves)}")
+        matched += [n for n in hits if n not in matched]
+    return matched
+
+
+def apply_lora(model: nn.Module, model_config: dict, method: MethodConfig, modules_to_save: list[str]) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters (base frozen; ``modules_to_save`` train in full)."""
+    from peft import LoraConfig, get_peft_model
+
+    hf_names(model_config)  # refuse families whose adapters cannot be exported, before training
+    if method.lora_rank <= 0:
+        raise FromzeroError(f"lora_rank must be a positive integer, got {method.lora_rank}")
+    if not 0.0 <= method.lora_dropout < 1.0:
+        raise FromzeroError(f"lora_dropout must be in [0, 1), got {method.lora_dropout}")
+    targets = method.lora_targets or DEFAULT_TARGETS[model_config["model_type"]]
+    config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
+                        target_modules=resolve_targets(model, list(targets)), bias="none",
+                        modules_to_save=list(modules_to_save) or None)
+    return get_peft_model(model, config)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The fromzero model inside a peft wrapper (or the model itself)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _rename(key: str, names: dict[str, str], what: str) -> str:
+    """'<module>.<rest>' -> '<names[module]>.<rest>' for the longest module prefix of key."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if module in names:
+            return ".".join([names[module], *parts[cut:]])
+    raise FromzeroError(f"{what}: no module name for tensor {key!r}")
+
+
+def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, base_checkpoint: Path,
+                 tokenizer_file: Path | None = None, info: dict | None = None) -> None:
+    """Write the adapter checkpoint directory atomically (layout in the module docstring)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from fromzero.training.checkpoint import (CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, _disk_error,
+                                              commit_directory, write_safetensors)
+
+    names, extra = hf_names(model_config)
+    ours: Any = peft_model.peft_config["default"]
+    state = get_peft_model_state_dict(peft_model)
+    hf_state = {PEFT_PREFIX + _rename(k.removeprefix(PEFT_PREFIX), names, "adapter"): v.detach().cpu().contiguous()
+                for k, v in state.items()}
+    config = LoraConfig(
+        r=ours.r, lora_alpha=ours.lora_alpha, lora_dropout=ours.lora_dropout, bias="none",
+        target_modules=sorted(names[t] for t in ours.target_modules),
+        modules_to_save=sorted(names[m] for m in ours.modules_to_save) if ours.modules_to_save else None,
+        task_type=TASK_TYPES[model_config["model_type"]], base_model_name_or_path=str(Path(base_checkpoint).resolve()),
+        **extra,
+    )
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        write_safetensors(hf_state, tmp / ADAPTER_WEIGHTS)
+        config_dict = config.to_dict()
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config_dict, indent=2, default=sorted) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
+        meta = {**(info or {}), "base_checkpoint": str(Path(base_checkpoint).resolve()), "adapter": "lora"}
+        (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        commit_directory(tmp, directory)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(e, directory) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_base(model: nn.Module, base_checkpoint: Path) -> list[str]:
+    """Load a base checkpoint's weights into ``model`` (built for a new task); return the model's
+    tensors the base lacked (its new head). Base tensors the model has no place for (another
+    task's head) are ignored."""
+    from fromzero.training.checkpoint import MODEL_FILE, load_weights
+
+    base_checkpoint = Path(base_checkpoint)
+    if not (base_checkpoint / MODEL_FILE).is_file():
+        raise FromzeroError(f"base checkpoint {base_checkpoint} has no {MODEL_FILE}")
+    missing, _ = load_weights(model, base_checkpoint / MODEL_FILE, partial=True)
+    return missing
+
+
+def load_adapter_model(directory: Path) -> nn.Module:
+    """Rebuild base + LoRA adapter from an adapter checkpoint directory, merged into plain weights."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from fromzero.models import build_model
+    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, read_json
+
+    directory = Path(directory)
+    model_config = read_json(directory / CONFIG_FILE, "model config")
+    info = read_json(directory / INFO_FILE, "adapter info")
+    adapter = read_json(directory / ADAPTER_CONFIG, "adapter config")
+    base_dir = Path(str(info.get("base_checkpoint", "")))
+    if not base_dir.is_dir():
+        raise FromzeroError(f"{directory}: the base checkpoint of this adapter is gone ({base_dir})")
+    try:
+        model = build_model(model_config)
+    except FromzeroError as e:
+        raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
+    load_base(model, base_dir)
+    names, _ = hf_names(model_config)
+    ours = {hf: fz for fz, hf in names.items()}
+    try:
+        targets = [ours[t] for t in adapter["target_modules"]]
+        to_save = [ours[m] for m in adapter.get("modules_to_save") or []]
+        config = LoraConfig(r=int(adapter["r"]), lora_alpha=float(adapter["lora_alpha"]), target_modules=targets,
+                            modules_to_save=to_save or None, bias="none")
+    except (KeyError, TypeError, ValueError) as e:
+        raise FromzeroError(f"{directory / ADAPTER_CONFIG}: not an adapter of this model ({first_line(e)})") from None
+    peft_model = get_peft_model(model, config)
+    try:
+        state = load_file(str(directory / ADAPTER_WEIGHTS))
+    except Exception as e:  # missing or corrupt file
+        raise FromzeroError(f"cannot read {directory / ADAPTER_WEIGHTS}: {first_line(e)}") from None
+    state = {PEFT_PREFIX + _rename(k.removeprefix(PEFT_PREFIX), ours, str(directory)): v for k, v in state.items()}
+    result = set_peft_model_state_dict(peft_model, state)
+    if result.unexpected_keys:
+        raise FromzeroError(f"{directory / ADAPTER_WEIGHTS}: unexpected tensors {result.unexpected_keys[:3]}")
+    with torch.no_grad():
+        return peft_model.merge_and_unload()
+
+
+def merge_lora(directory: Path, out: Path, force: bool = False) -> Path:
+    """``fromzero merge-lora``: write base + adapter, merged, as a plain checkpoint directory."""
+    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+
+    directory, out = Path(directory), Path(out)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise FromzeroError(f"{directory} is not a LoRA adapter checkpoint (no {ADAPTER_CONFIG})")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FromzeroError(f"{out} already exists; pass --force to replace it")
+    model = load_adapter_model(directory)
+    info = read_json(directory / INFO_FILE, "adapter info")
+    info = {k: v for k, v in info.items() if k != "adapter"} | {"merged_from": str(directory.resolve())}
+    tokenizer = directory / TOKENIZER_FILE
+    save_checkpoint(out, model, read_json(directory / CONFIG_FILE, "model config"),
+                    tokenizer_file=tokenizer if tokenizer.is_file() else None, info=info)
+    return out

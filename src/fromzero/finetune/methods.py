@@ -1,0 +1,104 @@
+"""Which weights a fine-tune trains: ``full``, ``frozen`` (head only, or the top N layers too), ``lora``.
+
+* ``full``: every weight.
+* ``frozen``: ``requires_grad=False`` everywhere but the task head (and, with ``unfreeze_top``
+  = N, the last N transformer layers plus the final norm). Frozen layers run in eval mode, so
+  dropout and BatchNorm statistics stay those of the pretrained model.
+* ``lora``: the base weights stay frozen; low-rank adapters are added to the target Linear
+  layers by ``peft`` (see :mod:`fromzero.finetune.lora`) and the task head trains in full.
+
+Heads and layer stacks per model family::
+
+    fromzero-bert  head: classifier (+ pooler)   layers: layers.{i}         final: -
+    fromzero-gpt   head: lm_head (tied to wte)   layers: transformer.h.{i}  final: transformer.ln_f
+    fromzero-vit   head: head                    layers: blocks.{i}         final: ln_f
+    fromzero-cnn   head: fc / fc2                layers: -
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from fromzero.errors import FromzeroError
+
+METHODS = ("full", "frozen", "lora")
+
+
+@dataclass
+class MethodConfig:
+    """How much of the model a fine-tune trains (the fields every fine-tuning task shares)."""
+
+    method: str = "full"
+    """full (every weight) | frozen (the head, plus unfreeze_top layers) | lora (low-rank adapters + head)."""
+    unfreeze_top: int = 0
+    """method frozen: also train the last N transformer layers (0 = the head only)."""
+    lora_rank: int = 8
+    """method lora: rank r of each adapter (B @ A with A: r x in, B: out x r)."""
+    lora_alpha: float = 16.0
+    """method lora: scaling numerator; the update is (alpha / r) * B @ A."""
+    lora_dropout: float = 0.1
+    """method lora: dropout on the adapter's input (training only)."""
+    lora_targets: list[str] | None = None
+    """method lora: names of the Linear layers to adapt (last name part or full name); None = the family default."""
+
+
+def layer_stack(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(transformer layers in order, modules after the last layer), for unfreezing from the top."""
+    transformer = getattr(model, "transformer", None)
+    if transformer is not None and hasattr(transformer, "h"):  # GPT
+        return list(transformer.h), [transformer.ln_f]
+    if isinstance(getattr(model, "blocks", None), nn.ModuleList):  # ViT
+        return list(model.blocks), [model.ln_f]
+    if isinstance(getattr(model, "layers", None), nn.ModuleList):  # BERT (post-LN: no final norm)
+        return list(model.layers), []
+    return [], []
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """The task head: what a new task must train even when everything else is frozen."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "fromzero-cnn" or type(model).__name__ in ("SimpleCNN", "ResNet"):
+        from fromzero.finetune.images import head_module
+
+        return [head_module(model)]
+    if hasattr(model, "classifier") and model.classifier is not None:  # BERT classification
+        return [m for m in (model.classifier, getattr(model, "pooler", None)) if m is not None]
+    if hasattr(model, "lm_head"):  # GPT: tied to the embedding, so this trains the embedding too
+        return [model.lm_head]
+    if isinstance(getattr(model, "head", None), nn.Module):  # ViT
+        return [model.head]
+    raise FromzeroError(f"cannot find the task head of {type(model).__name__}")
+
+
+def freeze(model: nn.Module, unfreeze_top: int = 0) -> list[nn.Module]:
+    """Freeze everything but the head and the top ``unfreeze_top`` layers; return the trained modules."""
+    layers, final = layer_stack(model)
+    if unfreeze_top < 0:
+        raise FromzeroError(f"unfreeze_top must be >= 0, got {unfreeze_top}")
+    if unfreeze_top > len(layers):
+        raise FromzeroError(f"unfreeze_top {unfreeze_top} is more than the model's {len(layers)} layers")
+    trained = head_modules(model) + (layers[len(layers) - unfreeze_top:] + final if unfreeze_top else [])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in trained:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return trained
+
+
+def set_train_mode(model: nn.Module, trained: list[nn.Module] | None) -> None:
+    """model.train(), except that frozen parts stay in eval mode (no dropout, fixed BatchNorm)."""
+    if trained is None:
+        model.train()
+        return
+    model.eval()
+    for module in trained:
+        module.train()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors counted once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

