@@ -132,6 +132,101 @@ def _bool_flags(tokens: list[str], flags: set[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# finetune, crossval, evaluate, predict, merge-lora
+
+
+def _finetune_epilog() -> str:
+    from fromzero.config import options_help
+    from fromzero.finetune.recipe import TASKS, task_config_class
+
+    parts = ["recipe options, per task (override any with --key VALUE; built-in defaults shown,\n"
+             "a recipe sets its own):"]
+    for task in TASKS:
+        parts.append(f"\ntask {task}:\n" + "\n".join(options_help(task_config_class(task))))
+    parts.append("\nexamples:\n  fromzero finetune --config recipes/genre-minilm.yaml --method lora\n"
+                 "  fromzero finetune --config recipes/digits-cnn.yaml --epochs 5\n")
+    return "\n".join(parts)
+
+
+def _finetune_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    tokens = _bool_flags(list(overrides), {"--compile", "--packing", "--force"})
+    if getattr(args, "force", False):
+        tokens += ["--force", "true"]
+    if getattr(args, "quiet", False):
+        tokens += ["--progress", "false"]
+    return tokens
+
+
+def _cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fromzero.finetune.recipe import load_finetune_config, run_finetune
+
+    task, cfg = load_finetune_config(args.config, _finetune_overrides(args, overrides), task=args.task)
+    result = run_finetune(task, cfg)
+    print(f"done: run directory {result['run_dir']}")
+    return 0
+
+
+def _cmd_crossval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fromzero.finetune.crossval import crossval
+    from fromzero.finetune.recipe import load_finetune_config
+
+    task, cfg = load_finetune_config(args.config, _finetune_overrides(args, overrides), task=args.task)
+    crossval(task, cfg, args.folds)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fromzero.evaluation.metrics import format_report
+    from fromzero.inference.predict import evaluate_checkpoint, to_json_line, write_evaluation
+
+    metrics = evaluate_checkpoint(Path(args.checkpoint), args.data, args.split, args.batch_size, args.device)
+    if "confusion_matrix" in metrics:
+        print(format_report(metrics))
+    else:
+        print(to_json_line(metrics))
+    if args.out:
+        write_evaluation(metrics, Path(args.out))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fromzero.inference.predict import Classifier, read_inputs, to_json_line
+
+    if bool(args.text) + bool(args.image) + bool(args.input) != 1:
+        raise FromzeroError("give exactly one of --text, --image or --input")
+    classifier = Classifier(Path(args.checkpoint), args.device)
+    if args.image or (args.input and classifier.task == "image-classification"):
+        paths = [Path(p) for p in args.image] if args.image else _image_inputs(Path(args.input))
+        inputs: list[str] = [str(p) for p in paths]
+        logits = classifier.image_logits(paths)
+    else:
+        inputs = list(args.text) if args.text else read_inputs(Path(args.input))
+        logits = classifier.text_logits(inputs, args.batch_size)
+    for item, result in zip(inputs, classifier.label(logits)):
+        print(to_json_line({"input": item, **result}))
+    return 0
+
+
+def _image_inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"))
+        if not files:
+            raise FromzeroError(f"{path} holds no images")
+        return files
+    if not path.is_file():
+        raise FromzeroError(f"input not found: {path}")
+    return [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _cmd_merge_lora(args: argparse.Namespace) -> int:
+    from fromzero.finetune.lora import merge_lora
+
+    out = merge_lora(Path(args.checkpoint), Path(args.out), force=args.force)
+    print(f"merged: {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # generate
 
 
@@ -245,11 +340,11 @@ def _stop_ids(checkpoint: Path, tokenizer_eos: int | None) -> list[int]:
 # parser
 
 
-def build_parser(with_pretrain_help: bool = True) -> argparse.ArgumentParser:
+def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = True) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fromzero",
         description="Develop large neural models from zero: prepare data, train tokenizers, "
-        "pretrain GPTs, generate text.",
+        "pretrain GPTs, generate text, fine-tune, evaluate and predict.",
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"fromzero {__version__}")
@@ -348,12 +443,71 @@ def build_parser(with_pretrain_help: bool = True) -> argparse.ArgumentParser:
     emb.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     emb.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     emb.set_defaults(func=_cmd_embed)
+
+    # finetune / crossval
+    for name, helptext, func in (
+        ("finetune", "fine-tune a model from a YAML recipe (text classification, SFT, images)", _cmd_finetune),
+        ("crossval", "stratified K-fold cross-validation of a fine-tuning recipe", _cmd_crossval),
+    ):
+        ft = _add_parser(
+            sub, name, helptext,
+            description=("Fine-tune: full, frozen (head / top N layers) or LoRA. Writes a run directory with "
+                         "config.yaml, metrics.jsonl, tb/, plots/, metrics.json (test) and checkpoints/best."
+                         if name == "finetune" else
+                         "Split train+val into K stratified folds; fine-tune once per fold (validating on "
+                         "the held-out fold) and report mean +- std of every metric in crossval.json."),
+            epilog=_finetune_epilog() if with_finetune_help else None,
+        )
+        ft.add_argument("--config", help="recipe YAML (e.g. recipes/genre-minilm.yaml)")
+        ft.add_argument("--task", help="text-classification | sft | image-classification (default: the recipe's)")
+        if name == "crossval":
+            ft.add_argument("--folds", type=int, default=5, help="number of folds K (>= 2)")
+        ft.add_argument("--force", action="store_true", help="replace the files of an existing run directory")
+        ft.add_argument("--quiet", action="store_true", help="no progress bar")
+        ft.set_defaults(func=func, takes_overrides=True)
+
+    # evaluate
+    ev = _add_parser(sub, "evaluate", "score a checkpoint on a data split (metrics.json)",
+                     description="Classifiers: accuracy, precision / recall / F1 (macro, weighted), per-class "
+                     "report, confusion matrix. Language models: loss and perplexity.\n\nexample:\n"
+                     "  fromzero evaluate --checkpoint runs/RUN/checkpoints/best --split test --out eval.json")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (a fine-tuned one, or a pretrained GPT)")
+    ev.add_argument("--data", help="data source (default: the data of the run that made the checkpoint); "
+                    "for a pretrained GPT a prepared data directory")
+    ev.add_argument("--split", default="test", help="train | val | test")
+    ev.add_argument("--out", help="write the metrics to this JSON file (+ a confusion-matrix PNG)")
+    ev.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    # predict
+    pr = _add_parser(sub, "predict", "label texts or images with a classifier (JSON lines on stdout)",
+                     description="One JSON object per input: the label and every class's probability.\n\n"
+                     "examples:\n  fromzero predict --checkpoint runs/RUN/checkpoints/best --text 'Exeunt.'\n"
+                     "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png")
+    pr.add_argument("--checkpoint", required=True, help="text- or image-classification checkpoint directory")
+    pr.add_argument("--text", action="append", help="a text to label (repeat for several)")
+    pr.add_argument("--image", action="append", help="an image file to label (repeat for several)")
+    pr.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder")
+    pr.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    pr.set_defaults(func=_cmd_predict)
+
+    # merge-lora
+    ml = _add_parser(sub, "merge-lora", "fold a LoRA adapter into its base weights",
+                     description="Write base + adapter (W + alpha/r * B @ A) as a plain checkpoint directory.\n\n"
+                     "example:\n  fromzero merge-lora --checkpoint runs/RUN/checkpoints/best --out merged/")
+    ml.add_argument("--checkpoint", required=True, help="adapter checkpoint directory (adapter_config.json)")
+    ml.add_argument("--out", required=True, help="output checkpoint directory")
+    ml.add_argument("--force", action="store_true", help="replace an existing output directory")
+    ml.set_defaults(func=_cmd_merge_lora)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(with_pretrain_help="pretrain" in argv)
+    parser = build_parser(with_pretrain_help="pretrain" in argv,
+                          with_finetune_help="finetune" in argv or "crossval" in argv)
     debug = "--debug" in argv
     try:
         args, extra = parser.parse_known_args(argv)

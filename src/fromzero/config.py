@@ -260,7 +260,7 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def parse_overrides(tokens: list[str], cls: type) -> dict:
+def parse_overrides(tokens: list[str], cls: type, command: str = "pretrain") -> dict:
     """Turn ``["--train.lr", "3e-4", "--model.bias=false"]`` into a nested dict.
 
     Values are parsed as YAML scalars (so ``true``, ``12``, ``null`` work) and type-checked
@@ -272,7 +272,7 @@ def parse_overrides(tokens: list[str], cls: type) -> dict:
     while i < len(tokens):
         tok = tokens[i]
         if not tok.startswith("--") or len(tok) == 2:
-            raise FromzeroError(f"unexpected argument '{tok}' (overrides look like --train.lr 3e-4)")
+            raise FromzeroError(f"unexpected argument '{tok}' (overrides look like --{'train.' if command == 'pretrain' else ''}lr 3e-4)")
         key = tok[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
@@ -286,7 +286,7 @@ def parse_overrides(tokens: list[str], cls: type) -> dict:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"; did you mean '--{close[0]}'?" if close else ""
-            raise FromzeroError(f"unknown option '--{key}'{hint} (fromzero pretrain --help lists them)")
+            raise FromzeroError(f"unknown option '--{key}'{hint} (fromzero {command} --help lists them)")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

@@ -51,7 +51,7 @@ class ImageFinetuneConfig:
     """Fine-tuning an image classifier on DATA/{train,val,test}/<class>/<image>."""
 
     data_dir: str = ""
-    """Folder with train/, val/ and test/ ImageFolders (the same class folders in each)."""
+    """Folder with train/, val/ and test/ ImageFolders (the same class folders in each), or digits (built in)."""
     arch: str = "simple"
     """simple | resnet18 | resnet50 | vit."""
     weights: str | None = None
@@ -111,8 +111,8 @@ class ImageFinetuneConfig:
     """auto | float32 | bfloat16 | float16 (autocast; weights stay float32)."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the main process)."""
-    out_dir: str = "runs/finetune-images"
-    """Run directory (refused if it exists and is not empty, unless force)."""
+    out_dir: str = ""
+    """Run directory ("" = runs/image-classification-<timestamp>); refused if it exists and is not empty, unless force."""
     force: bool = False
     """Replace the files of an existing run directory."""
     progress: bool = True
@@ -289,6 +289,19 @@ def _mixer(cfg: ImageFinetuneConfig, num_classes: int) -> Any:
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
+def builtin_image_data(data_dir: str) -> Path:
+    """``digits`` -> scikit-learn's digits as an ImageFolder in $FROMZERO_HOME (written once)."""
+    if data_dir != "digits":
+        return Path(data_dir)
+    from fromzero.data.corpora import fromzero_home
+    from fromzero.data.datasets import write_digits_imagefolder
+
+    target = fromzero_home() / "datasets" / "digits"
+    if not (target / "meta.json").is_file():
+        write_digits_imagefolder(target, force=True)
+    return target
+
+
 def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     """Train, select by val macro-F1, test once; write the run directory. Returns a summary::
 
@@ -303,11 +316,12 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     from fromzero.training.callbacks import MetricsLogger, TrainingProgress, write_plots
     from fromzero.training.checkpoint import atomic_write_text, save_checkpoint
     from fromzero.training.optim import param_groups
-    from fromzero.training.trainer import autocast_context, prepare_run_dir, resolve_device, resolve_dtype
+    from fromzero.training.trainer import (autocast_context, default_finetune_dir, prepare_run_dir, resolve_device,
+                                           resolve_dtype)
 
     t_start = time.perf_counter()
     cfg.validate()
-    data_dir = Path(cfg.data_dir)
+    data_dir = builtin_image_data(cfg.data_dir)
     for split in SPLITS:
         if not (data_dir / split).is_dir():
             raise FromzeroError(f"{data_dir / split} not found: data_dir needs train/, val/ and test/ folders")
@@ -333,7 +347,7 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     trainable = freeze_backbone(model) if cfg.method == "frozen" else [p for p in model.parameters()]
     model.to(device)
 
-    run_dir = Path(cfg.out_dir)
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("image-classification")
     prepare_run_dir(run_dir, cfg.force)
     if (run_dir / "metrics.json").is_file():  # ours, but not in the trainer's RUN_FILES
         (run_dir / "metrics.json").unlink()

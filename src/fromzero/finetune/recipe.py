@@ -1,0 +1,57 @@
+"""Fine-tuning recipes: a YAML file naming the ``task`` plus that task's flat settings.
+
+    task: text-classification        # | sft | image-classification
+    init_from: all-MiniLM-L6-v2
+    data: shakespeare-genre
+    method: lora
+    lr: 5.0e-4
+
+Any setting can be overridden on the command line (``--lr 1e-4 --method frozen``); unknown keys
+are refused with the closest valid name. The settings of each task are the fields of its
+config dataclass (:data:`TASKS`); ``fromzero finetune --help`` lists them with their defaults.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from fromzero.errors import FromzeroError
+
+# task -> (module, config class, function that runs it)
+TASKS: dict[str, tuple[str, str, str]] = {
+    "text-classification": ("fromzero.finetune.text", "TextClassificationConfig", "finetune_text_classification"),
+    "sft": ("fromzero.finetune.sft", "SFTConfig", "finetune_sft"),
+    "image-classification": ("fromzero.finetune.images", "ImageFinetuneConfig", "finetune_images"),
+}
+
+
+def task_config_class(task: str) -> type:
+    if task not in TASKS:
+        raise FromzeroError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")
+    module, cls, _ = TASKS[task]
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_finetune_config(recipe: str | Path | None, overrides: list[str] | dict | None = None,
+                         task: str | None = None) -> tuple[str, Any]:
+    """Recipe YAML + overrides -> (task, validated task config)."""
+    from fromzero.config import deep_merge, from_dict, load_yaml, parse_overrides
+
+    data = load_yaml(recipe) if recipe is not None else {}
+    task = task or data.pop("task", None)
+    data.pop("task", None)
+    if not task:
+        raise FromzeroError(f"{recipe or 'the recipe'} has no 'task' (tasks: {', '.join(TASKS)})")
+    cls = task_config_class(str(task))
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []), cls, command="finetune")
+    cfg = from_dict(cls, deep_merge(data, extra))
+    cfg.validate()
+    return str(task), cfg
+
+
+def run_finetune(task: str, cfg: Any) -> dict[str, Any]:
+    """Run the task's fine-tune; returns its summary (run_dir, checkpoint, val, test, ...)."""
+    module, _, function = TASKS[task]
+    return getattr(importlib.import_module(module), function)(cfg)

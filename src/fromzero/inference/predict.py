@@ -1,0 +1,287 @@
+"""Use a fine-tuned checkpoint: label texts or images (``predict``) and score a split (``evaluate``).
+
+A checkpoint's ``info.json`` says what it is for (``task``): text-classification and
+image-classification checkpoints label inputs with class probabilities; sft checkpoints and
+pretrained GPTs are scored by loss and perplexity. LoRA adapter checkpoints load as base +
+adapter, merged. Try it::
+
+    fromzero predict --checkpoint runs/genre/checkpoints/best --text "Exeunt all but Falstaff."
+    fromzero evaluate --checkpoint runs/genre/checkpoints/best --split test
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fromzero.errors import FromzeroError
+
+CLASSIFICATION_TASKS = ("text-classification", "image-classification")
+
+
+def checkpoint_info(directory: Path) -> dict[str, Any]:
+    """info.json of a checkpoint ({} for one without), with the task inferred when missing."""
+    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, read_json, recover_directory
+
+    directory = Path(directory)
+    recover_directory(directory)
+    if not directory.is_dir():
+        raise FromzeroError(f"checkpoint directory not found: {directory}")
+    config = read_json(directory / CONFIG_FILE, "model config")
+    info = read_json(directory / INFO_FILE, "checkpoint info") if (directory / INFO_FILE).is_file() else {}
+    if "task" not in info:
+        info["task"] = "language-model" if config.get("model_type") == "fromzero-gpt" else "unknown"
+    return info
+
+
+def run_config(directory: Path) -> dict[str, Any]:
+    """The config.yaml of the run a checkpoint came from (runs/<run>/checkpoints/best), or {}."""
+    import yaml
+
+    path = Path(directory).resolve().parent.parent / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class Classifier:
+    """A text or image classification checkpoint, ready to label inputs."""
+
+    def __init__(self, directory: Path, device: str = "cpu") -> None:
+        from fromzero.training.checkpoint import CONFIG_FILE, load_model, read_json
+        from fromzero.training.trainer import resolve_device
+
+        self.directory = Path(directory)
+        self.info = checkpoint_info(self.directory)
+        self.task = self.info["task"]
+        if self.task not in CLASSIFICATION_TASKS:
+            raise FromzeroError(f"{directory} is a {self.task} checkpoint, not a classifier")
+        self.config = read_json(self.directory / CONFIG_FILE, "model config")
+        self.device = resolve_device(device)
+        self.model = load_model(self.directory, self.device)
+        labels = self.config.get("labels")
+        if not labels:
+            raise FromzeroError(f"{self.directory / CONFIG_FILE} has no class names (labels)")
+        self.labels: list[str] = list(labels)
+
+    def _autocast(self) -> Any:
+        from fromzero.training.trainer import autocast_context, resolve_dtype
+
+        return autocast_context(self.device, resolve_dtype(self.device, "auto"))
+
+    def text_logits(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """(N, K) logits of ``texts`` (truncated to the max_length the model was tuned with)."""
+        from fromzero.data.classification import encode_texts
+        from fromzero.finetune.text import TextBatches, predict_logits
+        from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
+
+        if self.task != "text-classification":
+            raise FromzeroError(f"{self.directory} labels images, not texts (use --image)")
+        bert_config = BertConfig.from_dict(self.config)
+        tokenizer = load_encoder_tokenizer(self.directory, bert_config)
+        max_length = int(self.info.get("max_length") or encoder_limit(self.directory, bert_config))
+        ids, _ = encode_texts(tokenizer, texts, max_length)
+        batches = TextBatches(ids, None, batch_size, False, 0, bert_config.pad_token_id or 0, 8)
+        return predict_logits(self.model, batches, self.device, self._autocast)
+
+    def image_transform(self) -> Any:
+        from fromzero.data.images import build_transforms
+
+        info = self.info
+        mean, std = info.get("mean"), info.get("std")
+        return build_transforms(False, image_size=int(info["image_size"]), resize_size=info.get("resize_size"),
+                                channels=int(info.get("channels", 3)), normalize=mean is not None, mean=mean, std=std)
+
+    def image_logits(self, paths: list[Path]) -> torch.Tensor:
+        """(N, K) logits of image files (converted to the model's channels, eval transforms)."""
+        from PIL import Image, UnidentifiedImageError
+
+        if self.task != "image-classification":
+            raise FromzeroError(f"{self.directory} labels texts, not images (use --text)")
+        transform = self.image_transform()
+        mode = "RGB" if int(self.info.get("channels", 3)) == 3 else "L"
+        tensors = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    tensors.append(transform(image.convert(mode)))
+            except FileNotFoundError:
+                raise FromzeroError(f"image not found: {path}") from None
+            except (UnidentifiedImageError, OSError) as e:
+                raise FromzeroError(f"cannot read image {path}: {e}") from None
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            return self.model(torch.stack(tensors).to(self.device)).float().cpu()
+
+    def label(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        """Per input: the predicted label and every class's probability."""
+        probs = torch.softmax(logits, dim=-1)
+        return [{"label": self.labels[int(p.argmax())],
+                 "probabilities": {name: round(float(v), 6) for name, v in zip(self.labels, p)}} for p in probs]
+
+
+def read_inputs(path: Path) -> list[str]:
+    """Texts from a .txt (one per line), .csv (a 'text' column) or .jsonl ('text' key) file."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FromzeroError(f"input file not found: {path}")
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise FromzeroError(f"{path} is not UTF-8 text") from None
+    if path.suffix == ".csv":
+        reader = csv.DictReader(raw.splitlines())
+        if "text" not in (reader.fieldnames or []):
+            raise FromzeroError(f"{path} has no 'text' column (columns: {', '.join(reader.fieldnames or [])})")
+        texts = [row["text"] for row in reader]
+    elif path.suffix in (".jsonl", ".json-lines"):
+        texts = []
+        for n, line in enumerate(raw.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FromzeroError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise FromzeroError(f"{path}:{n}: expected an object with a string 'text'")
+            texts.append(obj["text"])
+    else:
+        texts = raw.splitlines()
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise FromzeroError(f"{path} holds no text")
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "test",
+                        batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
+    """Metrics of a checkpoint on one split of ``data`` (default: the data of the run that made it)."""
+    info = checkpoint_info(Path(directory))
+    task = info["task"]
+    data = data or run_config(Path(directory)).get("data") or run_config(Path(directory)).get("data_dir")
+    if not data:
+        raise FromzeroError("no --data given and the checkpoint's run config names none")
+    if task == "text-classification":
+        return _evaluate_text(Path(directory), str(data), split, batch_size, device)
+    if task == "image-classification":
+        return _evaluate_images(Path(directory), Path(str(data)), split, batch_size, device)
+    if task in ("sft", "language-model"):
+        return _evaluate_lm(Path(directory), str(data), split, batch_size, device, task)
+    raise FromzeroError(f"cannot evaluate a checkpoint for task {task!r}")
+
+
+def _check_known(labels: list[str], known: list[str], where: str) -> None:
+    unknown = sorted(set(labels) - set(known))
+    if unknown:
+        raise FromzeroError(f"{where} has label {unknown[0]!r} that the model does not know ({', '.join(known)})")
+
+
+def _evaluate_text(directory: Path, data: str, split: str, batch_size: int, device: str) -> dict[str, Any]:
+    from fromzero.data.classification import load_text_classification
+    from fromzero.finetune.text import score
+
+    classifier = Classifier(directory, device)
+    cfg = run_config(directory)
+    rows = load_text_classification(data, cfg.get("text_column", "text"), cfg.get("label_column", "label"),
+                                    cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.1), cfg.get("seed", 0))[split]
+    _check_known([label for _, label in rows], classifier.labels, f"{data} ({split})")
+    logits = classifier.text_logits([t for t, _ in rows], batch_size)
+    index = {name: i for i, name in enumerate(classifier.labels)}
+    return {**score(logits, [index[label] for _, label in rows], classifier.labels), "split": split}
+
+
+def _evaluate_images(directory: Path, data: Path, split: str, batch_size: int, device: str) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from fromzero.data.images import load_image_folder
+    from fromzero.finetune.images import _score, predict_loader
+
+    classifier = Classifier(directory, device)
+    folder = data / split if (data / split).is_dir() else data
+    mode = "RGB" if int(classifier.info.get("channels", 3)) == 3 else "L"
+    dataset = load_image_folder(folder, classifier.image_transform(), mode=mode, classes=classifier.labels)
+    logits, labels = predict_loader(classifier.model, DataLoader(dataset, batch_size=batch_size),
+                                    classifier.device, classifier._autocast)
+    return {**_score(logits, labels, classifier.labels), "split": split}
+
+
+def _evaluate_lm(directory: Path, data: str, split: str, batch_size: int, device: str, task: str) -> dict[str, Any]:
+    """SFT data: loss on response tokens. A prepared data dir (meta.json): loss over its split."""
+    from fromzero.data.tokenizers import TextTokenizer
+    from fromzero.training.checkpoint import TOKENIZER_FILE, load_model
+    from fromzero.training.trainer import autocast_context, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    model = load_model(directory, dev)
+    autocast = lambda: autocast_context(dev, resolve_dtype(dev, "auto"))  # noqa: E731
+    if (Path(data) / "meta.json").is_file():
+        return {**_prepared_split_loss(model, Path(data), split, batch_size, dev, autocast), "split": split}
+    from torch.utils.data import DataLoader
+
+    from fromzero.data.sft import ChatTemplate, collate_sft, load_sft_examples, tokenize_sft
+    from fromzero.finetune.sft import response_loss
+
+    cfg = run_config(directory)
+    template = ChatTemplate(**checkpoint_info(directory).get("template", {}))
+    tokenizer = TextTokenizer.load(directory / TOKENIZER_FILE)
+    examples = load_sft_examples(data, cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.1), cfg.get("seed", 0))
+    sft_set = tokenize_sft(examples[split], tokenizer, template, model.config.block_size)
+    pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    loader = DataLoader(sft_set, batch_size=batch_size, collate_fn=lambda b: collate_sft(b, pad))
+    return {**response_loss(model, loader, dev, autocast), "split": split, "n": len(sft_set)}
+
+
+@torch.no_grad()
+def _prepared_split_loss(model: Any, data_dir: Path, split: str, batch_size: int, device: torch.device,
+                         autocast: Any) -> dict[str, Any]:
+    """Mean next-token loss over consecutive, non-overlapping block_size windows of a split."""
+    import numpy as np
+
+    from fromzero.data.text import load_split
+    from fromzero.evaluation.metrics import language_model_metrics
+
+    if split not in ("train", "val"):
+        raise FromzeroError(f"a prepared data directory has train and val splits, not {split!r}")
+    tokens = load_split(data_dir, split)
+    T = model.config.block_size
+    n_windows = (len(tokens) - 1) // T
+    if n_windows == 0:
+        raise FromzeroError(f"{data_dir} {split} split is shorter than one block of {T} tokens")
+    total, count = 0.0, 0
+    for start in range(0, n_windows, batch_size):
+        rows = range(start, min(n_windows, start + batch_size))
+        x = torch.from_numpy(np.stack([tokens[r * T:(r + 1) * T] for r in rows]).astype(np.int64)).to(device)
+        y = torch.from_numpy(np.stack([tokens[r * T + 1:(r + 1) * T + 1] for r in rows]).astype(np.int64)).to(device)
+        with autocast():
+            _, loss = model(x, y)
+        total += float(loss) * x.numel()
+        count += x.numel()
+    return {**language_model_metrics(total / count), "tokens": count}
+
+
+def write_evaluation(metrics: dict[str, Any], out: Path) -> None:
+    """metrics.json-style file (+ confusion matrix PNG next to it for classifiers)."""
+    from fromzero.evaluation.metrics import write_metrics_json
+    from fromzero.evaluation.plots import plot_confusion_matrix
+
+    write_metrics_json(metrics, out)
+    if "confusion_matrix" in metrics:
+        plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], out.with_suffix(".confusion_matrix.png"))
+
+
+def to_json_line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False)
