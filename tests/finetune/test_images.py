@@ -20,11 +20,11 @@ from PIL import Image
 import fromzero.finetune.images as fi
 from fromzero.data.images import build_transforms, load_image_folder, scan_image_folder
 from fromzero.errors import FromzeroError
+from fromzero.finetune.methods import freeze, set_train_mode
 from fromzero.finetune.images import (
     ImageFinetuneConfig,
     build_image_model,
     finetune_images,
-    freeze_backbone,
     head_module,
 )
 from fromzero.models.cnn import build_cnn
@@ -189,14 +189,24 @@ def test_frozen_trains_only_the_head(shapes: Path, tmp_path: Path) -> None:
     assert result["trainable_params"] == 1024 * 3 + 3
 
 
-def test_freeze_backbone_flags_and_batchnorm_mode() -> None:
+def test_freeze_flags_and_batchnorm_mode() -> None:
     model = build_cnn("resnet18", 4)
-    head_params = freeze_backbone(model)
-    assert head_module(model) is model.fc
-    assert {id(p) for p in head_params} == {id(p) for p in model.fc.parameters()}
+    trained = freeze(model)
+    assert head_module(model) is model.fc and trained == [model.fc]
     assert all(p.requires_grad == n.startswith("fc.") for n, p in model.named_parameters())
-    fi._set_train_mode(model, "frozen")
+    set_train_mode(model, trained)
     assert model.fc.training and not model.bn1.training and not model.layer1[0].bn1.training
+
+
+def test_unfreeze_top_stage_of_a_resnet() -> None:
+    model = build_cnn("resnet18", 4)
+    trained = freeze(model, unfreeze_top=1)
+    assert trained == [model.fc, model.layer4]
+    assert all(p.requires_grad == n.startswith(("fc.", "layer4.")) for n, p in model.named_parameters())
+    set_train_mode(model, trained)
+    assert model.layer4[0].bn1.training and not model.layer3[0].bn1.training
+    with pytest.raises(FromzeroError, match="more than the model's 4 layers"):
+        freeze(build_cnn("resnet18", 4), unfreeze_top=5)
 
 
 def test_frozen_needs_weights(shapes: Path, tmp_path: Path) -> None:

@@ -92,7 +92,11 @@ class ImageFinetuneConfig:
     cutmix_alpha: float = 0.0
     """CutMix Beta(alpha, alpha) on training batches; 0 = off (both on: one of the two per batch)."""
     method: str = "full"
-    """full (train every weight) | frozen (train the classification head only)."""
+    """full (train every weight) | frozen (train the classification head, plus unfreeze_top blocks)."""
+    unfreeze_top: int = 0
+    """method frozen: also train the last N blocks (ResNet stages layer1-4, ViT blocks); 0 = the head only."""
+    l1: float = 0.0
+    """L1 regularisation: l1 * sum(|w|) of the trained matrices and filters is added to the loss (0 = off)."""
     patience: int = 0
     """Stop after this many epochs without a better val macro-F1; 0 = never stop early."""
     vit_patch_size: int = 4
@@ -151,6 +155,8 @@ class ImageFinetuneConfig:
         for name in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise FromzeroError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.l1 < 0 or self.unfreeze_top < 0:
+            raise FromzeroError("l1 and unfreeze_top must be >= 0")
         if self.patience < 0:
             raise FromzeroError(f"patience must be >= 0 (0 = no early stopping), got {self.patience}")
         if self.num_workers < 0:
@@ -222,16 +228,6 @@ def head_module(model: nn.Module) -> nn.Module:
     return head
 
 
-def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
-    """requires_grad=False on everything but the head; returns the head's parameters."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    head = head_module(model)
-    for p in head.parameters():
-        p.requires_grad_(True)
-    return list(head.parameters())
-
-
 def model_config(model: nn.Module, cfg: ImageFinetuneConfig, labels: list[str]) -> dict:
     """config.json of the checkpoint: the model family's config with the class names."""
     if cfg.arch == "vit":
@@ -245,14 +241,6 @@ def model_config(model: nn.Module, cfg: ImageFinetuneConfig, labels: list[str]) 
 
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-def _set_train_mode(model: nn.Module, method: str) -> None:
-    if method == "frozen":
-        model.eval()  # frozen BatchNorm statistics and no dropout in the backbone
-        head_module(model).train()
-    else:
-        model.train()
 
 
 @torch.no_grad()
@@ -313,6 +301,8 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
 
     from fromzero.evaluation.metrics import format_report, write_metrics_json
     from fromzero.evaluation.plots import plot_confusion_matrix
+    from fromzero.finetune.engine import l1_penalty
+    from fromzero.finetune.methods import freeze, set_train_mode
     from fromzero.training.callbacks import MetricsLogger, TrainingProgress, write_plots
     from fromzero.training.checkpoint import atomic_write_text, save_checkpoint
     from fromzero.training.optim import param_groups
@@ -344,7 +334,9 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     model = build_image_model(cfg, len(labels))
-    trainable = freeze_backbone(model) if cfg.method == "frozen" else [p for p in model.parameters()]
+    trained_modules = freeze(model, cfg.unfreeze_top) if cfg.method == "frozen" else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    l1_params = [p for p in trainable if p.dim() >= 2]
     model.to(device)
 
     run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("image-classification")
@@ -385,7 +377,7 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     try:
         with TrainingProgress(total_steps, enabled=cfg.progress) as bar:
             for epoch in range(1, cfg.epochs + 1):
-                _set_train_mode(model, cfg.method)
+                set_train_mode(model, trained_modules)
                 t_epoch, seen = time.perf_counter(), 0
                 for x, y in train_loader:
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -394,6 +386,8 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
                     with autocast():
                         logits = model(x)  # (B, K)
                     loss = criterion(logits.float(), y)
+                    if cfg.l1:
+                        loss = loss + cfg.l1 * l1_penalty(l1_params)
                     if not torch.isfinite(loss):
                         raise FromzeroError(f"loss became {loss.item()} at step {step + 1}: lower lr (now {cfg.lr})")
                     opt.zero_grad(set_to_none=True)

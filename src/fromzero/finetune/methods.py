@@ -12,7 +12,7 @@ Heads and layer stacks per model family::
     fromzero-bert  head: classifier (+ pooler)   layers: layers.{i}         final: -
     fromzero-gpt   head: lm_head (tied to wte)   layers: transformer.h.{i}  final: transformer.ln_f
     fromzero-vit   head: head                    layers: blocks.{i}         final: ln_f
-    fromzero-cnn   head: fc / fc2                layers: -
+    fromzero-cnn   head: fc / fc2                layers: ResNet layer1..layer4 (simple CNN: none)
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def layer_stack(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     transformer = getattr(model, "transformer", None)
     if transformer is not None and hasattr(transformer, "h"):  # GPT
         return list(transformer.h), [transformer.ln_f]
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):  # torchvision ResNet stages
+        return [getattr(model, f"layer{i}") for i in range(1, 5)], []
     if isinstance(getattr(model, "blocks", None), nn.ModuleList):  # ViT
         return list(model.blocks), [model.ln_f]
     if isinstance(getattr(model, "layers", None), nn.ModuleList):  # BERT (post-LN: no final norm)
