@@ -30,6 +30,7 @@ FILLER = ["was", "really", "quite", "very", "so", "and", "it", "felt", "today", 
 WORDS = sorted({w for s in SUBJECTS for w in s.split()} | set(POSITIVE) | set(NEGATIVE) | set(FILLER))
 VOCAB = SPECIALS + WORDS
 
+GPT_EMBED_SCALE = 20.0
 SFT_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:?!.,' \n"
 
 
@@ -94,6 +95,8 @@ def write_gpt_base(directory: Path, chars: str = SFT_CHARS) -> Path:
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
     model = GPT(config)
+    with torch.no_grad():  # GPT-2's init gives near-uniform logits through the tied head: give them a range
+        model.transformer.wte.weight.mul_(GPT_EMBED_SCALE)
     tokenizer_file = directory.parent / f"{directory.name}-tokenizer.json"
     tokenizer.save(tokenizer_file)
     save_checkpoint(directory, model, config.to_dict(),

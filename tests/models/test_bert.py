@@ -323,3 +323,19 @@ def test_embed_checkpoint_errors(encoder_ckpt: Path, tmp_path: Path) -> None:
         embed_checkpoint(tmp_path / "small", ["the river mill"])
     with pytest.raises(FromzeroError, match="not found"):
         embed_checkpoint(tmp_path / "missing", ["hi"])
+
+
+def test_classifier_last_layer_computes_only_the_cls_state_with_the_same_logits() -> None:
+    """The classification head runs the last layer on [CLS] only (and packs padding away in the
+    layers before): logits equal the plain computation, with and without padding."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=48, head="classification", num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = Bert(config).eval()
+    ids = torch.randint(1, 50, (4, 12))
+    for mask in (torch.ones_like(ids), (torch.arange(12)[None] < torch.tensor([[12], [5], [9], [2]])).long()):
+        logits, _ = model(ids, mask)
+        hidden = model.encode(ids, mask)  # every token, no packing
+        expected = model.classifier(model.pool(hidden))
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)

@@ -117,14 +117,18 @@ def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, bas
     from fromzero.training.checkpoint import (CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, _disk_error,
                                               commit_directory, write_safetensors)
 
+    from peft.tuners.lora import LoraLayer
+
     names, extra = hf_names(model_config)
     ours: Any = peft_model.peft_config["default"]
+    # The adapted layers, read off the model: peft may have shortened a long target list to suffixes.
+    adapted = [n.removeprefix(PEFT_PREFIX) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
     state = get_peft_model_state_dict(peft_model)
     hf_state = {PEFT_PREFIX + _rename(k.removeprefix(PEFT_PREFIX), names, "adapter"): v.detach().cpu().contiguous()
                 for k, v in state.items()}
     config = LoraConfig(
         r=ours.r, lora_alpha=ours.lora_alpha, lora_dropout=ours.lora_dropout, bias="none",
-        target_modules=sorted(names[t] for t in ours.target_modules),
+        target_modules=sorted(names[t] for t in adapted),
         modules_to_save=sorted(names[m] for m in ours.modules_to_save) if ours.modules_to_save else None,
         task_type=TASK_TYPES[model_config["model_type"]], base_model_name_or_path=str(Path(base_checkpoint).resolve()),
         **extra,

@@ -90,10 +90,17 @@ def attention(
        runs in fp32 (the bf16 projections around it keep their speed);
     2. under torch.compile the math backend (matmuls + softmax, fused by inductor) beats the
        flash kernel for short sequences: the whole Shakespeare training step got ~1.2x faster.
+    3. with attention dropout (BERT fine-tuning) PyTorch uses the math backend anyway; there bf16
+       is faster than fp32 (B16 H12 T128 D32, forward + backward: 40 vs 47 ms), so the core
+       keeps the inputs' dtype and the casts are skipped.
     """
     # SDPA maps each group of query heads to its key/value head itself (enable_gqa).
     gqa = {"enable_gqa": True} if k.size(-3) != q.size(-3) else {}
     if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **gqa
+        )
+    if dropout_p > 0 and not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **gqa
         )
