@@ -182,8 +182,6 @@ def test_cli_finetune_refuses_an_existing_run_without_force(cli, one_line_error,
     assert forced.code == 0, forced
 
 
-@pytest.mark.xfail(reason="BUG: prepare_run_dir's message advises '--resume', which finetune does not have",
-                   strict=True)
 def test_cli_finetune_existing_run_error_names_only_real_options(cli, bert_base, sentiment_csv, tmp_path) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -339,8 +337,6 @@ def test_cli_crossval_needs_two_folds(cli, one_line_error, bert_base, sentiment_
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="BUG: float32 softmax probabilities reach sklearn's log_loss unnormalised, which warns "
-                          "'The y_prob values do not sum to one' on every evaluation", strict=True)
 def test_scoring_float32_logits_does_not_warn() -> None:
     import warnings
 

@@ -148,7 +148,7 @@ def _check_probs(probs: Any, n: int) -> np.ndarray:
         raise FromzeroError(
             f"probs rows must sum to 1 (row {worst} sums to {sums[worst]:.4g}); pass softmax outputs, not logits"
         )
-    return arr
+    return arr / sums[:, None]  # exact sums for scikit-learn (float32 softmax is off by ~1e-7)
 
 
 def classification_metrics(

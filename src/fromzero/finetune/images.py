@@ -340,7 +340,7 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     model.to(device)
 
     run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("image-classification")
-    prepare_run_dir(run_dir, cfg.force)
+    prepare_run_dir(run_dir, cfg.force, resumable=False)
     if (run_dir / "metrics.json").is_file():  # ours, but not in the trainer's RUN_FILES
         (run_dir / "metrics.json").unlink()
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))

@@ -145,7 +145,7 @@ def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
     model.to(device)
 
     run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("sft")
-    prepare_run_dir(run_dir, cfg.force)
+    prepare_run_dir(run_dir, cfg.force, resumable=False)
     atomic_write_text(run_dir / "config.yaml",
                       yaml.safe_dump(dict(asdict(cfg), out_dir=str(run_dir), task="sft"), sort_keys=False))
 

@@ -216,7 +216,7 @@ def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any
     model.to(device)
 
     run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("text-classification")
-    prepare_run_dir(run_dir, cfg.force)
+    prepare_run_dir(run_dir, cfg.force, resumable=False)
     saved = dict(asdict(cfg), out_dir=str(run_dir), task="text-classification")
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
 

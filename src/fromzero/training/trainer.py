@@ -126,19 +126,18 @@ def default_finetune_dir(task: str) -> Path:
     return Path("runs") / f"{task}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(run_dir: Path, force: bool) -> None:
+def prepare_run_dir(run_dir: Path, force: bool, resumable: bool = True) -> None:
     """Create ``run_dir``; an existing non-empty one is refused unless ``force``.
 
     With force only the files a run writes are removed: other files a user keeps there stay.
+    resumable: the command has --resume (pretrain), so the refusal can suggest it.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise FromzeroError(f"run directory {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not force:
-            raise FromzeroError(
-                f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it "
-                "or --force to start over"
-            )
+            resume = f"pass --resume {run_dir} to continue it or " if resumable else "pass "
+            raise FromzeroError(f"run directory {run_dir} already exists; {resume}--force to start over")
         for name in RUN_FILES:
             p = run_dir / name
             if p.is_dir():
