@@ -459,7 +459,7 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
             epilog=_finetune_epilog() if with_finetune_help else None,
         )
         ft.add_argument("--config", help="recipe YAML (e.g. recipes/genre-minilm.yaml)")
-        ft.add_argument("--task", help="text-classification | sft | image-classification (default: the recipe's)")
+        ft.add_argument("--task", help="text-classification | sft | image-classification (None: the recipe's task)")
         if name == "crossval":
             ft.add_argument("--folds", type=int, default=5, help="number of folds K (>= 2)")
         ft.add_argument("--force", action="store_true", help="replace the files of an existing run directory")

@@ -337,13 +337,16 @@ def save_yaml(data: dict, path: str | Path) -> None:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Map field name -> the docstring written under it in the class body."""
+    """Map field name -> the docstring written under it in the class body (or a base class's)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-    docs = {}
     for node, nxt in zip(body, body[1:]):
         if (
             isinstance(node, ast.AnnAssign)
