@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from fromzero.errors import FromzeroError, first_line
 
@@ -205,6 +205,9 @@ def read_json(path: Path, what: str) -> dict:
 def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> tuple[list[str], list[str]]:
     """Load safetensors weights into ``model``; shape/key mismatches are one-line errors.
 
+    Tensors are read one at a time and copied into the model's own, so loading needs memory for
+    the model plus one tensor, not two whole copies of the weights.
+
     partial: for initialising a model for a new task from another checkpoint (a new head):
     tensors of the file that the model lacks or that differ in shape are skipped, and the
     model's tensors the file lacks keep their fresh initialisation. Returns (missing, skipped)
@@ -212,32 +215,35 @@ def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> t
     """
     if not path.is_file():
         raise FromzeroError(f"weights not found: {path}")
+    own = model.state_dict()
+    loaded, skipped = set(), []
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            for name in names:  # check everything before changing anything
+                shape = tuple(f.get_slice(name).get_shape())
+                if name in own and tuple(own[name].shape) == shape:
+                    continue
+                if partial:
+                    skipped.append(name)
+                elif name not in own:
+                    raise FromzeroError(f"{path}: unexpected tensor '{name}' for this model")
+                else:
+                    raise FromzeroError(
+                        f"{path}: tensor '{name}' has shape {shape}, the model expects {tuple(own[name].shape)}"
+                    )
+            with torch.no_grad():
+                for name in names:
+                    if name not in skipped:
+                        own[name].copy_(f.get_tensor(name))
+                        loaded.add(name)
     except (SafetensorError, OSError, ValueError) as e:
         raise FromzeroError(f"cannot read weights {path}: {first_line(e)}") from None
-    own = model.state_dict()
-    skipped = []
-    for name, tensor in state.items():
-        if name not in own or own[name].shape != tensor.shape:
-            if partial:
-                skipped.append(name)
-                continue
-        if name not in own:
-            raise FromzeroError(f"{path}: unexpected tensor '{name}' for this model")
-        if own[name].shape != tensor.shape:
-            raise FromzeroError(
-                f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(own[name].shape)}"
-            )
-    for name in skipped:
-        del state[name]
-    missing, _ = model.load_state_dict(state, strict=False)
     # Tied weights are stored once; the others must all be present.
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {
         n for n, p in model.named_parameters()
     }
-    really_missing = [m for m in missing if m not in tied]
+    really_missing = [m for m in own if m not in loaded and m not in tied]
     if really_missing and not partial:
         raise FromzeroError(f"{path}: missing tensors {really_missing[:5]}")
     return really_missing, skipped
