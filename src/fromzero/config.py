@@ -287,16 +287,29 @@ def parse_overrides(tokens: list[str], cls: type, command: str = "pretrain") -> 
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"; did you mean '--{close[0]}'?" if close else ""
             raise FromzeroError(f"unknown option '--{key}'{hint} (fromzero {command} --help lists them)")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        if _is_text_field(cls, key):
+            value = None if raw in ("null", "~") and _is_text_field(cls, key, optional=True) else raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
     return out
+
+
+def _is_text_field(cls: type, key: str, optional: bool = False) -> bool:
+    """Is dotted ``key`` of ``cls`` a str (or str | None) field? Its command-line value is then
+    taken as typed: YAML would turn "USER:\n" into a mapping and "\n\n" into null."""
+    tp: Any = cls
+    for part in key.split("."):
+        tp = _type_hints(tp)[part]
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    return args == {str, type(None)} if optional else args <= {str, type(None)} and str in args
 
 
 def deep_merge(base: dict, update: dict) -> dict:

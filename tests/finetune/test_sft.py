@@ -103,7 +103,7 @@ def test_evaluate_the_sft_checkpoint_on_its_test_split(chain: dict, cli) -> None
     metrics = json.loads(result.out.strip().splitlines()[-1])
     assert {"loss", "perplexity"} <= set(metrics) and metrics["split"] == "test"
     run_metrics = json.loads((chain["sft"] / "metrics.json").read_text())
-    assert metrics["loss"] == pytest.approx(run_metrics["loss"], rel=0.03)  # same data, split, template
+    assert metrics["loss"] == pytest.approx(run_metrics["loss"], rel=0.05)  # same data, split, template (evaluate autocasts: dtype auto)
 
 
 def test_evaluate_a_pretrained_gpt_on_a_prepared_split(chain: dict, cli) -> None:
@@ -252,10 +252,6 @@ def test_line_without_an_assistant_message(cli, one_line_error, gpt_base: Path, 
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="BUG: config.parse_overrides (src/fromzero/config.py ~l.291) YAML-parses every override, "
-                          "so a str option such as --user_prefix 'USER:\\n' becomes {'USER': None} and "
-                          "--turn_end '\\n\\n' becomes None; str-typed fields should keep the raw text",
-                   strict=True)
 def test_template_overrides_on_the_command_line_keep_their_text(gpt_base: Path, sft_jsonl: Path) -> None:
     from fromzero.finetune.recipe import load_finetune_config
 
