@@ -25,8 +25,6 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +112,7 @@ def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, bas
     """Write the adapter checkpoint directory atomically (layout in the module docstring)."""
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from fromzero.training.checkpoint import (CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, _disk_error,
-                                              commit_directory, write_safetensors)
+    from fromzero.training.checkpoint import atomic_directory, write_checkpoint_files, write_safetensors
 
     from peft.tuners.lora import LoraLayer
 
@@ -133,25 +130,11 @@ def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, bas
         task_type=TASK_TYPES[model_config["model_type"]], base_model_name_or_path=str(Path(base_checkpoint).resolve()),
         **extra,
     )
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-    try:
+    meta = {**(info or {}), "base_checkpoint": str(Path(base_checkpoint).resolve()), "adapter": "lora"}
+    with atomic_directory(Path(directory)) as tmp:
         write_safetensors(hf_state, tmp / ADAPTER_WEIGHTS)
-        config_dict = config.to_dict()
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config_dict, indent=2, default=sorted) + "\n")
-        (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
-        meta = {**(info or {}), "base_checkpoint": str(Path(base_checkpoint).resolve()), "adapter": "lora"}
-        (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        commit_directory(tmp, directory)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_error(e, directory) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config.to_dict(), indent=2, default=sorted) + "\n")
+        write_checkpoint_files(tmp, model_config, tokenizer_file, meta)
 
 
 def load_base(model: nn.Module, base_checkpoint: Path) -> list[str]:

@@ -15,13 +15,14 @@ or a full disk never leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -167,20 +168,35 @@ def save_checkpoint(
 ) -> None:
     """Write a complete checkpoint directory atomically (see module docstring)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         write_safetensors(model_state_for_saving(model), tmp / MODEL_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        if info is not None:
-            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_checkpoint_files(tmp, model_config, tokenizer_file, info)
         if trainer_state is not None:
             try:
                 torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
             except RuntimeError as e:  # torch's zip writer reports I/O failures as RuntimeError
                 raise _as_os_error(e, tmp) from None
+
+
+def write_checkpoint_files(tmp: Path, model_config: dict, tokenizer_file: Path | None, info: dict | None) -> None:
+    """config.json, tokenizer.json and info.json of a checkpoint being written in ``tmp``."""
+    (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2) + "\n")
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    if info is not None:
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """Write a directory's files into the yielded temp dir; on success it replaces ``directory``
+    (fsync + rename), on any failure it is removed and ``directory`` is left as it was. A full
+    disk or another OS error becomes a one-line FromzeroError."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        yield tmp
         commit_directory(tmp, directory)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
