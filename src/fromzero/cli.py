@@ -258,6 +258,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     tokenizer = TextTokenizer.load(Path(args.checkpoint))
+    template = _chat_template(Path(args.checkpoint)) if args.chat else None
+    if template is not None:
+        # The reply is what the model writes after the assistant prefix, up to the end of its turn.
+        prompt = template.prompt_text([{"role": "user", "content": prompt}])
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         if tokenizer.eos_id is None:
@@ -276,10 +280,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if stops:
             row = row[: len(ids) + stops[0]]
         text = tokenizer.decode(row if prompt else row[1:])
+        if template is not None:
+            text = text[len(prompt):]
+            text = text.split(template.turn_end)[0] if template.turn_end else text
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
     return 0
+
+
+def _chat_template(checkpoint: Path):
+    """The chat template an SFT checkpoint was tuned with (its info.json)."""
+    from fromzero.data.sft import ChatTemplate
+    from fromzero.inference.predict import checkpoint_info
+
+    info = checkpoint_info(checkpoint)
+    if info.get("task") != "sft" or not isinstance(info.get("template"), dict):
+        raise FromzeroError(f"--chat needs an instruction-tuned (sft) checkpoint; {checkpoint} is {info.get('task')!r}")
+    return ChatTemplate(**info["template"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +431,8 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     gen.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same text)")
     gen.add_argument("--num-samples", type=int, default=1, help="independent samples to draw")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    gen.add_argument("--chat", action="store_true",
+                     help="SFT checkpoints: wrap the prompt in the chat template it was tuned with and print only the reply")
     gen.add_argument("--no-cache", action="store_true", help="recompute attention over the whole context each step (slower; for checking)")
     gen.set_defaults(func=_cmd_generate)
 

@@ -95,6 +95,17 @@ def test_generate_from_the_sft_checkpoint(chain: dict) -> None:
     assert out.startswith(f"{USER}snow")
 
 
+def test_generate_chat_wraps_the_prompt_and_prints_only_the_reply(chain: dict) -> None:
+    assert chain["code"] == 0, chain["err"]
+    code, out, err = _run("generate", "--checkpoint", chain["sft"] / "checkpoints" / "best", "--chat",
+                          "--prompt", "snow", "--max-new-tokens", "12", "--device", "cpu", "--temperature", "0")
+    assert code == 0, err
+    reply = out.rstrip("\n")
+    assert USER not in reply and ASSISTANT not in reply and "\n\n" not in reply  # the reply alone, one turn
+    code, _, err = _run("generate", "--checkpoint", chain["run"] / "checkpoints" / "best", "--chat", "--prompt", "x")
+    assert code == 2 and "sft" in err
+
+
 def test_evaluate_the_sft_checkpoint_on_its_test_split(chain: dict, cli) -> None:
     assert chain["code"] == 0, chain["err"]
     result = cli("evaluate", "--checkpoint", chain["sft"] / "checkpoints" / "best", "--split", "test",
