@@ -268,7 +268,9 @@ class Finetuner:
                         done = True
                         break
                 epochs_run = epoch
-                if evaluated_at != step and not (interrupted and step == 0):
+                # With eval_every the epoch boundary needs no extra evaluation, except at the very end.
+                last = done or epoch == cfg.epochs
+                if evaluated_at != step and (not cfg.eval_every or last) and not (interrupted and step == 0):
                     if run_eval(epoch, bar):
                         stopped_early = True
                         done = True
