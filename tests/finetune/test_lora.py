@@ -195,3 +195,49 @@ def test_sft_adapter_matches_peft_on_exported_gpt2(sft_lora_run: dict, gpt_base:
         ours, _ = load_model(ckpt)(idx)
         hf_logits = theirs(input_ids=idx).logits
     torch.testing.assert_close(ours, hf_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["llama", "qwen2"])
+def test_llama_style_adapter_splits_fused_layers_and_matches_peft(style: str, tmp_path: Path) -> None:
+    """Our c_attn (q|k|v, grouped-query) and c_fc (gate|up) are one Linear each; HF has three and two.
+    The exported adapter repeats A and cuts B by rows: peft on the exported model gives our logits."""
+    import transformers
+    from peft import PeftModel
+
+    from fromzero.finetune.lora import apply_lora, save_adapter
+    from fromzero.finetune.methods import MethodConfig
+    from fromzero.models.gpt import GPT, GPTConfig
+    from fromzero.models.hf import convert_to_hf
+    from fromzero.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                       pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=style == "qwen2",
+                       tie_embeddings=False)
+    base_dir = tmp_path / "base"
+    save_checkpoint(base_dir, GPT(config), config.to_dict())
+    model = GPT(config)
+    base = load_model(base_dir)
+    model.load_state_dict(base.state_dict())
+    method = MethodConfig(method="lora", lora_rank=4, lora_targets=["attn.c_attn", "attn.c_proj", "mlp.c_fc"])
+    peft_model = apply_lora(model, config.to_dict(), method, modules_to_save=[])
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    save_adapter(tmp_path / "adapter", peft_model, config.to_dict(), base_dir)
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "model.layers.0.self_attn.k_proj" in adapter_config["target_modules"]
+    assert "model.layers.1.mlp.up_proj" in adapter_config["target_modules"]
+
+    convert_to_hf(base_dir, tmp_path / "hf")
+    cls = transformers.Qwen2ForCausalLM if style == "qwen2" else transformers.LlamaForCausalLM
+    hf = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "hf"), tmp_path / "adapter").eval()
+    ours = load_model(tmp_path / "adapter").eval()
+    ids = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got, _ = ours(ids)
+    base_logits, _ = base(ids)
+    assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter does something
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

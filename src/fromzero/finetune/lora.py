@@ -16,8 +16,9 @@ Saving (:func:`save_adapter`) writes a checkpoint directory a user can take to e
 so ``PeftModel.from_pretrained(AutoModelFor...(exported base), adapter_dir)`` gives the same
 outputs as fromzero does (tested). ``fromzero`` reads it back with :func:`load_adapter_model`
 (base + adapter, merged), and ``fromzero merge-lora`` writes the merged weights as a plain
-checkpoint. Families whose names map onto HF's one module to one module are supported
-(BERT, GPT-2-style GPT); each converter module provides ``hf_module_names(config)``.
+checkpoint. Supported: BERT, GPT-2-style and LLaMA/Qwen2-style GPTs; each converter module
+provides ``hf_module_names(config)``. Where HF splits a layer we fuse (LLaMA's q/k/v_proj from
+our c_attn), the exported adapter repeats A and cuts B by rows, which is exactly the same update.
 """
 
 from __future__ import annotations
@@ -97,14 +98,55 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def _rename(key: str, names: dict[str, str], what: str) -> str:
-    """'<module>.<rest>' -> '<names[module]>.<rest>' for the longest module prefix of key."""
+def _split_key(key: str, modules: Any, what: str) -> tuple[str, str]:
+    """'<module>.<rest>' -> (module, rest) for the longest module prefix of key in ``modules``."""
     parts = key.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         module = ".".join(parts[:cut])
-        if module in names:
-            return ".".join([names[module], *parts[cut:]])
+        if module in modules:
+            return module, ".".join(parts[cut:])
     raise FromzeroError(f"{what}: no module name for tensor {key!r}")
+
+
+def _parts(mapped: str | list[tuple[str, int]]) -> list[tuple[str, int | None]]:
+    """A name-map value as a list of (HF module, output rows): one entry unless the HF model
+    splits our fused layer (LLaMA's q/k/v_proj from our c_attn)."""
+    return [(mapped, None)] if isinstance(mapped, str) else list(mapped)
+
+
+def to_hf_adapter_state(state: dict[str, torch.Tensor], names: dict) -> dict[str, torch.Tensor]:
+    """peft tensors under our module names -> under HF's. A fused layer split in HF gets the
+    same A for every part and its B cut by output rows: (B_q; B_k; B_v) @ A is exactly the
+    fused update, so the adapters are equal (eval outputs match; dropout differs in training)."""
+    out = {}
+    for key, tensor in state.items():
+        module, rest = _split_key(key.removeprefix(PEFT_PREFIX), names, "adapter")
+        parts = _parts(names[module])
+        if len(parts) == 1:
+            out[f"{PEFT_PREFIX}{parts[0][0]}.{rest}"] = tensor
+        elif rest.startswith("lora_A."):
+            out.update({f"{PEFT_PREFIX}{hf}.{rest}": tensor.clone() for hf, _ in parts})
+        elif rest.startswith("lora_B."):
+            pieces = tensor.split([rows for _, rows in parts])
+            out.update({f"{PEFT_PREFIX}{hf}.{rest}": piece.clone() for (hf, _), piece in zip(parts, pieces)})
+        else:
+            raise FromzeroError(f"adapter: {module}.{rest} of a split layer has no Hugging Face counterpart")
+    return out
+
+
+def from_hf_adapter_state(state: dict[str, torch.Tensor], names: dict, what: str) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_hf_adapter_state` (split parts: A from the first, B concatenated)."""
+    place = {hf: (ours, i) for ours, mapped in names.items() for i, (hf, _) in enumerate(_parts(mapped))}
+    grouped: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        hf, rest = _split_key(key.removeprefix(PEFT_PREFIX), place, what)
+        ours, index = place[hf]
+        grouped.setdefault(f"{PEFT_PREFIX}{ours}.{rest}", {})[index] = tensor
+    out = {}
+    for key, pieces in grouped.items():
+        ordered = [pieces[i] for i in sorted(pieces)]
+        out[key] = torch.cat(ordered) if ".lora_B." in f".{key}" and len(ordered) > 1 else ordered[0]
+    return out
 
 
 def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, base_checkpoint: Path,
@@ -121,12 +163,12 @@ def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, bas
     # The adapted layers, read off the model: peft may have shortened a long target list to suffixes.
     adapted = [n.removeprefix(PEFT_PREFIX) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
     state = get_peft_model_state_dict(peft_model)
-    hf_state = {PEFT_PREFIX + _rename(k.removeprefix(PEFT_PREFIX), names, "adapter"): v.detach().cpu().contiguous()
-                for k, v in state.items()}
+    hf_state = {k: v.detach().cpu().contiguous() for k, v in to_hf_adapter_state(state, names).items()}
     config = LoraConfig(
         r=ours.r, lora_alpha=ours.lora_alpha, lora_dropout=ours.lora_dropout, bias="none",
-        target_modules=sorted(names[t] for t in adapted),
-        modules_to_save=sorted(names[m] for m in ours.modules_to_save) if ours.modules_to_save else None,
+        target_modules=sorted(hf for t in adapted for hf, _ in _parts(names[t])),
+        modules_to_save=sorted(hf for m in ours.modules_to_save for hf, _ in _parts(names[m]))
+        if ours.modules_to_save else None,
         task_type=TASK_TYPES[model_config["model_type"]], base_model_name_or_path=str(Path(base_checkpoint).resolve()),
         **extra,
     )
@@ -171,9 +213,9 @@ def load_adapter_model(directory: Path) -> nn.Module:
         raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
     load_base(model, base_dir)
     names, _ = hf_names(model_config)
-    ours = {hf: fz for fz, hf in names.items()}
+    ours = {hf: fz for fz, mapped in names.items() for hf, _ in _parts(mapped)}
     try:
-        targets = [ours[t] for t in adapter["target_modules"]]
+        targets = sorted({ours[t] for t in adapter["target_modules"]})
         to_save = [ours[m] for m in adapter.get("modules_to_save") or []]
         config = LoraConfig(r=int(adapter["r"]), lora_alpha=float(adapter["lora_alpha"]), target_modules=targets,
                             modules_to_save=to_save or None, bias="none")
@@ -184,7 +226,7 @@ def load_adapter_model(directory: Path) -> nn.Module:
         state = load_file(str(directory / ADAPTER_WEIGHTS))
     except Exception as e:  # missing or corrupt file
         raise FromzeroError(f"cannot read {directory / ADAPTER_WEIGHTS}: {first_line(e)}") from None
-    state = {PEFT_PREFIX + _rename(k.removeprefix(PEFT_PREFIX), ours, str(directory)): v for k, v in state.items()}
+    state = from_hf_adapter_state(state, names, str(directory))
     result = set_peft_model_state_dict(peft_model, state)
     if result.unexpected_keys:
         raise FromzeroError(f"{directory / ADAPTER_WEIGHTS}: unexpected tensors {result.unexpected_keys[:3]}")

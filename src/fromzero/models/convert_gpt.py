@@ -504,22 +504,34 @@ def _dtype_name(state: dict[str, Tensor]) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def hf_module_names(config: dict) -> tuple[dict[str, str], dict]:
-    """fromzero module name -> HF module name of the exported model, for adapters (GPT-2 only).
+def hf_module_names(config: dict) -> tuple[dict[str, Any], dict]:
+    """fromzero module name -> HF module name(s) of the exported model, for adapters.
 
     GPT-2's names are ours; its Linear layers are ``Conv1D`` (weights stored in x out), which
     peft handles with ``fan_in_fan_out=True``: the LoRA A/B matrices themselves are the same.
-    LLaMA-style models fuse q/k/v (and gate/up) here but not in HF: not mapped yet.
+    LLaMA / Qwen2 split what we fuse: ``attn.c_attn`` -> q/k/v_proj and ``mlp.c_fc`` ->
+    gate/up_proj, given as [(HF name, output rows), ...] (see fromzero.finetune.lora).
     """
     cfg = GPTConfig.from_dict(config)
-    if (cfg.pos_embedding, cfg.norm, cfg.mlp) != ("learned", "layernorm", "gelu"):
-        raise FromzeroError(
-            "LoRA adapters in PEFT format are only written for GPT-2-style models so far "
-            "(this one has fused q/k/v that HF's LLaMA splits); use method full or frozen"
-        )
-    names = {"transformer.wte": "transformer.wte", "transformer.wpe": "transformer.wpe",
-             "transformer.ln_f": "transformer.ln_f", "lm_head": "lm_head"}
+    if (cfg.pos_embedding, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu"):
+        names: dict[str, Any] = {m: m for m in ("transformer.wte", "transformer.wpe", "transformer.ln_f", "lm_head")}
+        for i in range(cfg.n_layer):
+            for m in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                names[f"transformer.h.{i}.{m}"] = f"transformer.h.{i}.{m}"
+        return names, {"fan_in_fan_out": True}
+    if (cfg.pos_embedding, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
+        raise _export_error(cfg, "its adapters have no Hugging Face counterpart")
+    H, G, D = cfg.n_head, cfg.kv_heads, cfg.head_size
+    I = cfg.intermediate_size or 4 * cfg.n_embd
+    names = {"transformer.wte": "model.embed_tokens", "transformer.ln_f": "model.norm", "lm_head": "lm_head"}
     for i in range(cfg.n_layer):
-        for m in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-            names[f"transformer.h.{i}.{m}"] = f"transformer.h.{i}.{m}"
-    return names, {"fan_in_fan_out": True}
+        ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+        names.update({
+            ours + "ln_1": hf + "input_layernorm", ours + "ln_2": hf + "post_attention_layernorm",
+            ours + "attn.c_attn": [(hf + "self_attn.q_proj", H * D), (hf + "self_attn.k_proj", G * D),
+                                   (hf + "self_attn.v_proj", G * D)],
+            ours + "attn.c_proj": hf + "self_attn.o_proj",
+            ours + "mlp.c_fc": [(hf + "mlp.gate_proj", I), (hf + "mlp.up_proj", I)],
+            ours + "mlp.c_proj": hf + "mlp.down_proj",
+        })
+    return names, {}
