@@ -26,6 +26,7 @@ import yaml
 
 from fromzero.errors import FromzeroError, first_line
 from fromzero.models.gpt import GPTConfig
+from fromzero.training.distributed import DistConfig
 
 
 @dataclass
@@ -73,6 +74,8 @@ class TrainConfig:
     fast bf16 matmuls, else float32; float16 needs CUDA and uses a GradScaler)."""
     compile: bool = False
     """torch.compile the model's forward and backward."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward instead of keeping its activations (less memory, ~1/3 more compute)."""
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     (max-autotune also tunes CPU matmul kernels; compiling takes longer)."""
@@ -95,6 +98,7 @@ class PretrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     out_dir: str = ""
     """Run directory (default: runs/<recipe>-<timestamp>)."""
     name: str = "run"

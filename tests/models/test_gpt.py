@@ -565,3 +565,23 @@ def test_generate_cache_holds_only_the_positions_it_can_fill(monkeypatch: pytest
     assert sizes == [8, BS]
     assert torch.equal(a, model.generate(idx, max_new_tokens=5, temperature=0.0, use_cache=False))
     assert torch.equal(b, model.generate(tokens(2, 10), max_new_tokens=20, temperature=0.0, use_cache=False))
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(style: str) -> None:
+    """Recomputing blocks in backward (with dropout on: the RNG state is replayed) changes memory, not maths."""
+    extra = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False) if style == "llama" else {}
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=32, dropout=0.1, **extra)
+    idx = torch.randint(0, 50, (4, 16))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config).train()
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(1)
+        _, loss = model(idx, idx)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(g, grads[1][1][name], rtol=1e-6, atol=1e-7, msg=name)

@@ -71,6 +71,19 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """The logger of ranks other than 0 under torchrun: they compute, rank 0 writes."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def close(self) -> None:
+        pass
+
+
 def write_plots(rows: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     """plots/loss.png (train + val loss) and plots/lr.png from metrics rows."""
     import matplotlib

@@ -30,7 +30,9 @@ from fromzero.config import PretrainConfig, save_yaml, to_dict
 from fromzero.errors import FromzeroError, first_line
 from fromzero.models.gpt import GPT
 from fromzero.training import checkpoint as ckpt
-from fromzero.training.callbacks import MetricsLogger, TrainingProgress, now, write_plots
+from fromzero.training.callbacks import MetricsLogger, NullLogger, TrainingProgress, now, write_plots
+from fromzero.training.distributed import (barrier, broadcast_text, init_distributed, mean_across_ranks, rank_rows,
+                                           shutdown)
 from fromzero.training.optim import build_optimizer, lr_at
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "tb", "checkpoints", "plots")
@@ -205,11 +207,12 @@ class Pretrainer:
 
         self.cfg = cfg
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.ctx, self.device = init_distributed(cfg.dist.strategy, resolve_device(t.device))
         configure_backends(self.device)
         self.dtype = resolve_dtype(self.device, t.dtype)
         self.autocast = autocast_context(self.device, self.dtype)
-        self.run_dir = Path(run_dir or cfg.out_dir or default_run_dir(cfg))
+        # Every rank must agree on the (timestamped) run directory: rank 0's.
+        self.run_dir = Path(broadcast_text(str(run_dir or cfg.out_dir or default_run_dir(cfg)), self.ctx))
         self.progress_enabled = progress
         self.resumed = resume
 
@@ -238,9 +241,18 @@ class Pretrainer:
         # Model and optimizer. Seeding first makes initialisation reproducible.
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == "float16")
-        self.forward = compile_model(self.model, t.compile_mode, self.device) if t.compile else self.model
+        # DDP averages gradients across ranks during backward; self.model stays the plain module
+        # (checkpoints, evaluation), self.net is what the training step calls.
+        self.ddp = None
+        if self.ctx.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        net = self.ddp or self.model
+        self.forward = compile_model(net, t.compile_mode, self.device) if t.compile else net
         self.batch_generator = torch.Generator().manual_seed(t.seed)
         self.step = 0
         self.best_val_loss = math.inf
@@ -253,12 +265,16 @@ class Pretrainer:
                     f"{self.run_dir} already finished at step {self.step}; pass a larger "
                     "--train.max_iters to train longer"
                 )
-        else:
+        elif self.ctx.is_main:
             prepare_run_dir(self.run_dir, force)
         # The resolved config, with the run directory filled in; a resume records its overrides.
         cfg.out_dir = str(self.run_dir)
-        save_yaml(to_dict(cfg), self.run_dir / "config.yaml")
-        self.logger = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
+        if self.ctx.is_main:  # only rank 0 writes the run directory
+            save_yaml(to_dict(cfg), self.run_dir / "config.yaml")
+            self.logger: Any = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
+        else:
+            self.logger = NullLogger()
+        barrier(self.ctx)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -303,6 +319,8 @@ class Pretrainer:
             raise FromzeroError(f"trainer state in {self.last_dir} does not fit this run: {e}") from None
 
     def save(self, directory: Path, with_trainer_state: bool, val_loss: float | None) -> None:
+        if not self.ctx.is_main:
+            return
         info = {"step": self.step, "val_loss": val_loss, "fromzero_version": __version__}
         ckpt.save_checkpoint(
             directory,
@@ -317,20 +335,23 @@ class Pretrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over eval_iters batches (the same batches at every eval)."""
+        """Mean validation loss over eval_iters global batches (the same batches at every eval)."""
         from fromzero.data.text import sample_batch
 
         t = self.cfg.train
         self.model.eval()
         generator = torch.Generator().manual_seed(t.seed + 1)
-        losses = torch.zeros(t.eval_iters)
+        losses = torch.zeros(t.eval_iters, device=self.device)
         for i in range(t.eval_iters):
-            x, y = sample_batch(self.val_data, t.batch_size, self.cfg.model.block_size, generator)
+            # As in training: every rank draws the global batch and scores its own rows.
+            x, y = sample_batch(self.val_data, t.batch_size * self.ctx.world_size, self.cfg.model.block_size,
+                                generator)
+            x, y = rank_rows(x, self.ctx, 1), rank_rows(y, self.ctx, 1)
             with self.autocast:
                 _, loss = self.model(x.to(self.device), y.to(self.device))
-            losses[i] = loss.float().cpu()
+            losses[i] = loss.float()
         self.model.train()
-        return float(losses.mean())
+        return float(mean_across_ranks(losses.mean(), self.ctx))
 
     # --- training --------------------------------------------------------------------------
 
@@ -345,10 +366,12 @@ class Pretrainer:
         t = self.cfg.train
         non_blocking = self.device.type == "cuda"
         while True:
+            # Every rank draws the same global batch and keeps its own rows of each micro-batch.
             x, y = sample_batch(
-                self.train_data, t.batch_size * t.grad_accum_steps, self.cfg.model.block_size,
-                self.batch_generator,
+                self.train_data, t.batch_size * self.ctx.world_size * t.grad_accum_steps,
+                self.cfg.model.block_size, self.batch_generator,
             )
+            x, y = rank_rows(x, self.ctx, t.grad_accum_steps), rank_rows(y, self.ctx, t.grad_accum_steps)
             if non_blocking:
                 x, y = x.pin_memory(), y.pin_memory()
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
@@ -360,12 +383,17 @@ class Pretrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for xm, ym in zip(x.chunk(t.grad_accum_steps), y.chunk(t.grad_accum_steps)):
-            with self.autocast:
-                _, loss = self.forward(xm, ym)
-            loss = loss / t.grad_accum_steps
-            self.scaler.scale(loss).backward()
+        for j, (xm, ym) in enumerate(zip(x.chunk(t.grad_accum_steps), y.chunk(t.grad_accum_steps))):
+            # DDP: only the last micro-step's backward communicates (the others accumulate locally).
+            last = j == t.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            with sync:
+                with self.autocast:
+                    _, loss = self.forward(xm, ym)
+                loss = loss / t.grad_accum_steps
+                self.scaler.scale(loss).backward()
             total += loss.detach().float()
+        total = mean_across_ranks(total, self.ctx)  # the global batch's loss
         if t.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip, foreach=True)
@@ -426,7 +454,7 @@ class Pretrainer:
                     flush_pending()
                     self._evaluate_and_checkpoint(progress, elapsed_before + now() - run_start)
                     window_start = now()
-                if stop.requested:
+                if self._stop_everywhere(stop.requested):
                     break
                 x, y = next(batches)
                 lr = lr_at(self.step, t)
@@ -441,7 +469,7 @@ class Pretrainer:
                 if self.step % t.log_interval == 0:
                     flush_pending()
             flush_pending()
-            if stop.requested and self.step < t.max_iters:
+            if self._stop_everywhere(stop.requested) and self.step < t.max_iters:
                 stopped = True
                 self.save(self.last_dir, with_trainer_state=True, val_loss=None)
                 progress.print(
@@ -451,7 +479,9 @@ class Pretrainer:
             else:
                 self._evaluate_and_checkpoint(progress, elapsed_before + now() - run_start)
         self.logger.close()
-        write_plots(self.logger.rows, self.run_dir / "plots")
+        if self.ctx.is_main:
+            write_plots(self.logger.rows, self.run_dir / "plots")
+        barrier(self.ctx)
         return PretrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss, stopped)
 
     def _first_compiled_step(
@@ -489,7 +519,16 @@ class Pretrainer:
         progress.print(
             f"step {self.step}: val loss {val_loss:.4f}" + (" (best, saved)" if improved else "")
         )
-        write_plots(self.logger.rows, self.run_dir / "plots")
+        if self.ctx.is_main:
+            write_plots(self.logger.rows, self.run_dir / "plots")
+
+    def _stop_everywhere(self, requested: bool) -> bool:
+        """A stop asked of any rank stops all of them at the same step (else the others would
+        wait in the next gradient all-reduce until the timeout)."""
+        if self.ctx.world_size == 1:
+            return requested
+        flag = torch.tensor(float(requested), device=self.device)
+        return bool(mean_across_ranks(flag, self.ctx) > 0)
 
     def _fail_nonfinite(self, step: int, value: float, what: str = "training loss") -> None:
         info_path = self.last_dir / ckpt.INFO_FILE
@@ -517,7 +556,11 @@ def pretrain(
     progress: bool = True,
 ) -> PretrainResult:
     """Run (or resume) pretraining described by ``cfg``; returns where and how it ended."""
-    return Pretrainer(cfg, run_dir=run_dir, resume=resume, force=force, progress=progress).fit()
+    trainer = Pretrainer(cfg, run_dir=run_dir, resume=resume, force=force, progress=progress)
+    try:
+        return trainer.fit()
+    finally:
+        shutdown(trainer.ctx)
 
 
 def load_run_config(run_dir: Path) -> dict:
