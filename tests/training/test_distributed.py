@@ -103,3 +103,29 @@ def test_ddp_run_resumed_continues_with_identical_losses(make_recipe, tmp_path: 
     result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "straight", tmp_path / "cut")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+def test_fsdp_two_ranks_equal_one_process_and_resume_at_another_world_size(make_recipe, tmp_path: Path) -> None:
+    """FSDP2 shards parameters, gradients and optimizer state; the checkpoint is the full,
+    unsharded state, so a run cut at step 6 resumes in one plain process and ends as the
+    straight 1-process run does."""
+    recipe = make_recipe()
+    run_single(recipe, tmp_path / "single", "--train.batch_size", "4")
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "fromzero", "pretrain",
+           "--config", str(recipe), "--out_dir", str(tmp_path / "fsdp"), "--dist.strategy", "fsdp", *COMMON,
+           "--train.batch_size", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(tmp_path / "single", tmp_path / "fsdp")
+
+    cut = [c if c != "12" else "6" for c in cmd[:-2]]  # the same run, max_iters 6 (lr schedule still to 12)
+    cut[cut.index(str(tmp_path / "fsdp"))] = str(tmp_path / "cut")
+    cut[cut.index("--train.lr_decay_iters") + 1] = "12"
+    result = subprocess.run([*cut, "--train.batch_size", "2"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resume = [sys.executable, "-m", "fromzero", "pretrain", "--resume", str(tmp_path / "cut"),
+              "--train.max_iters", "12", "--dist.strategy", "none", "--train.batch_size", "4", "--quiet"]
+    result = subprocess.run(resume, capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(tmp_path / "single", tmp_path / "cut")

@@ -165,11 +165,15 @@ def save_checkpoint(
     tokenizer_file: Path | None = None,
     info: dict | None = None,
     trainer_state: dict | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a complete checkpoint directory atomically (see module docstring)."""
+    """Write a complete checkpoint directory atomically (see module docstring).
+
+    state: the weights to write instead of ``model``'s own (e.g. gathered from FSDP shards).
+    """
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        write_safetensors(model_state_for_saving(model), tmp / MODEL_FILE)
+        write_safetensors(state if state is not None else model_state_for_saving(model), tmp / MODEL_FILE)
         write_checkpoint_files(tmp, model_config, tokenizer_file, info)
         if trainer_state is not None:
             try:

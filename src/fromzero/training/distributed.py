@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from fromzero.errors import FromzeroError
 
-STRATEGIES = ("none", "ddp")
+STRATEGIES = ("none", "ddp", "fsdp")
 TIMEOUT_MINUTES = 10  # a rank that dies makes the others fail after this, instead of hanging
 
 
@@ -31,7 +31,7 @@ class DistConfig:
     """How a run spreads over processes (launch with torchrun)."""
 
     strategy: str = "none"
-    """none (one process) | ddp (DistributedDataParallel: every rank holds the model, gradients are averaged)."""
+    """none (one process) | ddp (DistributedDataParallel: every rank holds the model, gradients are averaged) | fsdp (FSDP2: parameters, gradients and optimizer state sharded across ranks)."""
 
 
 @dataclass
@@ -107,3 +107,64 @@ def barrier(ctx: DistContext) -> None:
 def shutdown(ctx: DistContext) -> None:
     if ctx.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, ctx: DistContext, dtype: str) -> None:
+    """FSDP2 ``fully_shard`` on every transformer block, then the whole model (in place).
+
+    Each block's parameters are gathered just before it runs and freed after; gradients are
+    reduce-scattered. With bf16 the gathered parameters are bf16 and gradients reduce in fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (ctx.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" \
+        else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module, tied_head: bool) -> dict[str, torch.Tensor]:
+    """The unsharded weights (a collective: every rank calls it), as a plain checkpoint stores them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options())
+    if tied_head:
+        state.pop("lm_head.weight", None)  # stored once, as transformer.wte.weight
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter name, unsharded (a collective).
+
+    Before the first step there is no state, and nothing to save: get_optimizer_state_dict
+    would create it by running a zero-gradient step, which counts as AdamW's step 1 (the first
+    real update would then be 0.74 x lr). An empty marker is saved instead.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not optimizer.state:
+        return {"state": {}, "param_groups": []}
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a name-keyed full optimizer state into any model (sharded or not)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not state.get("state"):
+        return  # saved before the first step: a fresh optimizer is the same
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))

@@ -23,14 +23,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused kernel where PyTorch has one for the device) or SGD with momentum."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                    fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW (fused kernel where PyTorch has one for the device, unless ``fused`` is false, as
+    for FSDP's sharded DTensor parameters) or SGD with momentum."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     # The fused AdamW kernel exists for CUDA, MPS and CPU: one kernel over all parameters
     # instead of a dozen elementwise ops per tensor.
-    fused = device.type in ("cuda", "cpu", "mps")
+    fused = fused and device.type in ("cuda", "cpu", "mps")
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=None if fused else True
     )

@@ -31,8 +31,9 @@ from fromzero.errors import FromzeroError, first_line
 from fromzero.models.gpt import GPT
 from fromzero.training import checkpoint as ckpt
 from fromzero.training.callbacks import MetricsLogger, NullLogger, TrainingProgress, now, write_plots
-from fromzero.training.distributed import (barrier, broadcast_text, init_distributed, mean_across_ranks, rank_rows,
-                                           shutdown)
+from fromzero.training.distributed import (barrier, broadcast_text, full_model_state, full_optimizer_state,
+                                           init_distributed, load_full_optimizer_state, mean_across_ranks,
+                                           rank_rows, shard_model, shutdown)
 from fromzero.training.optim import build_optimizer, lr_at
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "tb", "checkpoints", "plots")
@@ -242,12 +243,21 @@ class Pretrainer:
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
-        self.optimizer = build_optimizer(self.model, t, self.device)
+        if resume:  # full weights into the unsharded model: a checkpoint of any world size resumes
+            ckpt.recover_directory(self.last_dir)
+            if not self.last_dir.is_dir():
+                raise FromzeroError(f"nothing to resume: {self.last_dir} does not exist")
+            ckpt.load_weights(self.model, self.last_dir / ckpt.MODEL_FILE)
+        self.fsdp = cfg.dist.strategy == "fsdp"
+        if self.fsdp:
+            shard_model(self.model, self.device, self.ctx, self.dtype)
+        self.optimizer = build_optimizer(self.model, t, self.device, fused=not self.fsdp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == "float16")
         # DDP averages gradients across ranks during backward; self.model stays the plain module
-        # (checkpoints, evaluation), self.net is what the training step calls.
+        # (checkpoints, evaluation), self.forward is what the training step calls. FSDP2 shards
+        # the model in place (self.model is the sharded module).
         self.ddp = None
-        if self.ctx.world_size > 1:
+        if self.ctx.world_size > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -290,7 +300,8 @@ class Pretrainer:
         state = {
             "step": self.step,
             "best_val_loss": self.best_val_loss,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state(self.model, self.optimizer) if self.fsdp else self.optimizer.state_dict(),
+            "optimizer_format": "fqn" if self.fsdp else "torch",
             "scaler": self.scaler.state_dict(),
             "batch_generator": self.batch_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -301,13 +312,13 @@ class Pretrainer:
         return state
 
     def _load_resume_state(self) -> None:
-        ckpt.recover_directory(self.last_dir)
-        if not self.last_dir.is_dir():
-            raise FromzeroError(f"nothing to resume: {self.last_dir} does not exist")
-        ckpt.load_weights(self.model, self.last_dir / ckpt.MODEL_FILE)
+        """Optimizer, RNG and step of checkpoints/last (the weights were loaded before sharding)."""
         state = ckpt.load_trainer_state(self.last_dir)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("optimizer_format") == "fqn":  # written by an FSDP run: keyed by parameter name
+                load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.batch_generator.set_state(state["batch_generator"])
             torch.set_rng_state(state["torch_rng"])
@@ -319,6 +330,10 @@ class Pretrainer:
             raise FromzeroError(f"trainer state in {self.last_dir} does not fit this run: {e}") from None
 
     def save(self, directory: Path, with_trainer_state: bool, val_loss: float | None) -> None:
+        """Rank 0 writes the checkpoint; under FSDP every rank first helps gather the full
+        (unsharded) weights and optimizer state, so any world size can resume from it."""
+        state = full_model_state(self.model, self.cfg.model.tie_embeddings) if self.fsdp else None
+        trainer_state = self.trainer_state() if with_trainer_state else None
         if not self.ctx.is_main:
             return
         info = {"step": self.step, "val_loss": val_loss, "fromzero_version": __version__}
@@ -328,7 +343,8 @@ class Pretrainer:
             self.cfg.model.to_dict(),
             tokenizer_file=self.tokenizer_file,
             info=info,
-            trainer_state=self.trainer_state() if with_trainer_state else None,
+            trainer_state=trainer_state,
+            state=state,
         )
 
     # --- evaluation ------------------------------------------------------------------------
@@ -387,6 +403,8 @@ class Pretrainer:
             # DDP: only the last micro-step's backward communicates (the others accumulate locally).
             last = j == t.grad_accum_steps - 1
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)  # reduce-scatter only on the last micro-step
             with sync:
                 with self.autocast:
                     _, loss = self.forward(xm, ym)
@@ -397,6 +415,8 @@ class Pretrainer:
         if t.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip, foreach=True)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
+                grad_norm = grad_norm.full_tensor()
         else:
             grad_norm = torch.zeros((), device=self.device)
         self.scaler.step(self.optimizer)
