@@ -172,7 +172,8 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
     """Metrics of a checkpoint on one split of ``data`` (default: the data of the run that made it)."""
     info = checkpoint_info(Path(directory))
     task = info["task"]
-    data = data or run_config(Path(directory)).get("data") or run_config(Path(directory)).get("data_dir")
+    made_by = run_config(Path(directory))
+    data = data or made_by.get("data") or made_by.get("data_dir")
     if not data:
         raise FromzeroError("no --data given and the checkpoint's run config names none")
     if task == "text-classification":
