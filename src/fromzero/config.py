@@ -115,6 +115,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
             dataclasses.replace(cfg.model, vocab_size=1).validate()
     except ValueError as e:
         raise FromzeroError(str(e)) from None
+    cfg.dist.validate()
     positive = ("batch_size", "max_iters", "grad_accum_steps", "eval_interval", "eval_iters",
                 "log_interval")
     for name in positive:

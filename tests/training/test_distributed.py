@@ -129,3 +129,42 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_at_another_world_size(make_
     result = subprocess.run(resume, capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "single", tmp_path / "cut")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+def test_fsdp_sharded_checkpoint_resumes_in_one_process_and_a_missing_shard_is_refused(
+        make_recipe, tmp_path: Path) -> None:
+    """dist.checkpoint sharded: each rank writes its own shard files (nothing gathered); one
+    plain process resumes from them and ends as the straight 1-process run; load_model reads
+    them; a checkpoint that lost a shard is refused with one line, not half loaded."""
+    import shutil
+
+    from fromzero.training.checkpoint import load_model
+
+    recipe = make_recipe()
+    run_single(recipe, tmp_path / "single", "--train.batch_size", "4")
+    cut = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "fromzero", "pretrain",
+           "--config", str(recipe), "--out_dir", str(tmp_path / "cut"), "--dist.strategy", "fsdp",
+           "--dist.checkpoint", "sharded", *COMMON, "--train.batch_size", "2", "--train.max_iters", "6"]
+    result = subprocess.run(cut, capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = tmp_path / "cut" / "checkpoints" / "last"
+    shards = sorted(p.name for p in (last / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (last / "model.safetensors").exists()
+    model = load_model(last)
+    assert model.transformer.wte.weight.abs().sum() > 0 and model.lm_head.weight is model.transformer.wte.weight
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "cut", broken)
+    (broken / "checkpoints" / "last" / "sharded" / "__1_0.distcp").unlink()
+    resume = [sys.executable, "-m", "fromzero", "pretrain", "--train.max_iters", "12", "--dist.strategy", "none",
+              "--train.batch_size", "4", "--quiet", "--resume"]
+    result = subprocess.run([*resume, str(broken)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing shard __1_0.distcp" in lines[0], lines
+
+    result = subprocess.run([*resume, str(tmp_path / "cut")], capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(tmp_path / "single", tmp_path / "cut")

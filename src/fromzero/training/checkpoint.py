@@ -296,5 +296,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tor
         model = build_model(config)
     except FromzeroError as e:
         raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
-    load_weights(model, directory / MODEL_FILE)
+    sharded = directory / "sharded"
+    if not (directory / MODEL_FILE).exists() and sharded.is_dir():  # written by FSDP with dist.checkpoint sharded
+        from fromzero.training.distributed import load_sharded
+
+        load_sharded(model, None, sharded)
+    else:
+        load_weights(model, directory / MODEL_FILE)
     return model.to(device).eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,10 @@ import torch.distributed as dist
 from fromzero.errors import FromzeroError
 
 STRATEGIES = ("none", "ddp", "fsdp")
-TIMEOUT_MINUTES = 10  # a rank that dies makes the others fail after this, instead of hanging
+CHECKPOINT_FORMATS = ("full", "sharded")
+SHARDED_DIR = "sharded"  # inside a checkpoint directory: torch.distributed.checkpoint files
+TIMEOUT_ENV = "FROMZERO_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600  # a rank that dies makes the others fail after this, instead of hanging
 
 
 @dataclass
@@ -32,6 +36,14 @@ class DistConfig:
 
     strategy: str = "none"
     """none (one process) | ddp (DistributedDataParallel: every rank holds the model, gradients are averaged) | fsdp (FSDP2: parameters, gradients and optimizer state sharded across ranks)."""
+    checkpoint: str = "full"
+    """fsdp checkpoints: full (rank 0 gathers weights + optimizer into model.safetensors + trainer_state.pt; needs the whole model in rank 0's CPU memory) | sharded (each rank writes its shards with torch.distributed.checkpoint into <checkpoint>/sharded/, nothing gathered; needs a filesystem all ranks share). Both resume at any world size, or in one process; ddp and none always write full checkpoints."""
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise FromzeroError(f"dist.strategy {self.strategy!r} is not supported (supported: {', '.join(STRATEGIES)})")
+        if self.checkpoint not in CHECKPOINT_FORMATS:
+            raise FromzeroError(f"dist.checkpoint must be one of {', '.join(CHECKPOINT_FORMATS)}, got {self.checkpoint!r}")
 
 
 @dataclass
@@ -67,9 +79,43 @@ def init_distributed(strategy: str, device: torch.device) -> tuple[DistContext, 
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=TIMEOUT_MINUTES))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return ctx, device
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks before failing (env FROMZERO_DIST_TIMEOUT,
+    seconds; default 600). A rank that died then ends the run with an error instead of a hang."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise FromzeroError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+_COLLECTIVE_FAILURES = ("connection closed by peer", "connection reset", "broken pipe", "timed out", "timeout",
+                        "nccl", "gloo", "socket", "watchdog")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether an exception comes from a collective whose peers are gone (not a bug in the step)."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(marker in text for marker in _COLLECTIVE_FAILURES)
+
+
+def lost_rank_error(e: BaseException, ctx: DistContext) -> FromzeroError:
+    """A collective that failed because another rank died or the network broke, as one line."""
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return FromzeroError(
+        f"rank {ctx.rank} lost contact with the other {ctx.world_size - 1} rank(s) (a process died, "
+        f"or the network failed or timed out after {collective_timeout().total_seconds():.0f} s: "
+        f"{detail}); the last checkpoint is intact: restart with --resume"
+    )
 
 
 def rank_rows(x: torch.Tensor, ctx: DistContext, micro_batches: int) -> torch.Tensor:
@@ -168,3 +214,65 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
         return  # saved before the first step: a fresh optimizer is the same
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint)
+
+
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path) -> None:
+    """Every rank writes its own shards of the weights (and optimizer state) under ``path``
+    (a collective); rank 0 also writes the ``.metadata`` index that maps each tensor's pieces
+    to files. Pass optimizer=None before the first step (see :func:`full_optimizer_state`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def check_sharded(path) -> None:
+    """Refuse a sharded checkpoint whose index names a shard file that is missing or shorter
+    than the index says (a copy that lost files, a crash mid-write)."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # missing or unreadable .metadata
+        raise FromzeroError(f"sharded checkpoint {path} has no readable index (.metadata): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    needed: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            raise FromzeroError(f"sharded checkpoint {path} is missing shard {name} (written by another rank?); cannot resume from it")
+        if file.stat().st_size < size:
+            raise FromzeroError(f"sharded checkpoint {path}: shard {name} is truncated ({file.stat().st_size} of {size} bytes)")
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, path) -> None:
+    """Load a sharded checkpoint into ``model`` (and ``optimizer``), sharded or not: DCP reads
+    whichever pieces this rank's tensors need, so any world size (or one process) resumes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    check_sharded(path)
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # a checkpoint of another model, or a damaged one
+        raise FromzeroError(f"cannot load sharded checkpoint {path}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}") from None
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,9 +32,10 @@ from fromzero.errors import FromzeroError, first_line
 from fromzero.models.gpt import GPT
 from fromzero.training import checkpoint as ckpt
 from fromzero.training.callbacks import MetricsLogger, NullLogger, TrainingProgress, now, write_plots
-from fromzero.training.distributed import (barrier, broadcast_text, full_model_state, full_optimizer_state,
-                                           init_distributed, load_full_optimizer_state, mean_across_ranks,
-                                           rank_rows, shard_model, shutdown)
+from fromzero.training.distributed import (SHARDED_DIR, barrier, broadcast_text, check_sharded, full_model_state,
+                                           full_optimizer_state, init_distributed, is_collective_failure,
+                                           load_full_optimizer_state, load_sharded, lost_rank_error,
+                                           mean_across_ranks, rank_rows, save_sharded, shard_model, shutdown)
 from fromzero.training.optim import build_optimizer, lr_at
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "tb", "checkpoints", "plots")
@@ -243,12 +245,18 @@ class Pretrainer:
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
-        if resume:  # full weights into the unsharded model: a checkpoint of any world size resumes
+        resume_sharded = False
+        if resume:
             ckpt.recover_directory(self.last_dir)
             if not self.last_dir.is_dir():
                 raise FromzeroError(f"nothing to resume: {self.last_dir} does not exist")
-            ckpt.load_weights(self.model, self.last_dir / ckpt.MODEL_FILE)
+            resume_sharded = (self.last_dir / SHARDED_DIR).is_dir()
+            if resume_sharded:
+                check_sharded(self.last_dir / SHARDED_DIR)  # loaded below, once the model is sharded
+            else:  # full weights into the unsharded model: a checkpoint of any world size resumes
+                ckpt.load_weights(self.model, self.last_dir / ckpt.MODEL_FILE)
         self.fsdp = cfg.dist.strategy == "fsdp"
+        self.sharded_checkpoints = self.fsdp and cfg.dist.checkpoint == "sharded"
         if self.fsdp:
             shard_model(self.model, self.device, self.ctx, self.dtype)
         self.optimizer = build_optimizer(self.model, t, self.device, fused=not self.fsdp)
@@ -269,7 +277,7 @@ class Pretrainer:
         self.last_val_loss = math.nan
 
         if resume:
-            self._load_resume_state()
+            self._load_resume_state(resume_sharded)
             if self.step >= t.max_iters:
                 raise FromzeroError(
                     f"{self.run_dir} already finished at step {self.step}; pass a larger "
@@ -297,11 +305,17 @@ class Pretrainer:
         return self.run_dir / "checkpoints" / "best"
 
     def trainer_state(self) -> dict[str, Any]:
+        if self.sharded_checkpoints:  # the optimizer state is in the sharded files
+            optimizer, optimizer_format = {}, ("sharded" if self.optimizer.state else "none")
+        elif self.fsdp:
+            optimizer, optimizer_format = full_optimizer_state(self.model, self.optimizer), "fqn"
+        else:
+            optimizer, optimizer_format = self.optimizer.state_dict(), "torch"
         state = {
             "step": self.step,
             "best_val_loss": self.best_val_loss,
-            "optimizer": full_optimizer_state(self.model, self.optimizer) if self.fsdp else self.optimizer.state_dict(),
-            "optimizer_format": "fqn" if self.fsdp else "torch",
+            "optimizer": optimizer,
+            "optimizer_format": optimizer_format,
             "scaler": self.scaler.state_dict(),
             "batch_generator": self.batch_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -311,12 +325,18 @@ class Pretrainer:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
-    def _load_resume_state(self) -> None:
-        """Optimizer, RNG and step of checkpoints/last (the weights were loaded before sharding)."""
+    def _load_resume_state(self, sharded: bool) -> None:
+        """Optimizer, RNG and step of checkpoints/last (full weights were loaded before sharding;
+        sharded ones are loaded here, into the model as this run lays it out)."""
         state = ckpt.load_trainer_state(self.last_dir)
+        if sharded:
+            with_optimizer = state.get("optimizer_format") == "sharded"
+            load_sharded(self.model, self.optimizer if with_optimizer else None, self.last_dir / SHARDED_DIR)
         try:
             if state.get("optimizer_format") == "fqn":  # written by an FSDP run: keyed by parameter name
                 load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            elif state.get("optimizer_format") in ("sharded", "none"):
+                pass  # loaded above, or saved before the first step (a fresh optimizer is the same)
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
@@ -332,11 +352,14 @@ class Pretrainer:
     def save(self, directory: Path, with_trainer_state: bool, val_loss: float | None) -> None:
         """Rank 0 writes the checkpoint; under FSDP every rank first helps gather the full
         (unsharded) weights and optimizer state, so any world size can resume from it."""
+        info = {"step": self.step, "val_loss": val_loss, "fromzero_version": __version__}
+        if self.sharded_checkpoints:
+            self._save_sharded(directory, with_trainer_state, info)
+            return
         state = full_model_state(self.model, self.cfg.model.tie_embeddings) if self.fsdp else None
         trainer_state = self.trainer_state() if with_trainer_state else None
         if not self.ctx.is_main:
             return
-        info = {"step": self.step, "val_loss": val_loss, "fromzero_version": __version__}
         ckpt.save_checkpoint(
             directory,
             self.model,
@@ -346,6 +369,30 @@ class Pretrainer:
             trainer_state=trainer_state,
             state=state,
         )
+
+    def _save_sharded(self, directory: Path, with_trainer_state: bool, info: dict) -> None:
+        """Every rank writes its shards into one temp directory (on a filesystem all ranks
+        share) that rank 0 completes with config, tokenizer and trainer state, then renames
+        into place: a crash on any rank leaves the previous checkpoint as it was."""
+        tmp = ""
+        if self.ctx.is_main:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent)
+        tmp_dir = Path(broadcast_text(tmp, self.ctx))
+        trainer_state = self.trainer_state() if with_trainer_state else None
+        optimizer = self.optimizer if with_trainer_state and self.optimizer.state else None
+        try:
+            save_sharded(self.model, optimizer, tmp_dir / SHARDED_DIR)
+            if self.ctx.is_main:
+                ckpt.write_checkpoint_files(tmp_dir, self.cfg.model.to_dict(), self.tokenizer_file, info)
+                if trainer_state is not None:
+                    torch.save(trainer_state, tmp_dir / ckpt.TRAINER_STATE_FILE)
+                ckpt.commit_directory(tmp_dir, directory)
+        except Exception as e:
+            if self.ctx.is_main:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise FromzeroError(f"cannot write sharded checkpoint {directory}: {first_line(e)}") from None
+        barrier(self.ctx)
 
     # --- evaluation ------------------------------------------------------------------------
 
@@ -579,6 +626,10 @@ def pretrain(
     trainer = Pretrainer(cfg, run_dir=run_dir, resume=resume, force=force, progress=progress)
     try:
         return trainer.fit()
+    except Exception as e:
+        if trainer.ctx.world_size > 1 and is_collective_failure(e):
+            raise lost_rank_error(e, trainer.ctx) from None
+        raise
     finally:
         shutdown(trainer.ctx)
 
