@@ -218,6 +218,17 @@ def _image_inputs(path: Path) -> list[Path]:
     return [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fromzero.inference.export import export_onnx
+
+    if args.device != "cpu":
+        raise FromzeroError(f"export runs on the CPU (the graph is device-independent); got --device {args.device}")
+    result = export_onnx(Path(args.checkpoint), Path(args.out), opset=args.opset, force=args.force,
+                         verify=args.verify, atol=args.atol, fmt=args.format)
+    print(result.summary())
+    return 0
+
+
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
     from fromzero.finetune.lora import merge_lora
 
@@ -512,6 +523,25 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     pr.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     pr.set_defaults(func=_cmd_predict)
+
+    # export
+    ex = _add_parser(sub, "export", "export a checkpoint to ONNX (for onnxruntime and other runtimes)",
+                     description="GPT: input_ids -> logits. BERT: input_ids, attention_mask [, token_type_ids] ->\n"
+                     "logits / sentence_embedding / last_hidden_state. CNN, ViT: pixel_values -> logits.\n"
+                     "Batch and sequence axes are dynamic. Writes FILE and FILE.json (input / output names\n"
+                     "and shapes, labels, tokenizer). The file is checked with onnx.checker and, with --verify,\n"
+                     "run in onnxruntime and compared with PyTorch; nothing is written if they differ.\n\n"
+                     "example:\n  fromzero export --checkpoint runs/RUN/checkpoints/best --format onnx --out model.onnx")
+    ex.add_argument("--checkpoint", required=True, help="checkpoint directory (LoRA adapters export merged)")
+    ex.add_argument("--format", default="onnx", help="output format: onnx")
+    ex.add_argument("--out", required=True, help="output file, e.g. model.onnx (a description goes to FILE.json)")
+    ex.add_argument("--opset", type=int, default=20, help="ONNX opset version (18..23)")
+    ex.add_argument("--force", action="store_true", help="replace an existing output file")
+    ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the file in onnxruntime and compare with PyTorch")
+    ex.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| with --verify")
+    ex.add_argument("--device", default="cpu", help="cpu (export traces the model in fp32 on the CPU)")
+    ex.set_defaults(func=_cmd_export)
 
     # merge-lora
     ml = _add_parser(sub, "merge-lora", "fold a LoRA adapter into its base weights",
