@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from fromzero.models.layers import (
     Block,
     KVCache,
+    RaggedKVCache,
     RotaryEmbedding,
     make_norm,
     rope_inverse_frequencies,
@@ -255,23 +256,37 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | RaggedKVCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position (or only the last), and the mean cross-entropy loss.
 
         idx: (B, T) token ids. targets: (B, T) next-token ids, -100 = ignore.
         kv_cache: when given, idx continues the cached sequence (positions start at its length).
+        A :class:`RaggedKVCache` (batched serving) holds B sequences of different lengths:
+        row b's tokens then take positions ``lengths[b] ..`` of its own (see new_ragged_cache).
         """
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
+        ragged = isinstance(kv_cache, RaggedKVCache)
+        if ragged:
+            if B != kv_cache.rows:
+                raise ValueError(f"batch of {B} rows for a ragged cache with {kv_cache.rows} rows in use")
+            start = max(kv_cache.lengths) if kv_cache.lengths else 0  # the longest row
+        else:
+            start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
             )
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        if self.rotary is None:
+        if ragged:
+            pos = kv_cache.begin(T)  # (B, T): every row continues from its own length
+            if self.rotary is None:
+                x = x + self.transformer.wpe(pos)
+            else:
+                rope = self.rotary.at(pos)
+        elif self.rotary is None:
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
             x = x + self.transformer.wpe(pos)
         else:
@@ -284,7 +299,9 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, None, i, rope, use_reentrant=False)
             else:
                 x = block(x, kv_cache, i, rope)
-        if kv_cache is not None:
+        if ragged:
+            kv_cache.advance(T)
+        elif kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
 
@@ -301,10 +318,19 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache for ``max_len`` positions (default block_size) of every layer."""
-        p = self.transformer.wte.weight
+        p = self.transformer.ln_f.weight  # the compute device + dtype (float even when wte is int8-quantized)
         c = self.config
         return KVCache(
             c.n_layer, batch_size, c.kv_heads, max_len or c.block_size, c.head_size, p.device, p.dtype
+        )
+
+    def new_ragged_cache(self, max_rows: int, max_len: int | None = None) -> RaggedKVCache:
+        """An empty cache for up to ``max_rows`` sequences of different lengths, each up to
+        ``max_len`` positions (default block_size): the batch of a serving engine."""
+        p = self.transformer.ln_f.weight  # the compute device + dtype (float even when wte is int8-quantized)
+        c = self.config
+        return RaggedKVCache(
+            c.n_layer, max_rows, c.kv_heads, max_len or c.block_size, c.head_size, p.device, p.dtype
         )
 
     @torch.no_grad()

@@ -66,6 +66,126 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    @classmethod
+    def wrap(cls, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0) -> "KVCache":
+        """A cache over existing (B, G, L, D) buffers, e.g. views of one row of a
+        :class:`RaggedKVCache`, so a prefill writes straight into them (no copy)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = list(keys), list(values)
+        cache.max_len = keys[0].size(2)
+        cache.length = length
+        return cache
+
+
+class RaggedKVCache:
+    """Key/value buffers for decoding a batch of sequences of different lengths (serving).
+
+    Row r of every layer's (R, G, L, D) buffers holds one sequence, of which ``lengths[r]``
+    positions are filled; rows ``0 .. rows - 1`` are in use. A forward pass of (rows, T) new
+    tokens (see ``GPT.forward``) places every row at its own positions ``lengths[r] ..
+    lengths[r] + T - 1``: position embeddings and rotary angles are per row, new keys and values
+    are written at each row's own columns, and :attr:`attn_mask` lets row r's query at position
+    p see only that row's columns 0 .. p. Columns past a row's length hold stale values of an
+    earlier occupant or of a longer neighbour; the mask hides them, so each row computes what it
+    would alone (up to float rounding of the masked matmuls).
+
+    Rows come and go between steps (continuous batching): :meth:`append_row` + :meth:`row`
+    prefill a new sequence with the ordinary one-sequence path, writing straight into its row;
+    :meth:`remove_row` frees a row by moving the last row into it, so rows in use stay
+    contiguous and every step works on plain slices of the buffers.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        max_rows: int,
+        n_head: int,
+        max_len: int,
+        head_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (max_rows, n_head, max_len, head_size)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_rows, self.max_len = max_rows, max_len
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.lengths: list[int] = []  # filled positions of each row in use (host side: no syncs)
+        self.attn_mask: torch.Tensor | None = None  # (rows, 1, T, S) of the step being run
+        self._write_rows: torch.Tensor | None = None
+        self._write_cols: torch.Tensor | None = None
+        self._span = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows in use (the batch size of the next forward pass)."""
+        return len(self.lengths)
+
+    def append_row(self) -> int:
+        """Take the next free row (empty); returns its index."""
+        if self.rows >= self.max_rows:
+            raise ValueError(f"ragged KV cache is full: {self.max_rows} rows in use")
+        self.lengths.append(0)
+        return self.rows - 1
+
+    def row(self, r: int) -> KVCache:
+        """Row ``r`` as a one-sequence :class:`KVCache` sharing these buffers (for its prefill).
+
+        After running the model on it, record its length with ``lengths[r] = cache.length``.
+        """
+        return KVCache.wrap([k[r : r + 1] for k in self.keys], [v[r : r + 1] for v in self.values],
+                            self.lengths[r])
+
+    def remove_row(self, r: int) -> int:
+        """Free row ``r``: the last row moves into it. Returns the old index of the moved row
+        (== ``r`` when ``r`` was the last row: nothing moved)."""
+        last = self.rows - 1
+        if r != last:
+            n = self.lengths[last]
+            for buf in (*self.keys, *self.values):
+                buf[r, :, :n] = buf[last, :, :n]
+            self.lengths[r] = n
+        self.lengths.pop()
+        return last
+
+    def begin(self, T: int) -> torch.Tensor:
+        """Prepare a forward pass of T new tokens per row; returns their positions (rows, T)."""
+        if self.rows == 0:
+            raise ValueError("ragged KV cache has no rows in use")
+        end = max(self.lengths) + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # (R,)
+        pos = lengths[:, None] + torch.arange(T, device=self.device)  # (R, T)
+        cols = torch.arange(end, device=self.device)  # (S,)
+        # Row r's query at position p sees that row's columns 0 .. p (its past and itself). An
+        # additive mask (0 / -inf), built once per step: SDPA would convert a boolean one in
+        # every layer.
+        hidden = cols[None, None, None, :] > pos[:, None, :, None]  # (R, 1, T, S)
+        self.attn_mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            hidden, float("-inf"))
+        self._write_rows = torch.arange(self.rows, device=self.device)[:, None].expand(-1, T)
+        self._write_cols = pos
+        self._span = end
+        return pos
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` (R, G, T, D) at each row's own next columns; return the (R, G, S, D)
+        keys/values the step attends over (S = the longest row after this step)."""
+        R = self.rows
+        # Advanced indices on dims 0 and 2 (split by a slice) put their (R, T) dims first.
+        self.keys[layer][self._write_rows, :, self._write_cols] = k.transpose(1, 2)
+        self.values[layer][self._write_rows, :, self._write_cols] = v.transpose(1, 2)
+        return self.keys[layer][:R, :, : self._span], self.values[layer][:R, :, : self._span]
+
+    def advance(self, T: int) -> None:
+        """Count the T positions the finished forward pass added to every row."""
+        self.lengths = [n + T for n in self.lengths]
+        self.attn_mask = self._write_rows = self._write_cols = None
+
 
 # Below this sequence length, compiled CPU code uses the math SDPA backend (see attention()).
 CPU_MATH_ATTENTION_MAX_LEN = 256
@@ -105,6 +225,8 @@ def attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **gqa
         )
     dtype = q.dtype
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.float()  # an additive mask joins the fp32 core below
     use_math = torch.compiler.is_compiling() and k.size(-2) <= CPU_MATH_ATTENTION_MAX_LEN
     backend = sdpa_kernel([SDPBackend.MATH]) if use_math else contextlib.nullcontext()
     with torch.autocast("cpu", enabled=False), backend:
@@ -176,9 +298,14 @@ class RotaryEmbedding(nn.Module):
         """(cos, sin) for positions start .. start+length-1, each (length, D/2)."""
         return self.cos[start : start + length], self.sin[start : start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for per-row positions (B, T), each (B, 1, T, D/2): broadcast over heads."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) queries or keys by the angles of their positions (cos/sin: (T, D/2)).
+    """Rotate (B, H, T, D) queries or keys by the angles of their positions (cos/sin: (T, D/2),
+    or (B, 1, T, D/2) when each row has its own positions).
 
     With x = (x1, x2) split in halves this is x1 cos - x2 sin, x2 cos + x1 sin: the same
     numbers as ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)``, with half the table.
@@ -264,7 +391,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | RaggedKVCache | None = None,
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -278,7 +405,11 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # keys are cached rotated
 
-        if kv_cache is None:
+        if isinstance(kv_cache, RaggedKVCache):
+            # Rows of different lengths: each row's mask covers its own past only.
+            k, v = kv_cache.update(layer, k, v)  # (B, G, S, D)
+            y = attention(q, k, v, attn_mask=kv_cache.attn_mask)
+        elif kv_cache is None:
             dropout_p = self.dropout if self.training else 0.0
             y = attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -464,7 +595,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | RaggedKVCache | None = None,
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:

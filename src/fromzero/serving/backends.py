@@ -1,0 +1,173 @@
+"""What a served checkpoint can do: load it once, then generate, embed or classify.
+
+A server serves one checkpoint; its kind decides the endpoints (:func:`load_backend`):
+
+=====================  ==========================================  ============================
+checkpoint             what it is                                  endpoints
+=====================  ==========================================  ============================
+fromzero-gpt, sft      instruction-tuned GPT (info.json template)  completions, chat/completions
+fromzero-gpt           pretrained language model                   completions
+text-classification    BERT classifier (fine-tuned)                classify
+fromzero-bert          encoder (e.g. converted all-MiniLM-L6-v2)   embeddings
+=====================  ==========================================  ============================
+
+Chat needs the chat template an SFT checkpoint was tuned with; a plain pretrained GPT has none,
+so chat is refused for it (HTTP 400 saying so) rather than guessing a format the model never saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fromzero.errors import FromzeroError
+
+__all__ = ["Backend", "GeneratorBackend", "EmbeddingBackend", "ClassifierBackend", "load_backend"]
+
+
+@dataclass
+class Backend:
+    """A loaded checkpoint: ``kind`` is generate | embed | classify."""
+
+    name: str
+    """The model id clients use (GET /v1/models)."""
+    directory: Path
+    kind: str
+    task: str
+    """info.json's task: language-model, sft, text-classification, ... (or encoder)."""
+    description: str
+    """What the checkpoint is, for error messages: e.g. 'a text-classification (BERT classifier) checkpoint'."""
+    endpoints: tuple[str, ...] = field(default=())
+
+
+@dataclass
+class GeneratorBackend(Backend):
+    model: Any = None
+    tokenizer: Any = None
+    template: Any = None  # ChatTemplate of an SFT checkpoint, else None
+    stop_ids: list[int] = field(default_factory=list)
+
+    @property
+    def block_size(self) -> int:
+        return int(self.model.config.block_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+
+@dataclass
+class EmbeddingBackend(Backend):
+    model: Any = None
+    tokenizer: Any = None  # tokenizers.Tokenizer truncating at the encoder's limit
+    config: Any = None  # BertConfig
+    batch_size: int = 32
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled, L2-normalised sentence vectors of ``texts`` (exactly what
+        ``fromzero embed`` / ``embed_checkpoint`` computes) and the number of tokens read."""
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        too_big = max((max(e.ids, default=0) for e in encodings), default=0)
+        if too_big >= self.config.vocab_size:
+            raise FromzeroError(f"the tokenizer produced token id {too_big}, outside the model's "
+                                f"vocabulary of {self.config.vocab_size}")
+        device = next(self.model.parameters()).device
+        pad_id = self.config.pad_token_id or 0
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids), reverse=True)
+        result: list[list[float]] = [[] for _ in texts]
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                T = max(1, max(len(encodings[i].ids) for i in rows))
+                ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+                types = torch.zeros((len(rows), T), dtype=torch.long)
+                mask = torch.zeros((len(rows), T), dtype=torch.long)
+                for r, i in enumerate(rows):
+                    n = len(encodings[i].ids)
+                    ids[r, :n] = torch.tensor(encodings[i].ids, dtype=torch.long)
+                    types[r, :n] = torch.tensor(encodings[i].type_ids, dtype=torch.long)
+                    mask[r, :n] = 1
+                ids, types, mask = ids.to(device), types.to(device), mask.to(device)
+                hidden = self.model.encode(ids, mask, types, skip_padding=True)
+                vectors = self.model.sentence_embedding(hidden, mask, normalize=True).cpu().tolist()
+                for r, i in enumerate(rows):
+                    result[i] = vectors[r]
+        return result, sum(len(e.ids) for e in encodings)
+
+
+@dataclass
+class ClassifierBackend(Backend):
+    classifier: Any = None  # fromzero.inference.predict.Classifier
+    batch_size: int = 64
+
+    def classify(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Per text: the predicted label and every class's probability (as ``fromzero predict``)."""
+        logits = self.classifier.text_logits(list(texts), self.batch_size)
+        return self.classifier.label(logits)
+
+
+_GENERATE = ("/v1/completions",)
+_CHAT = ("/v1/completions", "/v1/chat/completions")
+
+
+def load_backend(checkpoint: str | Path, device: torch.device, name: str = "") -> Backend:
+    """Load ``checkpoint`` for serving; FromzeroError for a missing, broken or unservable one."""
+    from fromzero.inference.predict import checkpoint_info
+    from fromzero.training.checkpoint import CONFIG_FILE, read_json
+
+    directory = Path(checkpoint)
+    info = checkpoint_info(directory)  # raises for a missing directory / config.json
+    config = read_json(directory / CONFIG_FILE, "model config")
+    model_type = config.get("model_type")
+    task = str(info.get("task"))
+    name = name or str(checkpoint).rstrip("/") or str(directory)
+    if model_type == "fromzero-gpt":
+        return _load_generator(directory, device, name, task, info)
+    if task == "text-classification":
+        from fromzero.inference.predict import Classifier
+
+        classifier = Classifier(directory, str(device))
+        return ClassifierBackend(name, directory, "classify", task,
+                                 "a text-classification (BERT classifier) checkpoint", ("/v1/classify",),
+                                 classifier=classifier)
+    if model_type == "fromzero-bert":
+        from fromzero.models.bert import BertConfig, load_encoder_tokenizer
+        from fromzero.training.checkpoint import load_model
+
+        bert_config = BertConfig.from_dict(config)
+        tokenizer = load_encoder_tokenizer(directory, bert_config)
+        model = load_model(directory, device)
+        return EmbeddingBackend(name, directory, "embed", "encoder", "an encoder (BERT) checkpoint",
+                                ("/v1/embeddings",), model=model, tokenizer=tokenizer, config=bert_config)
+    raise FromzeroError(
+        f"cannot serve {directory}: it is a {task} checkpoint ({model_type}); serve takes a GPT "
+        "(completions, chat), a BERT encoder (embeddings) or a text classifier (classify)"
+    )
+
+
+def _load_generator(directory: Path, device: torch.device, name: str, task: str, info: dict) -> GeneratorBackend:
+    from fromzero.cli import _stop_ids
+    from fromzero.data.sft import ChatTemplate
+    from fromzero.data.tokenizers import TextTokenizer
+    from fromzero.models.gpt import GPT
+    from fromzero.training.checkpoint import load_model
+
+    model = load_model(directory, device)
+    if not isinstance(model, GPT):
+        raise FromzeroError(f"cannot serve {directory}: expected a GPT, got {type(model).__name__}")
+    tokenizer = TextTokenizer.load(directory)
+    template = None
+    if task == "sft" and isinstance(info.get("template"), dict):
+        try:
+            template = ChatTemplate(**info["template"])
+        except TypeError as e:
+            raise FromzeroError(f"{directory}/info.json has an invalid chat template: {e}") from None
+        description = "an instruction-tuned (sft) GPT checkpoint"
+    else:
+        description = "a pretrained GPT language model without a chat template"
+    return GeneratorBackend(name, directory, "generate", task, description, _CHAT if template else _GENERATE,
+                            model=model, tokenizer=tokenizer, template=template,
+                            stop_ids=_stop_ids(directory, tokenizer.eos_id))
