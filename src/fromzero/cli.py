@@ -149,7 +149,9 @@ def _finetune_epilog() -> str:
 
 
 def _finetune_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
-    tokens = _bool_flags(list(overrides), {"--compile", "--packing", "--force"})
+    # --dist.strategy as in pretraining recipes (fine-tuning recipes are flat: dist_strategy).
+    tokens = ["--dist_strategy" if t == "--dist.strategy" else t for t in overrides]
+    tokens = _bool_flags(tokens, {"--compile", "--packing", "--force"})
     if getattr(args, "force", False):
         tokens += ["--force", "true"]
     if getattr(args, "quiet", False):
@@ -161,6 +163,19 @@ def _cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     from fromzero.finetune.recipe import load_finetune_config, run_finetune
 
     task, cfg = load_finetune_config(args.config, _finetune_overrides(args, overrides), task=args.task)
+    result = run_finetune(task, cfg)
+    print(f"done: run directory {result['run_dir']}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fromzero.compression.distill import distill_task
+    from fromzero.finetune.recipe import load_finetune_config, run_finetune
+
+    # --student-config / --student-layers as the command's own spelling of the recipe keys
+    tokens = ["--" + t[2:].replace("-", "_") if t.startswith("--student-") else t for t in overrides]
+    tokens = _finetune_overrides(args, tokens) + ["--teacher", args.teacher]
+    task, cfg = load_finetune_config(args.config, tokens, task=args.task or distill_task(args.teacher, args.config))
     result = run_finetune(task, cfg)
     print(f"done: run directory {result['run_dir']}")
     return 0
@@ -218,6 +233,14 @@ def _image_inputs(path: Path) -> list[Path]:
     return [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _cmd_merge_lora(args: argparse.Namespace) -> int:
+    from fromzero.finetune.lora import merge_lora
+
+    out = merge_lora(Path(args.checkpoint), Path(args.out), force=args.force)
+    print(f"merged: {out}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from fromzero.inference.export import export_onnx
 
@@ -226,14 +249,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     result = export_onnx(Path(args.checkpoint), Path(args.out), opset=args.opset, force=args.force,
                          verify=args.verify, atol=args.atol, fmt=args.format)
     print(result.summary())
-    return 0
-
-
-def _cmd_merge_lora(args: argparse.Namespace) -> int:
-    from fromzero.finetune.lora import merge_lora
-
-    out = merge_lora(Path(args.checkpoint), Path(args.out), force=args.force)
-    print(f"merged: {out}")
     return 0
 
 
@@ -511,6 +526,24 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
         ft.add_argument("--quiet", action="store_true", help="no progress bar")
         ft.set_defaults(func=func, takes_overrides=True)
 
+    # distill
+    ds = _add_parser(
+        sub, "distill", "distil a teacher checkpoint into a smaller student (classifiers, language models)",
+        description="Train a student (the teacher with fewer layers, --student_layers N, and/or other shapes, "
+        "--student_config FILE) on\nalpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * task loss. Runs "
+        "as the fine-tuning task of the\nteacher (text-classification for a classifier, sft for a GPT): every "
+        "fine-tuning option applies\n(see fromzero finetune --help), and the run directory is the same.\n\n"
+        "examples:\n  fromzero distill --teacher runs/genre/checkpoints/best --config "
+        "recipes/distill-genre-minilm.yaml\n  fromzero distill --teacher runs/sft/checkpoints/best "
+        "--student_layers 2 --data dialogue.jsonl",
+    )
+    ds.add_argument("--teacher", required=True, help="teacher checkpoint directory (a text classifier or a GPT)")
+    ds.add_argument("--config", help="recipe YAML (e.g. recipes/distill-genre-minilm.yaml)")
+    ds.add_argument("--task", help="text-classification | sft (None: the recipe's, else from the teacher's kind)")
+    ds.add_argument("--force", action="store_true", help="replace the files of an existing run directory")
+    ds.add_argument("--quiet", action="store_true", help="no progress bar")
+    ds.set_defaults(func=_cmd_distill, takes_overrides=True)
+
     # evaluate
     ev = _add_parser(sub, "evaluate", "score a checkpoint on a data split (metrics.json)",
                      description="Classifiers: accuracy, precision / recall / F1 (macro, weighted), per-class "
@@ -537,25 +570,6 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     pr.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     pr.set_defaults(func=_cmd_predict)
-
-    # export
-    ex = _add_parser(sub, "export", "export a checkpoint to ONNX (for onnxruntime and other runtimes)",
-                     description="GPT: input_ids -> logits. BERT: input_ids, attention_mask [, token_type_ids] ->\n"
-                     "logits / sentence_embedding / last_hidden_state. CNN, ViT: pixel_values -> logits.\n"
-                     "Batch and sequence axes are dynamic. Writes FILE and FILE.json (input / output names\n"
-                     "and shapes, labels, tokenizer). The file is checked with onnx.checker and, with --verify,\n"
-                     "run in onnxruntime and compared with PyTorch; nothing is written if they differ.\n\n"
-                     "example:\n  fromzero export --checkpoint runs/RUN/checkpoints/best --format onnx --out model.onnx")
-    ex.add_argument("--checkpoint", required=True, help="checkpoint directory (LoRA adapters export merged)")
-    ex.add_argument("--format", default="onnx", help="output format: onnx")
-    ex.add_argument("--out", required=True, help="output file, e.g. model.onnx (a description goes to FILE.json)")
-    ex.add_argument("--opset", type=int, default=20, help="ONNX opset version (18..23)")
-    ex.add_argument("--force", action="store_true", help="replace an existing output file")
-    ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                    help="run the file in onnxruntime and compare with PyTorch")
-    ex.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| with --verify")
-    ex.add_argument("--device", default="cpu", help="cpu (export traces the model in fp32 on the CPU)")
-    ex.set_defaults(func=_cmd_export)
 
     # serve
     sv = _add_parser(
@@ -603,6 +617,26 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     ml.add_argument("--out", required=True, help="output checkpoint directory")
     ml.add_argument("--force", action="store_true", help="replace an existing output directory")
     ml.set_defaults(func=_cmd_merge_lora)
+
+    # export
+    ex = _add_parser(sub, "export", "export a checkpoint to ONNX (for onnxruntime and other runtimes)",
+                     description="GPT: input_ids -> logits. BERT: input_ids, attention_mask [, token_type_ids] ->\n"
+                     "logits / sentence_embedding / last_hidden_state. CNN, ViT: pixel_values -> logits.\n"
+                     "Batch and sequence axes are dynamic. Writes FILE and FILE.json (input / output names\n"
+                     "and shapes, labels, tokenizer). The file is checked with onnx.checker and, with --verify,\n"
+                     "run in onnxruntime and compared with PyTorch; nothing is written if they differ.\n\n"
+                     "example:\n  fromzero export --checkpoint runs/RUN/checkpoints/best --format onnx --out model.onnx")
+    ex.add_argument("--checkpoint", required=True, help="checkpoint directory (LoRA adapters export merged)")
+    ex.add_argument("--format", default="onnx", help="output format: onnx")
+    ex.add_argument("--out", required=True, help="output file, e.g. model.onnx (a description goes to FILE.json)")
+    ex.add_argument("--opset", type=int, default=20, help="ONNX opset version (18..23)")
+    ex.add_argument("--force", action="store_true", help="replace an existing output file")
+    ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the file in onnxruntime and compare with PyTorch")
+    ex.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| with --verify")
+    ex.add_argument("--device", default="cpu", help="cpu (export traces the model in fp32 on the CPU)")
+    ex.set_defaults(func=_cmd_export)
+
     return parser
 
 

@@ -73,7 +73,7 @@ def test_nan_loss_is_a_one_line_error() -> None:
 def test_gradient_accumulation_counts_optimizer_steps() -> None:
     cfg = FinetuneConfig(epochs=1, grad_accum=4, progress=False)
     finetuner, batches, _, _ = toy(cfg)
-    assert finetuner.fit(batches, 8 // 4).steps == 2
+    assert finetuner.fit(batches, 8).steps == 2  # 8 micro-batches per epoch / grad_accum 4
 
 
 def test_warmup_then_cosine_to_the_floor() -> None:

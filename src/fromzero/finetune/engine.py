@@ -11,12 +11,20 @@ A task (text classification, SFT) supplies the model, batches, a ``loss_fn(model
 * evaluation after every epoch (or every ``eval_every`` steps), early stopping when the monitored
   metric has not improved for ``patience`` evaluations, and the best weights restored at the end;
 * metrics.jsonl + TensorBoard rows, a rich progress bar, NaN/inf loss as a one-line error,
-  Ctrl-C / SIGTERM stopping after the current step with the best weights kept.
+  Ctrl-C / SIGTERM stopping after the current step with the best weights kept;
+* under ``torchrun`` (``dist_strategy: ddp``): DistributedDataParallel, each rank taking every
+  N-th micro-batch of the same shuffled order (N ranks x grad_accum k is the same step as one
+  process with grad_accum N*k), ``no_sync`` on all but the last micro-batch, losses averaged
+  across ranks, every rank evaluating the (small) validation split so all make the same
+  early-stopping decision; rank 0 alone writes the run directory (:func:`start_distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -26,6 +34,7 @@ import torch.nn as nn
 
 from fromzero.errors import FromzeroError
 from fromzero.finetune.methods import MethodConfig, set_train_mode
+from fromzero.training.distributed import DistContext, mean_across_ranks
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -65,7 +74,9 @@ class FinetuneConfig(MethodConfig):
     log_interval: int = 10
     """Write a metrics row every N optimizer steps."""
     device: str = "auto"
-    """auto | cpu | cuda | cuda:N | mps."""
+    """auto | cpu | cuda | cuda:N | mps (under torchrun with ddp: each rank its own cuda:LOCAL_RANK)."""
+    dist_strategy: str = "none"
+    """none (one process) | ddp (launch with torchrun --nproc_per_node N -m fromzero finetune ...: batch_size is per process, a step sees batch_size x N x grad_accum examples)."""
     dtype: str = "auto"
     """auto (bf16 where fast) | float32 | bfloat16 | float16 (autocast; weights stay float32)."""
     compile: bool = False
@@ -104,6 +115,9 @@ class FinetuneConfig(MethodConfig):
         for name in ("weight_decay", "l1", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise FromzeroError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.dist_strategy not in ("none", "ddp"):
+            raise FromzeroError(f"dist_strategy {self.dist_strategy!r} is not supported for fine-tuning "
+                                "(none | ddp; fsdp is for pretraining)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise FromzeroError(f"dtype {self.dtype!r} is not supported (auto, float32, bfloat16, float16)")
 
@@ -143,6 +157,51 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float) ->
     return factor
 
 
+def start_distributed(cfg: FinetuneConfig) -> tuple[DistContext, torch.device]:
+    """Join torchrun's process group when dist_strategy is ddp (else one process); ranks other
+    than 0 print nothing, so the console shows one run."""
+    from fromzero.training.distributed import init_distributed
+    from fromzero.training.trainer import resolve_device
+
+    ctx, device = init_distributed(cfg.dist_strategy, resolve_device(cfg.device))
+    if not ctx.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this worker process
+    return ctx, device
+
+
+def on_main_rank(ctx: DistContext, work: Callable[[], Any]) -> None:
+    """Run ``work`` on rank 0 only (e.g. create the run directory); if it fails, every rank
+    raises the same one-line error instead of the others waiting for rank 0 forever."""
+    from fromzero.training.distributed import broadcast_text
+
+    message = ""
+    if ctx.is_main:
+        try:
+            work()
+        except FromzeroError as e:
+            message = str(e) or "failed"
+            if ctx.world_size == 1:
+                raise
+    message = broadcast_text(message, ctx)
+    if message:
+        raise FromzeroError(message)
+
+
+def rank_micro_batches(batches: Iterable[Any], ctx: DistContext) -> Iterable[Any]:
+    """This rank's share of a stream of micro-batches all ranks produce in the same order:
+    of each run of world_size micro-batches, the rank-th; an incomplete final run is dropped so
+    every rank takes the same number of steps."""
+    if ctx.world_size == 1:
+        yield from batches
+        return
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == ctx.world_size:
+            yield group[ctx.rank]
+            group = []
+
+
 def l1_penalty(params: list[nn.Parameter]) -> torch.Tensor:
     """sum |w| over the trained matrices (biases and norm gains are not penalised, as with L2)."""
     return torch.stack([p.abs().sum(dtype=torch.float32) for p in params]).sum()
@@ -163,7 +222,11 @@ class Finetuner:
         higher_is_better: bool,
         logger: Any,
         trained_modules: list[nn.Module] | None = None,
+        forward: nn.Module | None = None,
+        ctx: DistContext | None = None,
     ) -> None:
+        """forward: what the training step calls (e.g. the compiled model; default ``model``);
+        loss_fn receives it (wrapped in DistributedDataParallel under ddp)."""
         self.model, self.cfg, self.device, self.dtype = model, cfg, device, dtype
         self.loss_fn, self.evaluate, self.logger = loss_fn, evaluate, logger
         self.monitor, self.higher_is_better = monitor, higher_is_better
@@ -174,6 +237,14 @@ class Finetuner:
         self.l1_params = [p for p in self.params if p.dim() >= 2]
         self.optimizer = build_optimizer(model, cfg, device)
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.ctx = ctx or DistContext()
+        self.net: nn.Module = forward if forward is not None else model
+        self.ddp: nn.Module | None = None
+        if self.ctx.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = self.net = DistributedDataParallel(
+                self.net, device_ids=[device] if device.type == "cuda" else None)
 
     def autocast(self) -> Any:
         from fromzero.training.trainer import autocast_context
@@ -192,12 +263,15 @@ class Finetuner:
             return True
         return value > best if self.higher_is_better else value < best
 
-    def fit(self, batches: Callable[[int], Iterable[Any]], steps_per_epoch: int) -> FitResult:
-        """Train over ``batches(epoch)`` (micro-batches); returns what happened, best weights loaded."""
+    def fit(self, batches: Callable[[int], Iterable[Any]], micro_batches_per_epoch: int) -> FitResult:
+        """Train over ``batches(epoch)`` (micro-batches, the same on every rank); returns what
+        happened, best weights loaded. A final incomplete accumulation group is dropped."""
         from fromzero.training.callbacks import TrainingProgress
         from fromzero.training.trainer import StopRequest
 
         cfg = self.cfg
+        world = self.ctx.world_size
+        steps_per_epoch = max(1, micro_batches_per_epoch // (cfg.grad_accum * world))
         total = steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
@@ -237,14 +311,17 @@ class Finetuner:
             done = False
             for epoch in range(1, cfg.epochs + 1):
                 set_train_mode(self.model, self.trained_modules)
-                micro = 0
+                self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an incomplete group
+                micro, group_loss = 0, 0.0
                 evaluated_at = -1
-                for batch in batches(epoch):
-                    loss, n_samples, n_tokens = self._micro_step(batch, micro, step)
+                for batch in rank_micro_batches(batches(epoch), self.ctx):
+                    micro_loss, n_samples, n_tokens = self._micro_step(batch, micro, step)
+                    group_loss += micro_loss
                     micro += 1
-                    samples += n_samples
+                    samples += n_samples * world
                     if micro % cfg.grad_accum:
                         continue
+                    loss, group_loss = group_loss / cfg.grad_accum, 0.0  # the step's mean loss
                     self._optimizer_step()
                     lr = self.optimizer.param_groups[0]["lr"]
                     scheduler.step()
@@ -260,7 +337,7 @@ class Finetuner:
                         if run_eval(epoch, bar):
                             stopped_early = done = True
                             break
-                    if stop.requested:
+                    if self._stop_everywhere(stop.requested):
                         interrupted = done = True
                         bar.print(f"stopping at step {step} as asked; keeping the best weights so far")
                         break
@@ -284,11 +361,24 @@ class Finetuner:
         return FitResult(best_metrics, best_step, best_epoch, step, epochs_run, stopped_early, interrupted,
                          train_s, samples / max(train_s, 1e-9))
 
+    def _stop_everywhere(self, requested: bool) -> bool:
+        """A stop asked of any rank (Ctrl-C, SIGTERM) stops all of them after the same step."""
+        if self.ctx.world_size == 1:
+            return requested
+        return bool(mean_across_ranks(torch.tensor(float(requested), device=self.device), self.ctx) > 0)
+
     def _micro_step(self, batch: Any, micro: int, step: int) -> tuple[float, int, int]:
+        # DDP: only the last micro-batch of a step all-reduces the gradients.
+        syncs = self.ddp is None or (micro + 1) % self.cfg.grad_accum == 0
+        with contextlib.nullcontext() if syncs else self.ddp.no_sync():  # type: ignore[union-attr]
+            return self._forward_backward(batch, step)
+
+    def _forward_backward(self, batch: Any, step: int) -> tuple[float, int, int]:
         with self.autocast():
-            loss, n_samples, n_tokens = self.loss_fn(self.model, batch)
+            loss, n_samples, n_tokens = self.loss_fn(self.net, batch)
         loss = loss.float()
-        value = loss.item()
+        # The mean over ranks: what is logged, and every rank sees a NaN (and stops) together.
+        value = mean_across_ranks(loss.detach(), self.ctx).item()
         if not math.isfinite(value):
             raise FromzeroError(f"loss became {value} at step {step + 1}: lower lr (now {self.cfg.lr}) or check the data")
         if self.cfg.l1 and self.l1_params:

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from fromzero.compression.distill import DistillOptions
 from fromzero.errors import FromzeroError
 from fromzero.finetune.engine import FinetuneConfig
 
 
 @dataclass
-class SFTConfig(FinetuneConfig):
+class SFTConfig(FinetuneConfig, DistillOptions):
     """Instruction tuning of a decoder LM on prompt/response pairs or chats."""
 
     init_from: str = ""
@@ -58,7 +59,8 @@ class SFTConfig(FinetuneConfig):
 
     def validate(self) -> None:
         self.validate_common()
-        if not self.init_from:
+        self.validate_distill()
+        if not self.init_from and not self.teacher:
             raise FromzeroError("init_from is required: a fromzero-gpt checkpoint directory to fine-tune")
         if self.max_length < 0 or self.eval_batch_size <= 0:
             raise FromzeroError("max_length must be >= 0 and eval_batch_size positive")
@@ -86,29 +88,41 @@ def response_loss(model: nn.Module, loader: Any, device: torch.device, autocast:
 
 
 def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
-    """Train on response tokens, keep the best val loss, score test, write the run directory."""
+    """Train on response tokens, keep the best val loss, score test, write the run directory
+    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes)."""
+    from fromzero.finetune.engine import start_distributed
+    from fromzero.training.distributed import shutdown
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    ctx, device = start_distributed(cfg)
+    try:
+        return _finetune_sft(cfg, ctx, device, t_start)
+    finally:
+        shutdown(ctx)
+
+
+def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float) -> dict[str, Any]:
     import yaml
     from torch.utils.data import DataLoader
 
     from fromzero.data.sft import ChatTemplate, collate_sft, load_sft_examples, pack_sft, tokenize_sft
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.finetune.engine import Finetuner
+    from fromzero.compression.distill import build_student, count_params, distillation_loss, load_teacher
+    from fromzero.finetune.engine import Finetuner, on_main_rank
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
-    from fromzero.training.callbacks import MetricsLogger, write_plots
+    from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
+    from fromzero.training.distributed import barrier, broadcast_text
     from fromzero.training.checkpoint import CONFIG_FILE, TOKENIZER_FILE, atomic_write_text, read_json, save_checkpoint
-    from fromzero.training.trainer import (autocast_context, compile_model, default_finetune_dir, prepare_run_dir,
-                                           resolve_device, resolve_dtype)
+    from fromzero.training.trainer import autocast_context, compile_model, default_finetune_dir, prepare_run_dir, resolve_dtype
 
-    t_start = time.perf_counter()
-    cfg.validate()
-    device = resolve_device(cfg.device)
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)
 
-    init_dir = Path(cfg.init_from).expanduser()
+    init_dir = Path(cfg.teacher or cfg.init_from).expanduser()  # distillation: the teacher's tokenizer
     config = read_json(init_dir / CONFIG_FILE, "model config")
     if config.get("model_type") != "fromzero-gpt":
         raise FromzeroError(f"SFT needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds {config.get('model_type')!r}")
@@ -134,8 +148,14 @@ def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
     train_set = pack_sft(sets["train"], max_length, pad_id) if cfg.packing else sets["train"]
 
     torch.manual_seed(cfg.seed)
-    model = build_model(config)
-    load_base(model, init_dir)
+    teacher = None
+    if cfg.teacher:  # distillation: the student starts from the teacher's layers
+        teacher, config, _ = load_teacher(init_dir, device)
+        model, config, described = build_student(cfg, config, teacher)
+        print(f"distillation from {cfg.teacher} (T {cfg.temperature}, alpha {cfg.alpha}): {described}")
+    else:
+        model = build_model(config)
+        load_base(model, init_dir)
     trained_modules = None
     if cfg.method == "frozen":
         trained_modules = freeze(model, cfg.unfreeze_top)
@@ -144,10 +164,15 @@ def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
     trainable, total = count_parameters(model)
     model.to(device)
 
-    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("sft")
-    prepare_run_dir(run_dir, cfg.force, resumable=False)
-    atomic_write_text(run_dir / "config.yaml",
-                      yaml.safe_dump(dict(asdict(cfg), out_dir=str(run_dir), task="sft"), sort_keys=False))
+    # Every rank agrees on rank 0's (timestamped) run directory; rank 0 alone writes it.
+    run_dir = Path(broadcast_text(str(Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("sft")), ctx))
+
+    def start_run() -> None:
+        prepare_run_dir(run_dir, cfg.force, resumable=False)
+        atomic_write_text(run_dir / "config.yaml",
+                          yaml.safe_dump(dict(asdict(cfg), out_dir=str(run_dir), task="sft"), sort_keys=False))
+
+    on_main_rank(ctx, start_run)
 
     collate = lambda batch: collate_sft(batch, pad_id)  # noqa: E731
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -159,9 +184,13 @@ def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
     def autocast() -> Any:
         return autocast_context(device, dtype)
 
-    def loss_fn(_: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         x, y = (t.to(device, non_blocking=True) for t in batch)
-        _, loss = forward(x, y)
+        logits, loss = net(x, y)
+        if teacher is not None:  # match the teacher's next-token distribution on response tokens
+            with torch.no_grad():
+                teacher_logits, _ = teacher(x, y)
+            loss = distillation_loss(logits, teacher_logits, loss, cfg.temperature, cfg.alpha, mask=y != -100)
         return loss, x.size(0), int((y != -100).sum())
 
     def evaluate(_: nn.Module) -> dict[str, Any]:
@@ -171,18 +200,23 @@ def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
           f"({sets['train'].n_target_tokens:,} response tokens in train); method {cfg.method}: trains "
           f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
     before = response_loss(forward, eval_loaders["test"], device, autocast)  # the base model's, for comparison
-    logger = MetricsLogger(run_dir)
+    logger = MetricsLogger(run_dir) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
-                              logger=logger, trained_modules=trained_modules)
-        fit = finetuner.fit(lambda epoch: train_loader, len(train_loader) // cfg.grad_accum or 1)
+                              logger=logger, trained_modules=trained_modules, forward=forward, ctx=ctx)
+        fit = finetuner.fit(lambda epoch: train_loader, len(train_loader))
         test = response_loss(forward, eval_loaders["test"], device, autocast)
         logger.log({"step": fit.steps, "test_loss": test["loss"], "test_perplexity": test["perplexity"]})
     finally:
         logger.close()
+    if not ctx.is_main:  # rank 0 writes the checkpoint and the report
+        barrier(ctx)
+        return {"run_dir": str(run_dir), "rank": ctx.rank}
 
     info = {"task": "sft", "best_step": fit.best_step, "val": fit.best_metrics, "test": test, "test_before": before,
             "method": cfg.method,
+            **({"distilled_from": str(init_dir.resolve()), "temperature": cfg.temperature, "alpha": cfg.alpha,
+                "teacher_params": count_params(teacher), "student_params": total} if teacher is not None else {}),
             "template": {"system_prefix": cfg.system_prefix, "user_prefix": cfg.user_prefix,
                          "assistant_prefix": cfg.assistant_prefix, "turn_end": cfg.turn_end}}
     best_dir = run_dir / "checkpoints" / "best"
@@ -196,6 +230,7 @@ def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
     print(f"test: response loss {test['loss']:.4f}, perplexity {test['perplexity']:.2f} "
           f"(before fine-tuning: {before['loss']:.4f}, {before['perplexity']:.2f}) "
           f"(best step {fit.best_step}); checkpoint: {best_dir}")
+    barrier(ctx)
     return {"run_dir": str(run_dir), "checkpoint": str(best_dir), "best_step": fit.best_step, "steps": fit.steps,
             "val": fit.best_metrics, "test": test, "stopped_early": fit.stopped_early,
             "trainable_params": trainable, "total_params": total, "train_s": fit.train_s,

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fromzero.compression.distill import DistillOptions
 from fromzero.errors import FromzeroError
 from fromzero.finetune.engine import FinetuneConfig
 
@@ -35,7 +36,7 @@ BUILTIN_MODELS = ("all-MiniLM-L6-v2",)
 
 
 @dataclass
-class TextClassificationConfig(FinetuneConfig):
+class TextClassificationConfig(FinetuneConfig, DistillOptions):
     """Fine-tuning an encoder to label texts."""
 
     init_from: str = "all-MiniLM-L6-v2"
@@ -65,6 +66,7 @@ class TextClassificationConfig(FinetuneConfig):
 
     def validate(self) -> None:
         self.validate_common()
+        self.validate_distill()
         if self.monitor not in MONITORS:
             raise FromzeroError(f"monitor {self.monitor!r} is not supported (supported: {', '.join(MONITORS)})")
         if self.max_length < 2:
@@ -162,23 +164,36 @@ def _val_summary(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any]:
-    """Train, pick the best by ``monitor`` on val, score test once, write the run directory."""
+    """Train, pick the best by ``monitor`` on val, score test once, write the run directory
+    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes)."""
+    from fromzero.finetune.engine import start_distributed
+    from fromzero.training.distributed import shutdown
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    ctx, device = start_distributed(cfg)
+    try:
+        return _finetune_text_classification(cfg, ctx, device, t_start)
+    finally:
+        shutdown(ctx)
+
+
+def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, device: torch.device,
+                                  t_start: float) -> dict[str, Any]:
     import yaml
 
     from fromzero.data.classification import encode_texts, label_names, load_text_classification
-    from fromzero.finetune.engine import Finetuner
+    from fromzero.compression.distill import build_student, count_params, distillation_loss, load_teacher
+    from fromzero.finetune.engine import Finetuner, on_main_rank
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
     from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
-    from fromzero.training.callbacks import MetricsLogger
+    from fromzero.training.callbacks import MetricsLogger, NullLogger
     from fromzero.training.checkpoint import CONFIG_FILE, atomic_write_text, read_json, save_checkpoint
-    from fromzero.training.trainer import (autocast_context, compile_model, default_finetune_dir, prepare_run_dir,
-                                           resolve_device, resolve_dtype)
+    from fromzero.training.distributed import barrier, broadcast_text
+    from fromzero.training.trainer import autocast_context, compile_model, default_finetune_dir, prepare_run_dir, resolve_dtype
 
-    t_start = time.perf_counter()
-    cfg.validate()
-    device = resolve_device(cfg.device)
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work
 
@@ -186,8 +201,16 @@ def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any
     splits = load_text_classification(cfg.data, cfg.text_column, cfg.label_column, cfg.val_fraction,
                                       cfg.test_fraction, cfg.seed)
     labels = label_names(splits["train"])
-    init_dir = resolve_checkpoint(cfg.init_from)
-    base_config = read_json(init_dir / CONFIG_FILE, "model config")
+    teacher = None
+    if cfg.teacher:  # distillation: the student starts from the teacher's layers, not init_from
+        teacher, base_config, teacher_info = load_teacher(cfg.teacher, device)
+        init_dir = Path(cfg.teacher).expanduser()
+        if teacher_info.get("task") != "text-classification" or base_config.get("labels") != labels:
+            raise FromzeroError(f"teacher {cfg.teacher} must be a text classifier of this data's labels {labels} "
+                                f"(it is a {teacher_info.get('task')} model with labels {base_config.get('labels')})")
+    else:
+        init_dir = resolve_checkpoint(cfg.init_from)
+        base_config = read_json(init_dir / CONFIG_FILE, "model config")
     config = classifier_config(base_config, labels, cfg.dropout)
     bert_config = BertConfig.from_dict(config)
     max_length = min(cfg.max_length, encoder_limit(init_dir, bert_config))
@@ -204,8 +227,14 @@ def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any
     label_ids = {split: [index[lab] for _, lab in rows] for split, rows in splits.items()}
 
     torch.manual_seed(cfg.seed)
-    model = build_model(config)
-    new_tensors = load_base(model, init_dir)
+    if teacher is not None:
+        model, config, described = build_student(cfg, base_config, teacher,
+                                                 adjust=lambda c: classifier_config(c, labels, cfg.dropout))
+        print(f"distillation from {cfg.teacher} (T {cfg.temperature}, alpha {cfg.alpha}): {described}")
+        new_tensors = ["classifier.weight", "classifier.bias"]  # LoRA: train the head fully, as from a base
+    else:
+        model = build_model(config)
+        new_tensors = load_base(model, init_dir)
     trained_modules = None
     if cfg.method == "frozen":
         trained_modules = freeze(model, cfg.unfreeze_top)
@@ -215,10 +244,15 @@ def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any
     trainable, total = count_parameters(model)
     model.to(device)
 
-    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("text-classification")
-    prepare_run_dir(run_dir, cfg.force, resumable=False)
-    saved = dict(asdict(cfg), out_dir=str(run_dir), task="text-classification")
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    # Every rank agrees on rank 0's (timestamped) run directory; rank 0 alone writes it.
+    run_dir = Path(broadcast_text(str(Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("text-classification")), ctx))
+
+    def start_run() -> None:
+        prepare_run_dir(run_dir, cfg.force, resumable=False)
+        saved = dict(asdict(cfg), out_dir=str(run_dir), task="text-classification")
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+
+    on_main_rank(ctx, start_run)
 
     pad_id = bert_config.pad_token_id or 0
     train = TextBatches(encoded["train"], label_ids["train"], cfg.batch_size, True, cfg.seed, pad_id,
@@ -230,10 +264,14 @@ def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any
     def autocast() -> Any:
         return autocast_context(device, dtype)
 
-    def loss_fn(_: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         ids, mask, y = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
-        logits, _ = forward(ids, mask)
+        logits, _ = net(ids, mask)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits, _ = teacher(ids, mask)
+            loss = distillation_loss(logits, teacher_logits, loss, cfg.temperature, cfg.alpha)
         return loss, ids.size(0), int(mask.sum())
 
     def evaluate(_: nn.Module) -> dict[str, Any]:
@@ -242,21 +280,27 @@ def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any
     print(f"text classification: {len(labels)} classes, train/val/test {len(encoded['train'])}/"
           f"{len(encoded['val'])}/{len(encoded['test'])}; method {cfg.method}: trains {trainable:,} of "
           f"{total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
-    logger = MetricsLogger(run_dir)
+    logger = MetricsLogger(run_dir) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
                               higher_is_better=cfg.monitor != "val_loss", logger=logger,
-                              trained_modules=trained_modules)
-        fit = finetuner.fit(train.epoch, len(train))
+                              trained_modules=trained_modules, forward=forward, ctx=ctx)
+        fit = finetuner.fit(train.epoch, len(train))  # micro-batches per epoch
         test = score(predict_logits(forward, evals["test"], device, autocast), label_ids["test"], labels)
         logger.log({"step": fit.steps, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                     "test_f1_macro": test["f1_macro"]})
     finally:
         logger.close()
+    if not ctx.is_main:  # rank 0 writes the checkpoint and the report
+        barrier(ctx)
+        return {"run_dir": str(run_dir), "rank": ctx.rank}
 
     info = {"task": "text-classification", "max_length": max_length, "best_step": fit.best_step,
             "val": _val_summary(fit.best_metrics), "test_f1_macro": test["f1_macro"],
             "test_accuracy": test["accuracy"], "method": cfg.method, "trainable_params": trainable}
+    if teacher is not None:
+        info.update(distilled_from=str(Path(cfg.teacher).resolve()), temperature=cfg.temperature, alpha=cfg.alpha,
+                    teacher_params=count_params(teacher), student_params=total)
     best_dir = run_dir / "checkpoints" / "best"
     tokenizer_file = init_dir / "tokenizer.json"
     if cfg.method == "lora":
@@ -270,6 +314,7 @@ def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any
                "trainable_params": trainable, "total_params": total, "train_s": fit.train_s,
                "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start}
     finish_run(run_dir, logger.rows, test, labels, summary)
+    barrier(ctx)
     return summary
 
 
