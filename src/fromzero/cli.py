@@ -181,6 +181,16 @@ def _cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fromzero.training.tune import tune
+
+    summary = tune(Path(args.config), overrides, trials=args.trials, timeout=args.timeout,
+                   out_dir=Path(args.out) if args.out else None, storage=args.storage, study_name=args.study_name,
+                   seed=args.seed)
+    print(f"done: {summary['trials']} trials; results in {summary['out_dir']}")
+    return 0
+
+
 def _cmd_crossval(args: argparse.Namespace, overrides: list[str]) -> int:
     from fromzero.finetune.crossval import crossval
     from fromzero.finetune.recipe import load_finetune_config
@@ -231,6 +241,25 @@ def _image_inputs(path: Path) -> list[Path]:
     if not path.is_file():
         raise FromzeroError(f"input not found: {path}")
     return [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from fromzero.inference.explain import ExplainConfig, Explainer, write_explanations
+    from fromzero.inference.predict import read_inputs
+
+    if bool(args.text) + bool(args.image) + bool(args.input) != 1:
+        raise FromzeroError("give exactly one of --text, --image or --input")
+    explainer = Explainer(ExplainConfig(checkpoint=args.checkpoint, method=args.method, target=args.target,
+                                        steps=args.steps, baseline=args.baseline, out=args.out, force=args.force,
+                                        device=args.device))
+    texts, images = args.text, [Path(p) for p in args.image] if args.image else None
+    if args.input:
+        if explainer.takes_images:
+            images = _image_inputs(Path(args.input))
+        else:
+            texts = read_inputs(Path(args.input))
+    write_explanations(explainer, texts, images)
+    return 0
 
 
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
@@ -544,6 +573,28 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     ds.add_argument("--quiet", action="store_true", help="no progress bar")
     ds.set_defaults(func=_cmd_distill, takes_overrides=True)
 
+    # tune
+    tu = _add_parser(
+        sub, "tune", "search hyperparameters with Optuna (TPE + median pruning, resumable SQLite study)",
+        description="The recipe's tune section says what to search; everything else is a normal pretraining or "
+        "fine-tuning\nrecipe. Each trial is a full run in OUT/trial-NNN. Results: OUT/best_params.json, "
+        "OUT/best-recipe.yaml,\nOUT/trials.csv, OUT/plots/. Run the same command again to resume a stopped "
+        "search.\n\n"
+        "  tune:\n    metric: val_loss                  # default: val_loss (fine-tuning: the recipe's monitor)\n"
+        "    direction: minimize               # default: maximize for accuracy/F1/HR/NDCG, else minimize\n"
+        "    space:\n      train.lr: {log_uniform: [1.0e-4, 1.0e-2]}\n      model.dropout: {uniform: [0.0, 0.3]}\n"
+        "      model.n_layer: {int: [2, 6]}\n      train.batch_size: {choice: [16, 32]}\n\n"
+        "example:\n  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20",
+    )
+    tu.add_argument("--config", required=True, help="recipe YAML with a tune section")
+    tu.add_argument("--trials", type=int, default=20, help="trials in the study in total (finished ones count when resuming)")
+    tu.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
+    tu.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db)")
+    tu.add_argument("--study-name", default=None, help="study name in the storage (default: the recipe's file name)")
+    tu.add_argument("--out", default=None, help="output directory (default: runs/tune-<recipe>)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    tu.set_defaults(func=_cmd_tune, takes_overrides=True)
+
     # evaluate
     ev = _add_parser(sub, "evaluate", "score a checkpoint on a data split (metrics.json)",
                      description="Classifiers: accuracy, precision / recall / F1 (macro, weighted), per-class "
@@ -570,6 +621,30 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     pr.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     pr.set_defaults(func=_cmd_predict)
+
+    # explain
+    xp = _add_parser(sub, "explain", "explain a checkpoint's decision: token attributions, Grad-CAM, attention maps",
+                     description="ig: Integrated Gradients of the tokens of a text classifier (HTML page + JSON).\n"
+                     "gradcam: Grad-CAM heat map over the image of a CNN / ResNet / ViT classifier (PNG + JSON).\n"
+                     "attention: attention maps per layer and head of a BERT, ViT or GPT (PNG grid + JSON).\n"
+                     "Files go to --out as NNN.METHOD.{html,png,json}, one set per input.\n\n"
+                     "examples:\n  fromzero explain --checkpoint runs/RUN/checkpoints/best --text 'the film was good'\n"
+                     "  fromzero explain --checkpoint runs/DIGITS/checkpoints/best --image 3.png --method gradcam\n"
+                     "  fromzero explain --checkpoint runs/final/checkpoints/best --text 'ROMEO:' --method attention")
+    xp.add_argument("--checkpoint", required=True, help="checkpoint directory (classifier, LoRA adapter, BERT, ViT, GPT)")
+    xp.add_argument("--text", action="append", help="a text to explain (repeat for several)")
+    xp.add_argument("--image", action="append", help="an image file to explain (repeat for several)")
+    xp.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder or a list of paths")
+    xp.add_argument("--method", default="auto",
+                    help="ig (text classifiers) | gradcam (image classifiers) | attention (transformers) | "
+                    "auto (ig, else gradcam, else attention)")
+    xp.add_argument("--target", default="auto", help="ig / gradcam: the class to explain, by name (auto: the predicted one)")
+    xp.add_argument("--steps", type=int, default=50, help="ig: integration steps (raise when the delta is large)")
+    xp.add_argument("--baseline", default="pad", help="ig: the token replacing every word in the baseline: pad | mask")
+    xp.add_argument("--out", default="explanations", help="output directory")
+    xp.add_argument("--force", action="store_true", help="overwrite existing output files")
+    xp.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    xp.set_defaults(func=_cmd_explain)
 
     # serve
     sv = _add_parser(

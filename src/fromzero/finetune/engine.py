@@ -266,7 +266,7 @@ class Finetuner:
     def fit(self, batches: Callable[[int], Iterable[Any]], micro_batches_per_epoch: int) -> FitResult:
         """Train over ``batches(epoch)`` (micro-batches, the same on every rank); returns what
         happened, best weights loaded. A final incomplete accumulation group is dropped."""
-        from fromzero.training.callbacks import TrainingProgress
+        from fromzero.training.callbacks import TrainingProgress, announce_evaluation
         from fromzero.training.trainer import StopRequest
 
         cfg = self.cfg
@@ -292,6 +292,7 @@ class Finetuner:
             row = {"step": step, "epoch": epoch, "elapsed_s": time.perf_counter() - t0}
             row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
             self.logger.log(row)
+            announce_evaluation(step, row)
             improved = self._improved(value, best_value)
             if improved:
                 best_value, best_metrics, best_step, best_epoch, stale = value, metrics, step, epoch, 0

@@ -5,13 +5,14 @@ Only these helpers touch the run directory's logs, so the trainer stays about tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -22,6 +23,27 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+
+# Listeners told about every evaluation of a run (e.g. `fromzero tune` reporting to optuna's
+# pruner). A listener may raise to end the run early (optuna.TrialPruned).
+_EVALUATION_LISTENERS: list[Callable[[int, dict[str, Any]], None]] = []
+
+
+@contextlib.contextmanager
+def listen_to_evaluations(listener: Callable[[int, dict[str, Any]], None]) -> Iterator[None]:
+    """Call ``listener(step, metrics)`` after each evaluation of runs started inside the block."""
+    _EVALUATION_LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _EVALUATION_LISTENERS.remove(listener)
+
+
+def announce_evaluation(step: int, metrics: dict[str, Any]) -> None:
+    """What trainers call after an evaluation (metrics keyed as in metrics.jsonl: val_loss, ...)."""
+    for listener in list(_EVALUATION_LISTENERS):
+        listener(step, metrics)
 
 
 class MetricsLogger:

@@ -31,7 +31,8 @@ from fromzero.config import PretrainConfig, save_yaml, to_dict
 from fromzero.errors import FromzeroError, first_line
 from fromzero.models.gpt import GPT
 from fromzero.training import checkpoint as ckpt
-from fromzero.training.callbacks import MetricsLogger, NullLogger, TrainingProgress, now, write_plots
+from fromzero.training.callbacks import (MetricsLogger, NullLogger, TrainingProgress, announce_evaluation, now,
+                                        write_plots)
 from fromzero.training.distributed import (SHARDED_DIR, barrier, broadcast_text, check_sharded, full_model_state,
                                            full_optimizer_state, init_distributed, is_collective_failure,
                                            load_full_optimizer_state, load_sharded, lost_rank_error,
@@ -586,6 +587,7 @@ class Pretrainer:
         progress.print(
             f"step {self.step}: val loss {val_loss:.4f}" + (" (best, saved)" if improved else "")
         )
+        announce_evaluation(self.step, {"val_loss": val_loss})  # e.g. fromzero tune's pruner; may end the run
         if self.ctx.is_main:
             write_plots(self.logger.rows, self.run_dir / "plots")
 
