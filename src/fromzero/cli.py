@@ -281,6 +281,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from fromzero.compression.prune import PruneConfig, format_report, prune_checkpoint
+
+    cfg = PruneConfig(checkpoint=args.checkpoint, out=args.out, sparsity=args.sparsity, method=args.method,
+                      scope=args.scope, importance=args.importance, gqa=args.gqa,
+                      importance_batches=args.importance_batches, recover_steps=args.recover_steps, lr=args.lr,
+                      batch_size=args.batch_size, data=args.data, evaluate=args.eval, force=args.force,
+                      device=args.device, seed=args.seed, progress=not args.quiet)
+    report = prune_checkpoint(cfg)
+    print(format_report(report))
+    print(f"wrote {args.out} (report: {Path(args.out) / 'pruning.json'})")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # generate
 
@@ -711,6 +725,38 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     ex.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| with --verify")
     ex.add_argument("--device", default="cpu", help="cpu (export traces the model in fp32 on the CPU)")
     ex.set_defaults(func=_cmd_export)
+
+    # prune
+    pn = _add_parser(sub, "prune", "prune a checkpoint: zero small weights, or remove heads and MLP channels",
+                     description="magnitude: zero the smallest weights of every Linear/Conv layer (same size and "
+                     "speed with dense kernels).\nstructured: remove the least important attention heads and MLP "
+                     "channels of every layer (BERT, GPT): a smaller, faster checkpoint.\nWrites a checkpoint "
+                     "directory + pruning.json.\n\nexamples:\n  fromzero prune --checkpoint runs/RUN/checkpoints/best "
+                     "--method structured --sparsity 0.5 --out pruned/ --recover-steps 200 --eval\n"
+                     "  fromzero prune --checkpoint runs/final/checkpoints/best --method magnitude --sparsity 0.5 "
+                     "--out sparse/ --data data/shakespeare-char --eval")
+    pn.add_argument("--checkpoint", required=True, help="checkpoint directory to prune (left unchanged)")
+    pn.add_argument("--sparsity", type=float, required=True,
+                    help="fraction in [0, 1) of each layer's weights (magnitude) or heads and MLP channels (structured) to remove")
+    pn.add_argument("--method", default="magnitude", help="magnitude | structured")
+    pn.add_argument("--out", required=True, help="output checkpoint directory")
+    pn.add_argument("--force", action="store_true", help="replace an existing output directory")
+    pn.add_argument("--scope", default="layer", help="magnitude: layer (each matrix) | global (one threshold)")
+    pn.add_argument("--importance", default="auto",
+                    help="structured: taylor (|w * grad| on training batches) | weight (L2 norm) | auto (taylor if data)")
+    pn.add_argument("--gqa", default="queries",
+                    help="structured, grouped-query GPTs: queries (query heads within each kv group) | groups (whole kv groups)")
+    pn.add_argument("--importance-batches", type=int, default=8, help="structured, taylor: batches to sum gradients over")
+    pn.add_argument("--recover-steps", type=int, default=0, help="fine-tune this many steps after pruning (0 = none)")
+    pn.add_argument("--lr", type=float, default=None, help="recovery learning rate (default: from the checkpoint's run)")
+    pn.add_argument("--batch-size", type=int, default=None, help="recovery / importance batch size (default: the run's)")
+    pn.add_argument("--data", help="data for importance, recovery and --eval (default: the checkpoint's run data; "
+                    "GPTs: a prepared data directory)")
+    pn.add_argument("--eval", action="store_true", help="score the model before and after (and time a forward pass)")
+    pn.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    pn.add_argument("--seed", type=int, default=0, help="seed of the importance / recovery batches")
+    pn.add_argument("--quiet", action="store_true", help="no progress bar")
+    pn.set_defaults(func=_cmd_prune)
 
     return parser
 

@@ -35,8 +35,8 @@ or, on a converted checkpoint (``fromzero convert from-hf <all-MiniLM-L6-v2 dir>
 
     vectors = embed_checkpoint(Path("minilm"), ["A man is eating.", "Someone eats."])
 
-Shapes: B = batch, T = sequence length, C = hidden size, H = heads, D = head size (C / H),
-V = vocabulary size.
+Shapes: B = batch, T = sequence length, C = hidden size, H = heads, D = head size (C / H unless
+``head_dim`` is set), V = vocabulary size.
 """
 
 from __future__ import annotations
@@ -73,9 +73,13 @@ class BertConfig:
     num_hidden_layers: int = 12
     """Number of encoder layers."""
     num_attention_heads: int = 12
-    """Attention heads per layer (hidden_size must be divisible by it)."""
+    """Attention heads per layer (hidden_size must be divisible by it unless head_dim is set)."""
     intermediate_size: int = 3072
     """Width of the feed-forward layer inside each encoder layer."""
+    head_dim: int = 0
+    """Size of each attention head (0: hidden_size // num_attention_heads). Set by structured
+    pruning (``fromzero prune``), which removes heads but keeps each head's width, so that
+    num_attention_heads * head_dim < hidden_size. Not a Hugging Face BERT field."""
     hidden_act: str = "gelu"
     """Feed-forward activation: gelu (exact, erf) | gelu_new (tanh approximation) | gelu_pytorch_tanh | relu."""
     hidden_dropout_prob: float = 0.1
@@ -114,7 +118,10 @@ class BertConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads != 0:
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise ValueError(f"model.head_dim must be an integer >= 0 (0: hidden_size // num_attention_heads), "
+                             f"got {self.head_dim!r}")
+        if self.head_dim == 0 and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
                 f"model.num_attention_heads ({self.num_attention_heads})"
@@ -148,8 +155,16 @@ class BertConfig:
                     f"model.labels names {len(self.labels)} classes, model.num_labels is {self.num_labels}"
                 )
 
+    @property
+    def head_size(self) -> int:
+        """D: the width of one attention head."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
     def to_dict(self) -> dict:
-        return {"model_type": "fromzero-bert", **asdict(self)}
+        d = {"model_type": "fromzero-bert", **asdict(self)}
+        if not d["head_dim"]:
+            del d["head_dim"]  # the default: config.json stays as it was (and as HF's BERT has it)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
@@ -219,11 +234,12 @@ class SelfAttention(nn.Module):
         super().__init__()
         C = config.hidden_size
         self.n_head = config.num_attention_heads
-        self.head_size = C // self.n_head
-        self.query = nn.Linear(C, C)
-        self.key = nn.Linear(C, C)
-        self.value = nn.Linear(C, C)
-        self.out = nn.Linear(C, C)  # back into the residual stream
+        self.head_size = config.head_size
+        inner = self.n_head * self.head_size  # H * D: C, unless heads were pruned away
+        self.query = nn.Linear(C, inner)
+        self.key = nn.Linear(C, inner)
+        self.value = nn.Linear(C, inner)
+        self.out = nn.Linear(inner, C)  # back into the residual stream
         self.dropout = config.attention_probs_dropout_prob
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,7 +249,7 @@ class SelfAttention(nn.Module):
         plain = all(type(m) is nn.Linear for m in (self.query, self.key, self.value))
         if not plain:
             return self.query(x), self.key(x), self.value(x)
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3 H D, C)
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         return F.linear(x, weight, bias).chunk(3, dim=-1)
 
@@ -252,13 +268,13 @@ class SelfAttention(nn.Module):
             q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
         if first_query_only:
             q = q[:, :1]
-        B, T, C = k.shape
-        # (B, T, C) -> (B, H, T, D): every head attends independently.
+        B, T, _ = k.shape
+        # (B, T, H * D) -> (B, H, T, D): every head attends independently.
         q = q.view(B, q.size(1), self.n_head, self.head_size).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         y = attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, q.size(2), C)  # re-assemble the heads
+        y = y.transpose(1, 2).reshape(B, q.size(2), self.n_head * self.head_size)  # re-assemble the heads
         if packing is not None:
             y = packing.pack(y)  # (N, C)
         return self.out(y)
