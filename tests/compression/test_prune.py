@@ -318,6 +318,9 @@ def test_cli_structured_classifier_with_recovery_and_eval(cli, classifier_run, t
     predicted = cli("predict", "--checkpoint", out, "--text", "the film was great", "--device", "cpu")
     assert predicted.code == 0, predicted
     assert json.loads(predicted.out)["label"] in LABELS
+    # Hugging Face's BERT has no head_dim: converting would write a model that cannot load.
+    converted = cli("convert", "to-hf", out, tmp_path / "hf")
+    assert converted.code == 2 and "structurally pruned" in converted.err and not (tmp_path / "hf").exists()
 
 
 def test_cli_magnitude_gpt_recovery_keeps_the_zeros(cli, gpt_checkpoint, tiny_data_dir, tmp_path):

@@ -216,6 +216,12 @@ def to_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str,
     recipe (pooling, normalisation) has no place in a HF config: apply it to the hidden states.
     """
     cfg = BertConfig.from_dict(config)
+    if cfg.head_size * cfg.num_attention_heads != cfg.hidden_size:
+        raise FromzeroError(
+            f"this encoder has {cfg.num_attention_heads} heads of width {cfg.head_size} for a {cfg.hidden_size}-wide "
+            "model (structurally pruned): Hugging Face's BERT cannot express that; export it with fromzero export "
+            "(ONNX) instead"
+        )
     arch = HEAD_ARCHITECTURE[cfg.head]
     hf_config: dict = {
         "model_type": "bert",
