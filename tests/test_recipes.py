@@ -24,17 +24,33 @@ def _task(path: Path) -> str | None:
     return data.get("task") if isinstance(data, dict) else None
 
 
-PRETRAIN = [p for p in RECIPES if _task(p) is None]
+def _tunes(path: Path) -> bool:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return isinstance(data, dict) and "tune" in data
+
+
+TUNE = [p for p in RECIPES if _tunes(p)]
+PRETRAIN = [p for p in RECIPES if _task(p) is None and not _tunes(p)]
 FINETUNE = [p for p in RECIPES if _task(p) is not None]
 TEXT = [p for p in FINETUNE if _task(p) == "text-classification"]
 IMAGES = [p for p in FINETUNE if _task(p) == "image-classification"]
 SFT = [p for p in FINETUNE if _task(p) == "sft"]
+RECSYS = [p for p in FINETUNE if _task(p) == "recommendation"]
 
 
 def test_there_are_recipes():
     assert any(p.name == "shakespeare-char.yaml" for p in PRETRAIN)
-    assert TEXT and IMAGES and SFT, [p.name for p in FINETUNE]
-    assert set(PRETRAIN) | set(FINETUNE) == set(RECIPES)
+    assert TEXT and IMAGES and SFT and RECSYS, [p.name for p in FINETUNE]
+    assert set(PRETRAIN) | set(FINETUNE) | set(TUNE) == set(RECIPES) and TUNE
+
+
+@pytest.mark.parametrize("recipe", TUNE, ids=[p.stem for p in TUNE])
+def test_tune_recipe_declares_a_valid_search(recipe):
+    from fromzero.training.tune import Search
+
+    search = Search(recipe, [])  # parses the space and validates the base recipe
+    assert search.dimensions and search.direction in ("minimize", "maximize")
+    assert search.metric.startswith("val_")
 
 
 @pytest.mark.parametrize("recipe", PRETRAIN, ids=[p.stem for p in PRETRAIN])
@@ -128,3 +144,22 @@ def test_sft_recipe_loads(recipe):
     assert cfg.max_length >= 0 and cfg.method in ("full", "frozen", "lora")
     # the chat template must be encodable by a char tokenizer trained on Shakespeare
     assert set(cfg.user_prefix + cfg.assistant_prefix) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ:\n ")
+
+
+@pytest.mark.parametrize("recipe", RECSYS, ids=[p.stem for p in RECSYS])
+def test_recsys_recipe_builds_a_working_model(recipe):
+    """The recipe's model for its built-in data's sizes scores (user, item) pairs; the recipe
+    itself runs end to end in tests/finetune/test_recsys.py."""
+    from fromzero.data.interactions import IdMap
+    from fromzero.finetune.recipe import load_finetune_config
+    from fromzero.finetune.recsys import model_config
+    from fromzero.models.recsys import build_recsys
+
+    _, cfg = load_finetune_config(recipe)
+    assert cfg.data == "synthetic" and cfg.negatives > 0 and cfg.monitor.startswith("val_")
+    ids = IdMap([str(u) for u in range(cfg.synthetic_users)], [str(i) for i in range(cfg.synthetic_items)])
+    model = build_recsys(model_config(cfg, ids)).eval()
+    users, items = torch.tensor([0, 1, cfg.synthetic_users - 1]), torch.tensor([0, 5, cfg.synthetic_items - 1])
+    with torch.no_grad():
+        logits = model(users, items)
+    assert logits.shape == (3,) and torch.isfinite(logits).all()

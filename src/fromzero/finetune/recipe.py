@@ -24,6 +24,7 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "text-classification": ("fromzero.finetune.text", "TextClassificationConfig", "finetune_text_classification"),
     "sft": ("fromzero.finetune.sft", "SFTConfig", "finetune_sft"),
     "image-classification": ("fromzero.finetune.images", "ImageFinetuneConfig", "finetune_images"),
+    "recommendation": ("fromzero.finetune.recsys", "RecommendationConfig", "finetune_recommendation"),
 }
 
 

@@ -16,6 +16,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "fromzero-bert": "fromzero.models.bert",
     "fromzero-vit": "fromzero.models.vit",
     "fromzero-cnn": "fromzero.models.cnn",
+    "fromzero-recsys": "fromzero.models.recsys",
 }
 
 

@@ -1,0 +1,531 @@
+"""Train a recommender on implicit feedback: NCF (GMF / MLP / NeuMF) or Wide & Deep, with baselines.
+
+Task ``recommendation`` of ``fromzero finetune``. Data (see :mod:`fromzero.data.interactions`):
+``synthetic`` (built in: latent clusters + popularity skew), an interactions CSV
+``user,item,rating,timestamp`` or MovieLens ``ratings.dat``. Every interaction (rated at least
+``min_rating``) is a positive; each user's latest one is the test item, the one before the
+validation item (leave-one-out), or ``test_data`` names a separate file of test interactions.
+Try it::
+
+    fromzero finetune --config recipes/recsys-neumf.yaml
+    fromzero finetune --config recipes/recsys-neumf.yaml --data ml-1m/ratings.dat --min_rating 0
+    # NeuMF from pretrained GMF and MLP (He et al. 2017):
+    fromzero finetune --config recipes/recsys-neumf.yaml --arch gmf --out_dir runs/gmf
+    fromzero finetune --config recipes/recsys-neumf.yaml --arch mlp --out_dir runs/mlp
+    fromzero finetune --config recipes/recsys-neumf.yaml --pretrained_gmf runs/gmf/checkpoints/best \\
+        --pretrained_mlp runs/mlp/checkpoints/best --optimizer sgd --lr 0.01
+
+Training: each epoch pairs every training positive with ``negatives`` freshly sampled items
+(seeded by seed and epoch), pointwise log loss, the shared :class:`~fromzero.finetune.engine.Finetuner`
+loop (AdamW or SGD, cosine schedule, early stopping on ``monitor``, best weights kept).
+Evaluation: each held-out positive ranked against ``eval_negatives`` (99) items the user never
+interacted with, the same candidates for every model (``eval_seed``); HR@10 and NDCG@10.
+
+The run directory: config.yaml, metrics.jsonl, tb/, plots/ (loss, lr, ranking), metrics.json
+(test HR/NDCG of the model and of the baselines: popularity and matrix factorisation by ALS,
+evaluated with the same candidates), checkpoints/best/ (config.json, model.safetensors, info.json
+and ids.json: the raw user and item ids of the embedding rows). :class:`Recommender` reads it
+back and speaks raw ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fromzero.data.interactions import EvalSet, IdMap, RecData
+from fromzero.errors import FromzeroError
+from fromzero.finetune.engine import FinetuneConfig
+from fromzero.models.recsys import ARCHES
+
+IDS_FILE = "ids.json"
+ALS_REGS = (0.1, 1.0, 10.0)
+ALS_ALPHAS = (1.0, 5.0, 20.0)
+
+
+@dataclass
+class RecommendationConfig(FinetuneConfig):
+    """Training a recommender on implicit feedback (user-item interactions)."""
+
+    data: str = "synthetic"
+    """synthetic (built in) | an interactions .csv (header user,item,rating,timestamp) | a MovieLens ratings.dat."""
+    test_data: str = ""
+    """Optional file of test interactions (same formats); then data's latest per user is validation. Users and items must occur in data."""
+    min_rating: float = 0.0
+    """Implicit feedback: interactions rated at least this are positives (0 = every interaction)."""
+    arch: str = "neumf"
+    """gmf | mlp | neumf | widedeep."""
+    factors: int = 16
+    """GMF / NeuMF: predictive factors (embedding size of the GMF tower)."""
+    mlp_layers: list[int] = field(default_factory=lambda: [64, 32, 16])
+    """MLP / NeuMF / Wide & Deep tower widths; the first is [user; item] embeddings concatenated."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer of the towers."""
+    buckets: int = 8
+    """Wide & Deep: quantile buckets of user activity and item popularity (crossed features)."""
+    negatives: int = 4
+    """Sampled negatives per training positive, drawn again every epoch."""
+    eval_negatives: int = 99
+    """Sampled negatives each held-out positive is ranked against."""
+    eval_seed: int = 0
+    """Seed of the evaluation negatives (fixed so every model and epoch sees the same candidates)."""
+    top_k: int = 10
+    """K of HR@K and NDCG@K."""
+    eval_batch_size: int = 65536
+    """(user, item) pairs scored per forward pass when evaluating."""
+    monitor: str = "val_ndcg@10"
+    """Metric that picks the best weights and drives early stopping: val_ndcg@K | val_hr@K | val_loss."""
+    pretrained_gmf: str = ""
+    """arch neumf: a GMF checkpoint (checkpoints/best of a gmf run on the same data) to initialise from."""
+    pretrained_mlp: str = ""
+    """arch neumf: an MLP checkpoint (an mlp run on the same data) to initialise from (both or neither)."""
+    pretrained_alpha: float = 0.5
+    """Weight of the GMF output layer in the pretrained NeuMF's (1 - alpha for the MLP's)."""
+    baselines: bool = True
+    """Also evaluate popularity and matrix factorisation (ALS) with the same protocol."""
+    als_factors: int = 16
+    """ALS baseline: latent factors (its reg and alpha are chosen on validation)."""
+    als_iterations: int = 15
+    """ALS baseline: alternating passes."""
+    synthetic_users: int = 1000
+    """data synthetic: number of users."""
+    synthetic_items: int = 500
+    """data synthetic: number of items."""
+    synthetic_clusters: int = 8
+    """data synthetic: latent taste clusters."""
+    synthetic_per_user: int = 20
+    """data synthetic: typical interactions per user."""
+    synthetic_seed: int = 0
+    """data synthetic: seed of the generator."""
+    init_from: str = ""
+    """Unused: recommenders train from scratch (see pretrained_gmf / pretrained_mlp)."""
+    epochs: int = 20
+    """Maximum passes over the training positives (each with fresh negatives)."""
+    batch_size: int = 256
+    """(user, item) examples per micro-batch, positives and negatives mixed."""
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.0
+    """L2: decoupled weight decay on embeddings and matrices."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps with linear warmup from 0 to lr."""
+    log_interval: int = 50
+    """Write a metrics row every N optimizer steps."""
+    dtype: str = "float32"
+    """float32 | auto | bfloat16 | float16 (embedding lookups gain nothing from low precision)."""
+
+    def validate(self) -> None:
+        from fromzero.models.recsys import RecsysConfig
+
+        self.validate_common()
+        if self.method != "full":
+            raise FromzeroError(f"method {self.method!r} is not supported for recommendation (full: the models "
+                                "train from scratch)")
+        if self.init_from:
+            raise FromzeroError("init_from is not used by recommendation: models train from scratch "
+                                "(use pretrained_gmf and pretrained_mlp to initialise NeuMF)")
+        if not str(self.data).strip():
+            raise FromzeroError("data is required: synthetic or an interactions file")
+        if self.arch not in ARCHES:
+            raise FromzeroError(f"arch {self.arch!r} is not supported (supported: {', '.join(ARCHES)})")
+        RecsysConfig(self.arch, 1, 1, self.factors, self.mlp_layers, self.dropout, self.buckets).validate()
+        for name in ("negatives", "eval_negatives", "top_k", "eval_batch_size", "als_factors", "als_iterations",
+                     "synthetic_users", "synthetic_items", "synthetic_clusters", "synthetic_per_user"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise FromzeroError(f"{name} must be a positive integer, got {v!r}")
+        if self.top_k > self.eval_negatives + 1:
+            raise FromzeroError(f"top_k {self.top_k} is more than the {self.eval_negatives + 1} ranked candidates")
+        if not math.isfinite(self.min_rating):
+            raise FromzeroError(f"min_rating must be a finite number, got {self.min_rating}")
+        monitors = (f"val_ndcg@{self.top_k}", f"val_hr@{self.top_k}", "val_loss")
+        if self.monitor not in monitors:
+            raise FromzeroError(f"monitor {self.monitor!r} is not supported (with top_k {self.top_k}: "
+                                f"{', '.join(monitors)})")
+        if bool(self.pretrained_gmf) != bool(self.pretrained_mlp):
+            raise FromzeroError("pretrained NeuMF needs both pretrained_gmf and pretrained_mlp")
+        if self.pretrained_gmf and self.arch != "neumf":
+            raise FromzeroError(f"pretrained_gmf / pretrained_mlp initialise arch neumf, not {self.arch!r}")
+        if not 0.0 <= self.pretrained_alpha <= 1.0:
+            raise FromzeroError(f"pretrained_alpha must be in [0, 1], got {self.pretrained_alpha}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+
+
+def load_recommendation_data(cfg: RecommendationConfig) -> RecData:
+    """The configured interactions as implicit feedback, split leave-one-out (notes in .notes)."""
+    from fromzero.data.interactions import implicit, leave_one_out, read_interactions, synthetic_interactions
+
+    notes: list[str] = []
+    if cfg.data == "synthetic":
+        inter = synthetic_interactions(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_clusters,
+                                       cfg.synthetic_per_user, seed=cfg.synthetic_seed)
+    else:
+        inter = read_interactions(cfg.data)
+    positives = implicit(inter, cfg.min_rating, notes)
+    test = implicit(read_interactions(cfg.test_data), cfg.min_rating, notes) if cfg.test_data else None
+    return leave_one_out(positives, test, notes)
+
+
+def model_config(cfg: RecommendationConfig, ids: IdMap) -> Any:
+    from fromzero.models.recsys import RecsysConfig
+
+    return RecsysConfig(arch=cfg.arch, num_users=ids.num_users, num_items=ids.num_items, factors=cfg.factors,
+                        mlp_layers=list(cfg.mlp_layers), dropout=cfg.dropout, buckets=cfg.buckets)
+
+
+def load_recommender(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, IdMap, dict]:
+    """(model, id map, info) of a recommendation checkpoint directory."""
+    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, load_model, read_json
+
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise FromzeroError(f"checkpoint directory not found: {directory}")
+    config = read_json(directory / CONFIG_FILE, "model config")
+    if config.get("model_type") != "fromzero-recsys":
+        raise FromzeroError(f"{directory} is not a recommender checkpoint (model_type {config.get('model_type')!r})")
+    ids = IdMap.from_json(read_json(directory / IDS_FILE, "id map"), str(directory / IDS_FILE))
+    model = load_model(directory, device)
+    if (ids.num_users, ids.num_items) != (model.config.num_users, model.config.num_items):
+        raise FromzeroError(f"{directory / IDS_FILE} names {ids.num_users} users and {ids.num_items} items but the "
+                            f"model has {model.config.num_users} and {model.config.num_items}")
+    info = read_json(directory / INFO_FILE, "checkpoint info") if (directory / INFO_FILE).is_file() else {}
+    return model, ids, info
+
+
+def build_recommender(cfg: RecommendationConfig, data: RecData) -> nn.Module:
+    """A fresh model for the data (Wide & Deep with its buckets), or NeuMF from pretrained towers."""
+    from fromzero.models.recsys import GMF, MLP, WideAndDeep, build_recsys, neumf_from_pretrained
+
+    if cfg.pretrained_gmf:
+        towers = []
+        for key, kind in (("pretrained_gmf", GMF), ("pretrained_mlp", MLP)):
+            model, ids, _ = load_recommender(getattr(cfg, key))
+            if not isinstance(model, kind):
+                raise FromzeroError(f"{key} {getattr(cfg, key)} is a {model.config.arch} model, not {kind.__name__}")
+            if ids.users != data.ids.users or ids.items != data.ids.items:
+                raise FromzeroError(f"{key} {getattr(cfg, key)} was trained on other users or items than this data "
+                                    "(use the same data, min_rating and test_data)")
+            towers.append(model)
+        model = neumf_from_pretrained(towers[0], towers[1], cfg.pretrained_alpha, dropout=cfg.dropout)
+        if model.config.factors != cfg.factors or model.config.mlp_layers != list(cfg.mlp_layers):
+            print(f"note: factors {model.config.factors} and mlp_layers {model.config.mlp_layers} come from the "
+                  "pretrained models")
+        return model
+    model = build_recsys(model_config(cfg, data.ids))
+    if isinstance(model, WideAndDeep):
+        model.set_buckets(np.bincount(data.train[:, 0], minlength=data.ids.num_users),
+                          np.bincount(data.train[:, 1], minlength=data.ids.num_items))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and evaluation
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, users: np.ndarray, items: np.ndarray, device: torch.device,
+                   batch_size: int = 65536, autocast: Callable[[], Any] | None = None) -> np.ndarray:
+    """Float32 logits for parallel arrays of user and item indices (any equal shapes)."""
+    was_training = model.training
+    model.eval()
+    u = torch.as_tensor(np.asarray(users, dtype=np.int64).reshape(-1))
+    i = torch.as_tensor(np.asarray(items, dtype=np.int64).reshape(-1))
+    out = []
+    for s in range(0, len(u), batch_size):
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits = model(u[s:s + batch_size].to(device), i[s:s + batch_size].to(device))
+        out.append(logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy().reshape(np.shape(items)) if out else np.zeros(np.shape(items), np.float32)
+
+
+def score_eval_set(score: Callable[[np.ndarray, np.ndarray], np.ndarray], es: EvalSet) -> np.ndarray:
+    """(n, 1 + negatives) scores of an evaluation set from ``score(users, items)`` on flat arrays."""
+    users = np.repeat(es.users, es.items.shape[1])
+    return np.asarray(score(users, es.items.reshape(-1)), dtype=np.float64).reshape(es.items.shape)
+
+
+def evaluate_scores(scores: np.ndarray, k: int, logits: bool = False) -> dict[str, float]:
+    """HR@k and NDCG@k (and, for logits, the log loss of "positive vs sampled negatives")."""
+    from fromzero.data.interactions import ranking_metrics
+
+    metrics: dict[str, float] = dict(ranking_metrics(scores, k))
+    metrics.pop("n")
+    if logits:
+        target = np.zeros_like(scores)
+        target[:, 0] = 1.0
+        metrics["loss"] = float(F.binary_cross_entropy_with_logits(torch.from_numpy(scores), torch.from_numpy(target)))
+    return metrics
+
+
+def run_baselines(cfg: RecommendationConfig, data: RecData, val: EvalSet, test: EvalSet) -> dict[str, dict]:
+    """Popularity and ALS matrix factorisation, scored on the same val/test candidates.
+
+    ALS' regularisation and confidence weight are chosen by validation NDCG (as the neural model's
+    epoch is), from a small grid; the choice is reported with the scores.
+    """
+    from fromzero.models.recsys import ImplicitALS, PopularityRanker
+
+    k = cfg.top_k
+    out: dict[str, dict] = {}
+    pop = PopularityRanker(data.train, data.ids.num_items)
+    out["popularity"] = {"val": evaluate_scores(score_eval_set(pop.score, val), k),
+                         "test": evaluate_scores(score_eval_set(pop.score, test), k)}
+    best: tuple[float, ImplicitALS, dict] | None = None
+    for reg in ALS_REGS:
+        for alpha in ALS_ALPHAS:
+            als = ImplicitALS(cfg.als_factors, reg, alpha, cfg.als_iterations, seed=cfg.seed)
+            als.fit(data.train, data.ids.num_users, data.ids.num_items)
+            metrics = evaluate_scores(score_eval_set(als.score, val), k)
+            if best is None or metrics[f"ndcg@{k}"] > best[0]:
+                best = (metrics[f"ndcg@{k}"], als, metrics)
+    assert best is not None
+    _, als, val_metrics = best
+    out["mf_als"] = {"val": val_metrics, "test": evaluate_scores(score_eval_set(als.score, test), k),
+                     "params": {"factors": als.factors, "reg": als.reg, "alpha": als.alpha,
+                                "iterations": als.iterations}}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def finetune_recommendation(cfg: RecommendationConfig) -> dict[str, Any]:
+    """Train, pick the best epoch by ``monitor`` on val, score test (and the baselines) once, write
+    the run directory. Returns a summary::
+
+        {"run_dir", "checkpoint", "best_step", "best_epoch", "steps", "epochs_run", "stopped_early",
+         "val": {"hr@10", "ndcg@10", "loss"}, "test": {...}, "baselines": {name: {"val", "test"}}, ...}
+    """
+    from fromzero.finetune.engine import start_distributed
+    from fromzero.training.distributed import shutdown
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    ctx, device = start_distributed(cfg)
+    try:
+        return _finetune_recommendation(cfg, ctx, device, t_start)
+    finally:
+        shutdown(ctx)
+
+
+def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.device, t_start: float) -> dict:
+    import yaml
+
+    from fromzero.data.interactions import training_examples
+    from fromzero.finetune.engine import Finetuner, on_main_rank
+    from fromzero.finetune.methods import count_parameters
+    from fromzero.training.callbacks import MetricsLogger, NullLogger
+    from fromzero.training.checkpoint import atomic_write_text
+    from fromzero.training.distributed import barrier, broadcast_text
+    from fromzero.training.trainer import autocast_context, compile_model, default_finetune_dir, prepare_run_dir, resolve_dtype
+
+    dtype = resolve_dtype(device, cfg.dtype)
+    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+
+    # -- data and model, all checked before the run directory is touched
+    data = load_recommendation_data(cfg)
+    for note in data.notes:
+        print(f"note: {note}")
+    val_set = data.eval_set("val", cfg.eval_negatives, cfg.eval_seed)
+    test_set = data.eval_set("test", cfg.eval_negatives, cfg.eval_seed)
+    torch.manual_seed(cfg.seed)
+    model = build_recommender(cfg, data)
+    config = model.config.to_dict()
+    _, total = count_parameters(model)
+    model.to(device)
+
+    run_dir = Path(broadcast_text(str(Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("recommendation")), ctx))
+
+    def start_run() -> None:
+        prepare_run_dir(run_dir, cfg.force, resumable=False)
+        saved = dict(asdict(cfg), out_dir=str(run_dir), task="recommendation")
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+
+    on_main_rank(ctx, start_run)
+
+    forward = compile_model(model, "default", device) if cfg.compile else model
+    train_keys = data.train_keys()
+    n_examples = len(data.train) * (1 + cfg.negatives)
+    micro_batches = math.ceil(n_examples / cfg.batch_size)
+    k = cfg.top_k
+
+    def autocast() -> Any:
+        return autocast_context(device, dtype)
+
+    def batches(epoch: int) -> Any:
+        """One epoch: every positive with fresh negatives, shuffled; the same on every rank."""
+        rng = np.random.default_rng([cfg.seed, epoch])
+        users, items, labels = training_examples(data.train, data.ids.num_items, train_keys, cfg.negatives, rng)
+        users, items, labels = torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(labels)
+        for s in range(0, len(users), cfg.batch_size):
+            yield users[s:s + cfg.batch_size], items[s:s + cfg.batch_size], labels[s:s + cfg.batch_size]
+
+    def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int, int]:
+        users, items, labels = (t.to(device, non_blocking=True) for t in batch)
+        logits = net(users, items)  # (B,)
+        return F.binary_cross_entropy_with_logits(logits.float(), labels), len(labels), 0
+
+    def model_scores(es: EvalSet) -> np.ndarray:
+        return score_eval_set(lambda u, i: predict_scores(forward, u, i, device, cfg.eval_batch_size, autocast), es)
+
+    def evaluate(_: nn.Module) -> dict[str, Any]:
+        return evaluate_scores(model_scores(val_set), k, logits=True)
+
+    print(f"recommendation ({cfg.arch}): {data.ids.num_users} users, {data.ids.num_items} items, "
+          f"{len(data.train)} training positives x (1 + {cfg.negatives} negatives), val/test "
+          f"{len(val_set)}/{len(test_set)} held out vs {cfg.eval_negatives} negatives; {total:,} parameters; "
+          f"device {device}, {dtype}")
+    logger = MetricsLogger(run_dir) if ctx.is_main else NullLogger()
+    try:
+        finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
+                              higher_is_better=cfg.monitor != "val_loss", logger=logger, forward=forward, ctx=ctx)
+        fit = finetuner.fit(batches, micro_batches)
+        test = evaluate_scores(model_scores(test_set), k, logits=True)
+        baselines = run_baselines(cfg, data, val_set, test_set) if cfg.baselines and ctx.is_main else {}
+        logger.log({"step": fit.steps, **{f"test_{m}": v for m, v in test.items()}})
+    finally:
+        logger.close()
+    if not ctx.is_main:
+        barrier(ctx)
+        return {"run_dir": str(run_dir), "test": test}
+
+    val = {m: fit.best_metrics[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}
+    info = {"task": "recommendation", "arch": cfg.arch, "top_k": k, "eval_negatives": cfg.eval_negatives,
+            "best_step": fit.best_step, "best_epoch": fit.best_epoch, **{f"val_{m}": v for m, v in val.items()},
+            **{f"test_{m}": v for m, v in test.items()}, "min_rating": cfg.min_rating,
+            "data": cfg.data if cfg.data == "synthetic" else str(Path(cfg.data).resolve())}
+    best_dir = run_dir / "checkpoints" / "best"
+    save_recommender(best_dir, model, data.ids, info)
+    summary = {"run_dir": str(run_dir), "checkpoint": str(best_dir), "arch": cfg.arch, "best_step": fit.best_step,
+               "best_epoch": fit.best_epoch, "steps": fit.steps, "epochs_run": fit.epochs_run,
+               "stopped_early": fit.stopped_early, "interrupted": fit.interrupted, "val": val, "test": test,
+               "baselines": baselines, "num_users": data.ids.num_users, "num_items": data.ids.num_items,
+               "train_positives": len(data.train), "n_val": len(val_set), "n_test": len(test_set),
+               "total_params": total, "notes": data.notes, "train_s": fit.train_s,
+               "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start}
+    finish_run(run_dir, logger.rows, summary, k, cfg.eval_negatives)
+    barrier(ctx)
+    return summary
+
+
+def save_recommender(directory: Path, model: nn.Module, ids: IdMap, info: dict) -> None:
+    """A checkpoint directory (atomic): config.json, model.safetensors, info.json and ids.json."""
+    from fromzero.training.checkpoint import (MODEL_FILE, atomic_directory, model_state_for_saving,
+                                              write_checkpoint_files, write_safetensors)
+
+    with atomic_directory(directory) as tmp:
+        write_safetensors(model_state_for_saving(model), tmp / MODEL_FILE)
+        write_checkpoint_files(tmp, model.config.to_dict(), None, info)
+        (tmp / IDS_FILE).write_text(json.dumps(ids.to_json()) + "\n", encoding="utf-8")
+
+
+def format_table(summary: dict, k: int) -> str:
+    """Model and baselines, val and test HR@k / NDCG@k, one row each."""
+    rows = [(f"{summary['arch']} (best step {summary['best_step']})", summary["val"], summary["test"])]
+    for name, result in summary["baselines"].items():
+        label = name
+        if "params" in result:
+            p = result["params"]
+            label = f"{name} (f {p['factors']}, reg {p['reg']:g}, alpha {p['alpha']:g})"
+        rows.append((label, result["val"], result["test"]))
+    width = max(len(r[0]) for r in rows)
+    cols = [f"val HR@{k}", f"val NDCG@{k}", f"test HR@{k}", f"test NDCG@{k}"]
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{c:>12}" for c in cols)]
+    for label, val, test in rows:
+        values = [val[f"hr@{k}"], val[f"ndcg@{k}"], test[f"hr@{k}"], test[f"ndcg@{k}"]]
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{v:>12.4f}" for v in values))
+    return "\n".join(lines)
+
+
+def finish_run(run_dir: Path, rows: list[dict], summary: dict, k: int, negatives: int) -> None:
+    """metrics.json (test of the model and the baselines), plots, and the table on stdout."""
+    from fromzero.evaluation.metrics import write_metrics_json
+    from fromzero.training.callbacks import write_plots
+
+    test = summary["test"]
+    report = {**test, "split": "test", "arch": summary["arch"], "n": summary["n_test"],
+              "eval_negatives": negatives, "best_step": summary["best_step"], "epochs_run": summary["epochs_run"],
+              "stopped_early": summary["stopped_early"], **{f"val_{m}": v for m, v in summary["val"].items()},
+              "baselines": {name: {**r["test"], **{f"val_{m}": v for m, v in r["val"].items()},
+                                   **({"params": r["params"]} if "params" in r else {})}
+                            for name, r in summary["baselines"].items()}}
+    write_metrics_json(report, run_dir / "metrics.json")
+    plots = run_dir / "plots"
+    write_plots(rows, plots)
+    plot_ranking(rows, k, plots / "ranking.png")
+    print(f"test: {summary['n_test']} held-out interactions, each ranked against {negatives} sampled negatives")
+    print(format_table(summary, k))
+    print(f"checkpoint: {summary['checkpoint']}")
+
+
+def plot_ranking(rows: list[dict], k: int, path: Path) -> None:
+    """plots/ranking.png: validation HR@k and NDCG@k after each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r[f"val_hr@{k}"], r[f"val_ndcg@{k}"]) for r in rows if f"val_hr@{k}" in r]
+    if not points:
+        return
+    steps, hr, ndcg = zip(*points)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(steps, hr, "o-", label=f"val HR@{k}", lw=1.5, ms=4)
+    ax.plot(steps, ndcg, "s-", label=f"val NDCG@{k}", lw=1.5, ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    ax.set_title("ranking quality (held-out item vs sampled negatives)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Using a trained recommender
+
+
+class Recommender:
+    """A trained recommender that takes and returns raw ids::
+
+        rec = Recommender("runs/recommendation-.../checkpoints/best")
+        rec.recommend("42", k=10, exclude=["1", "7"])   # [{"item": "318", "score": 3.1}, ...]
+        rec.score("42", ["318", "7"])                   # [3.1, -0.4]
+
+    An unknown user or item is a one-line FromzeroError (the model learned nothing for it).
+    """
+
+    def __init__(self, directory: str | Path, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model, self.ids, self.info = load_recommender(directory, self.device)
+
+    def score(self, user: str | int, items: list[str | int]) -> list[float]:
+        u = self.ids.user_index(user)
+        idx = np.array([self.ids.item_index(i) for i in items], dtype=np.int64)
+        return predict_scores(self.model, np.full(len(idx), u), idx, self.device).tolist()
+
+    def recommend(self, user: str | int, k: int = 10, exclude: list[str | int] = ()) -> list[dict[str, Any]]:
+        """The k highest-scoring items for ``user``, leaving out ``exclude`` (e.g. what they already have)."""
+        u = self.ids.user_index(user)
+        scores = predict_scores(self.model, np.full(self.ids.num_items, u), np.arange(self.ids.num_items), self.device)
+        for item in exclude:
+            scores[self.ids.item_index(item)] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [{"item": self.ids.items[i], "score": float(scores[i])} for i in top if np.isfinite(scores[i])]
