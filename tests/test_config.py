@@ -262,9 +262,9 @@ def test_save_yaml_round_trip(tmp_path: Path) -> None:
 def test_all_keys() -> None:
     keys = all_keys(PretrainConfig)
     assert "train.lr" in keys and "model.n_layer" in keys and "data.dir" in keys
-    assert "out_dir" in keys and "name" in keys and "dist.strategy" in keys
+    assert "out_dir" in keys and "name" in keys and "dist.strategy" in keys and "dist.checkpoint" in keys
     assert "model" not in keys and "train" not in keys  # leaves only
-    n = len(dataclasses.fields(GPTConfig)) + len(dataclasses.fields(TrainConfig)) + 1 + 1 + 2
+    n = len(dataclasses.fields(GPTConfig)) + len(dataclasses.fields(TrainConfig)) + 1 + 2 + 2
     assert len(keys) == len(set(keys)) == n
 
 
