@@ -42,8 +42,10 @@ Shapes: B = batch, T = sequence length, C = hidden size, H = heads, D = head siz
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -608,32 +610,39 @@ def embed_checkpoint(
     tokenizer = load_encoder_tokenizer(directory, config)
     model = load_model(directory, device)
     assert isinstance(model, Bert)
-    device = next(model.parameters()).device
+    return embed_texts(model, tokenizer, config, texts, normalize, batch_size, where=f"{directory}/tokenizer.json")
 
+
+def embed_texts(model: "Bert", tokenizer: Any, config: BertConfig, texts: Sequence[str], normalize: bool = True,
+                batch_size: int = 32, where: str = "the tokenizer") -> list[list[float]]:
+    """Sentence vectors of ``texts`` with a loaded encoder: batches of similar length (sorted,
+    padded per batch), mean pooling over the attention mask, optional L2 normalisation."""
+    device = next(model.parameters()).device
     encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
     too_big = max((max(e.ids, default=0) for e in encodings), default=0)
     if too_big >= config.vocab_size:
         raise FromzeroError(
-            f"{directory}/tokenizer.json produces token id {too_big}, but the model's vocabulary has "
+            f"{where} produces token id {too_big}, but the model's vocabulary has "
             f"{config.vocab_size} entries: tokenizer and weights do not belong together"
         )
     pad_id = config.pad_token_id or 0
     order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids), reverse=True)
     result: list[list[float]] = [[] for _ in texts]
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        T = max(1, max(len(encodings[i].ids) for i in rows))
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-        types = torch.zeros((len(rows), T), dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for r, i in enumerate(rows):
-            n = len(encodings[i].ids)
-            ids[r, :n] = torch.tensor(encodings[i].ids, dtype=torch.long)
-            types[r, :n] = torch.tensor(encodings[i].type_ids, dtype=torch.long)
-            mask[r, :n] = 1
-        ids, types, mask = ids.to(device), types.to(device), mask.to(device)
-        hidden = model.encode(ids, mask, types, skip_padding=True)
-        vectors = model.sentence_embedding(hidden, mask, normalize=normalize).cpu().tolist()
-        for r, i in enumerate(rows):
-            result[i] = vectors[r]
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            T = max(1, max(len(encodings[i].ids) for i in rows))
+            ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+            types = torch.zeros((len(rows), T), dtype=torch.long)
+            mask = torch.zeros((len(rows), T), dtype=torch.long)
+            for r, i in enumerate(rows):
+                n = len(encodings[i].ids)
+                ids[r, :n] = torch.tensor(encodings[i].ids, dtype=torch.long)
+                types[r, :n] = torch.tensor(encodings[i].type_ids, dtype=torch.long)
+                mask[r, :n] = 1
+            ids, types, mask = ids.to(device), types.to(device), mask.to(device)
+            hidden = model.encode(ids, mask, types, skip_padding=True)
+            vectors = model.sentence_embedding(hidden, mask, normalize=normalize).cpu().tolist()
+            for r, i in enumerate(rows):
+                result[i] = vectors[r]
     return result

@@ -69,33 +69,11 @@ class EmbeddingBackend(Backend):
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled, L2-normalised sentence vectors of ``texts`` (exactly what
         ``fromzero embed`` / ``embed_checkpoint`` computes) and the number of tokens read."""
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
-        too_big = max((max(e.ids, default=0) for e in encodings), default=0)
-        if too_big >= self.config.vocab_size:
-            raise FromzeroError(f"the tokenizer produced token id {too_big}, outside the model's "
-                                f"vocabulary of {self.config.vocab_size}")
-        device = next(self.model.parameters()).device
-        pad_id = self.config.pad_token_id or 0
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids), reverse=True)
-        result: list[list[float]] = [[] for _ in texts]
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                T = max(1, max(len(encodings[i].ids) for i in rows))
-                ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-                types = torch.zeros((len(rows), T), dtype=torch.long)
-                mask = torch.zeros((len(rows), T), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    n = len(encodings[i].ids)
-                    ids[r, :n] = torch.tensor(encodings[i].ids, dtype=torch.long)
-                    types[r, :n] = torch.tensor(encodings[i].type_ids, dtype=torch.long)
-                    mask[r, :n] = 1
-                ids, types, mask = ids.to(device), types.to(device), mask.to(device)
-                hidden = self.model.encode(ids, mask, types, skip_padding=True)
-                vectors = self.model.sentence_embedding(hidden, mask, normalize=True).cpu().tolist()
-                for r, i in enumerate(rows):
-                    result[i] = vectors[r]
-        return result, sum(len(e.ids) for e in encodings)
+        from fromzero.models.bert import embed_texts
+
+        vectors = embed_texts(self.model, self.tokenizer, self.config, texts, True, self.batch_size)
+        tokens = sum(len(e.ids) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True))
+        return vectors, tokens
 
 
 @dataclass
