@@ -295,6 +295,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from fromzero.compression.quantize import QuantizeOptions, format_report, quantize_checkpoint
+
+    options = QuantizeOptions(method=args.method, group_size=args.group_size, embeddings=not args.skip_embeddings)
+    report = quantize_checkpoint(args.checkpoint, args.out, options, force=args.force, evaluate=args.eval,
+                                 data=args.data, split=args.split, batch_size=args.batch_size, device=args.device)
+    print(format_report(report))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # generate
 
@@ -758,6 +768,28 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     pn.add_argument("--quiet", action="store_true", help="no progress bar")
     pn.set_defaults(func=_cmd_prune)
 
+    # quantize
+    qz = _add_parser(sub, "quantize", "store a checkpoint's weights in int8 / int4 (smaller; int8-dynamic: faster on CPU)",
+                     description="int8-dynamic: int8 weights + int8 activations quantized per call (PyTorch's quantized "
+                     "CPU kernels; CPU only).\nint8-weight: int8 weights, float matmul (any device).\nint4-weight: "
+                     "4-bit weights in groups of --group-size, each with a scale and offset (any device).\nEmbedding "
+                     "tables are stored int8 per row (a tied GPT head reads the same table) unless --skip-embeddings; "
+                     "convolutions stay float. Writes a checkpoint directory (+ quantization.json) that generate, "
+                     "predict, evaluate, embed and serve load as any other.\n\nexample:\n  fromzero quantize "
+                     "--checkpoint runs/RUN/checkpoints/best --method int8-dynamic --out q8/ --eval")
+    qz.add_argument("--checkpoint", required=True, help="float checkpoint directory (or LoRA adapter) to quantize (left unchanged)")
+    qz.add_argument("--method", required=True, help="int8-dynamic | int8-weight | int4-weight")
+    qz.add_argument("--out", required=True, help="output checkpoint directory")
+    qz.add_argument("--group-size", type=int, default=128, help="int4-weight: input features per scale/offset group")
+    qz.add_argument("--skip-embeddings", action="store_true", help="keep embedding tables (and a tied head) float")
+    qz.add_argument("--force", action="store_true", help="replace an existing output directory")
+    qz.add_argument("--eval", action="store_true",
+                    help="score the float and the quantized checkpoint (classifiers: accuracy, macro-F1; LMs: loss)")
+    qz.add_argument("--data", help="--eval data (default: the checkpoint's run data; GPTs: a prepared data directory)")
+    qz.add_argument("--split", help="--eval split (default: test for classifiers, val for language models)")
+    qz.add_argument("--batch-size", type=int, default=64, help="--eval examples per forward pass")
+    qz.add_argument("--device", default="auto", help="--eval device: auto | cpu | cuda (int8-dynamic: always cpu)")
+    qz.set_defaults(func=_cmd_quantize)
     return parser
 
 

@@ -292,6 +292,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tor
 
         return load_adapter_model(directory).to(device).eval()  # base + LoRA, merged
     config = read_json(directory / CONFIG_FILE, "model config")
+    if config.get("quantization"):  # written by `fromzero quantize`: int8 / int4 modules
+        from fromzero.compression.quantize import load_quantized
+
+        return load_quantized(directory, config, device)
     try:
         model = build_model(config)
     except FromzeroError as e:

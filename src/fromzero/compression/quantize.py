@@ -1,0 +1,730 @@
+"""Quantization: store a trained model's weights in 8 or 4 bits, and run it that way.
+
+``fromzero quantize --checkpoint DIR --method M --out DIR`` writes a checkpoint directory that
+``load_model`` (and so ``predict``, ``evaluate``, ``generate``, ``embed``, ``serve``) reads like
+any other. Three methods::
+
+    fromzero quantize --checkpoint runs/genre/checkpoints/best --method int8-dynamic --out q8/ --eval
+
+* ``int8-dynamic`` (the CPU speed path): every Linear layer keeps int8 weights, one scale per
+  output channel (symmetric, -127..127), and quantizes its *input* to int8 on the fly, per
+  call (one scale and zero point for the whole activation tensor, from its min and max), so the
+  matmul itself runs in int8 with int32 accumulation: PyTorch's own quantized CPU kernels
+  (``torch.ops.quantized.linear_dynamic`` on the fbgemm / x86 engine, what
+  ``torch.ao.nn.quantized.dynamic.Linear`` calls). CPU only: there are no CUDA kernels.
+* ``int8-weight``: the same int8 per-channel weights, but the matmul is done in floating point:
+  ``(x @ W_int8^T) * scale + bias``. Weight-only quantization: it saves memory and memory
+  bandwidth (what limits one-token decoding on a GPU), runs on every device, and only the
+  weights are approximated, never the activations.
+* ``int4-weight``: weights in 4 bits, two per byte, in groups of ``group_size`` consecutive
+  input features of one output row, each group with its own scale and offset (its minimum):
+  ``w = q * scale + offset``, q in 0..15. Dequantised on the fly before a floating-point
+  matmul. A layer whose ``in_features`` is not a multiple of the group size falls back to
+  int8 weight-only (the report lists it).
+
+Embedding tables (a GPT's token embedding, BERT's word embeddings: half of MiniLM's weights)
+are stored int8 with one scale per row and dequantised on lookup, unless ``--skip-embeddings``.
+A GPT head tied to its token embedding (``lm_head.weight is wte.weight``) reads the *same*
+int8 table: an embedding row's scale is exactly the head's per-output-channel scale, so the
+table is stored once and both users stay consistent. With ``--skip-embeddings`` a tied head
+stays float, as its table does. Convolutions are not quantized (CNN / ResNet / ViT: their
+Linear layers are).
+
+Files: ``model.safetensors`` holds int8 / uint8 weight tensors (``qweight``) and fp32 scales
+(``scale``, ``offset``) next to the untouched float tensors (norms, biases, convolutions);
+``config.json`` is the source's plus a ``quantization`` block (method, group size and the plan:
+which module became what), from which :func:`load_quantized` rebuilds the architecture with
+quantized modules in place; tokenizer and info files are copied; ``quantization.json`` is the
+report (sizes, and with ``--eval`` the quality of fp32 vs quantized). No pickles.
+
+Numbers (see benchmarks/quantize.py): on a MiniLM-L6 classifier int8-dynamic is ~1/4 of the
+fp32 file and runs several times faster on a CPU with AVX-512 VNNI.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fromzero.errors import FromzeroError, first_line
+
+METHODS = ("int8-dynamic", "int8-weight", "int4-weight")
+REPORT_FILE = "quantization.json"
+FORMAT_VERSION = 1
+
+# Plan entries: what a module becomes.
+INT8_DYNAMIC, INT8_WEIGHT, INT4_WEIGHT, INT8_EMBEDDING = "int8-dynamic", "int8-weight", "int4-weight", "int8-embedding"
+KINDS = (INT8_DYNAMIC, INT8_WEIGHT, INT4_WEIGHT, INT8_EMBEDDING)
+
+# Quantized engines of PyTorch that have int8 dynamic Linear kernels, best first.
+_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+# Files of a source checkpoint that are not copied (weights are rewritten; optimizer state and
+# pickles do not belong in an inference artifact).
+_NOT_COPIED = {"model.safetensors", "config.json", "trainer_state.pt", "adapter_config.json",
+               "adapter_model.safetensors", REPORT_FILE}
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".safetensors")
+
+
+@dataclass
+class QuantizeOptions:
+    """What ``fromzero quantize`` does to a model."""
+
+    method: str = INT8_DYNAMIC
+    """int8-dynamic | int8-weight | int4-weight (see the module docstring)."""
+    group_size: int = 128
+    """int4-weight: input features per scale/offset group (a positive even number)."""
+    embeddings: bool = True
+    """Quantize embedding tables too (int8 per row); False keeps them (and a tied head) float."""
+
+    def validate(self) -> None:
+        check_method(self.method)
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
+            raise FromzeroError(f"--group-size must be a positive even number (e.g. 32, 64, 128), got {g!r}")
+
+
+def check_method(method: str) -> None:
+    """One-line error for an unknown method, naming the closest known one."""
+    if method in METHODS:
+        return
+    close = difflib.get_close_matches(str(method), METHODS, n=1, cutoff=0.4)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise FromzeroError(f"unknown quantization method {method!r} (choose from {', '.join(METHODS)}){hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic: float <-> int8 rows, float <-> int4 groups
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (R, C) float -> q (R, C) int8 in -127..127, scale (R,) fp32.
+
+    ``w ~= q * scale[:, None]``; scale = max |w| of the row / 127, so the largest weight of each
+    row is exact and the error of any weight is at most scale / 2. An all-zero row (a padding
+    embedding, a dead unit) gets a tiny positive scale instead of 0.
+    """
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (R,)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q (R, C) int8, scale (R,) -> (R, C) fp32."""
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups along the input dimension.
+
+    w (N, K) float, K a multiple of group_size -> packed (N, K / 2) uint8 (column 2j in the low
+    nibble, 2j + 1 in the high one), scale and offset (N, K / group_size) fp32, with
+    ``w ~= q * scale + offset`` for q in 0..15: offset is the group's minimum and scale its range
+    / 15, so the error of any weight is at most scale / 2.
+    """
+    N, K = w.shape
+    if K % group_size or group_size % 2:
+        raise ValueError(f"in_features {K} is not a multiple of the (even) group size {group_size}")
+    groups = w.detach().float().reshape(N, K // group_size, group_size)
+    offset = groups.amin(dim=-1)  # (N, K/G)
+    scale = ((groups.amax(dim=-1) - offset) / 15.0).clamp(min=1e-8)
+    q = torch.round((groups - offset[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.reshape(N, K // 2, 2)
+    packed = q[..., 0] | (q[..., 1] << 4)
+    return packed.contiguous(), scale.contiguous(), offset.contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) uint8 -> (N, K) uint8 values 0..15 (inverse of the packing above)."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(packed.size(0), -1)
+
+
+def dequantize_int4_groups(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """packed (N, K / 2), scale / offset (N, K / G) -> (N, K) weights in ``dtype``."""
+    q = unpack_int4(packed)  # (N, K)
+    N, K = q.shape
+    G = K // scale.size(1)
+    w = q.reshape(N, K // G, G).to(dtype) * scale.to(dtype)[..., None] + offset.to(dtype)[..., None]
+    return w.reshape(N, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized modules
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    # Parameters (not buffers) so that tying works as for float models: a tied head's qweight is
+    # the embedding's Parameter object, .to() keeps them shared, the checkpoint stores them once.
+    return nn.Parameter(t, requires_grad=False)
+
+
+class _Int8RowsLinear(nn.Module):
+    """A Linear layer holding int8 weights (out, in) with one fp32 scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.scale = _frozen(torch.ones(out_features))
+        self.bias = _frozen(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "_Int8RowsLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q, scale = quantize_int8_rows(linear.weight)
+        module.qweight.data, module.scale.data = q, scale
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().float().clone()
+        return module
+
+    def share_table(self, embedding: "Int8Embedding") -> None:
+        """Read the weights of a tied embedding table (its rows are this layer's output channels)."""
+        if embedding.qweight.shape != self.qweight.shape:
+            raise ValueError(f"tied table {tuple(embedding.qweight.shape)} does not fit a Linear {tuple(self.qweight.shape)}")
+        self.qweight, self.scale = embedding.qweight, embedding.scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (out, in) fp32 weight these int8 values stand for."""
+        return dequantize_int8_rows(self.qweight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8WeightLinear(_Int8RowsLinear):
+    """Weight-only int8: ``y = (x @ q^T) * scale + bias``, the matmul in x's float dtype.
+
+    Scaling the output instead of the weight is the same product (the scale is per output
+    column of y) and skips writing a scaled copy of the weight; int8 values are exact in fp16 /
+    bf16 / fp32, so no precision is lost before the matmul. Runs on any device.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.qweight.to(x.dtype))
+        y = y * self.scale.to(y.dtype)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+
+class Int8DynamicLinear(_Int8RowsLinear):
+    """int8 weights and dynamically quantized int8 activations: PyTorch's quantized CPU kernels.
+
+    The weight is packed once into the engine's layout (fbgemm / x86: blocked for its int8 GEMM;
+    a copy of the int8 weights, rebuilt by :meth:`prepare` and never saved); each call quantizes
+    x per tensor (uint8, scale and zero point from its min and max), multiplies in int8 with
+    int32 accumulation and returns float. x of another dtype (bf16 under autocast) is computed
+    in fp32 and cast back.
+
+    One scale for the whole activation tensor is where the error comes from: transformers have a
+    few outlier features (MiniLM: one hidden feature ~40x the others' RMS, one GELU unit ~100x)
+    that stretch the range, so ordinary values get few int8 levels (a fine-tuned MiniLM
+    classifier still keeps its test accuracy; see benchmarks/quantize.py).
+
+    ``reduce_range``: activations in 7 bits, as torch.ao's dynamic Linear does on x86 for CPUs
+    without AVX-512 VNNI, whose int16 pair sums could saturate; with VNNI, the full 8 bits.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self._packed: Any = None
+
+    def prepare(self) -> None:
+        """(Re)pack the int8 weight for the CPU kernel; call after changing qweight/scale/bias."""
+        if self.qweight.device.type != "cpu":
+            raise FromzeroError(_CPU_ONLY)
+        with warnings.catch_warnings():
+            # torch.ao's quantized tensor types are deprecated in favour of torchao, whose int8
+            # dynamic CPU path is much slower here (measured ~10x on MiniLM shapes, torchao 0.18).
+            warnings.simplefilter("ignore")
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(self.qweight.detach(), self.scale.detach().double(),
+                                                          zero_points, 0)
+            bias = self.bias.detach().float() if self.bias is not None else None
+            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise FromzeroError(_CPU_ONLY)
+        if self._packed is None:
+            self.prepare()
+        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, _reduce_range())
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the packed copy follows the weights
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the packed copy is rebuilt lazily
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+
+_VNNI: bool | None = None
+
+
+def _reduce_range() -> bool:
+    """7-bit activations unless the CPU has VNNI int8 dot products (no int16 saturation)."""
+    global _VNNI
+    if _VNNI is None:
+        try:
+            flags = Path("/proc/cpuinfo").read_text(errors="replace")
+            _VNNI = "avx512_vnni" in flags or "avx_vnni" in flags
+        except OSError:
+            _VNNI = False
+    return not _VNNI
+
+
+_CPU_ONLY = ("int8-dynamic runs on CPU only (PyTorch's quantized int8 kernels have no GPU version): "
+             "use --device cpu, or quantize with --method int8-weight for a GPU")
+
+
+class Int4WeightLinear(nn.Module):
+    """Group-wise int4 weights (see :func:`quantize_int4_groups`), dequantised on every call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128) -> None:
+        super().__init__()
+        if in_features % group_size or group_size % 2:
+            raise ValueError(f"in_features {in_features} is not a multiple of the (even) group size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.qweight = _frozen(torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.scale = _frozen(torch.ones(out_features, groups))
+        self.offset = _frozen(torch.zeros(out_features, groups))
+        self.bias = _frozen(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4WeightLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        packed, scale, offset = quantize_int4_groups(linear.weight, group_size)
+        module.qweight.data, module.scale.data, module.offset.data = packed, scale, offset
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().float().clone()
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4_groups(self.qweight, self.scale, self.offset, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}")
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored int8 per row (one fp32 scale per token), dequantised on lookup."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.qweight = _frozen(torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.scale = _frozen(torch.ones(num_embeddings))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Int8Embedding":
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx)
+        module.qweight.data, module.scale.data = quantize_int8_rows(embedding.weight)
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int8_rows(self.qweight, self.scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.qweight).to(self.scale.dtype)  # (..., C)
+        return rows * self.scale[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+
+QUANTIZED_MODULES = (Int8DynamicLinear, Int8WeightLinear, Int4WeightLinear, Int8Embedding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning and applying: which module becomes what
+
+
+def _quantizable_linear(module: nn.Module) -> bool:
+    # nn.MultiheadAttention reads its out_proj.weight itself: that Linear must stay float.
+    return isinstance(module, nn.Linear) and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def plan_quantization(model: nn.Module, options: QuantizeOptions) -> dict[str, dict[str, Any]]:
+    """{module name: {"kind": ..., ...}} for every module that ``options`` quantizes.
+
+    Entries: ``{"kind": "int8-embedding"}``; ``{"kind": "int8-dynamic" | "int8-weight"}``;
+    ``{"kind": "int4-weight", "group_size": G}``; a head tied to an embedding table gets
+    ``"tied_to": <embedding name>`` (int8, reading that table); an int4 layer whose in_features
+    G does not divide falls back to ``{"kind": "int8-weight", "fallback": why}``.
+    """
+    options.validate()
+    tables = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    plan: dict[str, dict[str, Any]] = {}
+    if options.embeddings:
+        plan.update({name: {"kind": INT8_EMBEDDING} for name in tables.values()})
+    seen: set[int] = set()
+    G = options.group_size
+    for name, m in model.named_modules():
+        if not _quantizable_linear(m):
+            continue
+        if id(m.weight) in tables:  # a head tied to an embedding table
+            if options.embeddings:
+                kind = INT8_DYNAMIC if options.method == INT8_DYNAMIC else INT8_WEIGHT
+                plan[name] = {"kind": kind, "tied_to": tables[id(m.weight)]}
+            continue  # else it stays float, sharing the float table
+        if id(m.weight) in seen:  # shared between two Linear layers: keep both float
+            continue
+        seen.add(id(m.weight))
+        if options.method != INT4_WEIGHT:
+            plan[name] = {"kind": options.method}
+        elif m.in_features % G == 0:
+            plan[name] = {"kind": INT4_WEIGHT, "group_size": G}
+        else:
+            plan[name] = {"kind": INT8_WEIGHT,
+                          "fallback": f"in_features {m.in_features} is not a multiple of group size {G}"}
+    if options.method == INT4_WEIGHT:
+        sizes = sorted({m.in_features for _, m in model.named_modules() if _quantizable_linear(m)})
+        if sizes and not any(e["kind"] == INT4_WEIGHT for e in plan.values()):
+            raise FromzeroError(
+                f"--group-size {G} divides the in_features of no Linear layer ({', '.join(map(str, sizes))}): "
+                f"choose an even divisor of one of them"
+            )
+    if not plan:
+        raise FromzeroError("this model has no Linear or Embedding layers to quantize")
+    return plan
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]], from_weights: bool = True) -> nn.Module:
+    """Replace the planned modules of ``model`` with quantized ones, in place.
+
+    from_weights: quantize the model's float weights (``fromzero quantize``); False builds
+    empty quantized modules of the right shapes, for a checkpoint's weights to be loaded into
+    (:func:`load_quantized`).
+    """
+    # Embedding tables first: tied heads read them.
+    ordered = sorted(plan.items(), key=lambda item: item[1].get("kind") != INT8_EMBEDDING)
+    for name, entry in ordered:
+        kind = entry.get("kind")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise FromzeroError(f"quantization plan names a module {name!r} this model does not have") from None
+        if kind == INT8_EMBEDDING:
+            if not isinstance(old, nn.Embedding):
+                raise FromzeroError(f"quantization plan: {name!r} is a {type(old).__name__}, not an Embedding")
+            new: nn.Module = (Int8Embedding.from_embedding(old) if from_weights else
+                              Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx))
+        elif kind in (INT8_DYNAMIC, INT8_WEIGHT, INT4_WEIGHT):
+            if not isinstance(old, nn.Linear):
+                raise FromzeroError(f"quantization plan: {name!r} is a {type(old).__name__}, not a Linear layer")
+            tied_to = entry.get("tied_to")
+            if kind == INT4_WEIGHT:
+                if tied_to:
+                    raise FromzeroError(f"quantization plan: tied head {name!r} cannot be int4")
+                G = entry.get("group_size")
+                if isinstance(G, bool) or not isinstance(G, int) or G < 2 or G % 2 or old.in_features % G:
+                    raise FromzeroError(f"quantization plan: bad group_size {G!r} for {name!r} (in_features {old.in_features})")
+                new = (Int4WeightLinear.from_linear(old, G) if from_weights else
+                       Int4WeightLinear(old.in_features, old.out_features, old.bias is not None, G))
+            else:
+                cls = Int8DynamicLinear if kind == INT8_DYNAMIC else Int8WeightLinear
+                if tied_to:
+                    table = model.get_submodule(tied_to) if tied_to in plan else None
+                    if not isinstance(table, Int8Embedding):
+                        raise FromzeroError(f"quantization plan: {name!r} is tied to {tied_to!r}, which is not an int8 table")
+                    new = cls(old.in_features, old.out_features, old.bias is not None)
+                    if old.bias is not None:
+                        new.bias.data = old.bias.detach().float().clone()
+                    new.share_table(table)
+                elif from_weights:
+                    new = cls.from_linear(old)
+                else:
+                    new = cls(old.in_features, old.out_features, old.bias is not None)
+        else:
+            raise FromzeroError(f"quantization plan: unknown kind {kind!r} for {name!r} (known: {', '.join(KINDS)})")
+        _set_module(model, name, new)
+    return model
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Pack the int8-dynamic layers' weights for the CPU kernel (after loading or editing them)."""
+    for m in model.modules():
+        if isinstance(m, Int8DynamicLinear):
+            m.prepare()
+    return model
+
+
+def quantize_model(model: nn.Module, options: QuantizeOptions) -> dict[str, dict[str, Any]]:
+    """Quantize a float model in place; returns the plan (stored in config.json)."""
+    options.validate()
+    if options.method == INT8_DYNAMIC:
+        require_int8_dynamic("cpu")
+    model.to("cpu").eval()
+    plan = plan_quantization(model, options)
+    with torch.no_grad():
+        apply_plan(model, plan, from_weights=True)
+    prepare(model)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Can this machine run it?
+
+
+def int8_dynamic_problem(device: str | torch.device = "cpu") -> str | None:
+    """Why int8-dynamic cannot run here (None when it can): GPU device, or no quantized engine."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return _CPU_ONLY
+    engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+    if not engines:
+        return ("this PyTorch build has no quantized CPU engine (torch.backends.quantized.supported_engines "
+                f"= {torch.backends.quantized.supported_engines}): use --method int8-weight")
+    if torch.backends.quantized.engine not in _ENGINES:
+        best = next((e for e in _ENGINES if e in engines), None)
+        if best is None:
+            return f"no supported quantized engine among {engines}: use --method int8-weight"
+        torch.backends.quantized.engine = best
+    try:  # a 2x2 layer through the real kernel: some builds list an engine they cannot run
+        probe = Int8DynamicLinear(2, 2)
+        probe.prepare()
+        probe(torch.ones(1, 2))
+    except (RuntimeError, NotImplementedError) as e:
+        return (f"PyTorch's int8 dynamic kernels fail on this machine (engine "
+                f"{torch.backends.quantized.engine}: {first_line(e)}): use --method int8-weight")
+    return None
+
+
+def require_int8_dynamic(device: str | torch.device = "cpu") -> None:
+    problem = int8_dynamic_problem(device)
+    if problem:
+        raise FromzeroError(problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def quantization_block(config: dict, where: Path) -> dict[str, Any]:
+    """The validated ``quantization`` block of a checkpoint's config.json."""
+    block = config.get("quantization")
+    if not isinstance(block, dict):
+        raise FromzeroError(f"{where}: 'quantization' must be an object")
+    version = block.get("format", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise FromzeroError(f"{where}: quantization format {version!r} is not supported (this fromzero reads {FORMAT_VERSION})")
+    method = block.get("method")
+    if method not in METHODS:
+        raise FromzeroError(f"{where}: unknown quantization method {method!r} (known: {', '.join(METHODS)})")
+    plan = block.get("layers")
+    if not isinstance(plan, dict) or not all(isinstance(v, dict) for v in plan.values()):
+        raise FromzeroError(f"{where}: quantization.layers must map module names to objects")
+    return block
+
+
+def load_quantized(directory: str | Path, config: dict, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a quantized checkpoint (the hook ``load_model`` calls when config.json has a
+    ``quantization`` block): the float architecture from the config, the planned modules
+    swapped for quantized ones, then the int8/int4 weights loaded into them."""
+    from fromzero.models import build_model
+    from fromzero.training.checkpoint import CONFIG_FILE, MODEL_FILE, load_weights
+
+    directory = Path(directory)
+    block = quantization_block(config, directory / CONFIG_FILE)
+    if block["method"] == INT8_DYNAMIC or any(e.get("kind") == INT8_DYNAMIC for e in block["layers"].values()):
+        problem = int8_dynamic_problem(device)
+        if problem:
+            raise FromzeroError(f"{directory} is quantized int8-dynamic: {problem}")
+    try:
+        model = build_model({k: v for k, v in config.items() if k != "quantization"})
+    except FromzeroError as e:
+        raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
+    apply_plan(model, block["layers"], from_weights=False)
+    load_weights(model, directory / MODEL_FILE)
+    model = model.to(device).eval()
+    return prepare(model) if torch.device(device).type == "cpu" else model
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a checkpoint of ``model`` stores (shared tensors once)."""
+    from fromzero.training.checkpoint import model_state_for_saving
+
+    return sum(t.numel() * t.element_size() for t in model_state_for_saving(model).values())
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer / info / vocabulary files of the source checkpoint (no weights, no pickles)."""
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            if path.name == "tokenizer":
+                shutil.copytree(path, dst / path.name)
+                copied.append(path.name + "/")
+            continue
+        if path.name in _NOT_COPIED or path.suffix in _PICKLE_SUFFIXES:
+            continue
+        shutil.copyfile(path, dst / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def _source_data(src: Path) -> str | None:
+    """The data a checkpoint was trained on, from its run's config.yaml (None if unknown)."""
+    from fromzero.inference.predict import run_config
+
+    made_by = run_config(src)
+    data = made_by.get("data") or made_by.get("data_dir")
+    if isinstance(data, dict):  # pretraining recipes: data: {dir: ...}
+        data = data.get("dir")
+    return str(data) if data else None
+
+
+def quantize_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    options: QuantizeOptions,
+    force: bool = False,
+    evaluate: bool = False,
+    data: str | None = None,
+    split: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """``fromzero quantize``: load, quantize, write ``out`` atomically; returns the report.
+
+    evaluate: also score the source and the quantized checkpoint on ``split`` of ``data``
+    (default: the data of the run that made the checkpoint; the test split for classifiers, val
+    for language models) with :func:`fromzero.inference.predict.evaluate_checkpoint`.
+    """
+    from fromzero.inference.predict import checkpoint_info
+    from fromzero.training.checkpoint import (CONFIG_FILE, INFO_FILE, MODEL_FILE, atomic_directory, load_model,
+                                              model_state_for_saving, read_json, recover_directory,
+                                              write_safetensors)
+
+    options.validate()
+    src, out = Path(checkpoint), Path(out)
+    recover_directory(src)
+    if not src.is_dir():
+        raise FromzeroError(f"checkpoint directory not found: {src}")
+    config = read_json(src / CONFIG_FILE, "model config")
+    if config.get("quantization"):
+        method = config["quantization"].get("method") if isinstance(config["quantization"], dict) else "?"
+        raise FromzeroError(f"{src} is already quantized ({method}): quantize the original float checkpoint")
+    if out.exists() and out.resolve() == src.resolve():
+        raise FromzeroError("--out must be a new directory, not the --checkpoint itself")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FromzeroError(f"{out} already exists; pass --force to replace it")
+    if options.method == INT8_DYNAMIC:
+        require_int8_dynamic("cpu")
+    if batch_size <= 0:
+        raise FromzeroError("--batch-size must be positive")
+    task = checkpoint_info(src)["task"]
+    if evaluate:
+        data = data or _source_data(src)
+        if not data:
+            raise FromzeroError("--eval needs --data: the checkpoint's run config names no data")
+        split = split or ("val" if task in ("language-model", "sft") else "test")
+
+    model = load_model(src, "cpu")
+    fp32_state_bytes = weights_bytes(model)
+    source_file = src / MODEL_FILE
+    before = source_file.stat().st_size if source_file.is_file() else fp32_state_bytes
+    plan = quantize_model(model, options)
+
+    block = {"format": FORMAT_VERSION, "method": options.method, "group_size": options.group_size,
+             "embeddings": options.embeddings, "torch_version": torch.__version__, "layers": plan}
+    out_config = {**config, "quantization": block}
+    info = read_json(src / INFO_FILE, "checkpoint info") if (src / INFO_FILE).is_file() else {}
+    info = {k: v for k, v in info.items() if k != "adapter"} | {"quantized_from": str(src.resolve()),
+                                                                 "quantization": options.method}
+    counts: dict[str, int] = {}
+    for entry in plan.values():
+        key = entry["kind"] + (" (tied head)" if entry.get("tied_to") else "")
+        counts[key] = counts.get(key, 0) + 1
+    report: dict[str, Any] = {
+        "source": str(src), "out": str(out), "method": options.method, "group_size": options.group_size,
+        "embeddings": options.embeddings, "task": task, "layers": counts,
+        "fallback": {name: e["fallback"] for name, e in plan.items() if "fallback" in e},
+        "float_layers": sorted(name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))),
+        "float_convolutions": sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()),
+    }
+    with atomic_directory(out) as tmp:
+        write_safetensors(model_state_for_saving(model), tmp / MODEL_FILE,
+                          metadata={"quantization": options.method})
+        (tmp / CONFIG_FILE).write_text(json.dumps(out_config, indent=2) + "\n")
+        copied = _copy_side_files(src, tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        after = (tmp / MODEL_FILE).stat().st_size
+        report["copied"] = sorted(set(copied) | {INFO_FILE})
+        report["size"] = {"fp32_bytes": before, "quantized_bytes": after, "ratio": round(after / before, 4)}
+        if evaluate:  # on the finished files, before they are committed: the report is written once
+            report["eval"] = _compare_quality(src, tmp, str(data), str(split), batch_size, device, options.method)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+_QUALITY_KEYS = ("accuracy", "f1_macro", "loss", "perplexity")
+
+
+def _compare_quality(src: Path, out: Path, data: str, split: str, batch_size: int, device: str,
+                     method: str) -> dict[str, Any]:
+    """The same metrics of the float and the quantized checkpoint (same data, split, device)."""
+    from fromzero.inference.predict import evaluate_checkpoint
+
+    if method == INT8_DYNAMIC:
+        device = "cpu"  # both on the device the quantized model can use
+    fp32 = evaluate_checkpoint(src, data, split, batch_size, device)
+    quant = evaluate_checkpoint(out, data, split, batch_size, device)
+    result: dict[str, Any] = {"data": data, "split": split, "device": device}
+    for key in _QUALITY_KEYS:
+        if key in fp32 and key in quant:
+            result[key] = {"fp32": fp32[key], "quantized": quant[key], "change": quant[key] - fp32[key]}
+    return result
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The lines ``fromzero quantize`` prints."""
+    size = report["size"]
+    layers = ", ".join(f"{n} {kind}" for kind, n in sorted(report["layers"].items()))
+    lines = [
+        f"quantized {report['source']} -> {report['out']} ({report['method']}"
+        + (f", group size {report['group_size']}" if report["method"] == INT4_WEIGHT else "") + f"): {layers}",
+        f"weights on disk: {size['fp32_bytes']:,} -> {size['quantized_bytes']:,} bytes "
+        f"({100 * size['ratio']:.1f}% of fp32, {1 / size['ratio']:.2f}x smaller)",
+    ]
+    for name, why in report.get("fallback", {}).items():
+        lines.append(f"  {name}: int8 weight-only ({why})")
+    if "eval" in report:
+        ev = report["eval"]
+        parts = []
+        for key in _QUALITY_KEYS:
+            if key in ev:
+                v = ev[key]
+                change = (f"{100 * v['change']:+.2f} pt" if key in ("accuracy", "f1_macro") else
+                          f"{v['change']:+.4f}")
+                parts.append(f"{key} {v['fp32']:.4f} -> {v['quantized']:.4f} ({change})")
+        lines.append(f"quality on {ev['data']} ({ev['split']}): " + ", ".join(parts))
+    lines.append(f"report: {Path(report['out']) / REPORT_FILE}")
+    return "\n".join(lines)
