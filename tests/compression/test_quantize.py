@@ -463,3 +463,9 @@ def test_llama_style_gpt_and_vit_quantize_in_memory(method: str) -> None:
         quantize_model(vit, QuantizeOptions(method, group_size=32))
         assert isinstance(vit.patch_embed, nn.Conv2d)
         assert rel_error(vit(images), reference) < (INT4_TOLERANCE if method == "int4-weight" else INT8_TOLERANCE)
+
+
+def test_export_refuses_an_int8_dynamic_checkpoint_in_one_line(cli, one_line_error, quantized, tmp_path) -> None:
+    result = cli("export", "--checkpoint", quantized[("bert", "int8-dynamic")], "--out", tmp_path / "q.onnx")
+    one_line_error(result, "int8-dynamic quantized", "cannot be exported")
+    assert not (tmp_path / "q.onnx").exists()

@@ -442,6 +442,10 @@ def export_onnx(
     _check_request(checkpoint, out, fmt, opset, force, atol)
     info = checkpoint_info(checkpoint)
     raw_config = read_json(checkpoint / CONFIG_FILE, "model config")
+    quantization = raw_config.get("quantization") or {}
+    if quantization.get("method") == "int8-dynamic":  # PyTorch's quantized kernels cannot be traced
+        raise FromzeroError(f"{checkpoint} is int8-dynamic quantized: its CPU kernels cannot be exported to ONNX; "
+                            "export the float checkpoint (and quantize with onnxruntime), or an int8-weight one")
     model = load_model(checkpoint, "cpu").float().eval()
     plan = export_plan(model, raw_config, checkpoint, info)
     plan.module.eval()
