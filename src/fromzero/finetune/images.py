@@ -23,6 +23,14 @@ The run directory (see DESIGN.md)::
 ``method="frozen"`` trains only the classification head (linear probing): every other weight has
 ``requires_grad=False`` and the backbone runs in eval mode, so BatchNorm statistics stay those of
 the pretrained model too.
+
+``privacy: {target_epsilon: 3, delta: 1.0e-5, max_grad_norm: 1.0}`` (or ``noise_multiplier``)
+trains with DP-SGD through Opacus (see :mod:`fromzero.training.privacy`): Poisson-sampled batches
+(``batch_size`` is about their expected size), per-example clipping and Gaussian noise, in
+float32; every val row of metrics.jsonl carries the ``epsilon`` spent so far and metrics.json /
+info.json the final guarantee. Not with MixUp / CutMix (they mix examples), l1, or trained
+BatchNorm layers (a ResNet trains privately with ``method: frozen``; the simple CNN and the ViT
+train in full).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,7 @@ import torch.nn as nn
 
 from fromzero.data.images import AUGMENTS, BAD_IMAGES, build_transforms, default_resize, load_image_folder, normalization
 from fromzero.errors import FromzeroError
+from fromzero.training.privacy import PrivacyConfig
 
 ARCHS = ("simple", "resnet18", "resnet50", "vit")
 OPTIMIZERS = ("adamw", "sgd")
@@ -107,6 +116,8 @@ class ImageFinetuneConfig:
     """ViT trained from scratch: encoder blocks."""
     vit_heads: int = 3
     """ViT trained from scratch: attention heads."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Differential privacy (DP-SGD through Opacus); on when privacy.target_epsilon or noise_multiplier is set."""
     seed: int = 0
     """Seed for initialisation, shuffling and augmentation."""
     device: str = "auto"
@@ -163,6 +174,16 @@ class ImageFinetuneConfig:
             raise FromzeroError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.method == "frozen" and self.weights is None:
             raise FromzeroError("method=frozen trains only the head: it needs pretrained weights (weights=...)")
+        self.privacy.validate()
+        if self.privacy.enabled:
+            if self.mixup_alpha or self.cutmix_alpha:
+                raise FromzeroError("privacy: MixUp / CutMix blend examples, so one example's gradient depends on "
+                                    "others and the per-example bound fails: set mixup_alpha and cutmix_alpha to 0")
+            if self.l1:
+                raise FromzeroError("privacy: the l1 penalty's gradient would bypass per-example clipping: set l1 to 0")
+            if self.dtype in ("bfloat16", "float16"):
+                raise FromzeroError(f"privacy: dtype {self.dtype} is not supported (per-example gradients are "
+                                    "computed in float32): use dtype float32 or auto")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +337,8 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
         if not (data_dir / split).is_dir():
             raise FromzeroError(f"{data_dir / split} not found: data_dir needs train/, val/ and test/ folders")
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(device, cfg.dtype)
+    private_run = cfg.privacy.enabled
+    dtype = resolve_dtype(device, "float32" if private_run else cfg.dtype)  # DP-SGD: per-example grads in fp32
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work
 
     # -- data (checked before the run directory is touched: bad input leaves nothing behind)
@@ -331,19 +353,20 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     eval_tf = build_transforms(False, **tf_args)
     val_ds = load_image_folder(data_dir / "val", eval_tf, mode=mode, bad_images=cfg.bad_images, classes=labels)
     test_ds = load_image_folder(data_dir / "test", eval_tf, mode=mode, bad_images=cfg.bad_images, classes=labels)
+    cfg.privacy.check_dataset(len(train_ds))
 
     torch.manual_seed(cfg.seed)
     model = build_image_model(cfg, len(labels))
     trained_modules = freeze(model, cfg.unfreeze_top) if cfg.method == "frozen" else None
+    if private_run:
+        from fromzero.training.privacy import make_compatible
+
+        # No fixing (BatchNorm -> GroupNorm): config.json could not describe the fixed network.
+        make_compatible(model, fix=False, why_not="a fromzero-cnn checkpoint cannot hold the GroupNorm layers "
+                        "that would replace them: use method frozen (unfreeze_top 0), arch simple or arch vit")
     trainable = [p for p in model.parameters() if p.requires_grad]
     l1_params = [p for p in trainable if p.dim() >= 2]
     model.to(device)
-
-    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("image-classification")
-    prepare_run_dir(run_dir, cfg.force, resumable=False)
-    if (run_dir / "metrics.json").is_file():  # ours, but not in the trainer's RUN_FILES
-        (run_dir / "metrics.json").unlink()
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     generator = torch.Generator().manual_seed(cfg.seed)
     pin = device.type == "cuda"
@@ -352,6 +375,9 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     # drop_last only when it loses little: a batch of 1 breaks BatchNorm, tiny sets need every image.
     n_train = len(train_ds)
     drop_last = n_train > 4 * cfg.batch_size or (n_train > cfg.batch_size and n_train % cfg.batch_size == 1)
+    # DP: Poisson sampling has no partial batch; keeping them all makes the expected batch
+    # n / ceil(n / batch_size) <= batch_size (q = 1 / number of batches).
+    drop_last = drop_last and not private_run
     train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=generator, **loader_args)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
     test_loader = DataLoader(test_ds, shuffle=False, **loader_args)
@@ -361,6 +387,14 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    net: nn.Module = model  # what the training step calls
+    private = None
+    if private_run:  # checked (and the noise calibrated) before the run directory is touched
+        from fromzero.training.privacy import make_private
+
+        private = make_private(model, opt, train_loader, cfg.privacy, cfg.epochs, seed=cfg.seed)
+        net, opt, train_loader = private.module, private.optimizer, private.loader
+        print(private.describe())
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * cfg.min_lr_ratio)
@@ -369,6 +403,12 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
 
     def autocast() -> Any:
         return autocast_context(device, dtype)
+
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("image-classification")
+    prepare_run_dir(run_dir, cfg.force, resumable=False)
+    if (run_dir / "metrics.json").is_file():  # ours, but not in the trainer's RUN_FILES
+        (run_dir / "metrics.json").unlink()
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     logger = MetricsLogger(run_dir)
     best_f1, best_epoch, best_state, best_val = -1.0, 0, None, None
@@ -380,11 +420,17 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
                 set_train_mode(model, trained_modules)
                 t_epoch, seen = time.perf_counter(), 0
                 for x, y in train_loader:
+                    if private is not None and x.size(0) == 0:  # Poisson sampling drew no image
+                        private.empty_step()
+                        sched.step()
+                        step += 1
+                        bar.advance(step)
+                        continue
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     if mixer is not None:
                         x, y = mixer(x, y)  # y becomes (B, K) mixed one-hot targets
                     with autocast():
-                        logits = model(x)  # (B, K)
+                        logits = net(x)  # (B, K)
                     loss = criterion(logits.float(), y)
                     if cfg.l1:
                         loss = loss + cfg.l1 * l1_penalty(l1_params)
@@ -405,8 +451,11 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
                 epochs_run = epoch
                 val_logits, val_labels = predict_loader(model, val_loader, device, autocast)
                 val = _score(val_logits, val_labels, labels)
-                logger.log({"step": step, "epoch": epoch, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                            "val_f1_macro": val["f1_macro"], "elapsed_s": time.perf_counter() - t_train})
+                row = {"step": step, "epoch": epoch, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                       "val_f1_macro": val["f1_macro"], "elapsed_s": time.perf_counter() - t_train}
+                if private is not None:
+                    row["epsilon"] = private.epsilon()  # spent so far (delta: privacy.delta)
+                logger.log(row)
                 improved = val["f1_macro"] > best_f1
                 if improved:
                     best_f1, best_epoch, best_val, stale_epochs = val["f1_macro"], epoch, val, 0
@@ -414,14 +463,19 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 else:
                     stale_epochs += 1
+                spent = f" epsilon {row['epsilon']:.3f}" if private is not None else ""
                 bar.print(f"epoch {epoch}: val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
-                          f"macro-F1 {val['f1_macro']:.4f}" + (" (best)" if improved else ""))
+                          f"macro-F1 {val['f1_macro']:.4f}{spent}" + (" (best)" if improved else ""))
                 if cfg.patience and stale_epochs >= cfg.patience:
                     stopped_early = epoch < cfg.epochs
                     if stopped_early:
                         bar.print(f"early stop: no better val macro-F1 for {cfg.patience} epoch(s); best epoch {best_epoch}")
                     break
         train_s = time.perf_counter() - t_train
+        privacy = None
+        if private is not None:  # the guarantee covers every step taken, whichever epoch is kept
+            privacy = private.report()
+            private.close()  # hooks off: the model is a plain module again
 
         assert best_state is not None  # at least one epoch ran
         model.load_state_dict(best_state)
@@ -434,6 +488,8 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
 
     report = {**test, "split": "test", "best_epoch": best_epoch, "epochs_run": epochs_run,
               "stopped_early": stopped_early, "val_f1_macro": best_f1, "val_accuracy": best_val["accuracy"]}
+    if privacy is not None:
+        report["privacy"] = privacy
     write_metrics_json(report, run_dir / "metrics.json")
     plots = run_dir / "plots"
     write_plots(logger.rows, plots)
@@ -445,10 +501,16 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
             "test_accuracy": test["accuracy"], "image_size": cfg.image_size,
             "resize_size": cfg.resize_size or default_resize(cfg.image_size), "channels": cfg.channels,
             "mean": mean, "std": std}
+    if privacy is not None:
+        info["privacy"] = privacy
     ckpt = run_dir / "checkpoints" / "best"
     save_checkpoint(ckpt, model, model_config(model, cfg, labels), info=info)
     print(f"test ({len(test_ds)} images, best epoch {best_epoch}):\n{format_report(test)}")
+    if privacy is not None:
+        print(f"privacy: ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP for the training split "
+              f"({privacy['steps']} steps, noise multiplier {privacy['noise_multiplier']:.4g})")
     return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "labels": labels, "best_epoch": best_epoch,
             "epochs_run": epochs_run, "stopped_early": stopped_early, "val": best_val, "test": test,
+            "privacy": privacy,
             "trainable_params": sum(p.numel() for p in trainable), "train_s": train_s,
             "wall_s": time.perf_counter() - t_start}
