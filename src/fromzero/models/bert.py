@@ -614,11 +614,13 @@ def embed_checkpoint(
 
 
 def embed_texts(model: "Bert", tokenizer: Any, config: BertConfig, texts: Sequence[str], normalize: bool = True,
-                batch_size: int = 32, where: str = "the tokenizer") -> list[list[float]]:
+                batch_size: int = 32, where: str = "the tokenizer", encodings: list | None = None) -> list[list[float]]:
     """Sentence vectors of ``texts`` with a loaded encoder: batches of similar length (sorted,
-    padded per batch), mean pooling over the attention mask, optional L2 normalisation."""
+    padded per batch), mean pooling over the attention mask, optional L2 normalisation.
+    encodings: the tokenizer's encodings of ``texts`` when the caller already has them."""
     device = next(model.parameters()).device
-    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+    if encodings is None:
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
     too_big = max((max(e.ids, default=0) for e in encodings), default=0)
     if too_big >= config.vocab_size:
         raise FromzeroError(

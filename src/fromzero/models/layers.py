@@ -28,6 +28,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
+def kv_buffers(n_layer: int, shape: tuple[int, int, int, int], device: torch.device,
+               dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed key and value buffers of ``shape`` (rows, G, L, D) for every layer."""
+    keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+    values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+    return keys, values
+
+
 class KVCache:
     """Per-layer key/value buffers for incremental decoding.
 
@@ -46,9 +54,7 @@ class KVCache:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (batch_size, n_head, max_len, head_size)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.keys, self.values = kv_buffers(n_layer, (batch_size, n_head, max_len, head_size), device, dtype)
         self.max_len = max_len
         self.length = 0
 
@@ -105,9 +111,7 @@ class RaggedKVCache:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (max_rows, n_head, max_len, head_size)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.keys, self.values = kv_buffers(n_layer, (max_rows, n_head, max_len, head_size), device, dtype)
         self.max_rows, self.max_len = max_rows, max_len
         self.device = torch.device(device)
         self.dtype = dtype

@@ -71,9 +71,10 @@ class EmbeddingBackend(Backend):
         ``fromzero embed`` / ``embed_checkpoint`` computes) and the number of tokens read."""
         from fromzero.models.bert import embed_texts
 
-        vectors = embed_texts(self.model, self.tokenizer, self.config, texts, True, self.batch_size)
-        tokens = sum(len(e.ids) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True))
-        return vectors, tokens
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        vectors = embed_texts(self.model, self.tokenizer, self.config, texts, True, self.batch_size,
+                              encodings=encodings)
+        return vectors, sum(len(e.ids) for e in encodings)
 
 
 @dataclass
