@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
     ap.add_argument("--no-compile", action="store_true", help="eager instead of torch.compile")
     ap.add_argument("--tiny", action="store_true", help="2-layer model, block 128 (CPU smoke test)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpt2_mfu.json",
+                    help="where the JSON result goes (default: %(default)s)")
     args = ap.parse_args()
     device = resolve_device("auto")
     dtype = resolve_dtype(device, "auto")
@@ -86,7 +88,7 @@ def main() -> None:
               "peak_tflops": args.peak_tflops, "warmup_s": warm_s,
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     print(json.dumps(result, indent=2))
-    out = ROOT / "benchmarks" / "results" / "gpt2_mfu.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
