@@ -44,6 +44,57 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """transformers' tojson: plain json.dumps (Jinja's own escapes <, > and & for HTML)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _make_extensions() -> tuple[type, type]:
+    from jinja2 import nodes
+    from jinja2.exceptions import SecurityError
+    from jinja2.ext import Extension
+    from jinja2.utils import Namespace
+
+    class GenerationBlock(Extension):
+        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it):
+        rendered as its body; :meth:`JinjaChatTemplate.render` finds replies by prefixes instead."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    class TemplateNamespace(Namespace):
+        """``namespace()`` that refuses underscore names (no way to reach Python internals)."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's own signature trick
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check(name)
+            Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"a chat template cannot store {name!r} on a namespace")
+
+    return GenerationBlock, TemplateNamespace
+
+
+_GenerationBlock, _Namespace = _make_extensions()
+
+
 @dataclass
 class JinjaChatTemplate:
     """A model's own chat template (Jinja source) and the special tokens it refers to."""
@@ -63,8 +114,13 @@ class JinjaChatTemplate:
         def strftime_now(fmt: str) -> str:
             return _dt.datetime.now().strftime(fmt)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        # As transformers compiles templates: loop controls ({% break %}), the {% generation %}
+        # block (rendered as its body), a tojson that does not HTML-escape, dunder-free namespaces.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
+        env.filters["tojson"] = _tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
+                           namespace=_Namespace)
         try:
             self._template = env.from_string(self.source)
         except TemplateError as e:
@@ -136,15 +192,35 @@ def check_messages(messages: Any) -> None:
             raise FromzeroError(f"message {i}: content must be a string")
 
 
+def read_tokenizer_config(directory: str | Path) -> dict:
+    """tokenizer_config.json of a checkpoint or HF directory ({} when there is none)."""
+    path = Path(directory) / TOKENIZER_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FromzeroError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise FromzeroError(f"{path} must hold a JSON object")
+    return config
+
+
+def special_token_texts(config: dict) -> dict[str, str]:
+    """The special-token strings a template may refer to (bos_token, eos_token, pad_token,
+    unk_token), from a tokenizer_config.json dict; absent ones are left out."""
+    out = {}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        text = _token_text(config.get(name))
+        if text is not None:
+            out[name] = text
+    return out
+
+
 def load_jinja_template(directory: str | Path) -> JinjaChatTemplate | None:
     """The chat template stored in a checkpoint or HF directory, or None if it has none."""
     directory = Path(directory)
-    config: dict = {}
-    if (directory / TOKENIZER_CONFIG).is_file():
-        try:
-            config = json.loads((directory / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise FromzeroError(f"{directory / TOKENIZER_CONFIG} is not valid JSON: {e}") from None
+    config = read_tokenizer_config(directory)
     source: Any = None
     if (directory / TEMPLATE_FILE).is_file():
         source = (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
@@ -155,8 +231,10 @@ def load_jinja_template(directory: str | Path) -> JinjaChatTemplate | None:
             source = named.get("default") or next(iter(named.values()), None)
     if not isinstance(source, str) or not source.strip():
         return None
-    return JinjaChatTemplate(source, bos_token=_token_text(config.get("bos_token")),
-                             eos_token=_token_text(config.get("eos_token")))
+    specials = special_token_texts(config)
+    extra = {k: v for k, v in specials.items() if k in ("pad_token", "unk_token")}
+    return JinjaChatTemplate(source, bos_token=specials.get("bos_token"), eos_token=specials.get("eos_token"),
+                             extra_context=extra)
 
 
 def read_template_file(path: str | Path) -> str:

@@ -51,6 +51,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "preprocessor_config.json",
     "sentence_bert_config.json",  # sentence-transformers' max_seq_length (MiniLM: 256)
+    "chat_template.jinja",  # a chat model's own template (transformers 5 saves it here)
 )
 
 
