@@ -28,6 +28,11 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Show defaults after every option and keep the hand-written layout of descriptions."""
 
 
+# Appended to a help text that states its default in words: formats to nothing, and stops the
+# formatter from adding "(default: None)" after it.
+_OWN_DEFAULT = "%(default).0s"
+
+
 def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str = "", **kw) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter,
                           **kw)
@@ -204,8 +209,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fromzero.evaluation.metrics import format_report
     from fromzero.inference.predict import evaluate_checkpoint, to_json_line, write_evaluation
 
-    metrics = evaluate_checkpoint(Path(args.checkpoint), args.data, args.split, args.batch_size, args.device)
-    if "confusion_matrix" in metrics:
+    metrics = evaluate_checkpoint(Path(args.checkpoint), args.data, args.split, args.batch_size, args.device,
+                                  limit=args.limit)
+    if metrics.get("task") == "chat-classification":  # a chat model asked for labels
+        from fromzero.evaluation.chat_eval import format_chat_report
+
+        print(format_chat_report(metrics))
+    elif "confusion_matrix" in metrics:
         print(format_report(metrics))
     else:
         print(to_json_line(metrics))
@@ -326,6 +336,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise FromzeroError("--top-k must be positive")
     if args.num_samples <= 0:
         raise FromzeroError("--num-samples must be positive")
+    if not args.chat and (args.system is not None or args.chat_template):
+        raise FromzeroError("--system and --chat-template go with --chat")
     prompt = args.prompt
     if args.prompt_file:
         try:
@@ -334,13 +346,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise FromzeroError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
         except UnicodeDecodeError:
             raise FromzeroError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+    if args.chat:
+        return _generate_chat(args, prompt)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     tokenizer = TextTokenizer.load(Path(args.checkpoint))
-    template = _chat_template(Path(args.checkpoint)) if args.chat else None
-    if template is not None:
-        # The reply is what the model writes after the assistant prefix, up to the end of its turn.
-        prompt = template.prompt_text([{"role": "user", "content": prompt}])
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         if tokenizer.eos_id is None:
@@ -359,13 +369,63 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if stops:
             row = row[: len(ids) + stops[0]]
         text = tokenizer.decode(row if prompt else row[1:])
-        if template is not None:
-            text = text[len(prompt):]
-            text = text.split(template.turn_end)[0] if template.turn_end else text
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(text)
     return 0
+
+
+def _generate_chat(args: argparse.Namespace, prompt: str) -> int:
+    """generate --chat: one user message (plus --system) rendered as `chat` renders it; the reply only."""
+    import torch
+
+    from fromzero.inference.chat import load_chat_format
+    from fromzero.training.checkpoint import load_model
+    from fromzero.training.trainer import resolve_device
+
+    chat = load_chat_format(Path(args.checkpoint), args.chat_template)  # before the weights: fail fast
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}]
+    ids = chat.prompt_ids(messages)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, eos_id=list(chat.stop_ids), generator=generator,
+                         use_cache=not args.no_cache)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(chat.reply_text(row[len(ids):]))
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from fromzero.inference.chat import COMMANDS_HELP, ChatSession, load_chat_format, run_repl
+    from fromzero.models.gpt import GPT
+    from fromzero.training.checkpoint import load_model
+    from fromzero.training.trainer import resolve_device
+
+    if args.temperature < 0:
+        raise FromzeroError("--temperature must be >= 0 (0 = greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise FromzeroError("--top-p must be in (0, 1]")
+    if args.top_k is not None and args.top_k <= 0:
+        raise FromzeroError("--top-k must be positive")
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise FromzeroError("--max-new-tokens must be positive")
+    chat = load_chat_format(Path(args.checkpoint), args.chat_template)  # before the weights: fail fast
+    model = load_model(args.checkpoint, resolve_device(args.device))
+    if not isinstance(model, GPT):
+        raise FromzeroError(f"chat needs a GPT language model; {args.checkpoint} holds a {type(model).__name__}")
+    block = model.config.block_size
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else min(512, block // 2)
+    session = ChatSession(model, chat, system=args.system, max_new_tokens=max_new, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    banner = (f"chatting with {args.checkpoint} (template: {chat.source}; {session.context}-token context, "
+              f"replies up to {max_new} tokens). {COMMANDS_HELP}.")
+    return run_repl(session, banner=banner)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -377,20 +437,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
         max_prompt_tokens=args.max_prompt_tokens, request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes, device=args.device, sliding_window=args.sliding_window,
-        model_name=args.model_name, log_level=args.log_level,
+        model_name=args.model_name, log_level=args.log_level, chat_template=args.chat_template,
     )
     return run_server(config)
-
-
-def _chat_template(checkpoint: Path):
-    """The chat template an SFT checkpoint was tuned with (its info.json)."""
-    from fromzero.data.sft import ChatTemplate
-    from fromzero.inference.predict import checkpoint_info
-
-    info = checkpoint_info(checkpoint)
-    if info.get("task") != "sft" or not isinstance(info.get("template"), dict):
-        raise FromzeroError(f"--chat needs an instruction-tuned (sft) checkpoint; {checkpoint} is {info.get('task')!r}")
-    return ChatTemplate(**info["template"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +447,29 @@ def _chat_template(checkpoint: Path):
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from fromzero.models.builtin import resolve_model
     from fromzero.models.hf import convert_from_hf, convert_to_hf
 
-    if args.direction == "from-hf":
+    if args.dtype is not None and args.direction != "from-gguf":
+        raise FromzeroError("--dtype goes with from-gguf")
+    if args.type is not None and args.direction != "to-gguf":
+        raise FromzeroError("--type goes with to-gguf")
+    if args.direction == "from-gguf":
+        from fromzero.models.gguf import convert_from_gguf
+
+        config = convert_from_gguf(args.src, Path(args.out), force=args.force, dtype=args.dtype or "float32")
+    elif args.direction == "to-gguf":
+        from fromzero.models.gguf import convert_to_gguf
+
+        s = convert_to_gguf(resolve_model(args.src), Path(args.out), qtype=args.type or "f16", force=args.force)
+        types = ", ".join(f"{n} {t}" for t, n in s["tensor_types"].items())
+        print(f"wrote {args.out} ({s['architecture']}, {s['bytes'] / 1e6:.1f} MB, tensors: {types}; "
+              f"tokenizer {s['tokens']} tokens, pre {s['pre']})")
+        return 0
+    elif args.direction == "from-hf":
         config = convert_from_hf(args.src, Path(args.out), force=args.force)
     else:
-        config = convert_to_hf(Path(args.src), Path(args.out), force=args.force)
+        config = convert_to_hf(resolve_model(args.src), Path(args.out), force=args.force)
     print(f"wrote {args.out} ({config.get('model_type')})")
     return 0
 
@@ -514,7 +580,9 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     gen = _add_parser(sub, "generate", "sample text from a checkpoint",
                       description="Sample a continuation of a prompt.\n\nexample:\n  fromzero generate "
                       "--checkpoint runs/RUN/checkpoints/best --prompt 'ROMEO:' --max-new-tokens 300")
-    gen.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    gen.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json), "
+                     "a .gguf file, or a built-in model: smollm2-135m-instruct (fetched and converted once; "
+                     "every --checkpoint takes these)")
     gen.add_argument("--prompt", default="", help="text to continue")
     gen.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
     gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
@@ -525,23 +593,75 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     gen.add_argument("--num-samples", type=int, default=1, help="independent samples to draw")
     gen.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     gen.add_argument("--chat", action="store_true",
-                     help="SFT checkpoints: wrap the prompt in the chat template it was tuned with and print only the reply")
+                     help="send the prompt as a user message in the checkpoint's chat template (as `fromzero chat` "
+                     "does) and print only the reply")
+    gen.add_argument("--system", default=None,
+                     help="--chat: a system message before the prompt (default: none)" + _OWN_DEFAULT)
+    gen.add_argument("--chat-template", metavar="FILE", default=None,
+                     help="--chat: a Jinja chat template to use instead of the checkpoint's own (default: the "
+                     "checkpoint's chat_template.jinja / tokenizer_config.json, else its SFT template)" + _OWN_DEFAULT)
     gen.add_argument("--no-cache", action="store_true", help="recompute attention over the whole context each step (slower; for checking)")
     gen.set_defaults(func=_cmd_generate)
 
+    # chat
+    ch = _add_parser(
+        sub, "chat", "chat with a chat model: an interactive multi-turn conversation",
+        description="Type a message, get the reply streamed token by token. The conversation is rendered with "
+        "the checkpoint's chat template: --chat-template FILE if given, else its own Jinja template "
+        "(chat_template.jinja or tokenizer_config.json, kept by `convert`), else the SFT template of a "
+        "`finetune --task sft` checkpoint. A reply ends at an end-of-text or end-of-turn token (e.g. "
+        "<|im_end|>) or after --max-new-tokens.\n\nThe history is kept within the model's context "
+        "(block_size - --max-new-tokens): the oldest messages are dropped (never the system message), and "
+        "a note on stderr says so. /reset clears the history; /exit or Ctrl-D ends; Ctrl-C stops a reply "
+        "(at the prompt: ends). Piped input is one message per line, and the replies (one per line) are all "
+        "that goes to stdout.\n\nexamples:\n  fromzero chat --checkpoint checkpoints/smollm2 --system "
+        "'You are a helpful assistant.'\n  printf 'Hi!\\nWhat is 2+2?\\n' | fromzero chat --checkpoint "
+        "checkpoints/smollm2 --temperature 0",
+    )
+    ch.add_argument("--checkpoint", required=True, help="GPT checkpoint directory with a chat template (or see --chat-template)" + _OWN_DEFAULT)
+    ch.add_argument("--system", default=None, help="system message that opens the conversation (default: none)" + _OWN_DEFAULT)
+    ch.add_argument("--chat-template", metavar="FILE", default=None,
+                    help="a Jinja chat template to use instead of the checkpoint's own (needed for a model without "
+                    "one; default: the checkpoint's)" + _OWN_DEFAULT)
+    ch.add_argument("--max-new-tokens", type=int, default=None,
+                    help="longest reply in tokens (default: 512 or half the model's context, whichever is smaller)"
+                    + _OWN_DEFAULT)
+    ch.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    ch.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens (default: all)" + _OWN_DEFAULT)
+    ch.add_argument("--top-p", type=float, default=None,
+                    help="nucleus sampling: smallest token set with this probability (default: off)" + _OWN_DEFAULT)
+    ch.add_argument("--seed", type=int, default=1337, help="random seed (same seed and messages, same replies)")
+    ch.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    ch.set_defaults(func=_cmd_chat)
+
     # convert
     conv = _add_parser(
-        sub, "convert", "convert weights between Hugging Face and fromzero",
+        sub, "convert", "convert weights between Hugging Face, GGUF and fromzero",
         description="from-hf SRC OUT: a Hugging Face model directory (config.json + safetensors or "
         ".bin) or hub id -> a fromzero checkpoint directory (tokenizer files carried along).\n"
-        "to-hf SRC OUT: a fromzero checkpoint -> a directory transformers.AutoModel* loads.\n\n"
+        "to-hf SRC OUT: a fromzero checkpoint -> a directory transformers.AutoModel* loads.\n"
+        "from-gguf FILE OUT: a llama.cpp .gguf file (llama / Mistral / SmolLM / TinyLlama, qwen2, gpt2; "
+        "F32, F16, BF16,\n  Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, dequantized) -> a fromzero checkpoint "
+        "with tokenizer.json and chat template.\n"
+        "to-gguf SRC FILE: a fromzero GPT-2- or LLaMA-style checkpoint (SRC may be a built-in name such as "
+        "smollm2-135m-instruct)\n  -> one .gguf file for llama.cpp / ollama: llama.cpp tensor names, "
+        "byte-level BPE tokenizer, special ids, chat template.\n\n"
         "examples:\n  fromzero convert from-hf ./all-MiniLM-L6-v2 checkpoints/minilm\n"
-        "  fromzero convert to-hf runs/RUN/checkpoints/best exported/",
+        "  fromzero convert to-hf runs/RUN/checkpoints/best exported/\n"
+        "  fromzero convert from-gguf SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2\n"
+        "  fromzero convert to-gguf runs/RUN/checkpoints/best model.gguf --type q8_0",
     )
-    conv.add_argument("direction", choices=("from-hf", "to-hf"), help="conversion direction")
-    conv.add_argument("src", help="source directory (or, for from-hf, a hub id)")
-    conv.add_argument("out", help="output directory")
-    conv.add_argument("--force", action="store_true", help="replace an existing output directory")
+    conv.add_argument("direction", choices=("from-hf", "to-hf", "from-gguf", "to-gguf"), help="conversion direction")
+    conv.add_argument("src", help="source directory (from-hf: or a hub id; from-gguf: a .gguf file; to-hf / to-gguf: "
+                      "or a built-in model name)")
+    conv.add_argument("out", help="output directory (to-gguf: output .gguf file)")
+    conv.add_argument("--force", action="store_true", help="replace an existing output directory or file")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="from-gguf: dtype of the stored weights (default float32: exactly the dequantized "
+                      "GGUF values)" + _OWN_DEFAULT)
+    conv.add_argument("--type", choices=("f16", "bf16", "q8_0", "q4_0"), default=None,
+                      help="to-gguf: type of the 2-D weight matrices (default f16; norms, biases and position "
+                      "tables stay f32; q4_0 keeps embedding and output at q8_0)" + _OWN_DEFAULT)
     conv.set_defaults(func=_cmd_convert)
 
     # embed
@@ -622,8 +742,12 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     # evaluate
     ev = _add_parser(sub, "evaluate", "score a checkpoint on a data split (metrics.json)",
                      description="Classifiers: accuracy, precision / recall / F1 (macro, weighted), per-class "
-                     "report, confusion matrix. Language models: loss and perplexity.\n\nexample:\n"
-                     "  fromzero evaluate --checkpoint runs/RUN/checkpoints/best --split test --out eval.json")
+                     "report, confusion matrix. Language models: loss and perplexity. A chat model (a converted "
+                     "chat model or an sft checkpoint) with --data rotten-tomatoes: asked for each review's "
+                     "sentiment; accuracy / macro-F1 of its greedy reply (and how many replies name no label) "
+                     "and of its first-token logits.\n\nexamples:\n"
+                     "  fromzero evaluate --checkpoint runs/RUN/checkpoints/best --split test --out eval.json\n"
+                     "  fromzero evaluate --checkpoint smollm2-135m-instruct --data rotten-tomatoes --limit 200")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (a fine-tuned one, or a pretrained GPT)")
     ev.add_argument("--data", help="data source (default: the data of the run that made the checkpoint); "
                     "for a pretrained GPT a prepared data directory")
@@ -631,6 +755,8 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     ev.add_argument("--out", help="write the metrics to this JSON file (+ a confusion-matrix PNG)")
     ev.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    ev.add_argument("--limit", type=int, default=0,
+                    help="score only the first N examples of the split (classifiers, chat models; 0 = all)")
     ev.set_defaults(func=_cmd_evaluate)
 
     # predict
@@ -673,8 +799,9 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     # serve
     sv = _add_parser(
         sub, "serve", "serve a checkpoint over an OpenAI-compatible HTTP API",
-        description="FastAPI + uvicorn. POST /v1/completions and /v1/chat/completions (GPT; chat needs an "
-        "SFT checkpoint's chat template; \"stream\": true for server-sent events), /v1/embeddings (BERT "
+        description="FastAPI + uvicorn. POST /v1/completions and /v1/chat/completions (GPT; chat needs a "
+        "chat template: the checkpoint's own, an SFT checkpoint's, or --chat-template; \"stream\": true for "
+        "server-sent events), /v1/embeddings (BERT "
         "encoder), /v1/classify (text classifier); GET /v1/models, /health, /metrics (Prometheus).\n"
         "Concurrent generation requests are decoded together in one batch (continuous batching); a full "
         "queue answers 503 with Retry-After. SIGTERM finishes the requests in flight, then exits 0.\n\n"
@@ -703,6 +830,9 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
                     help="generate past the context like `fromzero generate` (each token sees the last "
                     "block_size tokens) instead of requiring prompt + max_tokens to fit it")
     sv.add_argument("--model-name", default="", help="model id clients use (default: the --checkpoint path)")
+    sv.add_argument("--chat-template", metavar="FILE", default=None,
+                    help="a Jinja chat template for /v1/chat/completions instead of the checkpoint's own "
+                    "(lets a GPT without one chat; default: the checkpoint's)" + _OWN_DEFAULT)
     sv.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                     help="uvicorn log level (info logs every request)")
@@ -809,6 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if getattr(args, "checkpoint", None):  # a built-in model name or a .gguf file works too
+            from fromzero.models.builtin import resolve_model
+
+            args.checkpoint = str(resolve_model(args.checkpoint))
         return args.func(args)
     except FromzeroError as e:
         if debug:

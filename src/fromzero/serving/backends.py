@@ -5,14 +5,17 @@ A server serves one checkpoint; its kind decides the endpoints (:func:`load_back
 =====================  ==========================================  ============================
 checkpoint             what it is                                  endpoints
 =====================  ==========================================  ============================
-fromzero-gpt, sft      instruction-tuned GPT (info.json template)  completions, chat/completions
+fromzero-gpt + chat    a chat template: its own (chat_template     completions, chat/completions
+                       .jinja), an SFT run's, or --chat-template
 fromzero-gpt           pretrained language model                   completions
 text-classification    BERT classifier (fine-tuned)                classify
 fromzero-bert          encoder (e.g. converted all-MiniLM-L6-v2)   embeddings
 =====================  ==========================================  ============================
 
-Chat needs the chat template an SFT checkpoint was tuned with; a plain pretrained GPT has none,
-so chat is refused for it (HTTP 400 saying so) rather than guessing a format the model never saw.
+Chat renders messages with :func:`fromzero.inference.chat.load_chat_format` (as ``fromzero chat``
+and ``generate --chat`` do): the ``--chat-template`` file, else the checkpoint's own Jinja template,
+else its SFT template. A plain pretrained GPT has none, so chat is refused for it (HTTP 400 saying
+so) rather than guessing a format the model never saw.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ class Backend:
 class GeneratorBackend(Backend):
     model: Any = None
     tokenizer: Any = None
-    template: Any = None  # ChatTemplate of an SFT checkpoint, else None
+    template: Any = None  # the chat template (chat.template), else None
     stop_ids: list[int] = field(default_factory=list)
+    chat: Any = None  # fromzero.inference.chat.ChatFormat: prompt ids + stop tokens of a chat, else None
 
     @property
     def block_size(self) -> int:
@@ -92,8 +96,12 @@ _GENERATE = ("/v1/completions",)
 _CHAT = ("/v1/completions", "/v1/chat/completions")
 
 
-def load_backend(checkpoint: str | Path, device: torch.device, name: str = "") -> Backend:
-    """Load ``checkpoint`` for serving; FromzeroError for a missing, broken or unservable one."""
+def load_backend(checkpoint: str | Path, device: torch.device, name: str = "",
+                 chat_template: str | Path | None = None) -> Backend:
+    """Load ``checkpoint`` for serving; FromzeroError for a missing, broken or unservable one.
+
+    ``chat_template``: a Jinja chat template file for /v1/chat/completions (default: the
+    checkpoint's own)."""
     from fromzero.inference.predict import checkpoint_info
     from fromzero.training.checkpoint import CONFIG_FILE, read_json
 
@@ -104,7 +112,7 @@ def load_backend(checkpoint: str | Path, device: torch.device, name: str = "") -
     task = str(info.get("task"))
     name = name or str(checkpoint).rstrip("/") or str(directory)
     if model_type == "fromzero-gpt":
-        return _load_generator(directory, device, name, task, info)
+        return _load_generator(directory, device, name, task, info, chat_template)
     if task == "text-classification":
         from fromzero.inference.predict import Classifier
 
@@ -127,10 +135,12 @@ def load_backend(checkpoint: str | Path, device: torch.device, name: str = "") -
     )
 
 
-def _load_generator(directory: Path, device: torch.device, name: str, task: str, info: dict) -> GeneratorBackend:
+def _load_generator(directory: Path, device: torch.device, name: str, task: str, info: dict,
+                    chat_template: str | Path | None = None) -> GeneratorBackend:
     from fromzero.cli import _stop_ids
     from fromzero.data.sft import ChatTemplate
     from fromzero.data.tokenizers import TextTokenizer
+    from fromzero.inference.chat import load_chat_format
     from fromzero.models.gpt import GPT
     from fromzero.training.checkpoint import load_model
 
@@ -138,15 +148,13 @@ def _load_generator(directory: Path, device: torch.device, name: str, task: str,
     if not isinstance(model, GPT):
         raise FromzeroError(f"cannot serve {directory}: expected a GPT, got {type(model).__name__}")
     tokenizer = TextTokenizer.load(directory)
-    template = None
-    if task == "sft" and isinstance(info.get("template"), dict):
-        try:
-            template = ChatTemplate(**info["template"])
-        except TypeError as e:
-            raise FromzeroError(f"{directory}/info.json has an invalid chat template: {e}") from None
+    chat = load_chat_format(directory, chat_template, tokenizer=tokenizer, required=False)
+    if chat is None:
+        description = "a pretrained GPT language model without a chat template"
+    elif isinstance(chat.template, ChatTemplate):
         description = "an instruction-tuned (sft) GPT checkpoint"
     else:
-        description = "a pretrained GPT language model without a chat template"
-    return GeneratorBackend(name, directory, "generate", task, description, _CHAT if template else _GENERATE,
-                            model=model, tokenizer=tokenizer, template=template,
-                            stop_ids=_stop_ids(directory, tokenizer.eos_id))
+        description = f"a GPT chat model (chat template: {chat.source})"
+    return GeneratorBackend(name, directory, "generate", task, description, _CHAT if chat else _GENERATE,
+                            model=model, tokenizer=tokenizer, template=chat.template if chat else None,
+                            stop_ids=_stop_ids(directory, tokenizer.eos_id), chat=chat)

@@ -3,8 +3,9 @@
 Every model forbids unknown fields (as OpenAI does: a misspelt ``max_token`` is an error that
 names it, not a silently ignored option) and checks types strictly (``"5"`` is not an integer).
 OpenAI fields that fromzero does not implement are accepted only at their neutral value
-(``logprobs`` off, penalties 0, no ``logit_bias``); anything else is a 400 that says so (see
-``app.py``). Extras, as in vLLM: ``top_k`` and ``ignore_eos``.
+(chat ``logprobs`` off, penalties 0, no ``logit_bias``); anything else is a 400 that says so (see
+``app.py``). Completions implement ``logprobs`` and ``echo`` as OpenAI's legacy API does (what
+lm-evaluation-harness's ``local-completions`` model uses to score answers). Extras, as in vLLM: ``top_k`` and ``ignore_eos``.
 
 Responses are plain dicts built in ``app.py`` (the shapes of OpenAI's API reference).
 """
@@ -74,8 +75,11 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     """Text, a list of texts (one choice each), token ids, or a list of token-id lists."""
     echo: bool = False
-    """Return the prompt in front of the completion."""
-    logprobs: int | None = None
+    """Return the prompt in front of the completion (with ``logprobs``: its tokens, scored too).
+    With echo, ``max_tokens`` may be 0: score the prompt, generate nothing."""
+    logprobs: int | None = Field(default=None, ge=0)
+    """Return each token's log-probability and this many most likely alternatives per token
+    (at most 20; 0: the tokens' own only). None: no logprobs."""
     best_of: int | None = None
     suffix: str | None = None
 
@@ -86,7 +90,9 @@ class ContentPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: str
+    """system | developer (= system) | user | assistant; others get a 400 that names them
+    (checked with the chat template, as ``fromzero chat`` checks them)."""
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
 
@@ -94,7 +100,8 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage]
+    """At least one (an empty list is a 400, as OpenAI answers it)."""
     max_completion_tokens: int | None = None
     """Newer name of max_tokens (give one of them)."""
     logprobs: bool | None = None
