@@ -323,6 +323,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from fromzero.data.tokenizers import TextTokenizer
+    from fromzero.inference.chat import eos_ids
     from fromzero.training.checkpoint import load_model
     from fromzero.training.trainer import resolve_device
 
@@ -356,7 +357,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if tokenizer.eos_id is None:
             raise FromzeroError("empty prompt: give --prompt TEXT (this tokenizer has no start token)")
         ids = [tokenizer.eos_id]  # GPT-2 convention: <|endoftext|> starts a fresh document
-    stop_ids = _stop_ids(Path(args.checkpoint), tokenizer.eos_id)
+    stop_ids = eos_ids(Path(args.checkpoint), tokenizer)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     out = model.generate(
@@ -498,19 +499,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                "embeddings": vectors}, sys.stdout)
     sys.stdout.write("\n")
     return 0
-
-
-def _stop_ids(checkpoint: Path, tokenizer_eos: int | None) -> list[int]:
-    """Token ids that end generation: the tokenizer's <|endoftext|>, else the eos id(s) a
-    converted Hugging Face model declared (kept under hf_special_tokens in config.json)."""
-    if tokenizer_eos is not None:
-        return [tokenizer_eos]
-    from fromzero.training.checkpoint import CONFIG_FILE, read_json
-
-    special = read_json(checkpoint / CONFIG_FILE, "model config").get("hf_special_tokens") or {}
-    eos = special.get("eos_token_id")
-    ids = eos if isinstance(eos, list) else [eos]
-    return [int(i) for i in ids if isinstance(i, int)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ import json
 
 import torch
 
-from fromzero.cli import _stop_ids
+from types import SimpleNamespace
+
+from fromzero.inference.chat import eos_ids
 from fromzero.models.gpt import GPT, GPTConfig
 
 
@@ -31,11 +33,16 @@ def test_generation_stops_at_any_listed_eos_and_pads_with_the_first():
     assert single[0, 3 : 3 + first + 1].tolist() == row0[: first + 1]
 
 
-def test_stop_ids_come_from_the_tokenizer_or_the_converted_hf_config(tmp_path):
-    assert _stop_ids(tmp_path, 7) == [7]
-    (tmp_path / "config.json").write_text(json.dumps({"hf_special_tokens": {"eos_token_id": [128001, 128009]}}))
-    assert _stop_ids(tmp_path, None) == [128001, 128009]
-    (tmp_path / "config.json").write_text(json.dumps({"hf_special_tokens": {"eos_token_id": 2}}))
-    assert _stop_ids(tmp_path, None) == [2]
+def test_stop_ids_are_the_tokenizers_endoftext_and_the_converted_models_eos(tmp_path):
+    def stop_ids(eos: int | None) -> list[int]:
+        return eos_ids(tmp_path, SimpleNamespace(eos_id=eos))
+
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "fromzero-gpt"}))
-    assert _stop_ids(tmp_path, None) == []
+    assert stop_ids(7) == [7]
+    assert stop_ids(None) == []
+    (tmp_path / "config.json").write_text(json.dumps({"hf_special_tokens": {"eos_token_id": [128001, 128009]}}))
+    assert stop_ids(None) == [128001, 128009]
+    # SmolLM2: <|endoftext|> (0) ends documents, <|im_end|> (2) is the declared eos: both stop.
+    (tmp_path / "config.json").write_text(json.dumps({"hf_special_tokens": {"eos_token_id": 2}}))
+    assert stop_ids(0) == [0, 2]
+    assert stop_ids(2) == [2]

@@ -137,10 +137,9 @@ def load_backend(checkpoint: str | Path, device: torch.device, name: str = "",
 
 def _load_generator(directory: Path, device: torch.device, name: str, task: str, info: dict,
                     chat_template: str | Path | None = None) -> GeneratorBackend:
-    from fromzero.cli import _stop_ids
     from fromzero.data.sft import ChatTemplate
     from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.inference.chat import load_chat_format
+    from fromzero.inference.chat import eos_ids, load_chat_format
     from fromzero.models.gpt import GPT
     from fromzero.training.checkpoint import load_model
 
@@ -157,4 +156,4 @@ def _load_generator(directory: Path, device: torch.device, name: str, task: str,
         description = f"a GPT chat model (chat template: {chat.source})"
     return GeneratorBackend(name, directory, "generate", task, description, _CHAT if chat else _GENERATE,
                             model=model, tokenizer=tokenizer, template=chat.template if chat else None,
-                            stop_ids=_stop_ids(directory, tokenizer.eos_id), chat=chat)
+                            stop_ids=eos_ids(directory, tokenizer), chat=chat)
