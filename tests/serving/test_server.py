@@ -224,7 +224,7 @@ BAD_COMPLETIONS = [
     ({"prompt": 5}, 422, "prompt"),
     ({}, 422, "prompt: Field required"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 strings"),
-    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs are not supported"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "at most 20"),
     ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
     ({"prompt": "hi", "model": "other"}, 404, "model 'other' does not exist"),
 ]

@@ -3,7 +3,7 @@
 Routes (see ``backends.py`` for which checkpoint serves which)::
 
     POST /v1/completions        text completion; "stream": true -> server-sent events
-    POST /v1/chat/completions   chat with the chat template of an SFT checkpoint
+    POST /v1/chat/completions   chat: messages rendered as `fromzero chat` renders them (inference/chat.py)
     POST /v1/embeddings         sentence embeddings of a BERT encoder
     POST /v1/classify           labels + probabilities of a text classifier (fromzero's own)
     GET  /v1/models             the served model
@@ -19,7 +19,15 @@ requests as one batch (``engine.py``). The limits, all answered with an OpenAI-s
 * body over ``max_body_bytes`` -> 413; wrong API key -> 401; unknown route -> 404;
 * malformed JSON -> 400; wrong types, unknown fields, out-of-range values -> 422 naming the field;
 * empty prompt, a prompt longer than the context (or than ``max_prompt_tokens``), ``max_tokens``
-  <= 0 or above ``max_tokens_cap``, a checkpoint of the wrong kind for the route -> 400.
+  <= 0 (0 is allowed with ``echo``: score the prompt only) or above ``max_tokens_cap``,
+  ``logprobs`` above 20 or with ``stream``, a checkpoint of the wrong kind for the route -> 400.
+
+Completions' ``logprobs`` (N) and ``echo`` follow OpenAI's legacy API: ``choices[i].logprobs`` is
+``{tokens, token_logprobs, top_logprobs, text_offset}``, one entry per token of the returned text
+(with ``echo``: the prompt's tokens first, the first one's logprob null), ``top_logprobs`` the N
+most likely tokens at each position plus the chosen one. The numbers are the fp32 log-softmax of
+the logits the server decodes with, before temperature / top-k / top-p (see ``engine.py``); this is
+what lm-evaluation-harness's ``local-completions`` model reads for loglikelihood tasks.
 
 Context: by default (as OpenAI) prompt + max_tokens must fit the model's context (block_size).
 With ``sliding_window`` only the prompt must; generation then continues past the context the way
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import json
 import logging
@@ -78,6 +87,7 @@ __all__ = ["ServeConfig", "create_app", "run_server", "APIError"]
 MAX_STOP_STRINGS = 4
 MAX_INPUTS = 2048  # texts per embeddings / classify request (OpenAI's limit for embeddings)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_LOGPROBS = 20  # alternatives per token at most (vLLM's default cap; OpenAI's legacy API had 5)
 
 
 @dataclass
@@ -111,6 +121,8 @@ class ServeConfig:
     requiring prompt + max_tokens to fit it."""
     model_name: str = ""
     """Model id clients use ('' : the checkpoint path as given)."""
+    chat_template: str | None = None
+    """A Jinja chat template file for /v1/chat/completions (None: the checkpoint's own)."""
     log_level: str = "info"
     """uvicorn log level: critical | error | warning | info | debug."""
 
@@ -387,7 +399,8 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
     config.validate()
     if backend is None:
-        backend = load_backend(config.checkpoint, resolve_device(config.device), config.model_name)
+        backend = load_backend(config.checkpoint, resolve_device(config.device), config.model_name,
+                               chat_template=config.chat_template)
     metrics = ServerMetrics()
     engine: GenerationEngine | None = None
     encoder: EncoderWorker | None = None
@@ -501,11 +514,18 @@ def _install_routes(app: FastAPI) -> None:
             raise APIError(400, "best_of is not supported (leave it out or equal to n)", param="best_of")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if body.logprobs is not None:
+            if body.logprobs > MAX_LOGPROBS:
+                raise APIError(400, f"logprobs is {body.logprobs}; this server returns at most {MAX_LOGPROBS} "
+                                    "alternatives per token", param="logprobs")
+            if body.stream:
+                raise APIError(400, "logprobs with stream: true is not supported (leave stream out)",
+                               param="logprobs")
         prompts, texts = _completion_prompts(body.prompt, gen)
         stops = _stop_strings(body.stop)
-        params = [_sampling(body, len(ids), gen, state.config, DEFAULT_COMPLETION_TOKENS, stops, body.max_tokens, j)
+        scores = {"logprobs": body.logprobs, "prompt_logprobs": body.logprobs if body.echo else None}
+        params = [dataclasses.replace(_sampling(body, len(ids), gen, state.config, DEFAULT_COMPLETION_TOKENS, stops,
+                                                body.max_tokens, j, allow_zero=body.echo), **scores)
                   for ids in prompts for j in range(body.n)]
         seeds = [ids for ids in prompts for _ in range(body.n)]
         echo = [texts[i // body.n] if body.echo else "" for i in range(len(seeds))]
@@ -519,21 +539,27 @@ def _install_routes(app: FastAPI) -> None:
         _refuse_unsupported(body)
         if body.logprobs or body.top_logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
-        if gen.template is None:
+        if gen.chat is None:
             raise APIError(400, f"chat needs an instruction-tuned (sft) checkpoint with a chat template; this "
-                                f"server serves {gen.name!r}: {gen.description}; use /v1/completions",
+                                f"server serves {gen.name!r}: {gen.description} (start the server with "
+                                "--chat-template FILE to chat with it); use /v1/completions",
                            code="wrong_model_kind")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
+        if not body.messages:
+            raise APIError(400, "messages is empty: a chat needs at least one message", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _content_text(m.content)}
                     for m in body.messages]
-        prompt = gen.template.prompt_text(messages)
-        ids = _encode(gen, prompt, "messages")
+        try:  # the same prompt ids and stop tokens as `fromzero chat` (fromzero.inference.chat)
+            ids = gen.chat.prompt_ids(messages)
+        except FromzeroError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
         stops = _stop_strings(body.stop)
-        if gen.template.turn_end and gen.template.turn_end not in stops:
-            stops = (*stops, gen.template.turn_end)  # the end of the assistant's turn
+        stops += tuple(s for s in gen.chat.stop_strings if s not in stops)  # a template's text turn end
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = [_sampling(body, len(ids), gen, state.config, None, stops, limit, j) for j in range(body.n)]
+        if not body.ignore_eos:  # end of text and the template's end-of-turn token
+            params = [dataclasses.replace(p, stop_ids=frozenset(gen.chat.stop_ids)) for p in params]
         job = GenerationJob(state, [ids] * body.n, params, body.stream)
         return await _respond(job, request, body, "chat", [""] * body.n)
 
@@ -632,17 +658,20 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def _sampling(body: Any, prompt_len: int, gen: GeneratorBackend, config: ServeConfig, default: int | None,
-              stops: tuple[str, ...], requested: int | None, choice: int = 0) -> SamplingParams:
+              stops: tuple[str, ...], requested: int | None, choice: int = 0,
+              allow_zero: bool = False) -> SamplingParams:
     """The SamplingParams of one prompt, after checking the prompt and max_tokens limits.
 
     ``requested``: the request's max_tokens (None: ``default``, or with no default as many as
     the context and the cap allow). ``choice``: which of the n choices (choice j of a seeded
-    request draws with seed + j, so the n choices differ and each is reproducible)."""
+    request draws with seed + j, so the n choices differ and each is reproducible).
+    ``allow_zero``: max_tokens 0 is valid (completions with echo: score the prompt only)."""
     block = gen.block_size
     max_prompt = config.max_prompt_tokens or block
     if prompt_len > block:
-        raise APIError(400, f"the prompt is {prompt_len} tokens, longer than the model's context of {block} tokens",
-                       param="prompt", code="context_length_exceeded")
+        why = "; echo scores every prompt token, so the whole prompt must fit" if allow_zero else ""
+        raise APIError(400, f"the prompt is {prompt_len} tokens, longer than the model's context of {block} tokens"
+                            f"{why}", param="prompt", code="context_length_exceeded")
     if prompt_len > max_prompt:
         raise APIError(400, f"the prompt is {prompt_len} tokens; this server accepts at most {max_prompt} "
                             "(--max-prompt-tokens)", param="prompt", code="context_length_exceeded")
@@ -654,8 +683,9 @@ def _sampling(body: Any, prompt_len: int, gen: GeneratorBackend, config: ServeCo
                                 "no room to generate", param="prompt", code="context_length_exceeded")
         limit = min(default, room) if default else room
     else:
-        if requested <= 0:
-            raise APIError(400, f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+        if requested < 0 or (requested == 0 and not allow_zero):
+            raise APIError(400, f"max_tokens must be at least 1, got {requested} (0 only with echo: true, to score "
+                                "the prompt)", param="max_tokens")
         if requested > cap:
             raise APIError(400, f"max_tokens {requested} is above this server's cap of {cap} (--max-tokens-cap)",
                            param="max_tokens")
@@ -732,8 +762,10 @@ async def _respond(job: GenerationJob, request: Request, body: Any, kind: str, e
         finally:
             job.cancel()  # no-op when done; frees the rows of a request that failed or was abandoned
         if kind == "completion":
-            choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]}
-                       for i in range(n_choices)]
+            tokenizer = job.state.backend.tokenizer
+            choices = [{"index": i, "text": texts[i],
+                        "logprobs": _completion_logprobs(job.sequences[i], tokenizer, echo[i]),
+                        "finish_reason": reasons[i]} for i in range(n_choices)]
         else:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                         "finish_reason": reasons[i]} for i in range(n_choices)]
@@ -787,6 +819,69 @@ async def _respond(job: GenerationJob, request: Request, body: Any, kind: str, e
         yield "data: [DONE]\n\n"
 
     return _JobStream(stream(), job)
+
+
+def _completion_logprobs(seq: Sequence, tokenizer: Any, echo: str) -> dict[str, list] | None:
+    """OpenAI's legacy ``logprobs`` object of one finished completion choice (None: not asked for).
+
+    ``echo``: the echoed prompt text in front of the completion ('' without echo). One entry per
+    token: the prompt's (when echoed and scored), then the generated ones that are part of the text
+    (a stop token, and tokens after the cut of a stop string, are not). ``text_offset``: where each
+    token's text starts in the choice's text.
+    """
+    if seq.params.logprobs is None:
+        return None
+    pieces: dict[int, str] = {}
+
+    def piece(token: int) -> str:
+        if token not in pieces:
+            pieces[token] = tokenizer.decode([token])
+        return pieces[token]
+
+    entries, offsets = [], []
+    if seq.prompt_logprobs is not None:
+        entries += seq.prompt_logprobs
+        offsets += _text_offsets(tokenizer.decode, [e.token for e in seq.prompt_logprobs])
+    generated = seq.logprobs[: len(seq.tokens)]
+    starts = _text_offsets(tokenizer.decode, seq.tokens[: len(generated)])
+    if len(seq.text) < len(tokenizer.decode(seq.tokens)):  # cut at a stop string
+        keep = sum(1 for o in starts if o < len(seq.text))
+        generated, starts = generated[:keep], starts[:keep]
+    entries += generated
+    offsets += [len(echo) + o for o in starts]
+    top_logprobs = []
+    for e in entries:
+        if e.logprob is None:
+            top_logprobs.append(None)
+            continue
+        top = {piece(t): lp for t, lp in e.top}
+        top.setdefault(piece(e.token), e.logprob)  # the chosen token is always listed (as OpenAI)
+        top_logprobs.append(top)
+    return {"tokens": [piece(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def _text_offsets(decode: Callable[[list[int]], str], ids: list[int]) -> list[int]:
+    """Character offset of each token's text in ``decode(ids)``: ``len(decode(ids[:i]))``.
+
+    Each token's text is read in the context of the token before it (a SentencePiece-style
+    decoder drops a leading space only at the start); when the pieces do not add up to the whole
+    text (a character split over several byte tokens), every prefix is decoded instead (exact,
+    quadratic in the length)."""
+    if not ids:
+        return []
+    single = [decode([t]) for t in ids]
+    offsets, total = [0], len(single[0])
+    for i in range(1, len(ids)):
+        offsets.append(total)
+        pair = decode(ids[i - 1 : i + 1])
+        if not pair.startswith(single[i - 1]):
+            break
+        total += len(pair) - len(single[i - 1])
+    else:
+        if total == len(decode(ids)):
+            return offsets
+    return [len(decode(ids[:i])) for i in range(len(ids))]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -17,6 +17,12 @@ Sequences longer than the model's context (only with ``sliding_window``) continu
 ``GPT.generate`` does: from then on each step recomputes the last ``block_size`` tokens without a
 cache (those rows are batched together too: they all have exactly ``block_size`` tokens).
 
+Log-probabilities (``SamplingParams.logprobs`` / ``prompt_logprobs``, what ``/v1/completions``
+returns for ``logprobs`` and ``echo``) are the fp32 ``log_softmax`` of the very logits the worker
+samples from: the prompt's come from its prefill (one sequence, so a batch cannot change them), each
+generated token's from the decoding step that produced it. ``max_tokens=0`` scores the prompt and
+generates nothing.
+
 Greedy decoding of a prompt gives the same tokens in a batch as alone (the attention mask hides
 other rows and stale cache columns; only float rounding of the batched matmuls differs). Each
 sampled sequence draws from its own ``torch.Generator`` (seeded by the request's ``seed``), so a
@@ -44,7 +50,12 @@ from fromzero.models.gpt import GPT, sample_next_token
 
 log = logging.getLogger("fromzero.serving")
 
-__all__ = ["SamplingParams", "Event", "Sequence", "QueueFull", "GenerationEngine"]
+__all__ = ["SamplingParams", "TokenLogprob", "Event", "Sequence", "QueueFull", "GenerationEngine",
+           "LOGPROB_CHUNK"]
+
+LOGPROB_CHUNK = 256
+"""Prompt positions whose fp32 log-softmax is taken at once (bounds the memory of scoring a long
+prompt over a large vocabulary: 256 x 49152 floats = 48 MiB)."""
 
 
 class QueueFull(Exception):
@@ -69,6 +80,25 @@ class SamplingParams:
     """Stop strings: the text ends before the first occurrence of any (not included)."""
     stop_ids: frozenset[int] = frozenset()
     """Token ids that end the text (an end-of-text token; not included in the text)."""
+    logprobs: int | None = None
+    """Record each generated token's log-probability and this many most likely alternatives
+    (None: record nothing; 0: the token's own only). Of the model's distribution, before
+    temperature, top-k and top-p."""
+    prompt_logprobs: int | None = None
+    """Score the prompt too: every prompt token's log-probability given the tokens before it
+    (None for the first), with this many alternatives (None: do not score the prompt). The prompt
+    must fit the context."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a sequence with its log-probability (fp32 log-softmax of the model's logits)."""
+
+    token: int
+    logprob: float | None
+    """log p(token | the tokens before it); None for a prompt's first token (nothing before it)."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely tokens at this position, most likely first, as (token id, logprob)."""
 
 
 @dataclass
@@ -117,6 +147,8 @@ class Sequence:
         self.text = ""  # decoded text of ``tokens``, cut at a stop string once finished
         self.sent = 0  # characters of ``text`` already emitted
         self.finish_reason: str | None = None
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # with params.prompt_logprobs
+        self.logprobs: list[TokenLogprob] = []  # one per token of ``tokens`` (with params.logprobs)
         self.cancelled = False
         self.generator: torch.Generator | None = None
         self.submitted_at = time.monotonic()
@@ -140,14 +172,22 @@ class Sequence:
             self.finish_reason = reason
             self._emit(Event("", reason, self.n_generated, message))
 
-    def add_token(self, token: int) -> None:
-        """Record a sampled token: extend the text, detect stops, emit what is final."""
+    def finish_prompt_only(self) -> None:
+        """End a sequence with ``max_tokens=0`` after its prompt was scored: no text, reason length."""
+        if self.finish_reason is None:
+            self._finish("length")
+
+    def add_token(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Record a sampled token (and its log-probability): extend the text, detect stops, emit
+        what is final."""
         self.n_generated += 1
         self.ids.append(token)
         if token in self.params.stop_ids:
             self._finish("stop")
             return
         self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if not self.stream and not self.params.stop:
             # Nobody reads partial text and no stop string can end it: decode once, at the end.
             if self.n_generated >= self.params.max_tokens:
@@ -258,6 +298,8 @@ class GenerationEngine:
             if n > self.block_size or (not self.sliding_window and n + new > self.block_size):
                 raise ValueError(f"{n} prompt tokens + {new} new tokens do not fit the context of "
                                  f"{self.block_size} tokens")
+            if new < 0 or (new == 0 and seq.params.prompt_logprobs is None):
+                raise ValueError(f"max_tokens must be >= 1 (or 0 to score the prompt only), got {new}")
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -327,13 +369,21 @@ class GenerationEngine:
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         ids = torch.tensor([seq.prompt_ids[-self.block_size :]], dtype=torch.long, device=self.device)
         r = self.cache.append_row()
+        score = p.prompt_logprobs is not None
         try:
             row = self.cache.row(r)
-            logits, _ = self.model(ids, kv_cache=row, last_only=True)  # (1, 1, V)
+            # Scoring the prompt needs every position's logits; generating only the last one's.
+            logits, _ = self.model(ids, kv_cache=row, last_only=not score)  # (1, T or 1, V)
             self.cache.lengths[r] = row.length
+            if score:
+                seq.prompt_logprobs = prompt_logprobs(logits[0], ids[0], p.prompt_logprobs or 0)
         except Exception as e:
             self.cache.remove_row(r)
             seq.fail("error", f"prefill failed: {type(e).__name__}: {e}")
+            return
+        if p.max_tokens == 0:  # scored the prompt; nothing to generate
+            self.cache.remove_row(r)
+            seq.finish_prompt_only()
             return
         self._cached.append(seq)
         self._accept([seq], logits[:, -1, :])
@@ -371,9 +421,10 @@ class GenerationEngine:
                 tokens[i] = int(sample_next_token(logits[i : i + 1], p.temperature, p.top_k, p.top_p,
                                                   seq.generator)[0])
         self.stats.on_tokens(len(seqs))
-        for seq, token in zip(seqs, tokens):
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if not seq.done:
-                seq.add_token(int(token))
+                n_top = seq.params.logprobs
+                seq.add_token(int(token), None if n_top is None else token_logprob(logits[i], int(token), n_top))
 
     def _retire(self) -> None:
         """Free the rows of finished, cancelled and timed-out sequences."""
@@ -397,3 +448,32 @@ class GenerationEngine:
         self.stats.max_batch = max(self.stats.max_batch, batch)
         self.stats.batch_counts[batch] += 1
         self.stats.on_batch(batch)
+
+
+def token_logprob(logits: torch.Tensor, token: int, n_top: int) -> TokenLogprob:
+    """``token``'s log-probability under ``logits`` (V,) and the ``n_top`` most likely tokens (fp32)."""
+    lp = logits.float().log_softmax(dim=-1)
+    top = lp.topk(min(n_top, lp.numel())) if n_top > 0 else None
+    return TokenLogprob(token, float(lp[token]),
+                        () if top is None else tuple(zip(top.indices.tolist(), top.values.tolist())))
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor, n_top: int) -> list[TokenLogprob]:
+    """Every prompt token's log-probability given the ones before it (None for the first) and the
+    ``n_top`` most likely tokens at its position. ``logits``: (T, V) of the prompt ``ids`` (T,).
+
+    fp32 log-softmax, :data:`LOGPROB_CHUNK` positions at a time.
+    """
+    out = [TokenLogprob(int(ids[0]), None, ())]
+    for start in range(0, ids.numel() - 1, LOGPROB_CHUNK):
+        end = min(start + LOGPROB_CHUNK, ids.numel() - 1)
+        lp = logits[start:end].float().log_softmax(dim=-1)  # predicts tokens start+1 .. end
+        targets = ids[start + 1 : end + 1]
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        if n_top > 0:
+            top = lp.topk(min(n_top, lp.size(-1)), dim=-1)
+            tops = [tuple(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops = [()] * (end - start)
+        out += [TokenLogprob(t, c, k) for t, c, k in zip(targets.tolist(), chosen, tops)]
+    return out
