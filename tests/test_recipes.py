@@ -71,7 +71,7 @@ def test_finetune_recipe_loads_and_validates(recipe):
 
     task, cfg = load_finetune_config(recipe)
     assert task == _task(recipe) and task in TASKS
-    assert cfg.method in ("full", "frozen", "lora")
+    assert cfg.method in ("full", "frozen", "lora") or (cfg.method == "qlora" and task == "sft")
     assert cfg.epochs > 0 and cfg.batch_size > 0 and cfg.lr > 0
     assert cfg.out_dir == "" and cfg.force is False
 
@@ -141,7 +141,7 @@ def test_sft_recipe_loads(recipe):
 
     _, cfg = load_finetune_config(recipe)
     assert cfg.init_from  # validate() only needs it non-empty: the checkpoint is read at run time
-    assert cfg.max_length >= 0 and cfg.method in ("full", "frozen", "lora")
+    assert cfg.max_length >= 0 and cfg.method in ("full", "frozen", "lora", "qlora")
     # the chat template must be encodable by a char tokenizer trained on Shakespeare
     assert set(cfg.user_prefix + cfg.assistant_prefix) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ:\n ")
 

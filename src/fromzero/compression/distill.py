@@ -183,7 +183,7 @@ def distill_task(teacher: str | Path, recipe: str | Path | None) -> str | None:
     task = checkpoint_info(Path(teacher).expanduser()).get("task")
     if task == "text-classification":
         return task
-    if task in ("sft", "language-model"):
+    if task in ("sft", "dpo", "language-model"):
         return "sft"
     raise FromzeroError(f"cannot distil a {task!r} checkpoint ({teacher}): teachers are text classifiers or GPTs")
 

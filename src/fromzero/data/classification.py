@@ -5,6 +5,8 @@
 ``source`` is one of
 
 * ``"shakespeare-genre"`` -- the built-in dataset (``datasets.shakespeare_genre``), split by play.
+* ``"rotten-tomatoes"`` -- built-in movie reviews, positive / negative, split by movie
+  (``rotten_tomatoes.classification_splits``).
 * a directory holding ``train.csv`` or ``train.jsonl`` (exactly one), and optionally ``val.*``
   and ``test.*``; a missing val or test split is carved out of train (see below).
 * a single ``.csv`` / ``.jsonl`` / ``.json-lines`` file, split into train/val/test.
@@ -66,6 +68,7 @@ __all__ = [
 ]
 
 BUILTIN = "shakespeare-genre"
+ROTTEN_TOMATOES = "rotten-tomatoes"  # fromzero.data.rotten_tomatoes
 SUFFIXES = (".csv", ".jsonl", ".json-lines")
 SPLITS = ("train", "val", "test")
 
@@ -221,6 +224,10 @@ def load_text_classification(
 
         data = shakespeare_genre()
         return {s: [(r["text"], r["label"]) for r in data[s]] for s in SPLITS}
+    if source == ROTTEN_TOMATOES:  # built in: review -> positive / negative, split by movie
+        from fromzero.data.rotten_tomatoes import classification_splits
+
+        return classification_splits()
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 < f < 1:
             raise FromzeroError(f"{name} must be between 0 and 1 (exclusive), got {f}")

@@ -12,6 +12,10 @@ Formats (:func:`load_sft_examples`) -- every example is normalised to
   a missing one is carved out of train: ``val_fraction`` / ``test_fraction`` of it, chosen by
   ``seed``) or a single ``.jsonl`` file, split the same way. Carved splits keep file order.
 * ``"shakespeare-dialogue"``: a built-in dataset made from the plays (:func:`shakespeare_dialogue`).
+* ``"rotten-tomatoes"``: built-in movie reviews; the user asks for the sentiment of a review, the
+  assistant answers ``positive`` or ``negative`` (:mod:`fromzero.data.rotten_tomatoes`).
+
+:func:`add_system_prompt` puts a system message before every example that has none.
 
 Template (:class:`ChatTemplate`): each message is ``prefix + content + turn_end``; with the
 defaults a prompt/response pair renders as::
@@ -28,10 +32,25 @@ The defaults use only capital letters, a colon, newlines and spaces, so a charac
 tokenizer trained on Shakespeare encodes them (and the speeches never contain a blank line, so
 for char models ``turn_end`` doubles as the stop sequence).
 
+A pretrained chat model brings its own template instead (:class:`fromzero.data.chat_template.
+JinjaChatTemplate`, e.g. SmolLM2's ChatML ``<|im_start|>role\ncontent<|im_end|>\n``), with the
+same ``render`` / ``text`` / ``prompt_text`` methods; :func:`checkpoint_chat_template` finds the
+one a checkpoint was tuned with. Its assistant target is the reply plus the template's own
+end-of-turn text (``positive<|im_end|>\n``), so no tokenizer eos is appended (``add_eos=None``
+decides by template). Special tokens written by the template (``<|im_start|>``, a ``bos_token``)
+are parsed from the text as the tokenizer's special tokens; the tokenizer adds none of its own,
+so a template that starts with BOS gets exactly one.
+
 Masking (:func:`tokenize_sft`): only assistant contents, their ``turn_end`` and the ``eos``
 appended after them are targets; system/user text and all template prefixes get label ``-100``,
 which ``GPT.forward`` ignores. Segments are tokenized separately and concatenated, so a target
-boundary never falls inside a token. Items are ``(x, y) = (ids[:-1], labels[1:])``.
+boundary never falls inside a token. Items are ``(x, y) = (ids[:-1], labels[1:])``. Whether those
+ids are the ones the whole text would get (what the model sees at inference) depends on the
+template: :func:`segment_mismatches` checks it. For ChatML every boundary sits next to a special
+token, which the tokenizer never merges with its neighbours, so they agree (with SmolLM2's
+tokenizer, for all 12,752 rotten-tomatoes chats; fine-tuning checks the first 1,000 training
+examples and prints a note if any differ); fromzero's own template with a BPE tokenizer may differ
+by a merge at a boundary (the char tokenizer never does).
 
 Packing (:func:`pack_sft`): examples are concatenated in order and cut into rows of exactly
 ``block_size`` tokens (the last row padded with ``y = -100``), so no compute is wasted on
@@ -46,6 +65,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,14 +76,20 @@ from fromzero.data.datasets import SPLIT_PLAYS, play_genres, strip_header
 from fromzero.data.tokenizers import TextTokenizer
 from fromzero.errors import FromzeroError
 
+if TYPE_CHECKING:
+    from fromzero.data.chat_template import JinjaChatTemplate
+
 __all__ = [
     "ROLES",
     "IGNORE_INDEX",
     "load_sft_examples",
+    "add_system_prompt",
     "shakespeare_dialogue",
     "ChatTemplate",
+    "checkpoint_chat_template",
     "SFTSet",
     "tokenize_sft",
+    "segment_mismatches",
     "pack_sft",
     "collate_sft",
 ]
@@ -83,6 +109,10 @@ def load_sft_examples(
     """``{"train", "val", "test"}`` lists of normalised examples (see the module docstring)."""
     if source == "shakespeare-dialogue":
         return shakespeare_dialogue()
+    if source == "rotten-tomatoes":
+        from fromzero.data.rotten_tomatoes import sft_splits
+
+        return sft_splits()
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise FromzeroError(
             f"val_fraction and test_fraction must be >= 0 and sum to < 1 "
@@ -100,8 +130,8 @@ def load_sft_examples(
         raise FromzeroError(f"SFT data {path} must be a .jsonl file or a folder with train.jsonl")
     else:
         raise FromzeroError(
-            f"SFT data {source!r} not found: expected shakespeare-dialogue, a .jsonl file "
-            "or a folder with train.jsonl"
+            f"SFT data {source!r} not found: expected shakespeare-dialogue, rotten-tomatoes, a .jsonl "
+            "file or a folder with train.jsonl"
         )
     train = splits["train"]
     fractions = {"val": val_fraction, "test": test_fraction}
@@ -118,6 +148,20 @@ def load_sft_examples(
     if not splits["train"]:
         raise FromzeroError(f"SFT data {source!r}: no training examples left after the split")
     return {s: splits[s] for s in SPLITS}
+
+
+def add_system_prompt(examples: list[dict], system_prompt: str) -> list[dict]:
+    """Copies of ``examples`` with a system message ``system_prompt`` first, unless an example
+    already has a system message (or the prompt is empty: examples returned unchanged)."""
+    if not system_prompt:
+        return examples
+    out = []
+    for ex in examples:
+        messages = ex["messages"]
+        if not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        out.append({**ex, "messages": messages})
+    return out
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -329,6 +373,31 @@ class ChatTemplate:
         return self.text(messages) + self.assistant_prefix
 
 
+def checkpoint_chat_template(directory: str | Path) -> "ChatTemplate | JinjaChatTemplate | None":
+    """The chat template a checkpoint was tuned with, or None.
+
+    An SFT checkpoint tuned with fromzero's template keeps its fields in ``info.json``
+    (``template``); a model with its own Jinja template (converted from Hugging Face / GGUF, or
+    tuned with it) keeps ``chat_template.jinja`` / ``tokenizer_config.json`` next to its weights.
+    """
+    from fromzero.data.chat_template import load_jinja_template
+
+    directory = Path(directory)
+    info_file = directory / "info.json"
+    info: dict = {}
+    if info_file.is_file():
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise FromzeroError(f"{info_file} is not valid JSON: {e}") from None
+    if isinstance(info, dict) and isinstance(info.get("template"), dict):
+        try:
+            return ChatTemplate(**info["template"])
+        except TypeError as e:
+            raise FromzeroError(f"{info_file} has an invalid chat template: {e}") from None
+    return load_jinja_template(directory)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizing, packing, batching
 # ---------------------------------------------------------------------------------------------
@@ -356,20 +425,28 @@ class SFTSet(Dataset):
                 f"{self.n_truncated} truncated, {self.n_dropped} dropped)")
 
 
+def _wants_eos(template: object, add_eos: bool | None) -> bool:
+    # fromzero's template needs the tokenizer's eos after a reply; a model's own template closes
+    # the turn itself (SmolLM2: <|im_end|>), and its tokenizer's <|endoftext|> would be wrong there.
+    return isinstance(template, ChatTemplate) if add_eos is None else add_eos
+
+
 def tokenize_sft(
-    examples: list[dict], tokenizer: TextTokenizer, template: ChatTemplate | None = None,
-    max_length: int = 1024, add_eos: bool = True,
+    examples: list[dict], tokenizer: TextTokenizer, template: "ChatTemplate | JinjaChatTemplate | None" = None,
+    max_length: int = 1024, add_eos: bool | None = None,
 ) -> SFTSet:
     """Token ids and loss-masked labels of each example (see the module docstring).
 
-    A sequence longer than ``max_length + 1`` tokens is cut to that (``n_truncated``), so every
-    ``x`` has at most ``max_length`` tokens; an example left with no target is dropped
-    (``n_dropped``).
+    ``template``: fromzero's :class:`ChatTemplate` (default) or a model's own
+    :class:`~fromzero.data.chat_template.JinjaChatTemplate`. ``add_eos``: append the tokenizer's
+    eos after each reply; None = only for fromzero's template. A sequence longer than
+    ``max_length + 1`` tokens is cut to that (``n_truncated``), so every ``x`` has at most
+    ``max_length`` tokens; an example left with no target is dropped (``n_dropped``).
     """
     if max_length < 1:
         raise FromzeroError(f"max_length must be >= 1, got {max_length}")
     template = template or ChatTemplate()
-    eos = tokenizer.eos_id if add_eos else None
+    eos = tokenizer.eos_id if _wants_eos(template, add_eos) else None
     xs, ys, n_truncated, n_dropped = [], [], 0, 0
     for i, example in enumerate(examples):
         ids: list[int] = []
@@ -393,6 +470,23 @@ def tokenize_sft(
         xs.append(torch.tensor(ids[:-1], dtype=torch.int64))
         ys.append(y)
     return SFTSet(xs, ys, n_truncated=n_truncated, n_dropped=n_dropped)
+
+
+def segment_mismatches(
+    examples: list[dict], tokenizer: TextTokenizer, template: "ChatTemplate | JinjaChatTemplate | None" = None,
+) -> list[int]:
+    """Indices of the examples whose segment-by-segment token ids (what :func:`tokenize_sft`
+    trains on) differ from the tokenization of the whole rendered text (what the model reads at
+    inference). Empty for templates whose segment boundaries never fall inside a token."""
+    template = template or ChatTemplate()
+    bad = []
+    for i, example in enumerate(examples):
+        segments = template.render(example["messages"])
+        pieces = [tokenizer.encode(text) for text, _ in segments]
+        whole = tokenizer.encode("".join(text for text, _ in segments))
+        if [t for p in pieces for t in p] != whole:
+            bad.append(i)
+    return bad
 
 
 def pack_sft(sft_set: SFTSet, block_size: int, pad_id: int = 0) -> SFTSet:

@@ -212,6 +212,10 @@ def load_adapter_model(directory: Path) -> nn.Module:
     except FromzeroError as e:
         raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
     load_base(model, base_dir)
+    if isinstance(info.get("qlora"), dict):  # trained on the 4-bit base: merge into it, dequantized
+        from fromzero.finetune.qlora import round_base_to_int4
+
+        round_base_to_int4(model, int(info["qlora"].get("group_size", 64)))
     names, _ = hf_names(model_config)
     ours = {hf: fz for fz, mapped in names.items() for hf, _ in _parts(mapped)}
     try:

@@ -1,6 +1,6 @@
 """Fine-tuning recipes: a YAML file naming the ``task`` plus that task's flat settings.
 
-    task: text-classification        # | sft | image-classification
+    task: text-classification        # | sft | dpo | image-classification
     init_from: all-MiniLM-L6-v2
     data: shakespeare-genre
     method: lora
@@ -23,6 +23,7 @@ from fromzero.errors import FromzeroError
 TASKS: dict[str, tuple[str, str, str]] = {
     "text-classification": ("fromzero.finetune.text", "TextClassificationConfig", "finetune_text_classification"),
     "sft": ("fromzero.finetune.sft", "SFTConfig", "finetune_sft"),
+    "dpo": ("fromzero.finetune.dpo", "DPOConfig", "finetune_dpo"),
     "image-classification": ("fromzero.finetune.images", "ImageFinetuneConfig", "finetune_images"),
     "recommendation": ("fromzero.finetune.recsys", "RecommendationConfig", "finetune_recommendation"),
 }

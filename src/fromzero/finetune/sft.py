@@ -1,12 +1,22 @@
-"""Instruction tuning (SFT) of a decoder: loss only on response tokens; full, frozen or LoRA.
+"""Instruction tuning (SFT) of a decoder: loss only on response tokens; full, frozen, LoRA or QLoRA.
 
-Data: ``shakespeare-dialogue`` (built in) or JSONL ``{"prompt","response"}`` / ``{"messages"}``
-(see :mod:`fromzero.data.sft`), rendered with a plain chat template. Model: ``init_from`` any
-fromzero-gpt checkpoint, e.g. the best checkpoint of a pretraining run
-(``runs/<run>/checkpoints/best``) or a converted GPT-2. Try it::
+Data: ``shakespeare-dialogue`` or ``rotten-tomatoes`` (built in) or JSONL ``{"prompt","response"}``
+/ ``{"messages"}`` (see :mod:`fromzero.data.sft`). Model: ``init_from`` any fromzero-gpt
+checkpoint, e.g. the best checkpoint of a pretraining run (``runs/<run>/checkpoints/best``), a
+converted GPT-2 or chat model, or a built-in name (``smollm2-135m-instruct``). Try it::
 
     fromzero pretrain --config recipes/shakespeare-char.yaml --out_dir runs/char
     fromzero finetune --config recipes/sft-shakespeare.yaml --init_from runs/char/checkpoints/best
+    fromzero finetune --config recipes/smollm2-sentiment-lora.yaml     # SmolLM2 on movie reviews
+
+Chat template (``chat_template``): ``auto`` renders with the starting model's own template when
+it has one (a converted chat model's ``chat_template.jinja`` / ``tokenizer_config.json``: the
+text it was tuned on, so the fine-tune continues it) and copies those files, with
+``tokenizer.json``, into the fine-tuned checkpoint, so ``chat``, ``generate --chat``, ``serve``
+and ``evaluate`` use the same template; otherwise fromzero's simple template (the ``*_prefix`` /
+``turn_end`` settings, recorded in info.json). ``system_prompt`` adds a system message to every
+example (empty: none, and a template such as SmolLM2's then writes its default one).
+``method: qlora`` trains LoRA adapters on a 4-bit base (:mod:`fromzero.finetune.qlora`).
 
 Validation loss (and perplexity) on the response tokens picks the best weights; the test
 split is scored once at the end. ``packing`` concatenates examples into full rows of
@@ -16,7 +26,7 @@ split is scored once at the end. ``packing`` concatenates examples into full row
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +37,29 @@ from fromzero.compression.distill import DistillOptions
 from fromzero.errors import FromzeroError
 from fromzero.finetune.engine import FinetuneConfig
 
+CHAT_TEMPLATES = ("auto", "simple")
+# Files of a model's own chat template, carried from init_from into the fine-tuned checkpoint.
+TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json")
+# How many training examples are checked for segment-vs-whole tokenization (see data/sft.py).
+BOUNDARY_CHECK_EXAMPLES = 1000
+
 
 @dataclass
 class SFTConfig(FinetuneConfig, DistillOptions):
     """Instruction tuning of a decoder LM on prompt/response pairs or chats."""
 
+    method: str = "full"
+    """full (every weight) | frozen (the head, plus unfreeze_top layers) | lora (low-rank adapters) | qlora (LoRA adapters on a 4-bit base, see qlora_group_size)."""
     init_from: str = ""
-    """fromzero-gpt checkpoint to start from (a pretraining run: runs/<run>/checkpoints/best)."""
+    """fromzero-gpt checkpoint to start from (a pretraining run: runs/<run>/checkpoints/best), a .gguf file or a built-in name (smollm2-135m-instruct)."""
     data: str = "shakespeare-dialogue"
-    """shakespeare-dialogue | a .jsonl file | a directory with train.jsonl (+ val.jsonl, test.jsonl)."""
+    """shakespeare-dialogue | rotten-tomatoes | a .jsonl file | a directory with train.jsonl (+ val.jsonl, test.jsonl)."""
+    chat_template: str = "auto"
+    """auto (the init checkpoint's own Jinja chat template if it has one, else the simple one below) | simple (fromzero's: the *_prefix / turn_end settings)."""
+    system_prompt: str = ""
+    """System message put before every example that has none ("" = none; a model's own template may then write its default)."""
+    qlora_group_size: int = 64
+    """method qlora: input features per 4-bit group (one fp16 scale + minimum each)."""
     val_fraction: float = 0.1
     """Share of the examples carved out for validation when the data has no val split."""
     test_fraction: float = 0.1
@@ -54,16 +78,66 @@ class SFTConfig(FinetuneConfig, DistillOptions):
     """Chat template: text after every message (and, for char models, the stop sequence)."""
     eval_batch_size: int = 32
     """Examples per batch when evaluating."""
+    max_eval_examples: int = 0
+    """Score only the first N val / test examples at each evaluation (0 = all; for quick trial runs)."""
     lr: float = 3e-4
     """Peak learning rate (after warmup)."""
 
     def validate(self) -> None:
-        self.validate_common()
+        if self.method == "qlora":  # SFT alone knows qlora: the shared checks see it as lora
+            replace(self, method="lora").validate_common()
+            g = self.qlora_group_size
+            if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
+                raise FromzeroError(f"qlora_group_size must be a positive even number (e.g. 32, 64, 128), got {g!r}")
+            if self.teacher:
+                raise FromzeroError("method qlora cannot be combined with distillation (teacher)")
+        else:
+            self.validate_common()
         self.validate_distill()
         if not self.init_from and not self.teacher:
             raise FromzeroError("init_from is required: a fromzero-gpt checkpoint directory to fine-tune")
-        if self.max_length < 0 or self.eval_batch_size <= 0:
-            raise FromzeroError("max_length must be >= 0 and eval_batch_size positive")
+        if self.max_length < 0 or self.eval_batch_size <= 0 or self.max_eval_examples < 0:
+            raise FromzeroError("max_length and max_eval_examples must be >= 0 and eval_batch_size positive")
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise FromzeroError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got {self.chat_template!r}")
+
+
+def choose_template(cfg: SFTConfig, init_dir: Path) -> tuple[Any, Path | None]:
+    """(template, directory whose template files the fine-tuned checkpoint carries, or None).
+
+    ``chat_template: auto`` takes the init checkpoint's own Jinja template when it has one;
+    otherwise (or with ``simple``) fromzero's :class:`~fromzero.data.sft.ChatTemplate`."""
+    from fromzero.data.chat_template import load_jinja_template
+    from fromzero.data.sft import ChatTemplate
+
+    if cfg.chat_template == "auto":
+        jinja = load_jinja_template(init_dir)
+        if jinja is not None:
+            return jinja, init_dir
+    return ChatTemplate(system_prefix=cfg.system_prefix, user_prefix=cfg.user_prefix,
+                        assistant_prefix=cfg.assistant_prefix, turn_end=cfg.turn_end), None
+
+
+def save_with_template_files(directory: Path, write: Any, template_dir: Path | None) -> None:
+    """Write a checkpoint with ``write(dir)`` and, when ``template_dir`` is given, its chat
+    template files next to it; the whole directory appears at once (atomic)."""
+    import os
+    import shutil
+
+    from fromzero.training.checkpoint import atomic_directory
+
+    if template_dir is None:
+        write(directory)
+        return
+    with atomic_directory(directory) as tmp:
+        staged = tmp / "checkpoint"
+        write(staged)
+        for path in staged.iterdir():
+            os.replace(path, tmp / path.name)
+        staged.rmdir()
+        for name in TEMPLATE_FILES:
+            if (template_dir / name).is_file():
+                shutil.copyfile(template_dir / name, tmp / name)
 
 
 @torch.no_grad()
@@ -106,7 +180,8 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
     import yaml
     from torch.utils.data import DataLoader
 
-    from fromzero.data.sft import ChatTemplate, collate_sft, load_sft_examples, pack_sft, tokenize_sft
+    from fromzero.data.sft import (add_system_prompt, collate_sft, load_sft_examples, pack_sft,
+                                   segment_mismatches, tokenize_sft)
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
     from fromzero.compression.distill import build_student, count_params, distillation_loss, load_teacher
@@ -122,7 +197,9 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)
 
-    init_dir = Path(cfg.teacher or cfg.init_from).expanduser()  # distillation: the teacher's tokenizer
+    from fromzero.models.builtin import resolve_model
+
+    init_dir = resolve_model(cfg.teacher or cfg.init_from)  # distillation: the teacher's tokenizer
     config = read_json(init_dir / CONFIG_FILE, "model config")
     if config.get("model_type") != "fromzero-gpt":
         raise FromzeroError(f"SFT needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds {config.get('model_type')!r}")
@@ -133,9 +210,18 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
     max_length = cfg.max_length or block_size
     if max_length > block_size:
         raise FromzeroError(f"max_length {max_length} is more than the model's block_size {block_size}")
-    template = ChatTemplate(system_prefix=cfg.system_prefix, user_prefix=cfg.user_prefix,
-                            assistant_prefix=cfg.assistant_prefix, turn_end=cfg.turn_end)
+    template, template_dir = choose_template(cfg, init_dir)
     splits = load_sft_examples(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    splits = {split: add_system_prompt(examples, cfg.system_prompt) for split, examples in splits.items()}
+    if cfg.max_eval_examples:
+        splits.update({s: splits[s][: cfg.max_eval_examples] for s in ("val", "test")})
+    if template_dir is not None:  # the model's own template: do pieces tokenize as the whole text?
+        checked = splits["train"][:BOUNDARY_CHECK_EXAMPLES]
+        bad = segment_mismatches(checked, tokenizer, template)
+        if bad:
+            print(f"note: for {len(bad)} of {len(checked)} training examples the reply-by-reply tokenization differs "
+                  f"from the tokenization of the whole chat (a token merges across a template boundary): training "
+                  f"sees slightly different ids than inference would")
     sets = {}
     for split, examples in splits.items():
         sets[split] = tokenize_sft(examples, tokenizer, template, max_length)
@@ -161,7 +247,18 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
         trained_modules = freeze(model, cfg.unfreeze_top)
     elif cfg.method == "lora":
         model = apply_lora(model, config, cfg, modules_to_save=[])
+    elif cfg.method == "qlora":
+        from fromzero.finetune.qlora import apply_qlora, linear_weight_bytes
+
+        float_params = count_parameters(model)[1]  # the 4-bit base packs two weights per stored element
+        model = apply_qlora(model, config, cfg, cfg.qlora_group_size)
+        base_bytes = linear_weight_bytes(model)
+        print(f"qlora: the base's Linear weights take {base_bytes['stored_bytes']:,} bytes in 4 bits "
+              f"({100 * base_bytes['stored_bytes'] / base_bytes['bf16_bytes']:.1f}% of bf16; group "
+              f"{cfg.qlora_group_size}, fp16 scales and minimums); the tied embedding/head stays float")
     trainable, total = count_parameters(model)
+    if cfg.method == "qlora":
+        total = float_params + trainable
     model.to(device)
 
     # Every rank agrees on rank 0's (timestamped) run directory; rank 0 alone writes it.
@@ -213,17 +310,25 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
         barrier(ctx)
         return {"run_dir": str(run_dir), "rank": ctx.rank}
 
+    # A model's own template travels as its files (chat_template.jinja, ...); fromzero's as fields.
+    template_info = ({"chat_template": "chat_template.jinja"} if template_dir is not None else
+                     {"template": {"system_prefix": cfg.system_prefix, "user_prefix": cfg.user_prefix,
+                                   "assistant_prefix": cfg.assistant_prefix, "turn_end": cfg.turn_end}})
     info = {"task": "sft", "best_step": fit.best_step, "val": fit.best_metrics, "test": test, "test_before": before,
-            "method": cfg.method,
+            "method": cfg.method, "data": cfg.data,
             **({"distilled_from": str(init_dir.resolve()), "temperature": cfg.temperature, "alpha": cfg.alpha,
                 "teacher_params": count_params(teacher), "student_params": total} if teacher is not None else {}),
-            "template": {"system_prefix": cfg.system_prefix, "user_prefix": cfg.user_prefix,
-                         "assistant_prefix": cfg.assistant_prefix, "turn_end": cfg.turn_end}}
+            **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
+            **({"qlora": {"group_size": cfg.qlora_group_size, "scale_dtype": "float16",
+                          "base_linear_bytes": base_bytes}} if cfg.method == "qlora" else {}),
+            **template_info}
     best_dir = run_dir / "checkpoints" / "best"
-    if cfg.method == "lora":
-        save_adapter(best_dir, model, config, init_dir, init_dir / TOKENIZER_FILE, info)
+    if cfg.method in ("lora", "qlora"):
+        write = lambda d: save_adapter(d, model, config, init_dir, init_dir / TOKENIZER_FILE, info)  # noqa: E731
     else:
-        save_checkpoint(best_dir, base_model(model), config, tokenizer_file=init_dir / TOKENIZER_FILE, info=info)
+        write = lambda d: save_checkpoint(d, base_model(model), config,  # noqa: E731
+                                          tokenizer_file=init_dir / TOKENIZER_FILE, info=info)
+    save_with_template_files(best_dir, write, template_dir)
     write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
                         **{f"val_{k}": v for k, v in fit.best_metrics.items()}}, run_dir / "metrics.json")
     write_plots(logger.rows, run_dir / "plots")

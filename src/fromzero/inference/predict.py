@@ -168,16 +168,28 @@ def read_inputs(path: Path) -> list[str]:
 
 
 def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "test",
-                        batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
-    """Metrics of a checkpoint on one split of ``data`` (default: the data of the run that made it)."""
+                        batch_size: int = 64, device: str = "cpu", limit: int = 0) -> dict[str, Any]:
+    """Metrics of a checkpoint on one split of ``data`` (default: the data of the run that made it).
+
+    A decoder (sft or converted chat model) with ``data`` rotten-tomatoes is asked for labels
+    (:func:`fromzero.evaluation.chat_eval.evaluate_chat`). ``limit``: only the first N examples
+    (classifiers and chat evaluation; 0 = all)."""
+    from fromzero.data.rotten_tomatoes import NAME as ROTTEN_TOMATOES
+
+    if limit < 0:
+        raise FromzeroError(f"--limit must be >= 0, got {limit}")
     info = checkpoint_info(Path(directory))
     task = info["task"]
     made_by = run_config(Path(directory))
     data = data or made_by.get("data") or made_by.get("data_dir")
     if not data:
         raise FromzeroError("no --data given and the checkpoint's run config names none")
+    if task in ("sft", "dpo", "language-model") and str(data) == ROTTEN_TOMATOES:
+        from fromzero.evaluation.chat_eval import evaluate_chat
+
+        return evaluate_chat(Path(directory), str(data), split, batch_size, device, limit=limit)
     if task == "text-classification":
-        return _evaluate_text(Path(directory), str(data), split, batch_size, device)
+        return _evaluate_text(Path(directory), str(data), split, batch_size, device, limit)
     if task == "image-classification":
         return _evaluate_images(Path(directory), Path(str(data)), split, batch_size, device)
     if task in ("sft", "language-model"):
@@ -191,7 +203,8 @@ def _check_known(labels: list[str], known: list[str], where: str) -> None:
         raise FromzeroError(f"{where} has label {unknown[0]!r} that the model does not know ({', '.join(known)})")
 
 
-def _evaluate_text(directory: Path, data: str, split: str, batch_size: int, device: str) -> dict[str, Any]:
+def _evaluate_text(directory: Path, data: str, split: str, batch_size: int, device: str,
+                   limit: int = 0) -> dict[str, Any]:
     from fromzero.data.classification import load_text_classification
     from fromzero.finetune.text import score
 
@@ -199,6 +212,7 @@ def _evaluate_text(directory: Path, data: str, split: str, batch_size: int, devi
     cfg = run_config(directory)
     rows = load_text_classification(data, cfg.get("text_column", "text"), cfg.get("label_column", "label"),
                                     cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.1), cfg.get("seed", 0))[split]
+    rows = rows[:limit] if limit else rows
     _check_known([label for _, label in rows], classifier.labels, f"{data} ({split})")
     logits = classifier.text_logits([t for t, _ in rows], batch_size)
     index = {name: i for i, name in enumerate(classifier.labels)}
@@ -233,14 +247,17 @@ def _evaluate_lm(directory: Path, data: str, split: str, batch_size: int, device
         return {**_prepared_split_loss(model, Path(data), split, batch_size, dev, autocast), "split": split}
     from torch.utils.data import DataLoader
 
-    from fromzero.data.sft import ChatTemplate, collate_sft, load_sft_examples, tokenize_sft
+    from fromzero.data.sft import ChatTemplate, checkpoint_chat_template, collate_sft, load_sft_examples, tokenize_sft
     from fromzero.finetune.sft import response_loss
 
     cfg = run_config(directory)
-    template = ChatTemplate(**checkpoint_info(directory).get("template", {}))
+    template = checkpoint_chat_template(directory) or ChatTemplate()
     tokenizer = TextTokenizer.load(directory / TOKENIZER_FILE)
     examples = load_sft_examples(data, cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.1), cfg.get("seed", 0))
-    sft_set = tokenize_sft(examples[split], tokenizer, template, model.config.block_size)
+    from fromzero.data.sft import add_system_prompt
+
+    rows = add_system_prompt(examples[split], str(checkpoint_info(directory).get("system_prompt") or ""))
+    sft_set = tokenize_sft(rows, tokenizer, template, model.config.block_size)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     loader = DataLoader(sft_set, batch_size=batch_size, collate_fn=lambda b: collate_sft(b, pad))
     return {**response_loss(model, loader, dev, autocast), "split": split, "n": len(sft_set)}

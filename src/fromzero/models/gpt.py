@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from fromzero.models.layers import (
     Block,
     KVCache,
+    Linear,
     RaggedKVCache,
     RotaryEmbedding,
     make_norm,
@@ -205,7 +206,7 @@ class GPT(nn.Module):
                 c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_block_size,
             )
             self.rotary = RotaryEmbedding(c.head_size, c.block_size, inv_freq)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
             # Weight tying: the output projection reuses the token embedding (fewer parameters,
             # and what GPT-2 does, so its checkpoints have no separate lm_head).
@@ -232,12 +233,15 @@ class GPT(nn.Module):
         return super().train(mode)
 
     def use_decode_layout(self, enabled: bool = True) -> None:
-        """Store Linear weights column-major (True) or row-major (False, the default), in place.
+        """Store fp32 Linear weights column-major (True) or row-major (False, the default), in place.
 
         Same values, shapes and names; see :func:`fromzero.models.layers.set_linear_weight_layout`
         for the measured speeds. :meth:`generate` turns it on for cached CPU decoding of one or
-        two rows (once: it costs one copy of the weights); ``train()`` turns it off.
+        two rows (once: it costs one copy of the weights); ``train()`` turns it off. bf16/fp16
+        weights stay row-major: their one-row products are fastest as matrix-vector products
+        over row-major weights (see :class:`fromzero.models.layers.Linear`).
         """
+        enabled = enabled and self.transformer.ln_f.weight.dtype == torch.float32
         if enabled != self._decode_layout:
             set_linear_weight_layout(self, column_major=enabled)
             self._decode_layout = enabled
@@ -291,6 +295,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         else:
             rope = self.rotary(start, T)  # positions enter inside attention, on q and k
+        if rope is not None:
+            rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))  # once, not in every block
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled():

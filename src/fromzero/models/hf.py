@@ -235,7 +235,7 @@ def _write_dir(out: Path, config: dict, state: dict[str, torch.Tensor], tokenize
                     shutil.copyfile(tokenizer_src / name, tmp / name)
         for name, text in (extra_files or {}).items():
             if not (tmp / name).exists():
-                (tmp / name).write_text(text)
+                (tmp / name).write_text(text, encoding="utf-8")
         commit_directory(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
