@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fromzero.errors import FromzeroError
+from fromzero.models.layers import KVCache
 
 LABELS = ("negative", "positive")
 UNPARSEABLE = "unparseable"
@@ -151,24 +152,28 @@ def generate_replies(
     if too_long:
         raise FromzeroError(f"a prompt of {max(too_long)} tokens + {max_new_tokens} new ones is longer than the "
                             f"model's block_size {block_size}")
-    # One autocast region for everything: the weights are cast to the compute dtype once, not per step.
+    # One KV cache for the biggest batch, reused by every batch (no allocation per batch), and one
+    # autocast region for everything: the weights are cast to the compute dtype once, not per step.
+    cache = model.new_kv_cache(min(batch_size, max(len(m) for m in groups.values())), max(groups) + max_new_tokens)
     with autocast():
         for length in sorted(groups):
             members = groups[length]
             for start in range(0, len(members), batch_size):
                 rows = members[start:start + batch_size]
-                _decode_batch(model, [prompts[r] for r in rows], rows, max_new_tokens, stops, cand, replies, scores)
+                view = KVCache.wrap([k[: len(rows)] for k in cache.keys], [v[: len(rows)] for v in cache.values])
+                _decode_batch(model, [prompts[r] for r in rows], rows, max_new_tokens, stops, cand, replies, scores,
+                              view)
                 if on_batch is not None:
                     on_batch(len(rows))
     return replies, scores
 
 
 def _decode_batch(model: Any, batch: list[list[int]], rows: list[int], max_new_tokens: int, stops: torch.Tensor,
-                  cand: torch.Tensor, replies: list[list[int]], scores: torch.Tensor) -> None:
-    """Prefill equal-length prompts, decode greedily; write replies[rows] and scores[rows]."""
+                  cand: torch.Tensor, replies: list[list[int]], scores: torch.Tensor, cache: Any) -> None:
+    """Prefill equal-length prompts into the empty ``cache``, decode greedily; write replies[rows]
+    and scores[rows]."""
     device = stops.device
     idx = torch.tensor(batch, dtype=torch.long, device=device)
-    cache = model.new_kv_cache(len(rows), idx.size(1) + max_new_tokens)
     logits, _ = model(idx, kv_cache=cache, last_only=True)
     logits = logits[:, -1].float()
     scores[rows] = logits[:, cand].cpu()  # the first-token scores: right after the generation prompt
