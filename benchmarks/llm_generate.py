@@ -1,8 +1,9 @@
 """Decoding speed of a real LLM: fromzero's ``GPT.generate`` vs ``transformers``' ``generate``.
 
     .venv/bin/python benchmarks/llm_generate.py                     # SmolLM2-135M-Instruct
-    .venv/bin/python benchmarks/llm_generate.py --threads 2,1 --rounds 7
+    .venv/bin/python benchmarks/llm_generate.py --threads 2,1 --rounds 7 --compile
     .venv/bin/python benchmarks/llm_generate.py --random            # same shape, random weights
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/llm_generate.py   # on a busy shared machine
 
 The model is ``--checkpoint`` (default: the built-in ``smollm2-135m-instruct``, the Q4_1 GGUF
 converted once to float32 by ``fromzero.models.builtin``; any fromzero LLaMA/GPT-2 checkpoint
@@ -24,15 +25,23 @@ flip a near-tie, so it is not asserted).
 Rows (per thread count):
 
 * fp32 and bf16, fromzero vs transformers: generate tokens/s (new tokens / wall time of the
-  whole call, prefill included) and prefill tokens/s (prompt tokens / time of a
-  ``max_new_tokens=1`` call), and their ratios;
+  whole call, prefill included; the bar: fromzero >= 1.5x), step tokens/s (1 / the median
+  time of one decoding step over all steps of all rounds: fromzero stamps the clock after each
+  forward pass, transformers in a stopping criterion that never stops, i.e. once per step; a
+  median over thousands of steps shrugs off bursts of a neighbour's load) and prefill tokens/s
+  (prompt tokens / time of a ``max_new_tokens=1`` call), and their ratios;
 * fromzero int8-weight and int4-weight (group 64) models (``quantize_model``, as
-  ``fromzero quantize`` makes them; fp32 activations): the same two figures.
+  ``fromzero quantize`` makes them; fp32 activations): the same figures;
+* with ``--compile``: fromzero with ``torch.compile(model.forward, dynamic=True)`` in fp32 and
+  bf16 (tokens checked against eager), against transformers' eager figures of the same dtype.
 
 Interleaved rounds: every round runs every row once (order rotated each round) and the
 figures are medians over rounds, so a noisy neighbour slows all rows alike. ``--cpu-time``
-also times with the thread's CPU time (``time.thread_time``; meaningful with 1 thread only), a
-figure that contention on a shared machine barely moves.
+times with the thread's CPU time instead (``time.thread_time``; meaningful with 1 thread only), a
+figure that contention on a shared machine barely moves. On a machine whose cores are busy with
+other work, OpenMP's default spin-waiting makes every multi-threaded matmul wait for a
+descheduled thread (2 threads ran ~10x slower than 1 here); ``OMP_WAIT_POLICY=PASSIVE`` (read
+when torch starts; recorded in the JSON) avoids that for both sides alike.
 
 Writes benchmarks/results/llm_generate.json (or --out).
 """
@@ -42,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -265,11 +275,14 @@ def main() -> None:
 
             sample_text = TextTokenizer.load(checkpoint / "tokenizer.json").decode(got[0, P:P + 40].tolist())
         int8, int4 = (None, None) if args.no_quantized else (quantized(fz32, "int8-weight"), quantized(fz32, "int4-weight"))
-        compiled = {}
+        compiled, compiled_same = {}, {}
         if args.compile:
             for name, m in (("fp32 compiled", fz32), ("bf16 compiled", fz16)):
                 compiled[name] = copy.deepcopy(m)
                 compiled[name].forward = torch.compile(compiled[name].forward, dynamic=True)
+                with torch.inference_mode():  # compiles (minutes), and checks the tokens against eager
+                    compiled_same[name] = torch.equal(compiled[name].generate(idx, new, temperature=0.0),
+                                                      m.generate(idx, new, temperature=0.0))
         cases = {"fp32": runners(fz32, hf32, idx, new, stamps), "bf16": runners(fz16, hf16, idx, new, stamps)}
         for name, m in compiled.items():
             cases[name] = runners(m, None, idx, new, stamps)
@@ -298,6 +311,13 @@ def main() -> None:
                     for what in ("", "step_", "prefill_"):
                         row[f"{what}speedup"] = row[f"fromzero_{what}tok_s"] / row[f"transformers_{what}tok_s"]
                 rows.append(row)
+            for row in rows:  # compiled rows: against transformers (eager) in the same dtype
+                if row["case"] in compiled:
+                    eager = next(r for r in rows if r["case"] == row["case"].split()[0])
+                    row["same_tokens_as_eager"] = compiled_same[row["case"]]
+                    for what in ("", "step_", "prefill_"):
+                        row[f"{what}speedup_vs_transformers_eager"] = (row[f"fromzero_{what}tok_s"]
+                                                                       / eager[f"transformers_{what}tok_s"])
             blocks.append({"threads": n_threads, "rows": rows})
             print_block(blocks[-1], new, P, args.rounds, args.cpu_time)
 
@@ -305,6 +325,7 @@ def main() -> None:
     result = {
         "model": source, "prompt_tokens": P, "new_tokens": new, "rounds": args.rounds,
         "clock": "thread CPU time" if args.cpu_time else "wall", "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "transformers": transformers.__version__, "transformers_attn": hf32.config._attn_implementation,
         "fp32_identical_tokens": diff32 is None, "bf16_first_different_token": diff16,
         "sample_continuation": sample_text, "compiled_rows": bool(compiled), "blocks": blocks, "bar": 1.5, "speedups": bars,
@@ -332,8 +353,12 @@ def print_block(block: dict, new: int, P: int, rounds: int, cpu_time: bool) -> N
         line = f"{r['case']:<13}"
         for _, key in cols:
             fz, tf = r[f"fromzero_{key}tok_s"], r.get(f"transformers_{key}tok_s")
-            line += f"{fz:>13.1f}" + (f"{tf:>13.1f}{r[key + 'speedup']:>6.2f}x" if tf else f"{'-':>13}{'-':>7}")
+            vs_eager = r.get(f"{key}speedup_vs_transformers_eager")
+            ratio = f"{r[key + 'speedup']:>6.2f}x" if tf else (f"{vs_eager:>6.2f}x" if vs_eager else f"{'-':>7}")
+            line += f"{fz:>13.1f}" + (f"{tf:>13.1f}" if tf else f"{'-':>13}") + ratio
         print(line)
+    if any("same_tokens_as_eager" in r for r in block["rows"]):
+        print("  compiled rows: ratio against transformers (eager) in the same dtype")
 
 
 if __name__ == "__main__":
