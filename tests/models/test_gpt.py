@@ -110,6 +110,27 @@ def test_loss_equals_manual_cross_entropy() -> None:
     torch.testing.assert_close(loss.double(), manual, atol=1e-6, rtol=1e-6)
 
 
+def test_target_logits_only_gives_same_loss_and_gradients() -> None:
+    """The reply-only head (chat SFT) returns the logits of the target positions and the same
+    loss and gradients as the full head; with no target at all the loss is a zero in the graph."""
+    idx, targets = tokens(3, 12), tokens(3, 12, seed=2)
+    targets[:, :9] = -100  # a prompt of 9 tokens, a reply of 3
+    targets[2, 10] = -100
+    full, sparse = tiny_model(sharpen=3.0).train(), tiny_model(sharpen=3.0).train()
+    logits, loss = full(idx, targets)
+    part, loss_part = sparse(idx, targets, target_logits_only=True)
+    keep = targets != -100
+    assert part.shape == (int(keep.sum()), V)
+    torch.testing.assert_close(part, logits[keep], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss_part, loss, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    loss_part.backward()
+    for (name, a), (_, b) in zip(full.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+    none, zero = sparse(idx, torch.full_like(targets, -100), target_logits_only=True)
+    assert none.shape == (0, V) and float(zero) == 0.0 and zero.requires_grad
+
+
 def test_sequence_longer_than_block_size_raises() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="block_size"):

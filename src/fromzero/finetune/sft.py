@@ -153,7 +153,7 @@ def response_loss(model: nn.Module, loader: Any, device: torch.device, autocast:
         if n == 0:
             continue
         with autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, target_logits_only=True)
         total += float(loss) * n
         count += n
     if count == 0:
@@ -283,6 +283,8 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
 
     def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         x, y = (t.to(device, non_blocking=True) for t in batch)
+        if teacher is None:  # the LM head only where the reply is (see GPT.forward)
+            return net(x, y, target_logits_only=True)[1], x.size(0), int((y != -100).sum())
         logits, loss = net(x, y)
         if teacher is not None:  # match the teacher's next-token distribution on response tokens
             with torch.no_grad():

