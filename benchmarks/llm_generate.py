@@ -30,8 +30,15 @@ Rows (per thread count):
   forward pass, transformers in a stopping criterion that never stops, i.e. once per step; a
   median over thousands of steps shrugs off bursts of a neighbour's load) and prefill tokens/s
   (prompt tokens / time of a ``max_new_tokens=1`` call), and their ratios;
+* each dtype three ways: ``fp32`` / ``bf16`` -- each library's default ``generate`` (fromzero
+  drafts by prompt lookup, transformers does not; the bar); ``no-lookup`` -- fromzero with
+  ``lookup_tokens=0`` vs transformers' default (one-token steps both sides); ``lookup`` --
+  both with prompt-lookup drafts of 8 tokens (transformers ``prompt_lookup_num_tokens=8``).
+  Before timing, fp32 lookup decoding must give the one-token-step tokens (asserted); for bf16
+  the first difference, if any, is reported (a pass over several positions rounds differently);
 * fromzero int8-weight and int4-weight (group 64) models (``quantize_model``, as
-  ``fromzero quantize`` makes them; fp32 activations): the same figures;
+  ``fromzero quantize`` makes them) with bf16 activations, which run PyTorch's packed CPU
+  kernels (``fromzero.compression.quantize``): the same figures;
 * with ``--compile``: fromzero with ``torch.compile(model.forward, dynamic=True)`` in fp32 and
   bf16 (tokens checked against eager), against transformers' eager figures of the same dtype.
 
@@ -134,7 +141,7 @@ def quantized(model: GPT, method: str) -> GPT:
     q = copy.deepcopy(model)
     q.use_decode_layout(False)
     quantize_model(q, QuantizeOptions(method=method, group_size=64))
-    return q.eval()
+    return q.to(torch.bfloat16).eval()  # bf16 activations: PyTorch's packed int8 / int4 CPU kernels
 
 
 class Stamps(list):
@@ -162,10 +169,19 @@ def stamp_each_forward(model: GPT, stamps: Stamps) -> None:
     model.forward = stamped
 
 
-def runners(fz: GPT, hf: torch.nn.Module | None, idx: torch.Tensor, new: int, stamps: Stamps) -> dict[str, Callable]:
+LOOKUP = 8  # draft tokens of prompt-lookup decoding, both sides (fromzero's default)
+
+
+def runners(fz: GPT, hf: torch.nn.Module | None, idx: torch.Tensor, new: int, stamps: Stamps,
+            lookup: str = "default") -> dict[str, Callable]:
     """generate (new tokens) and prefill (1 new token) calls of one model pair; every step of
     either model records a reading in ``stamps`` (fromzero: after each forward pass;
-    transformers: a stopping criterion that never stops, called once per step)."""
+    transformers: a stopping criterion that never stops, called once per step).
+
+    lookup: ``default`` -- each library's default generate (fromzero drafts by prompt lookup,
+    transformers does not); ``off`` -- neither drafts (fromzero ``lookup_tokens=0``); ``both``
+    -- both draft by prompt lookup (transformers ``prompt_lookup_num_tokens``), like for like.
+    """
     import transformers
 
     class Stamp(transformers.StoppingCriteria):
@@ -174,15 +190,17 @@ def runners(fz: GPT, hf: torch.nn.Module | None, idx: torch.Tensor, new: int, st
             return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
 
     stamp_each_forward(fz, stamps)
+    fz_kw = {"lookup_tokens": 0} if lookup == "off" else {"lookup_tokens": LOOKUP}
     out = {
-        "fromzero": lambda: fz.generate(idx, new, temperature=0.0),
-        "fromzero_prefill": lambda: fz.generate(idx, 1, temperature=0.0),
+        "fromzero": lambda: fz.generate(idx, new, temperature=0.0, **fz_kw),
+        "fromzero_prefill": lambda: fz.generate(idx, 1, temperature=0.0, **fz_kw),
     }
     if hf is not None:
         mask = torch.ones_like(idx)
         criteria = transformers.StoppingCriteriaList([Stamp()])
+        hf_kw = {"prompt_lookup_num_tokens": LOOKUP} if lookup == "both" else {}
         out["transformers"] = lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                                  stopping_criteria=criteria)
+                                                  stopping_criteria=criteria, **hf_kw)
         out["transformers_prefill"] = lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=1,
                                                           do_sample=False)
     return out
@@ -263,10 +281,14 @@ def main() -> None:
         torch.set_num_threads(threads[0])
         with torch.inference_mode():  # correctness first: same greedy tokens in fp32
             ref = hf32.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False)
-            got = fz32.generate(idx, new, temperature=0.0)
+            got = fz32.generate(idx, new, temperature=0.0, lookup_tokens=0)
             assert ref.shape == got.shape == (1, P + new), (ref.shape, got.shape)
             diff32 = first_difference(got, ref, P)
             assert diff32 is None, f"fp32 greedy tokens differ from transformers' from new token {diff32}"
+            diff32_lookup = first_difference(fz32.generate(idx, new, temperature=0.0, lookup_tokens=LOOKUP), ref, P)
+            assert diff32_lookup is None, f"fp32 lookup-decoded tokens differ from greedy from new token {diff32_lookup}"
+            diff16_lookup = first_difference(fz16.generate(idx, new, temperature=0.0, lookup_tokens=LOOKUP),
+                                             fz16.generate(idx, new, temperature=0.0, lookup_tokens=0), P)
             ref16 = hf16.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False)
             diff16 = first_difference(fz16.generate(idx, new, temperature=0.0), ref16, P)
         sample_text = None
@@ -283,12 +305,16 @@ def main() -> None:
                 with torch.inference_mode():  # compiles (minutes), and checks the tokens against eager
                     compiled_same[name] = torch.equal(compiled[name].generate(idx, new, temperature=0.0),
                                                       m.generate(idx, new, temperature=0.0))
-        cases = {"fp32": runners(fz32, hf32, idx, new, stamps), "bf16": runners(fz16, hf16, idx, new, stamps)}
+        cases = {}
+        for dtype, fz, hf in (("fp32", fz32, hf32), ("bf16", fz16, hf16)):
+            cases[dtype] = runners(fz, hf, idx, new, stamps)  # each library's default: the bar
+            cases[f"{dtype} no-lookup"] = runners(fz, hf, idx, new, stamps, "off")
+            cases[f"{dtype} lookup"] = runners(fz, hf, idx, new, stamps, "both")
         for name, m in compiled.items():
             cases[name] = runners(m, None, idx, new, stamps)
         if not args.no_quantized:
-            cases["int8-weight"] = runners(int8, None, idx, new, stamps)
-            cases["int4-weight"] = runners(int4, None, idx, new, stamps)
+            cases["int8-weight bf16"] = runners(int8, None, idx, new, stamps)
+            cases["int4-weight bf16"] = runners(int4, None, idx, new, stamps)
 
         blocks = []
         for n_threads in threads:
@@ -303,13 +329,17 @@ def main() -> None:
                         continue
                     row.update({
                         f"{side}_tok_s": new / med[f"{case}/{side}"],
-                        f"{side}_step_tok_s": 1 / statistics.median(steps[f"{case}/{side}"]),
+                        # A lookup pass yields several tokens: step figures only for one-token steps.
+                        f"{side}_step_tok_s": (1 / statistics.median(steps[f"{case}/{side}"])
+                                               if "no-lookup" in case or (side == "transformers" and " " not in case)
+                                               else None),
                         f"{side}_prefill_tok_s": P / med[f"{case}/{side}_prefill"],
                         f"{side}_round_s": [round(t, 3) for t in times[f"{case}/{side}"]],
                     })
                 if "transformers_tok_s" in row:
                     for what in ("", "step_", "prefill_"):
-                        row[f"{what}speedup"] = row[f"fromzero_{what}tok_s"] / row[f"transformers_{what}tok_s"]
+                        fz_v, tf_v = row[f"fromzero_{what}tok_s"], row[f"transformers_{what}tok_s"]
+                        row[f"{what}speedup"] = fz_v / tf_v if fz_v and tf_v else None
                 rows.append(row)
             for row in rows:  # compiled rows: against transformers (eager) in the same dtype
                 if row["case"] in compiled:
@@ -321,14 +351,20 @@ def main() -> None:
             blocks.append({"threads": n_threads, "rows": rows})
             print_block(blocks[-1], new, P, args.rounds, args.cpu_time)
 
-    bars = {f"{r['case']}_threads{r['threads']}": r["speedup"] for b in blocks for r in b["rows"] if "speedup" in r}
+    # The bar: each library's default generate (fromzero drafts by prompt lookup; see the rows
+    # "no-lookup" and "lookup" for plain-vs-plain and lookup-vs-lookup).
+    bars = {f"{r['case']}_threads{r['threads']}": r["speedup"] for b in blocks for r in b["rows"]
+            if r["case"] in ("fp32", "bf16")}
+    others = {f"{r['case']}_threads{r['threads']}": r["speedup"] for b in blocks for r in b["rows"]
+              if r.get("speedup") and r["case"] not in ("fp32", "bf16")}
     result = {
         "model": source, "prompt_tokens": P, "new_tokens": new, "rounds": args.rounds,
         "clock": "thread CPU time" if args.cpu_time else "wall", "torch": torch.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "transformers": transformers.__version__, "transformers_attn": hf32.config._attn_implementation,
         "fp32_identical_tokens": diff32 is None, "bf16_first_different_token": diff16,
-        "sample_continuation": sample_text, "compiled_rows": bool(compiled), "blocks": blocks, "bar": 1.5, "speedups": bars,
+        "sample_continuation": sample_text, "compiled_rows": bool(compiled), "blocks": blocks, "bar": 1.5, "speedups": bars, "other_speedups": others,
+        "fp32_lookup_identical_tokens": diff32_lookup is None, "bf16_lookup_first_different_token": diff16_lookup,
         "passes_bar": all(v >= 1.5 for v in bars.values()),
     }
     out = Path(args.out)
@@ -336,6 +372,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"fp32 greedy tokens identical to transformers: yes; bf16: "
           f"{'identical' if diff16 is None else f'first difference at new token {diff16}'}")
+    print(f"prompt-lookup decoding == one-token greedy steps: fp32 yes; bf16: "
+          f"{'identical' if diff16_lookup is None else f'first difference at new token {diff16_lookup}'}")
     if sample_text is not None:
         print(f"continuation (first 40 tokens): {sample_text!r}")
     print(f"wrote {out}")
@@ -348,14 +386,15 @@ def print_block(block: dict, new: int, P: int, rounds: int, cpu_time: bool) -> N
     print("  generate: new tokens / time of the whole call; step: 1 / median time of one decoding step; "
           "prefill: prompt tokens / time of a 1-token call")
     cols = [("generate", ""), ("step", "step_"), ("prefill", "prefill_")]
-    print(f"{'case':<13}" + "".join(f"{name + ' fz':>13}{name + ' tf':>13}{'ratio':>7}" for name, _ in cols))
+    print(f"{"case":<16}" + "".join(f"{name + ' fz':>13}{name + ' tf':>13}{'ratio':>7}" for name, _ in cols))
     for r in block["rows"]:
-        line = f"{r['case']:<13}"
+        line = f"{r['case']:<16}"
         for _, key in cols:
             fz, tf = r[f"fromzero_{key}tok_s"], r.get(f"transformers_{key}tok_s")
             vs_eager = r.get(f"{key}speedup_vs_transformers_eager")
-            ratio = f"{r[key + 'speedup']:>6.2f}x" if tf else (f"{vs_eager:>6.2f}x" if vs_eager else f"{'-':>7}")
-            line += f"{fz:>13.1f}" + (f"{tf:>13.1f}" if tf else f"{'-':>13}") + ratio
+            ratio = (f"{r[key + 'speedup']:>6.2f}x" if fz and tf else
+                     (f"{vs_eager:>6.2f}x" if vs_eager else f"{'-':>7}"))
+            line += (f"{fz:>13.1f}" if fz else f"{'-':>13}") + (f"{tf:>13.1f}" if tf else f"{'-':>13}") + ratio
         print(line)
     if any("same_tokens_as_eager" in r for r in block["rows"]):
         print("  compiled rows: ratio against transformers (eager) in the same dtype")

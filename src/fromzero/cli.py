@@ -337,6 +337,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise FromzeroError("--top-k must be positive")
     if args.num_samples <= 0:
         raise FromzeroError("--num-samples must be positive")
+    if args.lookup_tokens < 0:
+        raise FromzeroError("--lookup-tokens must be >= 0 (0 = one token per forward pass)")
     if not args.chat and (args.system is not None or args.chat_template):
         raise FromzeroError("--system and --chat-template go with --chat")
     prompt = args.prompt
@@ -363,6 +365,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out = model.generate(
         idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, eos_id=stop_ids, generator=generator, use_cache=not args.no_cache,
+        lookup_tokens=args.lookup_tokens,
     )
     for i, row in enumerate(out.tolist()):
         new = row[len(ids):]
@@ -394,7 +397,7 @@ def _generate_chat(args: argparse.Namespace, prompt: str) -> int:
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, eos_id=list(chat.stop_ids), generator=generator,
-                         use_cache=not args.no_cache)
+                         use_cache=not args.no_cache, lookup_tokens=args.lookup_tokens)
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
@@ -589,6 +592,11 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
                      help="--chat: a Jinja chat template to use instead of the checkpoint's own (default: the "
                      "checkpoint's chat_template.jinja / tokenizer_config.json, else its SFT template)" + _OWN_DEFAULT)
     gen.add_argument("--no-cache", action="store_true", help="recompute attention over the whole context each step (slower; for checking)")
+    gen.add_argument("--lookup-tokens", type=int, default=8,
+                     help="greedy decoding (--temperature 0) of one sample: draft up to this many tokens by prompt "
+                     "lookup (what followed the last few tokens where they occurred before) and check them in one "
+                     "forward pass; same tokens in fp32, fewer passes when text repeats (its prompt, code, lists). "
+                     "0 = one token per pass")
     gen.set_defaults(func=_cmd_generate)
 
     # chat

@@ -128,6 +128,30 @@ def test_quantized_linear_computes_its_dequantized_weight(kind: str) -> None:
     assert rel_error(y, exact) < (0.02 if kind.startswith("int8") else 0.1)
 
 
+@pytest.mark.parametrize("kind", ["int8-weight", "int4-weight"])
+@pytest.mark.parametrize("rows", [1, 5, 200])
+def test_bf16_decoding_kernels_match_the_generic_path(kind: str, rows: int) -> None:
+    """bf16 activations with few rows run PyTorch's packed int8 / int4 CPU kernels (decoding);
+    they give the generic dequantize-then-matmul result up to bf16 rounding, biases included,
+    and a .to() / deepcopy rebuilds their packed copy instead of carrying a stale one."""
+    import copy
+
+    torch.manual_seed(1)
+    float_layer = _linear(torch.randn(96, 128) * 0.1)
+    layer = (Int4WeightLinear.from_linear(float_layer, 64) if kind == "int4-weight"
+             else Int8WeightLinear.from_linear(float_layer))
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(rows, 128).to(torch.bfloat16)
+    w_ref = layer.dequantized_weight().float() if kind == "int8-weight" else layer.dequantized_weight(torch.float32)
+    reference = F.linear(x.float(), w_ref, layer.bias.float())
+    with torch.no_grad():
+        y = layer(x)
+        y_copy = copy.deepcopy(layer)(x[None])[0]
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 96)
+    assert rel_error(y.float(), reference) < 0.01
+    torch.testing.assert_close(y_copy, y)
+
+
 def test_int8_embedding_rows_and_bf16_inputs() -> None:
     torch.manual_seed(0)
     table = nn.Embedding(30, 16, padding_idx=0)

@@ -183,6 +183,11 @@ def test_generate_with_and_without_kv_cache_agree(run, cli):
     assert cached.code == uncached.code == 0
     assert cached.out == uncached.out
     assert len(cached.out) == len(PROMPT) + 30 + 1
+    # Inside the window, prompt-lookup drafts (default 8) give the one-token-per-pass text.
+    short = args[:-3] + ("10", "--temperature", "0")
+    assert cli(*short).out == cli(*short, "--lookup-tokens", "0").out == cli(*short, "--no-cache").out
+    bad = cli(*short, "--lookup-tokens", "-1")
+    assert bad.code == 2 and "--lookup-tokens" in bad.err
 
 
 def test_console_script_generate_matches_in_process(run, cli, console_script):
@@ -206,7 +211,7 @@ def test_console_script_generate_matches_in_process(run, cli, console_script):
                         "--train.lr (default: 0.001)  Peak learning rate",
                         "--model.n_layer (default: 12)", "--data.dir", "--device"]),
         (["generate"], ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
-                        "--top-p", "--seed", "--num-samples", "--no-cache"]),
+                        "--top-p", "--seed", "--num-samples", "--no-cache", "--lookup-tokens"]),
         (["data", "prepare"], ["--corpus", "--tokenizer", "--out", "--force", "--quiet"]),
         (["tokenizer", "train"], ["--corpus", "--vocab-size", "--out"]),
     ],

@@ -128,7 +128,7 @@ def test_target_logits_only_gives_same_loss_and_gradients() -> None:
     for (name, a), (_, b) in zip(full.named_parameters(), sparse.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
     none, zero = sparse(idx, torch.full_like(targets, -100), target_logits_only=True)
-    assert none.shape == (0, V) and float(zero) == 0.0 and zero.requires_grad
+    assert none.shape == (0, V) and float(zero.detach()) == 0.0 and zero.requires_grad
 
 
 def test_sequence_longer_than_block_size_raises() -> None:
@@ -376,6 +376,47 @@ def test_generate_sampling_cache_equals_no_cache(B, T, new, top_k, top_p) -> Non
     assert torch.equal(a, b)
     if new >= 8:  # a sampled continuation is not one repeated token
         assert len(set(a[:, T:].flatten().tolist())) >= 3
+
+
+def test_ngram_index_drafts_what_followed_the_latest_earlier_match() -> None:
+    from fromzero.models.gpt import NgramIndex
+
+    seq = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    index = NgramIndex(seq)
+    # The tail (2, 3) [and (5, 2, 3)] occurred before; the latest earlier "2 3" is followed by 7 8.
+    assert index.draft(seq, 3) == [7, 8, 5]
+    seq.append(4)  # a token never seen: no draft, not even from its own occurrence
+    index.add(seq)
+    assert index.draft(seq, 3) == []
+    seq += [1, 2, 3]  # the longest match wins: (1, 2, 3) last seen at 4..6 -> 7, 8
+    index.add(seq)
+    assert index.draft(seq, 2) == [7, 8] and index.draft(seq, 0) == []
+
+
+@pytest.mark.parametrize("T,new,lookup", [(6, 40, 8), (6, 9, 3), (BS - 12, 12, 4), (1, 30, 1)])
+def test_generate_with_prompt_lookup_gives_the_greedy_tokens(T: int, new: int, lookup: int) -> None:
+    """Prompt-lookup drafts change how many positions a pass computes, never the tokens; a
+    tiny greedy model falls into a loop, so drafts get accepted and passes are saved."""
+    model = tiny_model(seed=4, sharpen=6.0, block_size=64)
+    idx = tokens(1, T, seed=5)
+    plain = model.generate(idx, new, temperature=0.0, lookup_tokens=0)
+    passes = [0]
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        passes[0] += 1
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    fast = model.generate(idx, new, temperature=0.0, lookup_tokens=lookup)
+    assert torch.equal(fast, plain) and fast.shape == (1, T + new)
+    if new >= 30:
+        assert passes[0] < new  # some drafts were accepted
+    # An eos inside an accepted draft ends the sequence there, as plain decoding does.
+    eos = int(plain[0, T + new // 2])
+    first = T + plain[0, T:].tolist().index(eos)
+    stopped = model.generate(idx, new, temperature=0.0, eos_id=eos, lookup_tokens=lookup)
+    assert torch.equal(stopped, plain[:, : first + 1])
 
 
 def test_generate_seed_reproducibility() -> None:

@@ -362,6 +362,7 @@ class GPT(nn.Module):
         eos_id: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        lookup_tokens: int | None = None,
     ) -> torch.Tensor:
         """Continue each row of ``idx`` (B, T) by up to ``max_new_tokens`` sampled tokens.
 
@@ -377,9 +378,24 @@ class GPT(nn.Module):
         stale, so from there on each step recomputes the cropped window, exactly as the
         uncached path does (both paths always produce the same tokens; the cache speeds up
         generation inside the window).
+
+        ``lookup_tokens`` (greedy decoding of one row with the cache; default
+        :data:`DEFAULT_LOOKUP_TOKENS`, 0 turns it off): prompt-lookup speculation. When the
+        last few tokens occurred before in the sequence, the tokens that followed them then are
+        proposed as a draft and checked in one forward pass; every draft token the model would
+        have picked itself is kept, plus the model's own next token. The tokens are the ones
+        plain greedy decoding gives (the draft only decides how many positions one pass
+        computes), and a pass over a handful of positions reads the weights once, as a
+        one-token step does, so on memory-bound hardware each accepted draft token is almost
+        free. See :func:`lookup_draft`.
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError("idx must be a non-empty (batch, time) tensor of token ids")
+        if lookup_tokens is None:
+            lookup_tokens = DEFAULT_LOOKUP_TOKENS
+        if (lookup_tokens > 0 and temperature == 0 and use_cache and idx.size(0) == 1 and max_new_tokens > 0
+                and idx.size(1) + max_new_tokens <= self.config.block_size):
+            return self._generate_lookup(idx, max_new_tokens, eos_id, lookup_tokens)
         was_training = self.training
         self.eval()
         if idx.device.type == "cpu" and not was_training:
@@ -415,6 +431,94 @@ class GPT(nn.Module):
                 break
         self.train(was_training)
         return idx
+
+    @torch.no_grad()
+    def _generate_lookup(
+        self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | Sequence[int] | None, lookup_tokens: int
+    ) -> torch.Tensor:
+        """Greedy decoding of one row with prompt-lookup drafts (see :meth:`generate`).
+
+        Each pass feeds the last accepted token plus a draft of up to ``lookup_tokens`` tokens
+        (positions L .. L+K), takes the model's greedy choice at every position, keeps the
+        draft's longest prefix that agrees with those choices and then the model's own choice
+        after it. The cache is rolled back over the rejected positions (their entries are
+        overwritten later). The whole sequence fits the context (checked by the caller), so no
+        position ever shifts.
+        """
+        was_training = self.training
+        self.eval()
+        if idx.device.type == "cpu" and not was_training:
+            self.use_decode_layout(True)
+        stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or [])
+        tokens = idx[0].tolist()
+        target = len(tokens) + max_new_tokens
+        cache = self.new_kv_cache(1, target)
+        logits, _ = self(idx, kv_cache=cache, last_only=True)  # the prefill
+        next_id = int(logits[0, -1].argmax())
+        index = NgramIndex(tokens)
+        while True:
+            tokens.append(next_id)
+            index.add(tokens)
+            if next_id in stops or len(tokens) >= target:
+                break
+            # The cache holds every token but the newest; the pass adds it and the draft.
+            draft = index.draft(tokens, min(lookup_tokens, target - len(tokens) - 1))
+            feed = torch.tensor([[next_id, *draft]], dtype=torch.long, device=idx.device)
+            logits, _ = self(feed, kv_cache=cache)
+            choices = logits[0].argmax(dim=-1).tolist()  # the greedy pick after each fed token
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == choices[accepted]:
+                accepted += 1
+            cache.length -= len(draft) - accepted  # forget the rejected draft positions
+            for token in draft[:accepted]:
+                tokens.append(token)
+                index.add(tokens)
+                if token in stops:
+                    break
+            if tokens[-1] in stops:
+                break
+            next_id = choices[accepted]
+        self.train(was_training)
+        return torch.tensor([tokens], dtype=idx.dtype, device=idx.device)
+
+
+# Draft length of prompt-lookup decoding (GPT.generate's default lookup_tokens).
+DEFAULT_LOOKUP_TOKENS = 8
+
+
+class NgramIndex:
+    """Where each n-gram (n = 1 .. max_n) of a token sequence last occurred, for prompt lookup.
+
+    :meth:`draft` proposes the tokens that followed the most recent earlier occurrence of the
+    sequence's last n tokens, trying the longest n first (a longer match predicts better).
+    Updated incrementally: adding a token costs O(max_n).
+    """
+
+    def __init__(self, tokens: list[int], max_n: int = 3, min_n: int = 1) -> None:
+        self.max_n, self.min_n = max_n, min_n
+        self.next_after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after it
+        self.pending: dict[tuple[int, ...], int] = {}  # n-grams ending at the last token
+        self.size = 0
+        self.add(tokens)
+
+    def add(self, tokens: list[int]) -> None:
+        """Index the tokens appended since the last call."""
+        while self.size < len(tokens):
+            # The n-grams ending just before this token now have a follower: publish them.
+            self.next_after.update(self.pending)
+            self.size += 1
+            end = self.size
+            self.pending = {tuple(tokens[end - n:end]): end for n in range(self.min_n, self.max_n + 1) if end >= n}
+
+    def draft(self, tokens: list[int], k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier match of the sequence's tail."""
+        if k <= 0:
+            return []
+        for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
+            start = self.next_after.get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start:start + k]
+        return []
 
 
 def build_from_config(config: dict) -> GPT:
