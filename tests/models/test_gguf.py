@@ -436,6 +436,9 @@ def test_tokenizer_config_template_and_dtype(tiny_tokenizer, tmp_path: Path) -> 
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))  # transformers reads it too
     assert (hf_tok.bos_token, hf_tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    # AutoTokenizer reads config.json as well (our "rope_scaling" string once broke it).
+    auto_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert auto_tok("the mill", add_special_tokens=False).input_ids == tok.encode("the mill")
     assert hf_tok("the mill <|im_end|>", add_special_tokens=False).input_ids == tok.encode("the mill <|im_end|>")
     assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                       add_generation_prompt=True) == template.prompt_text([{"role": "user", "content": "hi"}])

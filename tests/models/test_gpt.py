@@ -74,6 +74,17 @@ def test_config_dict_round_trip() -> None:
 # Structure and initialisation
 
 
+def test_config_reads_the_old_rope_scaling_key() -> None:
+    """config.json says rope_scaling_type (transformers owns "rope_scaling"); older checkpoints
+    said rope_scaling and still load."""
+    c = tiny_config(pos_embedding="rope", rope_scaling="linear", rope_scaling_factor=2.0)
+    d = c.to_dict()
+    assert d["rope_scaling_type"] == "linear" and "rope_scaling" not in d
+    old = dict(d)
+    old["rope_scaling"] = old.pop("rope_scaling_type")
+    assert GPTConfig.from_dict(old) == GPTConfig.from_dict(d) == c
+
+
 def test_output_shapes() -> None:
     model = tiny_model()
     idx = tokens(3, 11)

@@ -165,10 +165,19 @@ class GPTConfig:
         return self.n_kv_head or self.n_head
 
     def to_dict(self) -> dict:
-        return {"model_type": "fromzero-gpt", **asdict(self)}
+        """config.json's contents. ``rope_scaling`` is stored as ``rope_scaling_type``:
+        transformers reads a checkpoint folder's config.json (``AutoTokenizer.from_pretrained``
+        does too) and takes a ``rope_scaling`` key for its own dict of RoPE parameters."""
+        d = asdict(self)
+        d["rope_scaling_type"] = d.pop("rope_scaling")
+        return {"model_type": "fromzero-gpt", **d}
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        """Inverse of :meth:`to_dict`; also reads checkpoints written before the rename."""
+        d = dict(d)
+        if "rope_scaling_type" in d:
+            d["rope_scaling"] = d.pop("rope_scaling_type")
         fields = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in fields})
 
