@@ -386,7 +386,7 @@ def print_block(block: dict, new: int, P: int, rounds: int, cpu_time: bool) -> N
     print("  generate: new tokens / time of the whole call; step: 1 / median time of one decoding step; "
           "prefill: prompt tokens / time of a 1-token call")
     cols = [("generate", ""), ("step", "step_"), ("prefill", "prefill_")]
-    print(f"{"case":<16}" + "".join(f"{name + ' fz':>13}{name + ' tf':>13}{'ratio':>7}" for name, _ in cols))
+    print(f"{'case':<16}" + "".join(f"{name + ' fz':>13}{name + ' tf':>13}{'ratio':>7}" for name, _ in cols))
     for r in block["rows"]:
         line = f"{r['case']:<16}"
         for _, key in cols:
