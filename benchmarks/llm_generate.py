@@ -158,7 +158,11 @@ class Stamps(list):
 
 
 def stamp_each_forward(model: GPT, stamps: Stamps) -> None:
-    """Make every forward pass of ``model`` (one per generated token) record a reading."""
+    """Make every forward pass of ``model`` (one per generated token) record a reading (once per
+    model: several cases share one model)."""
+    if getattr(model, "_stamped", False):
+        return
+    model._stamped = True
     forward = model.forward
 
     def stamped(*args, **kwargs):
