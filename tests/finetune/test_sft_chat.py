@@ -193,3 +193,9 @@ def test_short_run_learns_and_saves_a_chat_checkpoint(cli, chat: SimpleNamespace
     assert result.code == 0, result.err
     # evaluate computes in bf16 where the CPU has fast bf16 (the run used float32)
     assert json.loads(result.out)["loss"] == pytest.approx(info["val"]["loss"], rel=0.02)
+    # merge-lora keeps the template files: the merged model still chats and exports with its template
+    merged = tmp_path / "merged"
+    assert cli("merge-lora", "--checkpoint", best, "--out", merged).code == 0
+    for name in ("chat_template.jinja", "tokenizer_config.json", "tokenizer.json", "model.safetensors"):
+        assert (merged / name).is_file(), name
+    assert checkpoint_chat_template(merged).source == template.source

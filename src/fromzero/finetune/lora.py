@@ -251,6 +251,13 @@ def merge_lora(directory: Path, out: Path, force: bool = False) -> Path:
     info = read_json(directory / INFO_FILE, "adapter info")
     info = {k: v for k, v in info.items() if k != "adapter"} | {"merged_from": str(directory.resolve())}
     tokenizer = directory / TOKENIZER_FILE
-    save_checkpoint(out, model, read_json(directory / CONFIG_FILE, "model config"),
-                    tokenizer_file=tokenizer if tokenizer.is_file() else None, info=info)
+    # A chat model's template files (chat_template.jinja, tokenizer_config.json) come along, so
+    # the merged model still chats and `convert to-gguf` can store its template.
+    from fromzero.finetune.sft import TEMPLATE_FILES, save_with_template_files
+
+    has_template = any((directory / name).is_file() for name in TEMPLATE_FILES)
+    save_with_template_files(
+        out, lambda d: save_checkpoint(d, model, read_json(directory / CONFIG_FILE, "model config"),
+                                       tokenizer_file=tokenizer if tokenizer.is_file() else None, info=info),
+        directory if has_template else None)
     return out
