@@ -90,7 +90,7 @@ def run_llama(python: str, spec: dict) -> dict:
     proc = subprocess.run([python, "-c", CHILD], input=json.dumps(spec), capture_output=True, text=True,
                           timeout=3600)
     if proc.returncode != 0:
-        raise SystemExit(f"llama.cpp child failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"llama.cpp child failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}\n{proc.stdout[-1000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
