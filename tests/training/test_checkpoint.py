@@ -518,3 +518,25 @@ def test_atomic_write_failure_keeps_old_file(tmp_path: Path, monkeypatch: pytest
     monkeypatch.undo()
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_outputs_written_atomically_follow_the_umask(tmp_path: Path, umask: int, dir_mode: int,
+                                                     file_mode: int) -> None:
+    """Temp files and directories are private when created; renamed into place they must have
+    the modes plain open()/mkdir() give, so other users of a shared machine can read runs."""
+    from fromzero.files import temp_dir_beside, temp_file_beside
+
+    old = os.umask(umask)
+    try:
+        save(tmp_path / "ckpt", tiny_model())
+        ckpt.atomic_write_bytes(tmp_path / "metrics.json", b"{}")
+        fd, name = temp_file_beside(tmp_path / "x", ".x.")
+        os.close(fd)
+        made = temp_dir_beside(tmp_path / "y", ".y.")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "ckpt") == mode(made) == dir_mode
+    files = [p for p in (tmp_path / "ckpt").iterdir()] + [tmp_path / "metrics.json", Path(name)]
+    assert {p.name: mode(p) for p in files} == {p.name: file_mode for p in files}

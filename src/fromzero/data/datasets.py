@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from fromzero.files import temp_dir_beside
 from fromzero.data.corpora import fetch_shakespeare, shakespeare_files
 from fromzero.errors import FromzeroError
 
@@ -266,7 +267,7 @@ def write_digits_imagefolder(out_dir: Path, seed: int = 0, force: bool = False) 
     classes = [str(c) for c in range(10)]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir, f".{out_dir.name}.tmp-")
     try:
         meta: dict[str, Any] = {
             "source": "sklearn.datasets.load_digits",

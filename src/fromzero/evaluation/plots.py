@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fromzero.files import temp_file_beside
 from fromzero.errors import FromzeroError
 
 
@@ -74,7 +74,7 @@ def plot_confusion_matrix(
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_file_beside(path, f".{path.name}.")
         try:
             with os.fdopen(fd, "wb") as f:
                 fig.savefig(f, format="png")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from fromzero.files import temp_dir_beside
 from fromzero.errors import FromzeroError
 
 FORMATS = ("onnx",)
@@ -453,7 +453,7 @@ def export_onnx(
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+        tmp = temp_dir_beside(out, f".tmp-{out.name}-")
     except OSError as e:
         raise _disk_error(e, out) from None
     try:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fromzero.files import temp_file_beside
 from fromzero.errors import FromzeroError, first_line
 
 Tensor = torch.Tensor
@@ -751,7 +751,7 @@ def convert_to_gguf(src: str | Path, out: str | Path, qtype: str = "f16", force:
     del hf_state
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp_name = temp_file_beside(out, f".{out.name}.")
     os.close(fd)
     tmp = Path(tmp_name)
     counts: dict[str, int] = {}

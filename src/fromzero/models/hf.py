@@ -24,12 +24,12 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from fromzero.files import temp_dir_beside
 from fromzero.errors import FromzeroError, first_line
 
 # family converter modules; each lists the HF model types it reads (see module docstring)
@@ -224,7 +224,7 @@ def _write_dir(out: Path, config: dict, state: dict[str, torch.Tensor], tokenize
     from fromzero.training.checkpoint import commit_directory, write_safetensors
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    tmp = temp_dir_beside(out, f".tmp-{out.name}-")
     try:
         tmp.chmod(0o755)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

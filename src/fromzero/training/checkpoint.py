@@ -20,7 +20,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from fromzero.files import temp_dir_beside, temp_file_beside
 from fromzero.errors import FromzeroError, first_line
 
 MODEL_FILE = "model.safetensors"
@@ -89,7 +89,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file + fsync + rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -198,7 +198,7 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
     disk or another OS error becomes a one-line FromzeroError."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    tmp = temp_dir_beside(directory, f".tmp-{directory.name}-")
     try:
         yield tmp
         commit_directory(tmp, directory)

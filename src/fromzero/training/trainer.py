@@ -19,13 +19,13 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from fromzero.files import temp_dir_beside
 from fromzero import __version__
 from fromzero.config import PretrainConfig, save_yaml, to_dict
 from fromzero.errors import FromzeroError, first_line
@@ -378,7 +378,7 @@ class Pretrainer:
         tmp = ""
         if self.ctx.is_main:
             directory.parent.mkdir(parents=True, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent)
+            tmp = str(temp_dir_beside(directory, f".tmp-{directory.name}-"))
         tmp_dir = Path(broadcast_text(tmp, self.ctx))
         trainer_state = self.trainer_state() if with_trainer_state else None
         optimizer = self.optimizer if with_trainer_state and self.optimizer.state else None
