@@ -25,7 +25,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults after every option and keep the hand-written layout of descriptions."""
+    """Show defaults after every option and keep the hand-written layout of descriptions.
+
+    A help text that already says "(default: ...)" in words keeps its own wording: no second,
+    machine-made "(default: None)" after it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 # Appended to a help text that states its default in words: formats to nothing, and stops the
@@ -688,7 +697,9 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
             epilog=_finetune_epilog() if with_finetune_help else None,
         )
         ft.add_argument("--config", help="recipe YAML (e.g. recipes/genre-minilm.yaml)")
-        ft.add_argument("--task", help="text-classification | sft | image-classification (None: the recipe's task)")
+        from fromzero.finetune.recipe import TASKS
+
+        ft.add_argument("--task", help=f"{' | '.join(TASKS)} (default: the recipe's task)")
         if name == "crossval":
             ft.add_argument("--folds", type=int, default=5, help="number of folds K (>= 2)")
         ft.add_argument("--force", action="store_true", help="replace the files of an existing run directory")
