@@ -190,6 +190,38 @@ def test_bert_encoder_exports_sentence_embeddings(bert_base: Path, tmp_path: Pat
         assert_matches(run_onnx(result.path, encode(sentences)), expected)
 
 
+def test_the_sidecar_tokenizer_recipe_gives_the_embeddings_with_a_padding_tokenizer(bert_base: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Follow the sidecar's tokenizer note word for word with a tokenizer.json that pads every
+    text to a fixed length (as MiniLM's does): ids + its attention_mask (+ type ids) through
+    onnxruntime give `fromzero embed`'s vectors; a mask of ones would not."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from fromzero.models.bert import embed_checkpoint
+
+    padded = tmp_path / "padded"
+    shutil.copytree(bert_base, padded)
+    tok = Tokenizer.from_file(str(padded / "tokenizer.json"))
+    tok.enable_padding(length=24, pad_id=0, pad_token=VOCAB[0])
+    tok.save(str(padded / "tokenizer.json"))
+    result = export_onnx(padded, tmp_path / "embed.onnx")
+    side = json.loads(sidecar_path(result.path).read_text())
+    note = side["tokenizer_note"]
+    assert "attention_mask = enc.attention_mask" in note and "never a mask of ones" in note
+    encs = Tokenizer.from_file(side["tokenizer"]).encode_batch(SENTENCES)
+    feeds = {"input_ids": torch.tensor([e.ids for e in encs]),
+             "attention_mask": torch.tensor([e.attention_mask for e in encs])}
+    if any(i.name == "token_type_ids" for i in result.inputs):
+        feeds["token_type_ids"] = torch.tensor([e.type_ids for e in encs])
+    assert feeds["input_ids"].shape == (len(SENTENCES), 24)
+    expected = torch.tensor(embed_checkpoint(bert_base, SENTENCES))
+    assert_matches(run_onnx(result.path, feeds), expected)
+    ones = dict(feeds, attention_mask=torch.ones_like(feeds["attention_mask"]))
+    assert (torch.from_numpy(run_onnx(result.path, ones)) - expected).abs().max() > 10 * ATOL
+
+
 def test_lora_adapter_checkpoint_exports_merged(bert_base: Path, ckpts: Path, tmp_path: Path) -> None:
     from fromzero.finetune.lora import apply_lora, load_base, save_adapter
     from fromzero.finetune.methods import MethodConfig
