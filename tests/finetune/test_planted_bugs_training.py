@@ -286,12 +286,9 @@ ACCUM_CASES = [
     pytest.param(EQUAL_RESPONSES, 48, 4, 3, id="equal-micro-batches"),
     # the classic bug, averaging micro-batch averages: the loss of a step is the mean over its
     # target tokens, so micro-batches with more tokens must weigh more
-    pytest.param(UNEQUAL_RESPONSES, 48, 4, 3, id="unequal-token-counts", marks=pytest.mark.xfail(
-        strict=True, reason="bug: Finetuner divides each micro-batch's mean loss by grad_accum instead of "
-                            "weighting micro-batches by their target tokens")),
+    pytest.param(UNEQUAL_RESPONSES, 48, 4, 3, id="unequal-token-counts"),
     # 48 = 4 x (5 + 5) + (5 + 3): the last micro-batch of the epoch is short
-    pytest.param(EQUAL_RESPONSES, 48, 5, 2, id="short-last-micro-batch", marks=pytest.mark.xfail(
-        strict=True, reason="bug: Finetuner gives the short last micro-batch the weight of a full one")),
+    pytest.param(EQUAL_RESPONSES, 48, 5, 2, id="short-last-micro-batch"),
 ]
 
 

@@ -224,9 +224,21 @@ class Finetuner:
         trained_modules: list[nn.Module] | None = None,
         forward: nn.Module | None = None,
         ctx: DistContext | None = None,
+        weight_by: str = "samples",
     ) -> None:
         """forward: what the training step calls (e.g. the compiled model; default ``model``);
-        loss_fn receives it (wrapped in DistributedDataParallel under ddp)."""
+        loss_fn receives it (wrapped in DistributedDataParallel under ddp).
+
+        weight_by: what a step's loss is the mean over, across its micro-batches and ranks:
+        ``samples`` (classification, preference pairs) or ``tokens`` (SFT: the reply tokens).
+        loss_fn returns a mean over its micro-batch; each micro-batch's gradient is weighted by
+        its count of samples (tokens) and the sum divided by the step's total, so a step with
+        gradient accumulation (or N ranks) is the step one big batch would take, even when
+        micro-batches hold different numbers of tokens or the last one is short. (A plain
+        ``loss / grad_accum`` would give every micro-batch the same weight.)"""
+        if weight_by not in ("samples", "tokens"):
+            raise ValueError(f"weight_by must be samples or tokens, got {weight_by!r}")
+        self.weight_by = weight_by
         self.model, self.cfg, self.device, self.dtype = model, cfg, device, dtype
         self.loss_fn, self.evaluate, self.logger = loss_fn, evaluate, logger
         self.monitor, self.higher_is_better = monitor, higher_is_better
@@ -313,16 +325,20 @@ class Finetuner:
             for epoch in range(1, cfg.epochs + 1):
                 set_train_mode(self.model, self.trained_modules)
                 self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an incomplete group
-                micro, group_loss = 0, 0.0
+                micro, group_loss, group_weight = 0, 0.0, 0
                 evaluated_at = -1
                 for batch in rank_micro_batches(batches(epoch), self.ctx):
                     micro_loss, n_samples, n_tokens = self._micro_step(batch, micro, step)
-                    group_loss += micro_loss
+                    weight = n_tokens if self.weight_by == "tokens" else n_samples
+                    group_loss += micro_loss * weight
+                    group_weight += weight
                     micro += 1
                     samples += n_samples * world
                     if micro % cfg.grad_accum:
                         continue
-                    loss, group_loss = group_loss / cfg.grad_accum, 0.0  # the step's mean loss
+                    loss = group_loss / max(group_weight, 1)  # the step's mean loss (this rank's weights)
+                    self._scale_gradients(group_weight)
+                    group_loss, group_weight = 0.0, 0
                     self._optimizer_step()
                     lr = self.optimizer.param_groups[0]["lr"]
                     scheduler.step()
@@ -384,8 +400,28 @@ class Finetuner:
             raise FromzeroError(f"loss became {value} at step {step + 1}: lower lr (now {self.cfg.lr}) or check the data")
         if self.cfg.l1 and self.l1_params:
             loss = loss + self.cfg.l1 * l1_penalty(self.l1_params)
-        (loss / self.cfg.grad_accum).backward()
+        # A sum weighted by the micro-batch's count; _scale_gradients divides by the step's total.
+        (loss * (n_tokens if self.weight_by == "tokens" else n_samples)).backward()
         return value, n_samples, n_tokens
+
+    def _scale_gradients(self, local_weight: int) -> None:
+        """Turn the accumulated weighted sum of gradients into the step's mean: divide by the
+        total weight of the step's micro-batches on every rank. DDP has already averaged the
+        gradients over ranks (divided by N), hence the factor N over the global total."""
+        total = float(local_weight)
+        if self.ctx.world_size > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(total, device=self.device, dtype=torch.float64)
+            dist.all_reduce(t)
+            total = float(t) / self.ctx.world_size
+        if total <= 0:  # nothing carried loss (e.g. every reply truncated away): no update
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        scale = 1.0 / total
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
 
     def _optimizer_step(self) -> None:
         if self.cfg.grad_clip:

@@ -302,7 +302,8 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
     logger = MetricsLogger(run_dir) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
-                              logger=logger, trained_modules=trained_modules, forward=forward, ctx=ctx)
+                              logger=logger, trained_modules=trained_modules, forward=forward, ctx=ctx,
+                              weight_by="tokens")  # the loss is a mean over reply tokens
         fit = finetuner.fit(lambda epoch: train_loader, len(train_loader))
         test = response_loss(forward, eval_loaders["test"], device, autocast)
         logger.log({"step": fit.steps, "test_loss": test["loss"], "test_perplexity": test["perplexity"]})
