@@ -231,7 +231,14 @@ def load_adapter_model(directory: Path) -> nn.Module:
     except Exception as e:  # missing or corrupt file
         raise FromzeroError(f"cannot read {directory / ADAPTER_WEIGHTS}: {first_line(e)}") from None
     state = from_hf_adapter_state(state, names, str(directory))
-    result = set_peft_model_state_dict(peft_model, state)
+    try:
+        result = set_peft_model_state_dict(peft_model, state)
+    except KeyError as e:  # peft looks up modules_to_save tensors (a head) by name
+        raise FromzeroError(f"{directory / ADAPTER_WEIGHTS}: missing tensor {e} (an incomplete or "
+                            "mismatched adapter)") from None
+    except RuntimeError as e:  # shapes that do not fit adapter_config.json (its r, its targets)
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
+        raise FromzeroError(f"{directory / ADAPTER_WEIGHTS} does not fit {ADAPTER_CONFIG}: {detail}") from None
     if result.unexpected_keys:
         raise FromzeroError(f"{directory / ADAPTER_WEIGHTS}: unexpected tensors {result.unexpected_keys[:3]}")
     with torch.no_grad():
