@@ -294,7 +294,7 @@ def main() -> None:
             diff16_lookup = first_difference(fz16.generate(idx, new, temperature=0.0, lookup_tokens=LOOKUP),
                                              fz16.generate(idx, new, temperature=0.0, lookup_tokens=0), P)
             ref16 = hf16.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False)
-            diff16 = first_difference(fz16.generate(idx, new, temperature=0.0), ref16, P)
+            diff16 = first_difference(fz16.generate(idx, new, temperature=0.0, lookup_tokens=0), ref16, P)
         sample_text = None
         if not args.random:
             from fromzero.data.tokenizers import TextTokenizer
