@@ -69,6 +69,49 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(cli, make_recipe, t
     assert json.loads((tmp_path / "s" / "best_params.json").read_text())["best_params"] == {"model.n_head": 2}
 
 
+def test_ctrl_c_stops_the_search_and_the_same_command_continues_it(cli, make_recipe, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in trial 1: that trial is recorded failed as interrupted (never complete with a
+    partial value), the search stops with exit 130, the next run neither counts it nor a trial
+    killed with the process, gives the killed one a reason, and draws new parameters."""
+    import optuna
+
+    from fromzero.training import trainer
+
+    recipe = make_recipe(train={"max_iters": 6, "eval_interval": 3, "lr_decay_iters": 6}, tune={"space": SPACE})
+    out = tmp_path / "s"
+    entered = [0]
+    real_enter = trainer.StopRequest.__enter__
+
+    def enter(self):  # the second trial gets a Ctrl-C as soon as it starts
+        entered[0] += 1
+        stop = real_enter(self)
+        stop.requested = entered[0] == 2
+        return stop
+
+    monkeypatch.setattr(trainer.StopRequest, "__enter__", enter)
+    first = cli("tune", "--config", recipe, "--trials", "3", "--out", str(out))
+    assert first.code == 130, first
+    assert "run the same command to continue" in first.out
+    monkeypatch.undo()
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name=Path(recipe).stem, storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    cut = study.trials[1]
+    assert cut.user_attrs["interrupted"] and cut.user_attrs["error"].startswith("interrupted: stopped by Ctrl-C")
+    assert (out / "best_params.json").is_file()  # what was found so far is written
+    study.ask()  # a trial left RUNNING, as by a kill -9 of the search
+    again = cli("tune", "--config", recipe, "--trials", "3", "--out", str(out))
+    assert again.code == 0, again
+    assert "1 trial(s) done, running 2" in again.out
+    study = optuna.load_study(study_name=Path(recipe).stem, storage=storage)
+    killed = study.trials[2]
+    assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["error"].startswith("killed")
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(study.trials) == 5 and len(finished) == 3
+    assert all(t.params != study.trials[0].params for t in study.trials[3:])  # not trial 0's draw again
+
+
 @pytest.mark.parametrize("space, message", [
     ({}, "tune.space is empty"),
     ({"train.lr": {"uniform": [0.1, 0.1]}}, "degenerate range"),

@@ -596,6 +596,7 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
     barrier(ctx)
     return {"run_dir": str(run_dir), "checkpoint": str(best_dir), "best_step": fit.best_step, "steps": fit.steps,
             "val": fit.best_metrics, "test": test, "test_before": before, "stopped_early": fit.stopped_early,
+            "interrupted": fit.interrupted,
             "trainable_params": trainable, "total_params": total, "train_s": fit.train_s, "reference_s": ref_s,
             "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start,
             "reference": start.reference_kind}

@@ -340,7 +340,7 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
           f"(best step {fit.best_step}); checkpoint: {best_dir}")
     barrier(ctx)
     return {"run_dir": str(run_dir), "checkpoint": str(best_dir), "best_step": fit.best_step, "steps": fit.steps,
-            "val": fit.best_metrics, "test": test, "stopped_early": fit.stopped_early,
+            "val": fit.best_metrics, "test": test, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
             "trainable_params": trainable, "total_params": total, "train_s": fit.train_s,
             "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start,
             "test_before": before}

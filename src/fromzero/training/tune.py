@@ -107,9 +107,14 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     data[leaf] = value
 
 
+class TrialInterrupted(KeyboardInterrupt):
+    """A trial cut short by Ctrl-C / SIGTERM: its value is not a result. The trial is recorded
+    as failed with that reason, not counted toward --trials, and the search stops (the same
+    command continues it)."""
+
+
 class Search:
     """A recipe with a tune section, ready to run trials of."""
-
     def __init__(self, recipe: Path, overrides: list[str]) -> None:
         from fromzero.config import PretrainConfig, all_keys, deep_merge, load_yaml, parse_overrides
 
@@ -175,11 +180,15 @@ class Search:
                 from fromzero.finetune.recipe import run_finetune
 
                 result = run_finetune(str(self.task), cfg)
+                if result.get("interrupted"):
+                    raise TrialInterrupted(f"stopped by Ctrl-C / SIGTERM after step {result.get('steps', '?')}")
                 value = result["val"].get(self.metric.removeprefix("val_"))
             else:
                 from fromzero.training.trainer import pretrain
 
                 result = pretrain(cfg, progress=False)
+                if result.stopped_early:  # pretraining stops early only when asked to
+                    raise TrialInterrupted(f"stopped by Ctrl-C / SIGTERM at step {result.step}")
                 value = result.best_val_loss if self.metric == "val_loss" else None
         if value is None or not math.isfinite(float(value)):
             raise FromzeroError(f"the trial produced no finite {self.metric}")
@@ -220,9 +229,16 @@ def tune(recipe: Path, overrides: list[str], trials: int, timeout: float | None 
         raise FromzeroError(f"cannot open the study storage {storage}: {first_line(e)}") from None
     states = optuna.trial.TrialState
     for stale in study.get_trials(deepcopy=False, states=(states.RUNNING,)):  # a search killed mid-trial
+        study._storage.set_trial_user_attr(stale._trial_id, "error", "killed: the search process died during this trial")
+        study._storage.set_trial_user_attr(stale._trial_id, "interrupted", True)
         study.tell(stale.number, state=states.FAIL)
-    done = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL)))
+    # Interrupted and killed trials have no result: they do not count toward --trials.
+    done = sum(not t.user_attrs.get("interrupted") for t in study.get_trials(
+        deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL)))
     remaining = max(0, trials - done)
+    # A resumed search must not draw the first trials' parameters again: seed the sampler by how
+    # many trials the study already has (the same seed and history still give the same search).
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     print(f"study {study_name!r} ({storage}): {search.direction} {search.metric} over "
           f"{', '.join(d.key for d in search.dimensions)}; {done} trial(s) done, running {remaining}")
 
@@ -238,6 +254,11 @@ def tune(recipe: Path, overrides: list[str], trials: int, timeout: float | None 
 
         try:
             value = search.run_trial(params, out / f"trial-{trial.number:03d}", report)
+        except TrialInterrupted as e:
+            print(f"trial {trial.number}: interrupted ({e}) {params}")
+            trial.set_user_attr("error", f"interrupted: {e}")
+            trial.set_user_attr("interrupted", True)
+            raise
         except optuna.TrialPruned:
             print(f"trial {trial.number}: pruned {params}")
             raise
@@ -249,7 +270,13 @@ def tune(recipe: Path, overrides: list[str], trials: int, timeout: float | None 
         return value
 
     if remaining:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,))
+        try:
+            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,))
+        except KeyboardInterrupt:  # Ctrl-C: the cut trial is recorded failed; keep what was found
+            if len(study.get_trials(deepcopy=False, states=(states.COMPLETE,))):
+                write_outputs(study, search, out)
+            print(f"search stopped; run the same command to continue it ({out})")
+            raise
     return write_outputs(study, search, out)
 
 
