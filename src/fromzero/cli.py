@@ -177,7 +177,16 @@ def _cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     from fromzero.finetune.recipe import load_finetune_config, run_finetune
 
     task, cfg = load_finetune_config(args.config, _finetune_overrides(args, overrides), task=args.task)
-    result = run_finetune(task, cfg)
+    return _finetune_outcome(run_finetune(task, cfg))
+
+
+def _finetune_outcome(result: dict) -> int:
+    """done (exit 0), or stopped by Ctrl-C / SIGTERM (exit 130, as an interrupted command): a
+    script must be able to tell a cut run from a finished one."""
+    if result.get("interrupted"):
+        print(f"stopped: interrupted at step {result.get('steps', '?')}; the best weights so far are in "
+              f"{result['run_dir']}/checkpoints/best (a fine-tune cannot be resumed yet: start it again)")
+        return 130
     print(f"done: run directory {result['run_dir']}")
     return 0
 
@@ -190,9 +199,7 @@ def _cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
     tokens = ["--" + t[2:].replace("-", "_") if t.startswith("--student-") else t for t in overrides]
     tokens = _finetune_overrides(args, tokens) + ["--teacher", args.teacher]
     task, cfg = load_finetune_config(args.config, tokens, task=args.task or distill_task(args.teacher, args.config))
-    result = run_finetune(task, cfg)
-    print(f"done: run directory {result['run_dir']}")
-    return 0
+    return _finetune_outcome(run_finetune(task, cfg))
 
 
 def _cmd_tune(args: argparse.Namespace, overrides: list[str]) -> int:

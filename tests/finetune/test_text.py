@@ -182,6 +182,27 @@ def test_cli_finetune_refuses_an_existing_run_without_force(cli, one_line_error,
     assert forced.code == 0, forced
 
 
+def test_an_interrupted_finetune_says_so_and_exits_130(cli, bert_base, sentiment_csv, tmp_path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C / SIGTERM during fine-tuning: not "done" with exit 0 (a script could not tell it
+    from a finished run), but "stopped" with exit 130, the best weights so far kept."""
+    from fromzero.training import trainer
+
+    real_enter = trainer.StopRequest.__enter__
+
+    def enter(self):  # as if Ctrl-C came during the first step
+        stop = real_enter(self)
+        stop.requested = True
+        return stop
+
+    monkeypatch.setattr(trainer.StopRequest, "__enter__", enter)
+    out = tmp_path / "run"
+    result = cli(*finetune_args(bert_base, sentiment_csv, out))
+    assert result.code == 130, result
+    assert "stopped: interrupted at step 1" in result.out and "done:" not in result.out
+    assert (out / "checkpoints/best/model.safetensors").is_file()
+
+
 def test_cli_finetune_existing_run_error_names_only_real_options(cli, bert_base, sentiment_csv, tmp_path) -> None:
     out = tmp_path / "run"
     out.mkdir()
