@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m fromzero.demo
+	$(BIN)/python -m fromzero.demo $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -45,7 +45,7 @@ def _fake(monkeypatch, shakespeare_ok: bool):
 
 def test_demo_uses_shakespeare_when_available(in_repo_copy, monkeypatch, capsys):
     calls, trained = _fake(monkeypatch, shakespeare_ok=True)
-    assert demo.main() == 0
+    assert demo.main([]) == 0
     assert calls[0][:4] == ["data", "prepare", "--corpus", "shakespeare"]
     assert trained[0].data.dir == "data/shakespeare-char"
     assert trained[0].model.n_layer == 4 and trained[0].train.max_iters == 2000
@@ -55,7 +55,7 @@ def test_demo_uses_shakespeare_when_available(in_repo_copy, monkeypatch, capsys)
 
 def test_demo_falls_back_to_stdlib_offline_and_says_so(in_repo_copy, monkeypatch, capsys):
     calls, trained = _fake(monkeypatch, shakespeare_ok=False)
-    assert demo.main() == 0
+    assert demo.main([]) == 0
     out = capsys.readouterr().out
     assert "falling back to the python-stdlib corpus" in out
     assert ["--corpus", "python-stdlib"] == calls[1][2:4]
@@ -70,11 +70,33 @@ def test_demo_reports_training_errors_as_one_line(in_repo_copy, monkeypatch, cap
         raise FromzeroError("loss became nan at step 7")
 
     monkeypatch.setattr("fromzero.training.trainer.pretrain", failing)
-    assert demo.main() == 2
+    assert demo.main([]) == 2
     assert capsys.readouterr().err.strip() == "error: loss became nan at step 7"
 
 
 def test_demo_outside_the_repo_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert demo.main() == 2
+    assert demo.main([]) == 2
     assert "run the demo from the repository root" in capsys.readouterr().err
+
+
+def test_make_demo_runs_end_to_end_with_a_tiny_override(in_repo_copy, tmp_path) -> None:
+    """The real `make demo` path, nothing stubbed: `python -m fromzero.demo` with recipe overrides
+    (as `make demo ARGS=...` passes them) prepares the corpus, pretrains, samples and says where
+    the run is; a bad override is one error line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--train.max_iters", "10", "--train.lr_decay_iters", "10", "--train.warmup_iters", "2",
+            "--train.eval_interval", "5", "--train.eval_iters", "2", "--train.compile", "false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "fromzero.demo", *args], cwd=in_repo_copy, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "demo: done. Run directory:" in proc.stdout and "demo: sample from" in proc.stdout
+    runs = [p for p in (in_repo_copy / "runs").iterdir() if (p / "checkpoints" / "best" / "model.safetensors").is_file()]
+    assert len(runs) == 1 and (runs[0] / "metrics.jsonl").is_file()
+    bad = subprocess.run([sys.executable, "-m", "fromzero.demo", "--train.max_itres", "10"], cwd=in_repo_copy,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

