@@ -737,12 +737,15 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
         description="The recipe's tune section says what to search; everything else is a normal pretraining or "
         "fine-tuning\nrecipe. Each trial is a full run in OUT/trial-NNN. Results: OUT/best_params.json, "
         "OUT/best-recipe.yaml,\nOUT/trials.csv, OUT/plots/. Run the same command again to resume a stopped "
-        "search.\n\n"
+        "search (Ctrl-C stops it:\nthe trial it cuts is recorded as interrupted and does not count). Recipe "
+        "keys can be overridden for every\ntrial after the options, as with pretrain / finetune: "
+        "--train.max_iters 500, --epochs 2, ...\n\n"
         "  tune:\n    metric: val_loss                  # default: val_loss (fine-tuning: the recipe's monitor)\n"
         "    direction: minimize               # default: maximize for accuracy/F1/HR/NDCG, else minimize\n"
         "    space:\n      train.lr: {log_uniform: [1.0e-4, 1.0e-2]}\n      model.dropout: {uniform: [0.0, 0.3]}\n"
         "      model.n_layer: {int: [2, 6]}\n      train.batch_size: {choice: [16, 32]}\n\n"
-        "example:\n  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20",
+        "examples:\n  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20\n"
+        "  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20 --train.max_iters 300",
     )
     tu.add_argument("--config", required=True, help="recipe YAML with a tune section")
     tu.add_argument("--trials", type=int, default=20, help="trials in the study in total (finished ones count when resuming)")
