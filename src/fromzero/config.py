@@ -383,7 +383,10 @@ def options_help(cls: type, defaults: Any | None = None, prefix: str = "") -> li
     lines = []
     hints = _type_hints(cls)
     docs = field_docs(cls)
+    unused = getattr(cls, "UNUSED_KEYS", frozenset())  # inherited keys this config refuses
     for f in dataclasses.fields(cls):
+        if f.name in unused:
+            continue
         value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             lines += options_help(hints[f.name], value, prefix + f.name + ".")

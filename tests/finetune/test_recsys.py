@@ -397,3 +397,17 @@ def test_bad_input_is_one_line_error(tmp_path: Path, cli, one_line_error, extra,
     result = cli("finetune", "--task", "recommendation", *TINY, "--device", "cpu", "--out_dir", out, "--quiet", *args)
     one_line_error(result, message)
     assert not out.exists()
+
+
+def test_help_lists_no_option_the_recommendation_task_refuses(capsys) -> None:
+    """finetune --help shows per-task options; recommenders refuse method/LoRA/init_from, so
+    those are not offered under "task recommendation" (other tasks still list them)."""
+    from fromzero.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = capsys.readouterr().out
+    rec = text.split("task recommendation:")[1].split("\ntask ")[0].split("examples:")[0]
+    for key in ("--method", "--lora_rank", "--unfreeze_top", "--init_from"):
+        assert key not in rec, key
+    assert "--arch" in rec and "--lora_rank" in text.split("task recommendation:")[0]

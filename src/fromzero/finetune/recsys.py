@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -56,6 +56,11 @@ ALS_ALPHAS = (1.0, 5.0, 20.0)
 @dataclass
 class RecommendationConfig(FinetuneConfig):
     """Training a recommender on implicit feedback (user-item interactions)."""
+
+    # Inherited options that recommenders refuse (they train from scratch, every weight): left
+    # out of --help (validate() still names them when a recipe sets them).
+    UNUSED_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"method", "unfreeze_top", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "init_from"})
 
     data: str = "synthetic"
     """synthetic (built in) | an interactions .csv (header user,item,rating,timestamp) | a MovieLens ratings.dat."""
