@@ -119,6 +119,7 @@ def test_ctrl_c_stops_the_search_and_the_same_command_continues_it(cli, make_rec
     ({"train.lr": {"log_uniform": [0.0, 0.1]}}, "positive bounds"),
     ({"train.batch_size": {"choice": [4, 4]}}, "at least two different values"),
     ({"train.lr": {"gaussian": [0.0, 1.0]}}, "must be one of"),
+    ({"train.lr": {"log_uniform": [1.0e-7, 1.0e-2]}}, "the value 1e-07 makes the recipe invalid"),  # < min_lr
 ])
 def test_bad_search_spaces_are_one_line_errors(cli, one_line_error, make_recipe, tmp_path, space, message) -> None:
     result = cli("tune", "--config", make_recipe(tune={"space": space}), "--trials", "2", "--out", str(tmp_path / "s"))

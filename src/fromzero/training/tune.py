@@ -148,6 +148,24 @@ class Search:
         if self.direction not in ("minimize", "maximize"):
             raise FromzeroError(f"tune.direction must be minimize or maximize, got {self.direction!r}")
         self.build(self.base, None)  # the base recipe itself must be valid before any trial runs
+        self._check_range_ends()
+
+    def _check_range_ends(self) -> None:
+        """Both ends of every range must give a valid recipe (the others at their base values):
+        e.g. train.lr searched below the recipe's train.min_lr would fail every such trial, so
+        part of the space would silently never be searched. (A choice may hold values a user
+        wants tried and recorded as failing, so choices are not checked.)"""
+        for dim in self.dimensions:
+            if dim.kind == "choice":
+                continue
+            for end in dim.values[:2]:
+                data = copy.deepcopy(self.base)
+                set_dotted(data, dim.key, end)
+                try:
+                    self.build(data, None)
+                except FromzeroError as e:
+                    raise FromzeroError(f"tune.space {dim.key}: the value {end} makes the recipe invalid "
+                                        f"({first_line(e)}); narrow the range or change the recipe") from None
 
     def build(self, data: dict, out_dir: Path | None) -> Any:
         """The validated config of one trial."""
