@@ -392,11 +392,11 @@ class GPT(nn.Module):
         :data:`DEFAULT_LOOKUP_TOKENS`, 0 turns it off): prompt-lookup speculation. When the
         last few tokens occurred before in the sequence, the tokens that followed them then are
         proposed as a draft and checked in one forward pass; every draft token the model would
-        have picked itself is kept, plus the model's own next token. The tokens are the ones
-        plain greedy decoding gives (the draft only decides how many positions one pass
-        computes), and a pass over a handful of positions reads the weights once, as a
-        one-token step does, so on memory-bound hardware each accepted draft token is almost
-        free. See :func:`lookup_draft`.
+        have picked itself is kept, plus the model's own next token. In fp32 the tokens are
+        the ones one-token greedy steps give (tested); in bf16/fp16 a pass over several
+        positions rounds differently from one-token passes, so a near-tie may flip. A pass over
+        a handful of positions reads the weights once, as a one-token step does, so on
+        memory-bound hardware each accepted draft token is almost free. See :class:`NgramIndex`.
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError("idx must be a non-empty (batch, time) tensor of token ids")
