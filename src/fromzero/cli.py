@@ -944,7 +944,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(with_pretrain_help="pretrain" in argv,
                           with_finetune_help="finetune" in argv or "crossval" in argv)
+    # --debug (a traceback instead of the one-line error) works before or after the verb.
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
         args, extra = parser.parse_known_args(argv)
         if not getattr(args, "func", None):

@@ -276,3 +276,15 @@ def test_pretrain_aliases_and_override_forms(make_recipe, cli, tmp_path):
     assert cfg["out_dir"] == str(out_dir)
     assert "device cpu" in result.err
     assert not (recipe.parent / "runs" / "aliases").exists()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_works_before_or_after_the_verb(where: str, tmp_path) -> None:
+    """--debug turns the one-line error into the traceback wherever it is typed."""
+    from fromzero.cli import main
+    from fromzero.errors import FromzeroError
+
+    args = ["generate", "--checkpoint", str(tmp_path / "missing")]
+    assert main(args) == 2
+    with pytest.raises(FromzeroError, match="checkpoint directory not found"):
+        main(["--debug", *args] if where == "before" else [*args, "--debug"])
