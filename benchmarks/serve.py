@@ -82,9 +82,14 @@ def start_server(checkpoint: Path, args: argparse.Namespace, log: Path) -> tuple
     cmd = [sys.executable, "-m", "fromzero", "serve", "--checkpoint", str(checkpoint), "--port", "0",
            "--device", args.device, "--max-batch-size", str(args.clients), "--sliding-window",
            "--max-tokens-cap", str(args.max_tokens), "--request-timeout", "600", "--log-level", "warning"]
+    return launch_server(cmd, env, log, timeout=120)
+
+
+def launch_server(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> tuple[subprocess.Popen, str]:
+    """Start ``fromzero serve ... --port 0`` and wait for the URL it prints (stderr goes to ``log``)."""
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = re.search(r"on (http://[\d.]+:\d+)", log.read_text())
         if match:

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve import batch_histogram, percentile  # noqa: E402  (benchmarks/serve.py)
+from serve import batch_histogram, launch_server, percentile  # noqa: E402  (benchmarks/serve.py)
 
 QUESTIONS = [
     "What is the capital of France, and what is it famous for?",
@@ -62,18 +61,7 @@ def start_server(checkpoint: str, args: argparse.Namespace, log: Path) -> tuple[
     cmd = [sys.executable, "-m", "fromzero", "serve", "--checkpoint", checkpoint, "--port", "0",
            "--device", "cpu", "--max-batch-size", str(args.clients), "--max-tokens-cap", str(args.max_tokens),
            "--request-timeout", "1200", "--model-name", "bench", "--log-level", "warning"]
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        match = re.search(r"on (http://[\d.]+:\d+)", log.read_text())
-        if match:
-            return proc, match.group(1)
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {log.read_text()}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"the server did not start: {log.read_text()}")
+    return launch_server(cmd, env, log, timeout=600)  # the first start converts the built-in model
 
 
 async def chat(client, question: str, args: argparse.Namespace) -> dict:

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import torch
 
-from fromzero.files import current_umask
+from fromzero.files import temp_dir_beside
 from fromzero import __version__
 from fromzero.data.corpora import DEFAULT_CHUNK_CHARS, Corpus, iter_file_chunks, resolve_corpus
 from fromzero.data.tokenizers import TOKENIZER_FILE, TextTokenizer, build_tokenizer
@@ -137,11 +137,10 @@ def prepare_dataset(
 
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+            tmp = temp_dir_beside(out_dir, f".{out_dir.name}.tmp-")
         except OSError as e:
             raise FromzeroError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
         try:
-            tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the result should not be
             # Pass 2: encode, appending ids to train.bin / val.bin as we go.
             with _SplitWriter(tmp, dtype) as writer:
                 _encode_corpus(corpus, tokenizer, writer, split_at, chunk_chars,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from fromzero.files import temp_file_beside
 from fromzero.errors import FromzeroError, first_line
 
 if TYPE_CHECKING:
@@ -160,15 +160,12 @@ class TextTokenizer:
             path = path / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         text = self.backend.to_str(pretty=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temp_file_beside(path, f".{path.name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; a normal file is wanted
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
