@@ -174,8 +174,13 @@ def _finetune_overrides(args: argparse.Namespace, overrides: list[str]) -> list[
 
 
 def _cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fromzero.finetune.recipe import load_finetune_config, run_finetune
+    from fromzero.finetune.recipe import load_finetune_config, load_run_config, run_finetune
 
+    if args.resume:
+        if args.config or args.task or args.force:
+            raise FromzeroError("--resume takes the recipe from the run directory; drop --config / --task / --force")
+        task, cfg = load_run_config(args.resume, _finetune_overrides(args, overrides))
+        return _finetune_outcome(run_finetune(task, cfg, resume=True))
     task, cfg = load_finetune_config(args.config, _finetune_overrides(args, overrides), task=args.task)
     return _finetune_outcome(run_finetune(task, cfg))
 
@@ -184,8 +189,10 @@ def _finetune_outcome(result: dict) -> int:
     """done (exit 0), or stopped by Ctrl-C / SIGTERM (exit 130, as an interrupted command): a
     script must be able to tell a cut run from a finished one."""
     if result.get("interrupted"):
-        print(f"stopped: interrupted at step {result.get('steps', '?')}; the best weights so far are in "
-              f"{result['run_dir']}/checkpoints/best (a fine-tune cannot be resumed yet: start it again)")
+        run = result["run_dir"]
+        print(f"stopped: interrupted at step {result.get('steps', '?')}; continue it with "
+              f"fromzero finetune --resume {run} (or end it there, scoring the best weights so far: "
+              f"add --max_steps {result.get('steps', 'N')})")
         return 130
     print(f"done: run directory {result['run_dir']}")
     return 0
@@ -709,6 +716,10 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
         ft.add_argument("--task", help=f"{' | '.join(TASKS)} (default: the recipe's task)")
         if name == "crossval":
             ft.add_argument("--folds", type=int, default=5, help="number of folds K (>= 2)")
+        else:
+            ft.add_argument("--resume", metavar="RUN_DIR",
+                            help="continue a stopped run from RUN_DIR/checkpoints/last (its config.yaml; "
+                                 "overrides such as --max_steps still apply)")
         ft.add_argument("--force", action="store_true", help="replace the files of an existing run directory")
         ft.add_argument("--quiet", action="store_true", help="no progress bar")
         ft.set_defaults(func=func, takes_overrides=True)

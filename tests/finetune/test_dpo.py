@@ -455,3 +455,13 @@ def test_cli_run_writes_a_dpo_checkpoint(cli, chat: SimpleNamespace, tmp_path: P
     assert "reward accuracy" in result.out
     help_text = cli("finetune", "--help").out
     assert "task dpo:" in help_text and "label_smoothing" in help_text and "precompute_ref" in help_text
+
+
+def test_resume_continues_bit_for_bit(chat: SimpleNamespace, tmp_path: Path, monkeypatch) -> None:
+    """DPO stopped in its second epoch and resumed = never stopped (weights, best, losses)."""
+    from .resume import assert_resume_is_exact
+
+    def cfg(out):
+        return _cfg(chat, out, epochs=3, batch_size=4, eval_every=2, log_interval=1, lora_dropout=0.1)
+
+    assert_resume_is_exact(finetune_dpo, cfg, tmp_path, monkeypatch, stop_at=5)

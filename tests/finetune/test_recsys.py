@@ -411,3 +411,19 @@ def test_help_lists_no_option_the_recommendation_task_refuses(capsys) -> None:
     for key in ("--method", "--lora_rank", "--unfreeze_top", "--init_from"):
         assert key not in rec, key
     assert "--arch" in rec and "--lora_rank" in text.split("task recommendation:")[0]
+
+
+def test_resume_continues_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recommender stopped inside its second epoch (fresh negatives per epoch) and resumed =
+    never stopped: weights, best checkpoint, logged losses."""
+    from fromzero.finetune.recsys import RecommendationConfig, finetune_recommendation
+
+    from .resume import assert_resume_is_exact
+
+    def cfg(out):
+        return RecommendationConfig(arch="neumf", synthetic_users=60, synthetic_items=40, synthetic_per_user=6, eval_negatives=20,
+                                    epochs=2, batch_size=64, lr=3e-3, log_interval=1, device="cpu",
+                                    dtype="float32", progress=False, baselines=False, out_dir=str(out))
+
+    straight, _ = assert_resume_is_exact(finetune_recommendation, cfg, tmp_path, monkeypatch, stop_at=4)
+    assert straight["steps"] > 4

@@ -270,3 +270,17 @@ def test_template_overrides_on_the_command_line_keep_their_text(gpt_base: Path, 
                                          "--user_prefix", "USER:\n", "--assistant_prefix", "ASSISTANT:\n",
                                          "--turn_end", "\n\n"], task="sft")
     assert (cfg.user_prefix, cfg.assistant_prefix, cfg.turn_end) == ("USER:\n", "ASSISTANT:\n", "\n\n")
+
+
+def test_resume_continues_bit_for_bit(gpt_base: Path, sft_jsonl: Path, tmp_path: Path, monkeypatch) -> None:
+    """SFT stopped mid-epoch (LoRA with dropout, so the RNG matters; accumulation weighted by
+    reply tokens) and resumed = never stopped: weights, best checkpoint, logged losses."""
+    from fromzero.finetune.sft import finetune_sft
+
+    from .resume import assert_resume_is_exact
+
+    def cfg(out):
+        return _sft_cfg(gpt_base, sft_jsonl, out, epochs=2, method="lora", lora_dropout=0.1, grad_accum=2,
+                        batch_size=4, eval_every=3, log_interval=1)
+
+    assert_resume_is_exact(finetune_sft, cfg, tmp_path, monkeypatch, stop_at=5)

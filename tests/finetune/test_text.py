@@ -185,7 +185,8 @@ def test_cli_finetune_refuses_an_existing_run_without_force(cli, one_line_error,
 def test_an_interrupted_finetune_says_so_and_exits_130(cli, bert_base, sentiment_csv, tmp_path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C / SIGTERM during fine-tuning: not "done" with exit 0 (a script could not tell it
-    from a finished run), but "stopped" with exit 130, the best weights so far kept."""
+    from a finished run), but "stopped" with exit 130, everything needed to continue kept in
+    checkpoints/last (no test score and no best checkpoint until it finishes)."""
     from fromzero.training import trainer
 
     real_enter = trainer.StopRequest.__enter__
@@ -200,7 +201,9 @@ def test_an_interrupted_finetune_says_so_and_exits_130(cli, bert_base, sentiment
     result = cli(*finetune_args(bert_base, sentiment_csv, out))
     assert result.code == 130, result
     assert "stopped: interrupted at step 1" in result.out and "done:" not in result.out
-    assert (out / "checkpoints/best/model.safetensors").is_file()
+    assert f"fromzero finetune --resume {out}" in result.out
+    assert (out / "checkpoints/last/trainer_state.pt").is_file()
+    assert not (out / "checkpoints/best").exists() and not (out / "metrics.json").exists()
 
 
 def test_cli_finetune_existing_run_error_names_only_real_options(cli, bert_base, sentiment_csv, tmp_path) -> None:
@@ -369,3 +372,61 @@ def test_scoring_float32_logits_does_not_warn() -> None:
         warnings.simplefilter("error")
         metrics = score(logits, [i % 3 for i in range(64)], ["a", "b", "c"])
     assert metrics["log_loss"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume (finetune --resume): stopped after step k and continued = never stopped
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_continues_bit_for_bit(bert_base, sentiment_csv, tmp_path, monkeypatch, method) -> None:
+    """Mid-epoch stop (step 7 of 9 per epoch, dropout on, gradient accumulation, eval_every) ->
+    resume -> the same weights, best checkpoint and losses as a run never stopped."""
+    from fromzero.finetune.text import finetune_text_classification
+
+    from .resume import assert_resume_is_exact
+
+    def cfg(out):
+        return text_config(bert_base, sentiment_csv, out, epochs=2, batch_size=8, grad_accum=2, eval_every=4,
+                           log_interval=1, method=method, dropout=0.1)
+
+    straight, resumed = assert_resume_is_exact(finetune_text_classification, cfg, tmp_path, monkeypatch, stop_at=7)
+    assert resumed["test"]["accuracy"] == straight["test"]["accuracy"]
+    assert resumed["best_step"] == straight["best_step"]
+
+
+def test_cli_resume_of_an_interrupted_finetune(cli, one_line_error, bert_base, sentiment_csv, tmp_path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`finetune --resume RUN_DIR` continues a stopped run from its own config.yaml (overrides
+    still apply); nothing to resume, or --config next to --resume, is a one-line error."""
+    from .resume import stop_after_step
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        stop_after_step(m, 3)
+        cut = cli(*finetune_args(bert_base, sentiment_csv, out, "--epochs", "2"))
+    assert cut.code == 130 and f"finetune --resume {out}" in cut.out, cut
+    again = cli(*finetune_args(bert_base, sentiment_csv, out))
+    one_line_error(again, "--resume", "--force")
+    both = cli("finetune", "--resume", str(out), "--config", "x.yaml")
+    one_line_error(both, "--resume", "--config")
+    resumed = cli("finetune", "--resume", str(out), "--quiet")
+    assert resumed.code == 0 and "resuming at step 3" in resumed.out and f"done: run directory {out}" in resumed.out
+    assert (out / "checkpoints/best/model.safetensors").is_file() and (out / "metrics.json").is_file()
+    one_line_error(cli("finetune", "--resume", str(tmp_path / "nowhere")), "nothing to resume")
+
+
+def test_a_stopped_finetune_can_be_finished_where_it_stands(cli, bert_base, sentiment_csv, tmp_path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume with --max_steps at the step it stopped: no more training, the best weights so
+    far are scored on test and saved, as a finished run's would be."""
+    from .resume import stop_after_step
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        stop_after_step(m, 5)
+        assert cli(*finetune_args(bert_base, sentiment_csv, out, "--epochs", "3")).code == 130
+    done = cli("finetune", "--resume", str(out), "--max_steps", "5", "--quiet")
+    assert done.code == 0 and "finishing it without training" in done.out, done
+    info = json.loads((out / "checkpoints/best/info.json").read_text())
+    assert info["best_step"] == 5

@@ -52,7 +52,7 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -427,9 +427,10 @@ def _subset(pairs: list, limit: int, seed: int) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def finetune_dpo(cfg: DPOConfig) -> dict[str, Any]:
+def finetune_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Tune on preference pairs, keep the best val loss, score test, write the run directory
-    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes)."""
+    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
+    the run in out_dir from its checkpoints/last."""
     from fromzero.finetune.engine import start_distributed
     from fromzero.training.distributed import shutdown
 
@@ -437,29 +438,26 @@ def finetune_dpo(cfg: DPOConfig) -> dict[str, Any]:
     cfg.validate()
     ctx, device = start_distributed(cfg)
     try:
-        return _finetune_dpo(cfg, ctx, device, t_start)
+        return _finetune_dpo(cfg, ctx, device, t_start, resume)
     finally:
         shutdown(ctx)
 
 
-def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float) -> dict[str, Any]:
-    import yaml
+def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float, resume: bool) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from fromzero.data.preferences import add_system_prompt, collate_preferences, load_preference_pairs, \
         tokenize_preferences
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.finetune.engine import Finetuner, on_main_rank
+    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, seeded_epochs, start_run_dir
     from fromzero.finetune.lora import base_model, save_adapter
     from fromzero.finetune.methods import count_parameters
     from fromzero.finetune.sft import save_with_template_files
     from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
-    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, atomic_write_text, read_json, \
-        save_checkpoint
-    from fromzero.training.distributed import barrier, broadcast_text
-    from fromzero.training.trainer import autocast_context, compile_model, default_finetune_dir, prepare_run_dir, \
-        resolve_dtype
+    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+    from fromzero.training.distributed import barrier
+    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
 
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work
@@ -523,14 +521,7 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
     assert sets["test"].ref_chosen is not None and sets["test"].ref_rejected is not None
     before = before_metrics(sets["test"].ref_chosen, sets["test"].ref_rejected, cfg.beta, cfg.label_smoothing)
 
-    run_dir = Path(broadcast_text(str(Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("dpo")), ctx))
-
-    def start_run() -> None:
-        prepare_run_dir(run_dir, cfg.force, resumable=False)
-        atomic_write_text(run_dir / "config.yaml",
-                          yaml.safe_dump(dict(asdict(cfg), out_dir=str(run_dir), task="dpo"), sort_keys=False))
-
-    on_main_rank(ctx, start_run)
+    run_dir = start_run_dir(cfg, "dpo", ctx, resume)  # rank 0 alone writes it
 
     collate = lambda batch: collate_preferences(batch, pad_id)  # noqa: E731
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -538,7 +529,8 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
                               collate_fn=collate, num_workers=cfg.num_workers)
     eval_loaders = {s: DataLoader(sets[s], batch_size=cfg.eval_batch_size, collate_fn=collate) for s in ("val", "test")}
     forward = compile_model(model, "default", device) if cfg.compile else model
-    logger = StepMetricsLogger(MetricsLogger(run_dir) if ctx.is_main else NullLogger(), cfg.grad_accum)
+    logger = StepMetricsLogger(MetricsLogger(run_dir, resume_step(run_dir) if resume else None)
+                               if ctx.is_main else NullLogger(), cfg.grad_accum)
 
     def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -559,8 +551,11 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
           f"beta {cfg.beta}, label_smoothing {cfg.label_smoothing}; device {device}, {dtype}")
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
-                              logger=logger, trained_modules=start.trained_modules, forward=forward, ctx=ctx)
-        fit = finetuner.fit(lambda epoch: train_loader, len(train_loader))
+                              logger=logger, trained_modules=start.trained_modules, forward=forward, ctx=ctx,
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume)
+        fit = finetuner.fit(seeded_epochs(train_loader, generator, cfg.seed), len(train_loader))
+        if fit.interrupted:
+            return interrupted_summary(run_dir, fit)
         test = evaluate_pairs(forward, eval_loaders["test"], device, autocast, cfg.beta, cfg.label_smoothing)
         logger.log({"step": fit.steps, **{f"test_{k}": v for k, v in test.items()}})
     finally:

@@ -22,17 +22,19 @@ A task (text classification, SFT) supplies the model, batches, a ``loss_fn(model
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
-from fromzero.errors import FromzeroError
+from fromzero.errors import FromzeroError, first_line
 from fromzero.finetune.methods import MethodConfig, set_train_mode
 from fromzero.training.distributed import DistContext, mean_across_ranks
 
@@ -157,6 +159,54 @@ def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float) ->
     return factor
 
 
+def start_run_dir(cfg: Any, task: str, ctx: DistContext, resume: bool = False) -> Path:
+    """The run directory every rank agrees on (rank 0's timestamped default, or out_dir); rank 0
+    creates it (refusing a used one unless force) or, to resume, checks it holds
+    checkpoints/last, and writes config.yaml (with the task, so ``--resume`` can rebuild it)."""
+    import dataclasses
+
+    import yaml
+
+    from fromzero.training.checkpoint import atomic_write_text
+    from fromzero.training.distributed import broadcast_text
+    from fromzero.training.trainer import default_finetune_dir, prepare_run_dir
+
+    run_dir = Path(broadcast_text(str(Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir(task)), ctx))
+
+    def start() -> None:
+        if resume:
+            if resume_step(run_dir) is None:
+                raise FromzeroError(f"nothing to resume in {run_dir}: no checkpoints/last with training state")
+        else:
+            prepare_run_dir(run_dir, cfg.force, resumable=True)
+        saved = dict(dataclasses.asdict(cfg), out_dir=str(run_dir), task=task)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+
+    on_main_rank(ctx, start)
+    return run_dir
+
+
+def interrupted_summary(run_dir: Path, fit: FitResult) -> dict[str, Any]:
+    """What a task returns when Ctrl-C / SIGTERM stopped its fit: no test score and no best
+    checkpoint yet; checkpoints/last holds everything needed to continue."""
+    return {"run_dir": str(run_dir), "interrupted": True, "steps": fit.steps, "best_step": fit.best_step,
+            "val": fit.best_metrics, "train_s": fit.train_s}
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step checkpoints/last of a fine-tuning run was saved at (None: nothing to resume)."""
+    import json
+
+    from fromzero.training.checkpoint import recover_directory
+
+    last = Path(run_dir) / "checkpoints" / "last"
+    recover_directory(last)
+    try:
+        return int(json.loads((last / LAST_INFO_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def start_distributed(cfg: FinetuneConfig) -> tuple[DistContext, torch.device]:
     """Join torchrun's process group when dist_strategy is ddp (else one process); ranks other
     than 0 print nothing, so the console shows one run."""
@@ -185,6 +235,16 @@ def on_main_rank(ctx: DistContext, work: Callable[[], Any]) -> None:
     message = broadcast_text(message, ctx)
     if message:
         raise FromzeroError(message)
+
+
+def seeded_epochs(loader: Any, generator: torch.Generator, seed: int) -> Callable[[int], Iterable[Any]]:
+    """``batches(epoch)`` for a DataLoader shuffled by ``generator``: reseeded per epoch (seed +
+    epoch - 1), so an epoch's order depends on the epoch alone and a resumed run sees the same."""
+    def batches(epoch: int) -> Iterable[Any]:
+        generator.manual_seed(seed + epoch - 1)
+        return iter(loader)
+
+    return batches
 
 
 def rank_micro_batches(batches: Iterable[Any], ctx: DistContext) -> Iterable[Any]:
@@ -225,6 +285,10 @@ class Finetuner:
         forward: nn.Module | None = None,
         ctx: DistContext | None = None,
         weight_by: str = "samples",
+        last_dir: Path | None = None,
+        resume: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        private: Any = None,
     ) -> None:
         """forward: what the training step calls (e.g. the compiled model; default ``model``);
         loss_fn receives it (wrapped in DistributedDataParallel under ddp).
@@ -235,7 +299,15 @@ class Finetuner:
         its count of samples (tokens) and the sum divided by the step's total, so a step with
         gradient accumulation (or N ranks) is the step one big batch would take, even when
         micro-batches hold different numbers of tokens or the last one is short. (A plain
-        ``loss / grad_accum`` would give every micro-batch the same weight.)"""
+        ``loss / grad_accum`` would give every micro-batch the same weight.)
+
+        last_dir: where the loop keeps ``checkpoints/last`` (the trained weights, the best ones so
+        far, optimizer, schedule, RNG and position in the data; written after every evaluation,
+        on Ctrl-C / SIGTERM and at the end); resume: continue from it, bit for bit on CPU.
+        optimizer: use this one instead of AdamW/SGD built from cfg (e.g. Opacus' DPOptimizer).
+        private: a :class:`fromzero.training.privacy.PrivateTraining` when training with DP-SGD:
+        its optimizer clips and noises per-example gradients of the batch-mean loss, so the loop
+        skips its own weighting and clipping, and an empty Poisson batch is a noise-only step."""
         if weight_by not in ("samples", "tokens"):
             raise ValueError(f"weight_by must be samples or tokens, got {weight_by!r}")
         self.weight_by = weight_by
@@ -247,7 +319,10 @@ class Finetuner:
         if not self.params:
             raise FromzeroError("nothing to train: every parameter is frozen")
         self.l1_params = [p for p in self.params if p.dim() >= 2]
-        self.optimizer = build_optimizer(model, cfg, device)
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg, device)
+        self.last_dir, self.resume, self.private = last_dir, resume, private
+        if private is not None and (cfg.grad_accum != 1 or (ctx is not None and ctx.world_size > 1)):
+            raise FromzeroError("privacy: DP-SGD runs in one process with grad_accum 1")
         self.best_state: dict[str, torch.Tensor] | None = None
         self.ctx = ctx or DistContext()
         self.net: nn.Module = forward if forward is not None else model
@@ -276,8 +351,9 @@ class Finetuner:
         return value > best if self.higher_is_better else value < best
 
     def fit(self, batches: Callable[[int], Iterable[Any]], micro_batches_per_epoch: int) -> FitResult:
-        """Train over ``batches(epoch)`` (micro-batches, the same on every rank); returns what
-        happened, best weights loaded. A final incomplete accumulation group is dropped."""
+        """Train over ``batches(epoch)`` (micro-batches, the same on every rank, a function of
+        the epoch alone so a resumed run sees the same ones); returns what happened, best weights
+        loaded. A final incomplete accumulation group is dropped."""
         from fromzero.training.callbacks import TrainingProgress, announce_evaluation
         from fromzero.training.trainer import StopRequest
 
@@ -289,94 +365,190 @@ class Finetuner:
             total = min(total, cfg.max_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(total, cfg.warmup_ratio, cfg.min_lr_ratio))
-        best_value: float | None = None
-        best_metrics: dict[str, Any] = {}
-        best_step = best_epoch = step = epochs_run = stale = 0
+        p = self._load_last(scheduler) if self.resume else _Progress()
         stopped_early = interrupted = False
-        samples = 0
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - p.elapsed_s
 
         def run_eval(epoch: int, bar: TrainingProgress) -> bool:
             """Evaluate, keep the best weights; True when early stopping says stop."""
-            nonlocal best_value, best_metrics, best_step, best_epoch, stale
             metrics = self.evaluate(self.model)
             value = float(metrics[self.monitor.removeprefix("val_")])
-            row = {"step": step, "epoch": epoch, "elapsed_s": time.perf_counter() - t0}
+            row = {"step": p.step, "epoch": epoch, "elapsed_s": time.perf_counter() - t0}
             row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
             self.logger.log(row)
-            announce_evaluation(step, row)
-            improved = self._improved(value, best_value)
+            announce_evaluation(p.step, row)
+            improved = self._improved(value, p.best_value)
             if improved:
-                best_value, best_metrics, best_step, best_epoch, stale = value, metrics, step, epoch, 0
+                p.best_value, p.best_metrics, p.best_step, p.best_epoch, p.stale = value, metrics, p.step, epoch, 0
                 self.best_state = self._snapshot()
             else:
-                stale += 1
+                p.stale += 1
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            bar.print(f"step {step} (epoch {epoch}): val {shown}" + (" (best)" if improved else ""))
-            if cfg.patience and stale >= cfg.patience:
+            bar.print(f"step {p.step} (epoch {epoch}): val {shown}" + (" (best)" if improved else ""))
+            p.evaluated_at = p.step
+            if cfg.patience and p.stale >= cfg.patience:
                 bar.print(f"early stop: no better {self.monitor} for {cfg.patience} evaluation(s); "
-                          f"best at step {best_step}")
+                          f"best at step {p.best_step}")
                 return True
             set_train_mode(self.model, self.trained_modules)
             return False
 
         with StopRequest() as stop, TrainingProgress(total, enabled=cfg.progress) as bar:
+            bar.advance(min(p.step, total))
             done = False
-            for epoch in range(1, cfg.epochs + 1):
+            if p.step >= total or p.epoch > cfg.epochs:  # resumed with max_steps / epochs at or below where it was
+                bar.print(f"the run already took {p.step} steps (of {total}): finishing it without training")
+                if p.evaluated_at != p.step:
+                    run_eval(min(p.epoch, cfg.epochs), bar)
+                    self._save_last(scheduler, p, t0)
+            for epoch in range(p.epoch, cfg.epochs + 1):
+                if p.step >= total:
+                    break
+                p.epoch = epoch
                 set_train_mode(self.model, self.trained_modules)
                 self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an incomplete group
-                micro, group_loss, group_weight = 0, 0.0, 0
-                evaluated_at = -1
-                for batch in rank_micro_batches(batches(epoch), self.ctx):
-                    micro_loss, n_samples, n_tokens = self._micro_step(batch, micro, step)
+                group_loss, group_weight = 0.0, 0
+                for batch in self._epoch_stream(batches, epoch, p):
+                    micro_loss, n_samples, n_tokens = self._micro_step(batch, p.micro, p.step)
                     weight = n_tokens if self.weight_by == "tokens" else n_samples
                     group_loss += micro_loss * weight
                     group_weight += weight
-                    micro += 1
-                    samples += n_samples * world
-                    if micro % cfg.grad_accum:
+                    p.micro += 1
+                    p.samples += n_samples * world
+                    if p.micro % cfg.grad_accum:
                         continue
                     loss = group_loss / max(group_weight, 1)  # the step's mean loss (this rank's weights)
                     self._scale_gradients(group_weight)
                     group_loss, group_weight = 0.0, 0
-                    self._optimizer_step()
+                    self._optimizer_step(empty=n_samples == 0)
                     lr = self.optimizer.param_groups[0]["lr"]
                     scheduler.step()
-                    step += 1
-                    rate = samples / max(time.perf_counter() - t0, 1e-9)
-                    if step % cfg.log_interval == 0 or step == total:
-                        self.logger.log({"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                    p.step += 1
+                    rate = p.samples / max(time.perf_counter() - t0, 1e-9)
+                    if p.step % cfg.log_interval == 0 or p.step == total:
+                        self.logger.log({"step": p.step, "epoch": epoch, "loss": loss, "lr": lr,
                                          "samples_per_sec": rate, "elapsed_s": time.perf_counter() - t0})
                     bar.set_metrics(loss, lr, f"{rate:.1f} samples/s")
-                    bar.advance(step)
-                    if cfg.eval_every and step % cfg.eval_every == 0:
-                        evaluated_at = step
-                        if run_eval(epoch, bar):
-                            stopped_early = done = True
+                    bar.advance(p.step)
+                    if cfg.eval_every and p.step % cfg.eval_every == 0:
+                        stopped_early = done = run_eval(epoch, bar)
+                        self._save_last(scheduler, p, t0)
+                        if done:
                             break
                     if self._stop_everywhere(stop.requested):
                         interrupted = done = True
-                        bar.print(f"stopping at step {step} as asked; keeping the best weights so far")
+                        self._save_last(scheduler, p, t0)
+                        bar.print(f"stopping at step {p.step} as asked; continue the run with "
+                                  "fromzero finetune --resume RUN_DIR")
                         break
-                    if step >= total:
+                    if p.step >= total:
                         done = True
                         break
-                epochs_run = epoch
-                # With eval_every the epoch boundary needs no extra evaluation, except at the very end.
-                last = done or epoch == cfg.epochs
-                if evaluated_at != step and (not cfg.eval_every or last) and not (interrupted and step == 0):
-                    if run_eval(epoch, bar):
-                        stopped_early = True
-                        done = True
-                if done:
-                    break
+                else:  # the epoch's data is used up: evaluate (unless eval_every does), go on to the next
+                    p.epochs_run = epoch
+                    if p.evaluated_at != p.step and (not cfg.eval_every or epoch == cfg.epochs):
+                        stopped_early = done = run_eval(epoch, bar)
+                    p.epoch, p.micro, p.epoch_rng = epoch + 1, 0, None
+                    self._save_last(scheduler, p, t0)
+                    if done:
+                        break
+                    continue
+                # stopped inside the epoch: max_steps, early stopping or Ctrl-C
+                p.epochs_run = epoch
+                if not interrupted and p.evaluated_at != p.step:
+                    stopped_early = run_eval(epoch, bar)
+                    self._save_last(scheduler, p, t0)
+                break
         train_s = time.perf_counter() - t0
         if self.best_state is None:
+            if interrupted:
+                return FitResult({}, 0, 0, p.step, p.epochs_run, False, True, train_s, 0.0)
             raise FromzeroError("training stopped before the first evaluation: nothing to keep")
         self.model.load_state_dict(self.best_state, strict=False)
-        stopped_early = stopped_early and step < total
-        return FitResult(best_metrics, best_step, best_epoch, step, epochs_run, stopped_early, interrupted,
-                         train_s, samples / max(train_s, 1e-9))
+        stopped_early = stopped_early and p.step < total
+        return FitResult(p.best_metrics, p.best_step, p.best_epoch, p.step, p.epochs_run, stopped_early,
+                         interrupted, train_s, p.samples / max(train_s, 1e-9))
+
+    def _epoch_stream(self, batches: Callable[[int], Iterable[Any]], epoch: int, p: "_Progress") -> Iterator[Any]:
+        """This rank's micro-batches of ``epoch``; when resuming inside it, the ones already
+        trained on are drawn again (so data-loading randomness repeats) and skipped, and the RNG
+        is put back to where the interrupted run was after its last step."""
+        if p.micro == 0 or p.epoch_rng is None:
+            p.epoch_rng = _rng_state()
+            return iter(rank_micro_batches(batches(epoch), self.ctx))
+        resume_rng = _rng_state()
+        _set_rng_state(p.epoch_rng)  # as at the start of the epoch: the loader draws its seeds now
+        stream = iter(rank_micro_batches(batches(epoch), self.ctx))
+        for _ in range(p.micro):
+            next(stream, None)
+        _set_rng_state(resume_rng)
+        return stream
+
+    # -- checkpoints/last: what a resumed run needs to continue bit for bit
+
+    def _save_last(self, scheduler: Any, p: "_Progress", t0: float) -> None:
+        """Write checkpoints/last atomically (rank 0): trained weights + buffers, the best ones so
+        far, optimizer and schedule state, RNG, and the position in the data."""
+        if self.last_dir is None or not self.ctx.is_main or self.private is not None:
+            return
+        from fromzero.training.checkpoint import TRAINER_STATE_FILE, atomic_directory, write_safetensors
+
+        weights = {f"current/{k}": v for k, v in self._snapshot().items()}
+        if self.best_state is not None:
+            weights.update({f"best/{k}": v for k, v in self.best_state.items()})
+        state = {"format": 1, "step": p.step, "epoch": p.epoch, "micro": p.micro, "samples": p.samples,
+                 "best_value": p.best_value, "best_metrics": _plain(p.best_metrics), "best_step": p.best_step,
+                 "best_epoch": p.best_epoch, "stale": p.stale, "evaluated_at": p.evaluated_at,
+                 "epochs_run": p.epochs_run, "elapsed_s": time.perf_counter() - t0,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": _rng_state(), "epoch_rng": p.epoch_rng}
+        with atomic_directory(self.last_dir) as tmp:
+            write_safetensors(weights, tmp / LAST_WEIGHTS_FILE)
+            torch.save(state, tmp / TRAINER_STATE_FILE)
+            (tmp / LAST_INFO_FILE).write_text(json.dumps({"step": p.step, "epoch": p.epoch}) + "\n")
+
+    def _load_last(self, scheduler: Any) -> "_Progress":
+        from safetensors.torch import load_file
+
+        from fromzero.training.checkpoint import load_trainer_state, recover_directory
+
+        if self.private is not None:
+            raise FromzeroError("a differentially private run cannot be resumed (its privacy accounting "
+                                "would restart): start it again")
+        if self.last_dir is None:
+            raise FromzeroError("nothing to resume from: no checkpoints/last directory given")
+        recover_directory(self.last_dir)
+        weights_file = self.last_dir / LAST_WEIGHTS_FILE
+        if not weights_file.is_file():
+            raise FromzeroError(f"nothing to resume: {self.last_dir} holds no saved training state "
+                                "(the run stopped before its first evaluation?)")
+        state = load_trainer_state(self.last_dir)
+        try:
+            weights = load_file(str(weights_file))
+        except Exception as e:  # corrupt file
+            raise FromzeroError(f"cannot read {weights_file}: {first_line(e)}") from None
+        current = {k.removeprefix("current/"): v for k, v in weights.items() if k.startswith("current/")}
+        best = {k.removeprefix("best/"): v for k, v in weights.items() if k.startswith("best/")}
+        expected = set(self._snapshot())
+        if set(current) != expected:
+            raise FromzeroError(f"{weights_file} does not fit this run's model (was the recipe changed?): "
+                                f"{len(set(current) ^ expected)} tensor names differ")
+        try:
+            self.model.load_state_dict(current, strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            self.best_state = best or None
+            p = _Progress(step=int(state["step"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
+                          samples=int(state["samples"]), best_value=state["best_value"],
+                          best_metrics=dict(state["best_metrics"]), best_step=int(state["best_step"]),
+                          best_epoch=int(state["best_epoch"]), stale=int(state["stale"]),
+                          evaluated_at=int(state["evaluated_at"]), epochs_run=int(state["epochs_run"]),
+                          elapsed_s=float(state["elapsed_s"]), epoch_rng=state["epoch_rng"])
+            _set_rng_state(state["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise FromzeroError(f"trainer state in {self.last_dir} does not fit this run: {first_line(e)}") from None
+        print(f"resuming at step {p.step} (epoch {p.epoch}) from {self.last_dir}")
+        return p
 
     def _stop_everywhere(self, requested: bool) -> bool:
         """A stop asked of any rank (Ctrl-C, SIGTERM) stops all of them after the same step."""
@@ -391,6 +563,8 @@ class Finetuner:
             return self._forward_backward(batch, step)
 
     def _forward_backward(self, batch: Any, step: int) -> tuple[float, int, int]:
+        if self.private is not None:
+            return self._private_forward_backward(batch, step)
         with self.autocast():
             loss, n_samples, n_tokens = self.loss_fn(self.net, batch)
         loss = loss.float()
@@ -404,10 +578,26 @@ class Finetuner:
         (loss * (n_tokens if self.weight_by == "tokens" else n_samples)).backward()
         return value, n_samples, n_tokens
 
+    def _private_forward_backward(self, batch: Any, step: int) -> tuple[float, int, int]:
+        """DP-SGD: backward of the batch's mean loss (Opacus scales per-example gradients from
+        it); an empty batch does nothing here and becomes a noise-only step."""
+        n = _batch_size(batch)
+        if n == 0:
+            return 0.0, 0, 0
+        loss, n_samples, n_tokens = self.loss_fn(self.net, batch)
+        loss = loss.float()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FromzeroError(f"loss became {value} at step {step + 1}: lower lr (now {self.cfg.lr}) or check the data")
+        loss.backward()
+        return value, n_samples, n_tokens
+
     def _scale_gradients(self, local_weight: int) -> None:
         """Turn the accumulated weighted sum of gradients into the step's mean: divide by the
         total weight of the step's micro-batches on every rank. DDP has already averaged the
         gradients over ranks (divided by N), hence the factor N over the global total."""
+        if self.private is not None:
+            return  # the DPOptimizer divides by the expected batch size itself
         total = float(local_weight)
         if self.ctx.world_size > 1:
             import torch.distributed as dist
@@ -423,8 +613,79 @@ class Finetuner:
             if p.grad is not None:
                 p.grad.mul_(scale)
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, empty: bool = False) -> None:
+        if self.private is not None:  # DP-SGD: the DPOptimizer clips per example and adds the noise
+            if empty:
+                self.private.empty_step()  # Poisson sampling drew no example: a noise-only step
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+LAST_WEIGHTS_FILE = "training_weights.safetensors"
+LAST_INFO_FILE = "info.json"
+
+
+@dataclass
+class _Progress:
+    """Where a fit stands: what checkpoints/last records and a resumed fit starts from."""
+
+    step: int = 0
+    epoch: int = 1
+    micro: int = 0  # this rank's micro-batches of ``epoch`` already trained on
+    samples: int = 0
+    best_value: float | None = None
+    best_metrics: dict[str, Any] | None = None
+    best_step: int = 0
+    best_epoch: int = 0
+    stale: int = 0
+    evaluated_at: int = -1
+    epochs_run: int = 0
+    elapsed_s: float = 0.0
+    epoch_rng: dict[str, Any] | None = None  # RNG at the start of ``epoch`` (the data loader draws from it)
+
+    def __post_init__(self) -> None:
+        if self.best_metrics is None:
+            self.best_metrics = {}
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(value: Any) -> Any:
+    """Metrics as plain Python (numbers, strings, lists, dicts) so weights_only loading accepts them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    return value
+
+
+def _batch_size(batch: Any) -> int:
+    """Examples in a micro-batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.size(0)
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    return 1

@@ -53,7 +53,31 @@ def load_finetune_config(recipe: str | Path | None, overrides: list[str] | dict 
     return str(task), cfg
 
 
-def run_finetune(task: str, cfg: Any) -> dict[str, Any]:
-    """Run the task's fine-tune; returns its summary (run_dir, checkpoint, val, test, ...)."""
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[str, Any]:
+    """(task, config) of an existing fine-tuning run (its config.yaml) + overrides, for --resume."""
+    from fromzero.config import deep_merge, from_dict, load_yaml, parse_overrides
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FromzeroError(f"nothing to resume: {run_dir} has no config.yaml (not a fine-tuning run directory)")
+    data = load_yaml(run_dir / "config.yaml")
+    task = data.pop("task", None)
+    if task not in TASKS:
+        raise FromzeroError(f"{run_dir / 'config.yaml'} names no fine-tuning task (tasks: {', '.join(TASKS)})")
+    cls = task_config_class(task)
+    extra = parse_overrides(list(overrides or []), cls, command="finetune")
+    for key in ("out_dir", "force"):
+        if key in extra:
+            raise FromzeroError(f"--{key} cannot change when resuming: the run continues in {run_dir}")
+    data.update(out_dir=str(run_dir), force=False)
+    cfg = from_dict(cls, deep_merge(data, extra))
+    cfg.validate()
+    return str(task), cfg
+
+
+def run_finetune(task: str, cfg: Any, resume: bool = False) -> dict[str, Any]:
+    """Run the task's fine-tune (resume: continue the run in cfg.out_dir from its
+    checkpoints/last); returns its summary (run_dir, checkpoint, val, test, ...)."""
     module, _, function = TASKS[task]
-    return getattr(importlib.import_module(module), function)(cfg)
+    run = getattr(importlib.import_module(module), function)
+    return run(cfg, resume=True) if resume else run(cfg)

@@ -34,7 +34,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -309,7 +309,7 @@ def run_baselines(cfg: RecommendationConfig, data: RecData, val: EvalSet, test: 
 # The run
 
 
-def finetune_recommendation(cfg: RecommendationConfig) -> dict[str, Any]:
+def finetune_recommendation(cfg: RecommendationConfig, resume: bool = False) -> dict[str, Any]:
     """Train, pick the best epoch by ``monitor`` on val, score test (and the baselines) once, write
     the run directory. Returns a summary::
 
@@ -323,21 +323,19 @@ def finetune_recommendation(cfg: RecommendationConfig) -> dict[str, Any]:
     cfg.validate()
     ctx, device = start_distributed(cfg)
     try:
-        return _finetune_recommendation(cfg, ctx, device, t_start)
+        return _finetune_recommendation(cfg, ctx, device, t_start, resume)
     finally:
         shutdown(ctx)
 
 
-def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.device, t_start: float) -> dict:
-    import yaml
-
+def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.device, t_start: float,
+                             resume: bool) -> dict:
     from fromzero.data.interactions import training_examples
-    from fromzero.finetune.engine import Finetuner, on_main_rank
+    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, start_run_dir
     from fromzero.finetune.methods import count_parameters
     from fromzero.training.callbacks import MetricsLogger, NullLogger
-    from fromzero.training.checkpoint import atomic_write_text
-    from fromzero.training.distributed import barrier, broadcast_text
-    from fromzero.training.trainer import autocast_context, compile_model, default_finetune_dir, prepare_run_dir, resolve_dtype
+    from fromzero.training.distributed import barrier
+    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
 
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work
@@ -350,18 +348,10 @@ def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.
     test_set = data.eval_set("test", cfg.eval_negatives, cfg.eval_seed)
     torch.manual_seed(cfg.seed)
     model = build_recommender(cfg, data)
-    config = model.config.to_dict()
     _, total = count_parameters(model)
     model.to(device)
 
-    run_dir = Path(broadcast_text(str(Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("recommendation")), ctx))
-
-    def start_run() -> None:
-        prepare_run_dir(run_dir, cfg.force, resumable=False)
-        saved = dict(asdict(cfg), out_dir=str(run_dir), task="recommendation")
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-
-    on_main_rank(ctx, start_run)
+    run_dir = start_run_dir(cfg, "recommendation", ctx, resume)  # rank 0 alone writes it
 
     forward = compile_model(model, "default", device) if cfg.compile else model
     train_keys = data.train_keys()
@@ -395,11 +385,14 @@ def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.
           f"{len(data.train)} training positives x (1 + {cfg.negatives} negatives), val/test "
           f"{len(val_set)}/{len(test_set)} held out vs {cfg.eval_negatives} negatives; {total:,} parameters; "
           f"device {device}, {dtype}")
-    logger = MetricsLogger(run_dir) if ctx.is_main else NullLogger()
+    logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
-                              higher_is_better=cfg.monitor != "val_loss", logger=logger, forward=forward, ctx=ctx)
+                              higher_is_better=cfg.monitor != "val_loss", logger=logger, forward=forward, ctx=ctx,
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume)
         fit = finetuner.fit(batches, micro_batches)
+        if fit.interrupted:
+            return interrupted_summary(run_dir, fit)
         test = evaluate_scores(model_scores(test_set), k, logits=True)
         baselines = run_baselines(cfg, data, val_set, test_set) if cfg.baselines and ctx.is_main else {}
         logger.log({"step": fit.steps, **{f"test_{m}": v for m, v in test.items()}})

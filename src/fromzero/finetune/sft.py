@@ -26,7 +26,7 @@ split is scored once at the end. ``packing`` concatenates examples into full row
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +161,10 @@ def response_loss(model: nn.Module, loader: Any, device: torch.device, autocast:
     return language_model_metrics(total / count)
 
 
-def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
+def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Train on response tokens, keep the best val loss, score test, write the run directory
-    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes)."""
+    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
+    the run in out_dir from its checkpoints/last."""
     from fromzero.finetune.engine import start_distributed
     from fromzero.training.distributed import shutdown
 
@@ -171,13 +172,12 @@ def finetune_sft(cfg: SFTConfig) -> dict[str, Any]:
     cfg.validate()
     ctx, device = start_distributed(cfg)
     try:
-        return _finetune_sft(cfg, ctx, device, t_start)
+        return _finetune_sft(cfg, ctx, device, t_start, resume)
     finally:
         shutdown(ctx)
 
 
-def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float) -> dict[str, Any]:
-    import yaml
+def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float, resume: bool) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from fromzero.data.sft import (add_system_prompt, collate_sft, load_sft_examples, pack_sft,
@@ -185,14 +185,14 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
     from fromzero.compression.distill import build_student, count_params, distillation_loss, load_teacher
-    from fromzero.finetune.engine import Finetuner, on_main_rank
+    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, seeded_epochs, start_run_dir
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
     from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
-    from fromzero.training.distributed import barrier, broadcast_text
-    from fromzero.training.checkpoint import CONFIG_FILE, TOKENIZER_FILE, atomic_write_text, read_json, save_checkpoint
-    from fromzero.training.trainer import autocast_context, compile_model, default_finetune_dir, prepare_run_dir, resolve_dtype
+    from fromzero.training.distributed import barrier
+    from fromzero.training.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
 
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)
@@ -261,15 +261,7 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
         total = float_params + trainable
     model.to(device)
 
-    # Every rank agrees on rank 0's (timestamped) run directory; rank 0 alone writes it.
-    run_dir = Path(broadcast_text(str(Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("sft")), ctx))
-
-    def start_run() -> None:
-        prepare_run_dir(run_dir, cfg.force, resumable=False)
-        atomic_write_text(run_dir / "config.yaml",
-                          yaml.safe_dump(dict(asdict(cfg), out_dir=str(run_dir), task="sft"), sort_keys=False))
-
-    on_main_rank(ctx, start_run)
+    run_dir = start_run_dir(cfg, "sft", ctx, resume)  # rank 0 alone writes it
 
     collate = lambda batch: collate_sft(batch, pad_id)  # noqa: E731
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -299,12 +291,15 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
           f"({sets['train'].n_target_tokens:,} response tokens in train); method {cfg.method}: trains "
           f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
     before = response_loss(forward, eval_loaders["test"], device, autocast)  # the base model's, for comparison
-    logger = MetricsLogger(run_dir) if ctx.is_main else NullLogger()
+    logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
                               logger=logger, trained_modules=trained_modules, forward=forward, ctx=ctx,
-                              weight_by="tokens")  # the loss is a mean over reply tokens
-        fit = finetuner.fit(lambda epoch: train_loader, len(train_loader))
+                              weight_by="tokens",  # the loss is a mean over reply tokens
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume)
+        fit = finetuner.fit(seeded_epochs(train_loader, generator, cfg.seed), len(train_loader))
+        if fit.interrupted:
+            return interrupted_summary(run_dir, fit)
         test = response_loss(forward, eval_loaders["test"], device, autocast)
         logger.log({"step": fit.steps, "test_loss": test["loss"], "test_perplexity": test["perplexity"]})
     finally:

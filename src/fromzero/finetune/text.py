@@ -19,7 +19,7 @@ confusion_matrix), checkpoints/best/ (full weights, or a PEFT adapter for method
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,9 +163,10 @@ def _val_summary(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: metrics[k] for k in ("loss", "accuracy", "f1_macro", "f1_weighted") if k in metrics}
 
 
-def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any]:
+def finetune_text_classification(cfg: TextClassificationConfig, resume: bool = False) -> dict[str, Any]:
     """Train, pick the best by ``monitor`` on val, score test once, write the run directory
-    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes)."""
+    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
+    the run in out_dir from its checkpoints/last."""
     from fromzero.finetune.engine import start_distributed
     from fromzero.training.distributed import shutdown
 
@@ -173,26 +174,24 @@ def finetune_text_classification(cfg: TextClassificationConfig) -> dict[str, Any
     cfg.validate()
     ctx, device = start_distributed(cfg)
     try:
-        return _finetune_text_classification(cfg, ctx, device, t_start)
+        return _finetune_text_classification(cfg, ctx, device, t_start, resume)
     finally:
         shutdown(ctx)
 
 
 def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, device: torch.device,
-                                  t_start: float) -> dict[str, Any]:
-    import yaml
-
+                                  t_start: float, resume: bool) -> dict[str, Any]:
     from fromzero.data.classification import encode_texts, label_names, load_text_classification
     from fromzero.compression.distill import build_student, count_params, distillation_loss, load_teacher
-    from fromzero.finetune.engine import Finetuner, on_main_rank
+    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, start_run_dir
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
     from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
     from fromzero.training.callbacks import MetricsLogger, NullLogger
-    from fromzero.training.checkpoint import CONFIG_FILE, atomic_write_text, read_json, save_checkpoint
-    from fromzero.training.distributed import barrier, broadcast_text
-    from fromzero.training.trainer import autocast_context, compile_model, default_finetune_dir, prepare_run_dir, resolve_dtype
+    from fromzero.training.checkpoint import CONFIG_FILE, read_json, save_checkpoint
+    from fromzero.training.distributed import barrier
+    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
 
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work
@@ -244,15 +243,7 @@ def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, devic
     trainable, total = count_parameters(model)
     model.to(device)
 
-    # Every rank agrees on rank 0's (timestamped) run directory; rank 0 alone writes it.
-    run_dir = Path(broadcast_text(str(Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("text-classification")), ctx))
-
-    def start_run() -> None:
-        prepare_run_dir(run_dir, cfg.force, resumable=False)
-        saved = dict(asdict(cfg), out_dir=str(run_dir), task="text-classification")
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
-
-    on_main_rank(ctx, start_run)
+    run_dir = start_run_dir(cfg, "text-classification", ctx, resume)  # rank 0 alone writes it
 
     pad_id = bert_config.pad_token_id or 0
     train = TextBatches(encoded["train"], label_ids["train"], cfg.batch_size, True, cfg.seed, pad_id,
@@ -280,12 +271,15 @@ def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, devic
     print(f"text classification: {len(labels)} classes, train/val/test {len(encoded['train'])}/"
           f"{len(encoded['val'])}/{len(encoded['test'])}; method {cfg.method}: trains {trainable:,} of "
           f"{total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
-    logger = MetricsLogger(run_dir) if ctx.is_main else NullLogger()
+    logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
                               higher_is_better=cfg.monitor != "val_loss", logger=logger,
-                              trained_modules=trained_modules, forward=forward, ctx=ctx)
+                              trained_modules=trained_modules, forward=forward, ctx=ctx,
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume)
         fit = finetuner.fit(train.epoch, len(train))  # micro-batches per epoch
+        if fit.interrupted:
+            return interrupted_summary(run_dir, fit)
         test = score(predict_logits(forward, evals["test"], device, autocast), label_ids["test"], labels)
         logger.log({"step": fit.steps, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                     "test_f1_macro": test["f1_macro"]})

@@ -136,12 +136,14 @@ def prepare_run_dir(run_dir: Path, force: bool, resumable: bool = True) -> None:
     """Create ``run_dir``; an existing non-empty one is refused unless ``force``.
 
     With force only the files a run writes are removed: other files a user keeps there stay.
-    resumable: the command has --resume (pretrain), so the refusal can suggest it.
+    resumable: the command has --resume, so the refusal can suggest it (when there is a
+    checkpoints/last to resume from).
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise FromzeroError(f"run directory {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not force:
+            resumable = resumable and (run_dir / "checkpoints" / "last").is_dir()
             resume = f"pass --resume {run_dir} to continue it or " if resumable else "pass "
             raise FromzeroError(f"run directory {run_dir} already exists; {resume}--force to start over")
         for name in RUN_FILES:
