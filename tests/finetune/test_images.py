@@ -374,3 +374,39 @@ def test_vit_checkpoint_weights_at_a_new_size_frozen(shapes: Path, tmp_path: Pat
     assert result["trainable_params"] == 32 * 3 + 3
     info = json.loads((Path(result["checkpoint"]) / "info.json").read_text())
     assert info["mean"] == [0.5] * 3 and info["image_size"] == SIZE
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared fine-tuning loop: exact resume, gradient accumulation, eval_every, warmup
+
+
+def test_resume_continues_bit_for_bit(shapes: Path, tmp_path: Path, monkeypatch) -> None:
+    """An image run stopped inside its second epoch (random augmentation and MixUp draw from the
+    RNG, a shuffled loader from its generator) and resumed = never stopped."""
+    from fromzero.finetune.images import finetune_images
+
+    from .resume import assert_resume_is_exact
+
+    def cfg(out):
+        return tiny_cfg(shapes, out, epochs=2, augment="flip", mixup_alpha=0.2, batch_size=8, eval_every=3)
+
+    straight, resumed = assert_resume_is_exact(finetune_images, cfg, tmp_path, monkeypatch, stop_at=8)
+    assert resumed["test"]["accuracy"] == straight["test"]["accuracy"]
+
+
+def test_grad_accum_matches_one_batch_k_times_larger(shapes: Path, tmp_path: Path) -> None:
+    """Images now train in the shared loop: 2 micro-batches of 8 per step = 1 batch of 16 (SGD,
+    no augmentation; BatchNorm-free simple CNN would differ only in float rounding)."""
+    from safetensors.torch import load_file
+
+    from fromzero.finetune.images import finetune_images
+
+    common = dict(epochs=1, optimizer="sgd", lr=0.05, max_steps=3, eval_every=3, arch="vit", vit_hidden_size=16,
+                  vit_layers=1, vit_heads=2, vit_patch_size=8)
+    a = finetune_images(tiny_cfg(shapes, tmp_path / "accum", batch_size=8, grad_accum=2, **common))
+    b = finetune_images(tiny_cfg(shapes, tmp_path / "big", batch_size=16, **common))
+    assert a["steps"] == b["steps"] == 3
+    wa = load_file(str(Path(a["checkpoint"]) / "model.safetensors"))
+    wb = load_file(str(Path(b["checkpoint"]) / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)

@@ -450,7 +450,7 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
         tokenize_preferences
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, seeded_epochs, start_run_dir
+    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, ShuffledEpochs, start_run_dir
     from fromzero.finetune.lora import base_model, save_adapter
     from fromzero.finetune.methods import count_parameters
     from fromzero.finetune.sft import save_with_template_files
@@ -553,7 +553,7 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
                               logger=logger, trained_modules=start.trained_modules, forward=forward, ctx=ctx,
                               last_dir=run_dir / "checkpoints" / "last", resume=resume)
-        fit = finetuner.fit(seeded_epochs(train_loader, generator, cfg.seed), len(train_loader))
+        fit = finetuner.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
         test = evaluate_pairs(forward, eval_loaders["test"], device, autocast, cfg.beta, cfg.label_smoothing)

@@ -237,14 +237,23 @@ def on_main_rank(ctx: DistContext, work: Callable[[], Any]) -> None:
         raise FromzeroError(message)
 
 
-def seeded_epochs(loader: Any, generator: torch.Generator, seed: int) -> Callable[[int], Iterable[Any]]:
-    """``batches(epoch)`` for a DataLoader shuffled by ``generator``: reseeded per epoch (seed +
-    epoch - 1), so an epoch's order depends on the epoch alone and a resumed run sees the same."""
-    def batches(epoch: int) -> Iterable[Any]:
-        generator.manual_seed(seed + epoch - 1)
-        return iter(loader)
+class ShuffledEpochs:
+    """``batches(epoch)`` for a DataLoader shuffled by ``generator`` (one generator for the whole
+    run, so epoch e's order follows from the seed and the epochs before it). The loop saves the
+    generator's state at the start of an epoch with checkpoints/last (``get_state``) and puts it
+    back to resume inside that epoch (``set_state``), so a resumed run draws the same batches."""
 
-    return batches
+    def __init__(self, loader: Any, generator: torch.Generator) -> None:
+        self.loader, self.generator = loader, generator
+
+    def __call__(self, epoch: int) -> Iterable[Any]:
+        return iter(self.loader)
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
 
 def rank_micro_batches(batches: Iterable[Any], ctx: DistContext) -> Iterable[Any]:
@@ -375,6 +384,8 @@ class Finetuner:
             value = float(metrics[self.monitor.removeprefix("val_")])
             row = {"step": p.step, "epoch": epoch, "elapsed_s": time.perf_counter() - t0}
             row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            if self.private is not None:
+                row["epsilon"] = self.private.epsilon()  # spent so far (at privacy.delta)
             self.logger.log(row)
             announce_evaluation(p.step, row)
             improved = self._improved(value, p.best_value)
@@ -407,12 +418,13 @@ class Finetuner:
                 p.epoch = epoch
                 set_train_mode(self.model, self.trained_modules)
                 self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an incomplete group
-                group_loss, group_weight = 0.0, 0
+                group_loss, group_weight, group_samples = 0.0, 0, 0
                 for batch in self._epoch_stream(batches, epoch, p):
                     micro_loss, n_samples, n_tokens = self._micro_step(batch, p.micro, p.step)
                     weight = n_tokens if self.weight_by == "tokens" else n_samples
                     group_loss += micro_loss * weight
                     group_weight += weight
+                    group_samples += n_samples
                     p.micro += 1
                     p.samples += n_samples * world
                     if p.micro % cfg.grad_accum:
@@ -420,12 +432,14 @@ class Finetuner:
                     loss = group_loss / max(group_weight, 1)  # the step's mean loss (this rank's weights)
                     self._scale_gradients(group_weight)
                     group_loss, group_weight = 0.0, 0
-                    self._optimizer_step(empty=n_samples == 0)
+                    self._optimizer_step(empty=group_samples == 0)
                     lr = self.optimizer.param_groups[0]["lr"]
                     scheduler.step()
                     p.step += 1
                     rate = p.samples / max(time.perf_counter() - t0, 1e-9)
-                    if p.step % cfg.log_interval == 0 or p.step == total:
+                    logged = group_samples > 0  # a noise-only DP step (empty Poisson batch) has no loss
+                    group_samples = 0
+                    if logged and (p.step % cfg.log_interval == 0 or p.step == total):
                         self.logger.log({"step": p.step, "epoch": epoch, "loss": loss, "lr": lr,
                                          "samples_per_sec": rate, "elapsed_s": time.perf_counter() - t0})
                     bar.set_metrics(loss, lr, f"{rate:.1f} samples/s")
@@ -449,6 +463,7 @@ class Finetuner:
                     if p.evaluated_at != p.step and (not cfg.eval_every or epoch == cfg.epochs):
                         stopped_early = done = run_eval(epoch, bar)
                     p.epoch, p.micro, p.epoch_rng = epoch + 1, 0, None
+                    p.epoch_data = batches.get_state() if hasattr(batches, "get_state") else None  # type: ignore[attr-defined]
                     self._save_last(scheduler, p, t0)
                     if done:
                         break
@@ -473,11 +488,17 @@ class Finetuner:
         """This rank's micro-batches of ``epoch``; when resuming inside it, the ones already
         trained on are drawn again (so data-loading randomness repeats) and skipped, and the RNG
         is put back to where the interrupted run was after its last step."""
+        data_state = getattr(batches, "set_state", None)  # a ShuffledEpochs' generator
         if p.micro == 0 or p.epoch_rng is None:
+            if p.epoch_data is not None and data_state is not None:  # resuming at the start of an epoch
+                data_state(p.epoch_data)
             p.epoch_rng = _rng_state()
+            p.epoch_data = batches.get_state() if data_state is not None else None  # type: ignore[attr-defined]
             return iter(rank_micro_batches(batches(epoch), self.ctx))
         resume_rng = _rng_state()
         _set_rng_state(p.epoch_rng)  # as at the start of the epoch: the loader draws its seeds now
+        if p.epoch_data is not None and data_state is not None:
+            data_state(p.epoch_data)
         stream = iter(rank_micro_batches(batches(epoch), self.ctx))
         for _ in range(p.micro):
             next(stream, None)
@@ -501,7 +522,7 @@ class Finetuner:
                  "best_epoch": p.best_epoch, "stale": p.stale, "evaluated_at": p.evaluated_at,
                  "epochs_run": p.epochs_run, "elapsed_s": time.perf_counter() - t0,
                  "optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "epoch_rng": p.epoch_rng}
+                 "rng": _rng_state(), "epoch_rng": p.epoch_rng, "epoch_data": p.epoch_data}
         with atomic_directory(self.last_dir) as tmp:
             write_safetensors(weights, tmp / LAST_WEIGHTS_FILE)
             torch.save(state, tmp / TRAINER_STATE_FILE)
@@ -543,7 +564,8 @@ class Finetuner:
                           best_metrics=dict(state["best_metrics"]), best_step=int(state["best_step"]),
                           best_epoch=int(state["best_epoch"]), stale=int(state["stale"]),
                           evaluated_at=int(state["evaluated_at"]), epochs_run=int(state["epochs_run"]),
-                          elapsed_s=float(state["elapsed_s"]), epoch_rng=state["epoch_rng"])
+                          elapsed_s=float(state["elapsed_s"]), epoch_rng=state["epoch_rng"],
+                          epoch_data=state.get("epoch_data"))
             _set_rng_state(state["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise FromzeroError(f"trainer state in {self.last_dir} does not fit this run: {first_line(e)}") from None
@@ -648,6 +670,7 @@ class _Progress:
     epochs_run: int = 0
     elapsed_s: float = 0.0
     epoch_rng: dict[str, Any] | None = None  # RNG at the start of ``epoch`` (the data loader draws from it)
+    epoch_data: torch.Tensor | None = None  # the shuffling generator's state at the start of ``epoch``
 
     def __post_init__(self) -> None:
         if self.best_metrics is None:

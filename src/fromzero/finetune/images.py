@@ -4,11 +4,12 @@ The data directory holds three splits with the same class folders::
 
     DATA/train/<class>/*.png    DATA/val/<class>/*.png    DATA/test/<class>/*.png
 
-:func:`finetune_images` builds the model (the simple CNN, a torchvision ResNet, or a ViT), trains
-it with AdamW or SGD (cosine learning rate, optional label smoothing, MixUp / CutMix), scores the
-val split after every epoch, keeps the weights with the best val macro-F1 and stops early when
-it has not improved for ``patience`` epochs. The best weights are restored and the held-out test
-split is scored once, at the end (never used for any choice). Try it::
+:func:`finetune_images` builds the model (the simple CNN, a torchvision ResNet, or a ViT) and
+the data (augmentation, optional label smoothing, MixUp / CutMix), and trains in the loop every
+fine-tuning task shares (:class:`fromzero.finetune.engine.Finetuner`: AdamW or SGD, warmup +
+cosine, gradient accumulation, DDP under torchrun, compile, eval every epoch or ``eval_every``
+steps, early stopping on val macro-F1, exact ``--resume``). The best weights are restored and the
+held-out test split is scored once, at the end (never used for any choice). Try it::
 
     from fromzero.finetune.images import ImageFinetuneConfig, finetune_images
     result = finetune_images(ImageFinetuneConfig(data_dir="data/pets", arch="resnet18",
@@ -36,28 +37,32 @@ train in full).
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from fromzero.data.images import AUGMENTS, BAD_IMAGES, build_transforms, default_resize, load_image_folder, normalization
 from fromzero.errors import FromzeroError
+from fromzero.finetune.engine import FinetuneConfig
 from fromzero.training.privacy import PrivacyConfig
 
 ARCHS = ("simple", "resnet18", "resnet50", "vit")
-OPTIMIZERS = ("adamw", "sgd")
 METHODS = ("full", "frozen")
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class ImageFinetuneConfig:
+class ImageFinetuneConfig(FinetuneConfig):
     """Fine-tuning an image classifier on DATA/{train,val,test}/<class>/<image>."""
+
+    # Inherited options images do not use (the model comes from arch + weights; no LoRA yet):
+    # left out of --help, refused by validate() when a recipe sets them.
+    UNUSED_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"})
 
     data_dir: str = ""
     """Folder with train/, val/ and test/ ImageFolders (the same class folders in each), or digits (built in)."""
@@ -85,15 +90,15 @@ class ImageFinetuneConfig:
     epochs: int = 10
     """Maximum number of passes over the training split."""
     batch_size: int = 32
-    """Images per optimizer step."""
+    """Images per micro-batch."""
     lr: float = 1e-3
     """Peak learning rate (cosine decay to lr * min_lr_ratio over all steps)."""
-    min_lr_ratio: float = 0.0
-    """Final learning rate as a fraction of lr; 1.0 keeps it constant."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay on matrices and filters (not on biases / norms)."""
-    optimizer: str = "adamw"
-    """adamw | sgd (with momentum 0.9, Nesterov)."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps with linear warmup from 0 to lr."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this (0 = off)."""
+    log_interval: int = 1
+    """Write a metrics row every N optimizer steps."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing in [0, 1)."""
     mixup_alpha: float = 0.0
@@ -104,10 +109,8 @@ class ImageFinetuneConfig:
     """full (train every weight) | frozen (train the classification head, plus unfreeze_top blocks)."""
     unfreeze_top: int = 0
     """method frozen: also train the last N blocks (ResNet stages layer1-4, ViT blocks); 0 = the head only."""
-    l1: float = 0.0
-    """L1 regularisation: l1 * sum(|w|) of the trained matrices and filters is added to the loss (0 = off)."""
     patience: int = 0
-    """Stop after this many epochs without a better val macro-F1; 0 = never stop early."""
+    """Stop after this many evaluations without a better val macro-F1; 0 = never stop early."""
     vit_patch_size: int = 4
     """ViT trained from scratch: patch size (image_size must be divisible by it)."""
     vit_hidden_size: int = 192
@@ -118,20 +121,8 @@ class ImageFinetuneConfig:
     """ViT trained from scratch: attention heads."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """Differential privacy (DP-SGD through Opacus); on when privacy.target_epsilon or noise_multiplier is set."""
-    seed: int = 0
-    """Seed for initialisation, shuffling and augmentation."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N | mps."""
-    dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16 (autocast; weights stay float32)."""
-    num_workers: int = 0
-    """DataLoader worker processes (0 = load in the main process)."""
     out_dir: str = ""
     """Run directory ("" = runs/image-classification-<timestamp>); refused if it exists and is not empty, unless force."""
-    force: bool = False
-    """Replace the files of an existing run directory."""
-    progress: bool = True
-    """Show a rich progress bar on stderr."""
 
     def validate(self) -> None:
         """Raise FromzeroError for a value that cannot work."""
@@ -141,37 +132,22 @@ class ImageFinetuneConfig:
 
         if not str(self.data_dir).strip():
             raise FromzeroError("data_dir is required (a folder with train/, val/ and test/)")
+        one_of("method", METHODS)
+        self.validate_common()
         one_of("arch", ARCHS)
         one_of("augment", AUGMENTS)
         one_of("bad_images", BAD_IMAGES)
-        one_of("optimizer", OPTIMIZERS)
-        one_of("method", METHODS)
-        one_of("dtype", ("auto", "float32", "bfloat16", "float16"))
-        for name in ("image_size", "epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise FromzeroError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
+            raise FromzeroError(f"image_size must be a positive integer, got {self.image_size!r}")
         if self.channels not in (1, 3):
             raise FromzeroError(f"channels must be 1 or 3, got {self.channels!r}")
         if self.resize_size and self.resize_size < self.image_size:
             raise FromzeroError(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size}) or 0")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FromzeroError(f"lr must be positive, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise FromzeroError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise FromzeroError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FromzeroError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise FromzeroError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
-        if self.l1 < 0 or self.unfreeze_top < 0:
-            raise FromzeroError("l1 and unfreeze_top must be >= 0")
-        if self.patience < 0:
-            raise FromzeroError(f"patience must be >= 0 (0 = no early stopping), got {self.patience}")
-        if self.num_workers < 0:
-            raise FromzeroError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.method == "frozen" and self.weights is None:
             raise FromzeroError("method=frozen trains only the head: it needs pretrained weights (weights=...)")
         self.privacy.validate()
@@ -184,6 +160,8 @@ class ImageFinetuneConfig:
             if self.dtype in ("bfloat16", "float16"):
                 raise FromzeroError(f"privacy: dtype {self.dtype} is not supported (per-example gradients are "
                                     "computed in float32): use dtype float32 or auto")
+            if self.grad_accum != 1 or self.dist_strategy != "none" or self.compile:
+                raise FromzeroError("privacy: DP-SGD runs in one process, uncompiled, with grad_accum 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,32 +289,43 @@ def builtin_image_data(data_dir: str) -> Path:
     return target
 
 
-def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
-    """Train, select by val macro-F1, test once; write the run directory. Returns a summary::
+def finetune_images(cfg: ImageFinetuneConfig, resume: bool = False) -> dict[str, Any]:
+    """Train, select by val macro-F1, test once; write the run directory (under torchrun with
+    dist_strategy ddp: every rank trains, rank 0 writes); resume: continue the run in out_dir
+    from its checkpoints/last. Returns a summary::
 
         {"run_dir", "checkpoint", "labels", "best_epoch", "epochs_run", "stopped_early",
          "val": best val metrics, "test": test metrics, "train_s", "wall_s"}
     """
-    import yaml
+    from fromzero.finetune.engine import start_distributed
+    from fromzero.training.distributed import shutdown
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    ctx, device = start_distributed(cfg)
+    try:
+        return _finetune_images(cfg, ctx, device, t_start, resume)
+    finally:
+        shutdown(ctx)
+
+
+def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t_start: float,
+                     resume: bool) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from fromzero.evaluation.metrics import format_report, write_metrics_json
     from fromzero.evaluation.plots import plot_confusion_matrix
-    from fromzero.finetune.engine import l1_penalty
-    from fromzero.finetune.methods import freeze, set_train_mode
-    from fromzero.training.callbacks import MetricsLogger, TrainingProgress, write_plots
-    from fromzero.training.checkpoint import atomic_write_text, save_checkpoint
-    from fromzero.training.optim import param_groups
-    from fromzero.training.trainer import (autocast_context, default_finetune_dir, prepare_run_dir, resolve_device,
-                                           resolve_dtype)
+    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, ShuffledEpochs, start_run_dir
+    from fromzero.finetune.methods import freeze
+    from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
+    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.training.distributed import barrier
+    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
 
-    t_start = time.perf_counter()
-    cfg.validate()
     data_dir = builtin_image_data(cfg.data_dir)
     for split in SPLITS:
         if not (data_dir / split).is_dir():
             raise FromzeroError(f"{data_dir / split} not found: data_dir needs train/, val/ and test/ folders")
-    device = resolve_device(cfg.device)
     private_run = cfg.privacy.enabled
     dtype = resolve_dtype(device, "float32" if private_run else cfg.dtype)  # DP-SGD: per-example grads in fp32
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work
@@ -364,8 +353,7 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
         # No fixing (BatchNorm -> GroupNorm): config.json could not describe the fixed network.
         make_compatible(model, fix=False, why_not="a fromzero-cnn checkpoint cannot hold the GroupNorm layers "
                         "that would replace them: use method frozen (unfreeze_top 0), arch simple or arch vit")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    l1_params = [p for p in trainable if p.dim() >= 2]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.to(device)
 
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -381,113 +369,65 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=generator, **loader_args)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
     test_loader = DataLoader(test_ds, shuffle=False, **loader_args)
+    batches = ShuffledEpochs(train_loader, generator)
 
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
-    else:
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    net: nn.Module = model  # what the training step calls
-    private = None
+    net: nn.Module = compile_model(model, "default", device) if cfg.compile else model  # what the step calls
+    optimizer, private = None, None
     if private_run:  # checked (and the noise calibrated) before the run directory is touched
+        from fromzero.finetune.engine import build_optimizer
         from fromzero.training.privacy import make_private
 
-        private = make_private(model, opt, train_loader, cfg.privacy, cfg.epochs, seed=cfg.seed)
-        net, opt, train_loader = private.module, private.optimizer, private.loader
+        private = make_private(model, build_optimizer(model, cfg, device), train_loader, cfg.privacy, cfg.epochs,
+                               seed=cfg.seed)
+        net, optimizer = private.module, private.optimizer
+        batches = lambda epoch: iter(private.loader)  # noqa: E731 - Poisson-sampled, from Opacus' own generator
         print(private.describe())
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * cfg.min_lr_ratio)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # also takes MixUp's soft targets
     mixer = _mixer(cfg, len(labels))
 
     def autocast() -> Any:
         return autocast_context(device, dtype)
 
-    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir("image-classification")
-    prepare_run_dir(run_dir, cfg.force, resumable=False)
-    if (run_dir / "metrics.json").is_file():  # ours, but not in the trainer's RUN_FILES
-        (run_dir / "metrics.json").unlink()
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    def loss_fn(step_net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if mixer is not None:
+            x, y = mixer(x, y)  # y becomes (B, K) mixed one-hot targets
+        return criterion(step_net(x).float(), y), x.size(0), 0
 
-    logger = MetricsLogger(run_dir)
-    best_f1, best_epoch, best_state, best_val = -1.0, 0, None, None
-    stale_epochs, step, epochs_run, stopped_early = 0, 0, 0, False
-    t_train = time.perf_counter()
+    def evaluate(_: nn.Module) -> dict[str, Any]:
+        val = _score(*predict_loader(model, val_loader, device, autocast), labels)
+        return {k: val[k] for k in ("loss", "accuracy", "f1_macro", "f1_weighted")}
+
+    run_dir = start_run_dir(cfg, "image-classification", ctx, resume)  # rank 0 alone writes it
+    print(f"image classification ({cfg.arch}): {len(labels)} classes, train/val/test {len(train_ds)}/"
+          f"{len(val_ds)}/{len(test_ds)} images; method {cfg.method}: trains {trainable:,} parameters; "
+          f"device {device}, {dtype}")
+    logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
-        with TrainingProgress(total_steps, enabled=cfg.progress) as bar:
-            for epoch in range(1, cfg.epochs + 1):
-                set_train_mode(model, trained_modules)
-                t_epoch, seen = time.perf_counter(), 0
-                for x, y in train_loader:
-                    if private is not None and x.size(0) == 0:  # Poisson sampling drew no image
-                        private.empty_step()
-                        sched.step()
-                        step += 1
-                        bar.advance(step)
-                        continue
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if mixer is not None:
-                        x, y = mixer(x, y)  # y becomes (B, K) mixed one-hot targets
-                    with autocast():
-                        logits = net(x)  # (B, K)
-                    loss = criterion(logits.float(), y)
-                    if cfg.l1:
-                        loss = loss + cfg.l1 * l1_penalty(l1_params)
-                    if not torch.isfinite(loss):
-                        raise FromzeroError(f"loss became {loss.item()} at step {step + 1}: lower lr (now {cfg.lr})")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    lr = opt.param_groups[0]["lr"]
-                    sched.step()
-                    step += 1
-                    seen += x.size(0)
-                    rate = seen / max(time.perf_counter() - t_epoch, 1e-9)
-                    logger.log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
-                                "samples_per_sec": rate, "elapsed_s": time.perf_counter() - t_train})
-                    bar.set_metrics(loss.item(), lr, f"{rate:.0f} img/s")
-                    bar.advance(step)
-                epochs_run = epoch
-                val_logits, val_labels = predict_loader(model, val_loader, device, autocast)
-                val = _score(val_logits, val_labels, labels)
-                row = {"step": step, "epoch": epoch, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                       "val_f1_macro": val["f1_macro"], "elapsed_s": time.perf_counter() - t_train}
-                if private is not None:
-                    row["epsilon"] = private.epsilon()  # spent so far (delta: privacy.delta)
-                logger.log(row)
-                improved = val["f1_macro"] > best_f1
-                if improved:
-                    best_f1, best_epoch, best_val, stale_epochs = val["f1_macro"], epoch, val, 0
-                    # a CPU copy: the best weights survive later (worse) epochs
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                else:
-                    stale_epochs += 1
-                spent = f" epsilon {row['epsilon']:.3f}" if private is not None else ""
-                bar.print(f"epoch {epoch}: val loss {val['loss']:.4f} acc {val['accuracy']:.4f} "
-                          f"macro-F1 {val['f1_macro']:.4f}{spent}" + (" (best)" if improved else ""))
-                if cfg.patience and stale_epochs >= cfg.patience:
-                    stopped_early = epoch < cfg.epochs
-                    if stopped_early:
-                        bar.print(f"early stop: no better val macro-F1 for {cfg.patience} epoch(s); best epoch {best_epoch}")
-                    break
-        train_s = time.perf_counter() - t_train
+        finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_f1_macro", higher_is_better=True,
+                              logger=logger, trained_modules=trained_modules, forward=net, ctx=ctx,
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume, optimizer=optimizer,
+                              private=private)
+        fit = finetuner.fit(batches, len(train_loader))
         privacy = None
         if private is not None:  # the guarantee covers every step taken, whichever epoch is kept
             privacy = private.report()
             private.close()  # hooks off: the model is a plain module again
-
-        assert best_state is not None  # at least one epoch ran
-        model.load_state_dict(best_state)
-        test_logits, test_labels = predict_loader(model, test_loader, device, autocast)
-        test = _score(test_logits, test_labels, labels)
-        logger.log({"step": step, "epoch": best_epoch, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                    "test_f1_macro": test["f1_macro"]})
+        if fit.interrupted:
+            return interrupted_summary(run_dir, fit)
+        test = _score(*predict_loader(model, test_loader, device, autocast), labels)
+        logger.log({"step": fit.steps, "epoch": fit.best_epoch, "test_loss": test["loss"],
+                    "test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"]})
     finally:
         logger.close()
+    if not ctx.is_main:  # rank 0 writes the checkpoint and the report
+        barrier(ctx)
+        return {"run_dir": str(run_dir), "rank": ctx.rank}
 
-    report = {**test, "split": "test", "best_epoch": best_epoch, "epochs_run": epochs_run,
-              "stopped_early": stopped_early, "val_f1_macro": best_f1, "val_accuracy": best_val["accuracy"]}
+    best_val = fit.best_metrics
+    report = {**test, "split": "test", "best_epoch": fit.best_epoch, "best_step": fit.best_step,
+              "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early,
+              "val_f1_macro": best_val["f1_macro"], "val_accuracy": best_val["accuracy"]}
     if privacy is not None:
         report["privacy"] = privacy
     write_metrics_json(report, run_dir / "metrics.json")
@@ -497,20 +437,21 @@ def finetune_images(cfg: ImageFinetuneConfig) -> dict[str, Any]:
     mean, std = normalization(cfg.channels) if cfg.normalize else (None, None)
     if cfg.normalize:
         mean, std = list(cfg.mean or mean), list(cfg.std or std)
-    info = {"task": "image-classification", "best_epoch": best_epoch, "val_f1_macro": best_f1,
-            "test_accuracy": test["accuracy"], "image_size": cfg.image_size,
+    info = {"task": "image-classification", "best_epoch": fit.best_epoch, "best_step": fit.best_step,
+            "val_f1_macro": best_val["f1_macro"], "test_accuracy": test["accuracy"], "image_size": cfg.image_size,
             "resize_size": cfg.resize_size or default_resize(cfg.image_size), "channels": cfg.channels,
             "mean": mean, "std": std}
     if privacy is not None:
         info["privacy"] = privacy
     ckpt = run_dir / "checkpoints" / "best"
     save_checkpoint(ckpt, model, model_config(model, cfg, labels), info=info)
-    print(f"test ({len(test_ds)} images, best epoch {best_epoch}):\n{format_report(test)}")
+    print(f"test ({len(test_ds)} images, best epoch {fit.best_epoch}):\n{format_report(test)}")
     if privacy is not None:
         print(f"privacy: ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP for the training split "
               f"({privacy['steps']} steps, noise multiplier {privacy['noise_multiplier']:.4g})")
-    return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "labels": labels, "best_epoch": best_epoch,
-            "epochs_run": epochs_run, "stopped_early": stopped_early, "val": best_val, "test": test,
-            "privacy": privacy,
-            "trainable_params": sum(p.numel() for p in trainable), "train_s": train_s,
+    barrier(ctx)
+    return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "labels": labels, "best_epoch": fit.best_epoch,
+            "best_step": fit.best_step, "steps": fit.steps, "epochs_run": fit.epochs_run,
+            "stopped_early": fit.stopped_early, "interrupted": False, "val": best_val, "test": test,
+            "privacy": privacy, "trainable_params": trainable, "train_s": fit.train_s,
             "wall_s": time.perf_counter() - t_start}

@@ -185,7 +185,7 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
     from fromzero.compression.distill import build_student, count_params, distillation_loss, load_teacher
-    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, seeded_epochs, start_run_dir
+    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, ShuffledEpochs, start_run_dir
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
@@ -297,7 +297,7 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
                               logger=logger, trained_modules=trained_modules, forward=forward, ctx=ctx,
                               weight_by="tokens",  # the loss is a mean over reply tokens
                               last_dir=run_dir / "checkpoints" / "last", resume=resume)
-        fit = finetuner.fit(seeded_epochs(train_loader, generator, cfg.seed), len(train_loader))
+        fit = finetuner.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
         test = response_loss(forward, eval_loaders["test"], device, autocast)
