@@ -427,6 +427,6 @@ def test_a_stopped_finetune_can_be_finished_where_it_stands(cli, bert_base, sent
         stop_after_step(m, 5)
         assert cli(*finetune_args(bert_base, sentiment_csv, out, "--epochs", "3")).code == 130
     done = cli("finetune", "--resume", str(out), "--max_steps", "5", "--quiet")
-    assert done.code == 0 and "finishing it without training" in done.out, done
+    assert done.code == 0 and "finishing it without training" in done.out + done.err, done
     info = json.loads((out / "checkpoints/best/info.json").read_text())
     assert info["best_step"] == 5
