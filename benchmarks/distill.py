@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quantize import classifier_quality, interleaved, test_rows, token_windows  # noqa: E402
 
 from fromzero.inference.predict import Classifier  # noqa: E402
-from fromzero.training.checkpoint import load_model  # noqa: E402
+from fromzero.checkpoint import load_model  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,7 @@
    (``logp_accuracy``; before = the starting model, which is DPO's reference), and DPO's reward
    accuracy / loss after.
 3. Test accuracy, before and after, on the first ``--reviews`` test-split reviews, asked the chat
-   evaluation's question in the model's chat template (:mod:`fromzero.evaluation.chat_eval`):
+   evaluation's question in the model's chat template (:mod:`fromzero.inference.chat_eval`):
    *first token* (the next-token logits after the generation prompt: positive/Positive vs
    negative/Negative, as chat_eval scores them) and *reply log-prob* (the one-word reply
    ``positive`` vs ``negative`` + end of turn, summed log-probs). Greedy generation is left to
@@ -44,11 +44,11 @@ def score_reviews(checkpoint: Path, rows: list[dict], batch_size: int = 8) -> di
     from fromzero.data.rotten_tomatoes import review_messages
     from fromzero.data.sft import checkpoint_chat_template
     from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.evaluation.chat_eval import LABELS, answer_token_ids, first_token_scores
+    from fromzero.inference.chat_eval import LABELS, answer_token_ids, first_token_scores
     from fromzero.finetune.dpo import sequence_logps
-    from fromzero.inference.predict import checkpoint_info
-    from fromzero.training.checkpoint import load_model
-    from fromzero.training.trainer import autocast_context, resolve_dtype
+    from fromzero.checkpoint import checkpoint_info
+    from fromzero.checkpoint import load_model
+    from fromzero.devices import autocast_context, resolve_dtype
 
     device = torch.device("cpu")
     autocast = lambda: autocast_context(device, resolve_dtype(device, "auto"))  # noqa: E731

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fromzero.models.hf import convert_from_hf  # noqa: E402
-from fromzero.training.checkpoint import load_model  # noqa: E402
+from fromzero.checkpoint import load_model  # noqa: E402
 
 _SUBJECTS = ["the old miller", "a young doctor", "my neighbour", "the committee", "our team", "the children",
              "a tired traveller", "the new manager", "her brother", "the city council", "most students",

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fromzero.models.gpt import GPT, GPTConfig  # noqa: E402
-from fromzero.training.checkpoint import load_model  # noqa: E402
+from fromzero.checkpoint import load_model  # noqa: E402
 
 
 def run(model: GPT, prompt_len: int, new: int, use_cache: bool, seed: int = 0) -> tuple[float, torch.Tensor]:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from fromzero.models.gpt import GPT, GPTConfig  # noqa: E402
-from fromzero.training.trainer import autocast_context, resolve_device, resolve_dtype  # noqa: E402
+from fromzero.devices import autocast_context, resolve_device, resolve_dtype
 
 
 def main() -> None:

@@ -107,10 +107,10 @@ def check(gguf: Path, python: str, rounds: int, check_tokens: int, speed_tokens:
     import torch
 
     from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.evaluation.chat_eval import parse_reply
+    from fromzero.inference.chat_eval import parse_reply
     from fromzero.inference.chat import load_chat_format
     from fromzero.models.builtin import resolve_model
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
     from llm_generate import PROMPT_TEXT
 
     from fromzero.data import rotten_tomatoes

@@ -107,7 +107,7 @@ def load_pair(checkpoint: Path, tmp: Path) -> tuple[GPT, Callable[[torch.dtype],
     import transformers
 
     from fromzero.models.hf import convert_to_hf
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     model = load_model(checkpoint).eval()
     if not isinstance(model, GPT):
@@ -136,7 +136,7 @@ def prompt_ids(checkpoint: Path, n: int, random_ids: bool, vocab: int) -> torch.
 
 
 def quantized(model: GPT, method: str) -> GPT:
-    from fromzero.compression.quantize import QuantizeOptions, quantize_model
+    from fromzero.models.quantized import QuantizeOptions, quantize_model
 
     q = copy.deepcopy(model)
     q.use_decode_layout(False)

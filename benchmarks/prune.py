@@ -61,8 +61,8 @@ def bench_model(label: str, src: Path, data: str | None, recover_steps: int, rec
     import torch
 
     from fromzero.compression.prune import PruneConfig, measure_latency, prune_checkpoint, resolve_task
-    from fromzero.inference.predict import checkpoint_info
-    from fromzero.training.checkpoint import load_model, read_json
+    from fromzero.checkpoint import checkpoint_info
+    from fromzero.checkpoint import load_model, read_json
 
     device = torch.device("cpu")
     config = read_json(src / "config.json", "model config")

@@ -45,9 +45,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fromzero.compression.quantize import METHODS, QuantizeOptions, quantize_checkpoint  # noqa: E402
+from fromzero.compression.quantize import quantize_checkpoint  # noqa: E402
+from fromzero.models.quantized import METHODS, QuantizeOptions
 from fromzero.inference.predict import Classifier, run_config  # noqa: E402
-from fromzero.training.checkpoint import MODEL_FILE, load_model  # noqa: E402
+from fromzero.checkpoint import MODEL_FILE, load_model  # noqa: E402
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, float]:

@@ -11,7 +11,7 @@ Rows of the table (test split of ``fromzero.data.rotten_tomatoes``, 1,320 review
   C chosen by validation accuracy, test scored once.
 * **SmolLM2 zero-shot** -- ``smollm2-135m-instruct`` asked "Is this movie review positive or
   negative? Answer with one word." in its own chat template
-  (:func:`fromzero.evaluation.chat_eval.evaluate_chat`): accuracy / macro-F1 / unparseable of the
+  (:func:`fromzero.inference.chat_eval.evaluate_chat`): accuracy / macro-F1 / unparseable of the
   greedy reply, and accuracy / macro-F1 of the first-token logits.
 * **SmolLM2 + LoRA SFT**, **+ QLoRA SFT** -- recipes/smollm2-sentiment-lora.yaml / -qlora.yaml
   (trained here unless ``--lora`` / ``--qlora`` name finished run directories), scored the same way.
@@ -84,7 +84,7 @@ def tfidf_row() -> dict[str, Any]:
 
 
 def chat_row(checkpoint: Path, args: argparse.Namespace, name: str) -> dict[str, Any]:
-    from fromzero.evaluation.chat_eval import evaluate_chat
+    from fromzero.inference.chat_eval import evaluate_chat
 
     m = evaluate_chat(checkpoint, "rotten-tomatoes", "test", batch_size=args.batch_size, device=args.device,
                       limit=args.limit, progress=not args.quiet)
@@ -158,8 +158,8 @@ def memory_probe(method: str, device: str, batch: int) -> dict[str, Any]:
     from fromzero.finetune.lora import apply_lora
     from fromzero.finetune.qlora import apply_qlora, linear_weight_bytes
     from fromzero.models.builtin import resolve_model
-    from fromzero.training.checkpoint import CONFIG_FILE, load_model, read_json
-    from fromzero.training.trainer import autocast_context, resolve_device, resolve_dtype
+    from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
+    from fromzero.devices import autocast_context, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     dtype = resolve_dtype(dev, "auto")

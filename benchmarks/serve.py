@@ -65,7 +65,7 @@ def tiny_checkpoint(directory: Path) -> Path:
 
     from fromzero.data.tokenizers import char_tokenizer_from_chars
     from fromzero.models.gpt import GPT, GPTConfig
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     chars = "".join(sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'-\n")))
     tokenizer = char_tokenizer_from_chars(chars)

@@ -379,7 +379,7 @@ def main() -> None:
 
     from fromzero.models.builtin import resolve_model
     from fromzero.models.hf import convert_to_hf
-    from fromzero.training.trainer import fast_bf16_available
+    from fromzero.devices import fast_bf16_available
 
     if not 1 <= args.warmup < args.steps:
         raise SystemExit("need 1 <= --warmup < --steps")

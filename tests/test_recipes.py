@@ -46,7 +46,7 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("recipe", TUNE, ids=[p.stem for p in TUNE])
 def test_tune_recipe_declares_a_valid_search(recipe):
-    from fromzero.training.tune import Search
+    from fromzero.tune import Search
 
     search = Search(recipe, [])  # parses the space and validates the base recipe
     assert search.dimensions and search.direction in ("minimize", "maximize")
@@ -101,7 +101,7 @@ def test_minilm_lora_recipe_trains_under_two_percent(monkeypatch, tmp_path):
     from fromzero.finetune.recipe import load_finetune_config
     from fromzero.finetune.text import classifier_config, resolve_checkpoint
     from fromzero.models import build_model
-    from fromzero.training.checkpoint import CONFIG_FILE, read_json
+    from fromzero.checkpoint import CONFIG_FILE, read_json
 
     monkeypatch.setenv("FROMZERO_HOME", str(tmp_path / "home"))
     _, cfg = load_finetune_config(Path(__file__).resolve().parents[1] / "recipes" / "genre-minilm-lora.yaml")

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from fromzero import __version__
 from fromzero.errors import FromzeroError
@@ -199,7 +199,7 @@ def _finetune_outcome(result: dict) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fromzero.compression.distill import distill_task
+    from fromzero.finetune.distill import distill_task
     from fromzero.finetune.recipe import load_finetune_config, run_finetune
 
     # --student-config / --student-layers as the command's own spelling of the recipe keys
@@ -210,7 +210,7 @@ def _cmd_distill(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fromzero.training.tune import tune
+    from fromzero.tune import tune
 
     summary = tune(Path(args.config), overrides, trials=args.trials, timeout=args.timeout,
                    out_dir=Path(args.out) if args.out else None, storage=args.storage, study_name=args.study_name,
@@ -235,7 +235,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(Path(args.checkpoint), args.data, args.split, args.batch_size, args.device,
                                   limit=args.limit)
     if metrics.get("task") == "chat-classification":  # a chat model asked for labels
-        from fromzero.evaluation.chat_eval import format_chat_report
+        from fromzero.inference.chat_eval import format_chat_report
 
         print(format_chat_report(metrics))
     elif "confusion_matrix" in metrics:
@@ -329,7 +329,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from fromzero.compression.quantize import QuantizeOptions, format_report, quantize_checkpoint
+    from fromzero.compression.quantize import format_report, quantize_checkpoint
+    from fromzero.models.quantized import QuantizeOptions
 
     options = QuantizeOptions(method=args.method, group_size=args.group_size, embeddings=not args.skip_embeddings)
     report = quantize_checkpoint(args.checkpoint, args.out, options, force=args.force, evaluate=args.eval,
@@ -347,8 +348,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.inference.chat import eos_ids
-    from fromzero.training.checkpoint import load_model
-    from fromzero.training.trainer import resolve_device
+    from fromzero.checkpoint import load_model
+    from fromzero.devices import resolve_device
 
     if args.max_new_tokens < 0:
         raise FromzeroError("--max-new-tokens must be >= 0")
@@ -407,8 +408,8 @@ def _generate_chat(args: argparse.Namespace, prompt: str) -> int:
     import torch
 
     from fromzero.inference.chat import load_chat_format
-    from fromzero.training.checkpoint import load_model
-    from fromzero.training.trainer import resolve_device
+    from fromzero.checkpoint import load_model
+    from fromzero.devices import resolve_device
 
     chat = load_chat_format(Path(args.checkpoint), args.chat_template)  # before the weights: fail fast
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -431,8 +432,8 @@ def _generate_chat(args: argparse.Namespace, prompt: str) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from fromzero.inference.chat import COMMANDS_HELP, ChatSession, load_chat_format, run_repl
     from fromzero.models.gpt import GPT
-    from fromzero.training.checkpoint import load_model
-    from fromzero.training.trainer import resolve_device
+    from fromzero.checkpoint import load_model
+    from fromzero.devices import resolve_device
 
     if args.temperature < 0:
         raise FromzeroError("--temperature must be >= 0 (0 = greedy)")
@@ -503,7 +504,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from fromzero.models.bert import embed_checkpoint
-    from fromzero.training.trainer import resolve_device
+    from fromzero.devices import resolve_device
 
     texts = list(args.text or [])
     if args.input:

@@ -344,7 +344,7 @@ def load_pretrain_config(
 
 
 def save_yaml(data: dict, path: str | Path) -> None:
-    from fromzero.training.checkpoint import atomic_write_text
+    from fromzero.checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
 

@@ -28,7 +28,7 @@ from fromzero.compression.prune import (
 )
 from fromzero.models.bert import Bert, BertConfig
 from fromzero.models.gpt import GPT, LLAMA_STYLE, GPTConfig
-from fromzero.training.checkpoint import load_model, save_checkpoint
+from fromzero.checkpoint import load_model, save_checkpoint
 
 from finetune.conftest import VOCAB, sentiment_rows, write_bert_base
 

@@ -21,23 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from fromzero.compression.quantize import (
-    INT8_DYNAMIC,
-    METHODS,
-    Int4WeightLinear,
-    Int8DynamicLinear,
-    Int8Embedding,
-    Int8WeightLinear,
-    QuantizeOptions,
-    quantize_int4_groups,
-    quantize_int8_rows,
-    quantize_model,
-    unpack_int4,
-)
+from fromzero.models.quantized import (INT8_DYNAMIC, METHODS, Int4WeightLinear, Int8DynamicLinear, Int8Embedding,
+                                       Int8WeightLinear, QuantizeOptions, quantize_int4_groups, quantize_int8_rows,
+                                       quantize_model, unpack_int4)
 from fromzero.models.bert import Bert, BertConfig
 from fromzero.models.cnn import CNNConfig, build_cnn
 from fromzero.models.gpt import GPT, GPTConfig
-from fromzero.training.checkpoint import load_model, save_checkpoint
+from fromzero.checkpoint import load_model, save_checkpoint
 
 from finetune.conftest import VOCAB, write_bert_base
 

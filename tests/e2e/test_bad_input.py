@@ -19,7 +19,7 @@ import yaml
 
 from fromzero.errors import FromzeroError
 from fromzero.models.gpt import GPT, GPTConfig
-from fromzero.training.checkpoint import save_checkpoint
+from fromzero.checkpoint import save_checkpoint
 
 CUDA = torch.cuda.is_available()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fromzero.errors import FromzeroError
-from fromzero.evaluation.chat_eval import (
+from fromzero.inference.chat_eval import (
     answer_token_ids,
     first_token_scores,
     generate_replies,

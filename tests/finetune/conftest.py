@@ -65,7 +65,7 @@ def write_bert_base(directory: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     from fromzero.models.bert import Bert, BertConfig
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -89,7 +89,7 @@ def write_gpt_base(directory: Path, chars: str = SFT_CHARS) -> Path:
 
     from fromzero.data.tokenizers import char_tokenizer_from_chars
     from fromzero.models.gpt import GPT, GPTConfig
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     tokenizer = char_tokenizer_from_chars(chars)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Knowledge distillation (fromzero.compression.distill, `fromzero distill`): the loss, the
+"""Knowledge distillation (fromzero.finetune.distill, `fromzero distill`): the loss, the
 student's initialisation from the teacher's layers, and whole runs for a classifier and a GPT."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from fromzero.compression.distill import distillation_loss, evenly_spaced_layers, init_student
+from fromzero.finetune.distill import distillation_loss, evenly_spaced_layers, init_student
 from fromzero.finetune.text import finetune_text_classification
 from fromzero.models.bert import Bert, BertConfig
 

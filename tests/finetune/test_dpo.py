@@ -42,7 +42,7 @@ from fromzero.data.preferences import (  # noqa: E402
 from fromzero.data.tokenizers import TextTokenizer  # noqa: E402
 from fromzero.errors import FromzeroError  # noqa: E402
 from fromzero.finetune.dpo import DPOConfig, Reference, batch_loss, finetune_dpo, sequence_logps  # noqa: E402
-from fromzero.training.checkpoint import load_model  # noqa: E402
+from fromzero.checkpoint import load_model  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -235,7 +235,7 @@ def test_lora_reference_is_the_base_and_only_adapters_get_gradients(chat: Simple
     from fromzero.finetune.lora import apply_lora
     from fromzero.finetune.methods import MethodConfig
     from fromzero.models import build_model
-    from fromzero.training.checkpoint import read_json
+    from fromzero.checkpoint import read_json
 
     config = read_json(chat.ref / "config.json", "config")
     base = load_model(chat.ref)
@@ -318,7 +318,7 @@ def test_continuing_an_sft_lora_adapter_keeps_the_sft_model_as_reference(gpt_bas
     from fromzero.data.sft import ChatTemplate
     from fromzero.finetune.lora import apply_lora, save_adapter
     from fromzero.finetune.methods import MethodConfig
-    from fromzero.training.checkpoint import read_json
+    from fromzero.checkpoint import read_json
 
     config = read_json(gpt_base / "config.json", "config")
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from fromzero.finetune.images import (
     head_module,
 )
 from fromzero.models.cnn import build_cnn
-from fromzero.training.checkpoint import load_model, save_checkpoint
+from fromzero.checkpoint import load_model, save_checkpoint
 
 CLASSES = ("checker", "hstripes", "vstripes")
 SIZE = 16

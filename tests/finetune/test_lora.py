@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fromzero.finetune.text import finetune_text_classification
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 
 from .conftest import VOCAB, text_config
 
@@ -209,7 +209,7 @@ def test_llama_style_adapter_splits_fused_layers_and_matches_peft(style: str, tm
     from fromzero.finetune.methods import MethodConfig
     from fromzero.models.gpt import GPT, GPTConfig
     from fromzero.models.hf import convert_to_hf
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,

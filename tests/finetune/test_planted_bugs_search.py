@@ -239,7 +239,7 @@ def pruning_study(recipe_writer, tmp_path_factory: pytest.TempPathFactory):
     in the study before ``tune`` opens it (the documented resume path: same storage, same name)."""
     import optuna
 
-    from fromzero.training.tune import tune
+    from fromzero.tune import tune
 
     directory = tmp_path_factory.mktemp("tune-prune")
     recipe = recipe_writer(directory)(

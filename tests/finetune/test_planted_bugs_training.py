@@ -21,7 +21,7 @@ from fromzero.errors import FromzeroError
 import torch
 from safetensors.torch import load_file
 
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 
 from .conftest import text_config
 from .test_lora import SENTENCES, padded_batch
@@ -222,7 +222,7 @@ def _pretrain(make_recipe, name: str, compile: bool):
 def test_compiled_fp32_training_matches_eager_fp32(make_recipe) -> None:
     """Compiling must not change the maths: in fp32 the losses of every step and the final
     weights agree to float rounding (1e-5), not only to the bf16 tolerance of test_compile."""
-    from fromzero.training import trainer as trainer_mod
+    from fromzero import devices as trainer_mod
 
     if not trainer_mod._cpp_compiler_available():
         pytest.skip("torch.compile on CPU needs a C++ compiler")

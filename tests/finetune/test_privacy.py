@@ -100,7 +100,7 @@ def test_checkpoint_is_a_plain_fromzero_checkpoint(cli, target_run: Path, digits
     from safetensors import safe_open
 
     from fromzero.models.cnn import SimpleCNN
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     best = target_run / "checkpoints" / "best"
     with safe_open(str(best / "model.safetensors"), framework="pt") as f:
@@ -163,7 +163,7 @@ def test_frozen_resnet_trains_its_head_privately(digits: Path, tmp_path: Path) -
     """A ResNet's BatchNorm layers are fine when frozen (eval mode: a fixed per-example map)."""
     from fromzero.finetune.images import ImageFinetuneConfig, finetune_images
     from fromzero.models.cnn import build_cnn
-    from fromzero.training.checkpoint import load_model, save_checkpoint
+    from fromzero.checkpoint import load_model, save_checkpoint
 
     torch.manual_seed(0)
     pretrained = build_cnn("resnet18", 4, in_channels=1)

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fromzero.compression.quantize import Int4WeightLinear
+from fromzero.models.quantized import Int4WeightLinear
 from fromzero.errors import FromzeroError
 from fromzero.finetune.qlora import apply_qlora, linear_weight_bytes, quantize_base, round_base_to_int4
 from fromzero.models.gpt import GPT, GPTConfig
@@ -137,7 +137,7 @@ def _train_a_little(model: nn.Module, steps: int = 5) -> None:
 
 def test_save_load_merge_round_trip(tmp_path: Path) -> None:
     from fromzero.finetune.lora import load_adapter_model, merge_lora, save_adapter
-    from fromzero.training.checkpoint import load_model, save_checkpoint
+    from fromzero.checkpoint import load_model, save_checkpoint
 
     base_dir = tmp_path / "base"
     save_checkpoint(base_dir, tiny_gpt(), model_config())

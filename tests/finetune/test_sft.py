@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from fromzero.cli import main
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 
 # Lower-case words, ':' and newlines are all in the tiny corpus; its capitals do not cover the
 # default "USER:" / "ASSISTANT:" template, so the chain's corpus adds one line that does.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fromzero.models.gpt import GPT, GPTConfig
-from fromzero.training.trainer import autocast_context, resolve_dtype
+from fromzero.devices import autocast_context, resolve_dtype
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

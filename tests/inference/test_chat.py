@@ -113,7 +113,7 @@ def ckpt(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(ckpt: Path):
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     return load_model(ckpt, "cpu")
 
@@ -310,7 +310,7 @@ def eot_ckpt(ckpt: Path, model, tmp_path_factory: pytest.TempPathFactory) -> tup
     out = tmp_path_factory.mktemp("chat-eot") / "smol-eot"
     shutil.copytree(ckpt, out)
     weights = load_file(ckpt / "model.safetensors")
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     for k in (3, 4, 2, 5, 6):
         head = weights["lm_head.weight"].clone()
@@ -324,7 +324,7 @@ def eot_ckpt(ckpt: Path, model, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 def test_generation_stops_at_the_end_of_turn_token(eot_ckpt, capsys):
     directory, reply_tokens = eot_ckpt
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     session = _greedy_session(load_model(directory, "cpu"), directory)
     chat = session.chat

@@ -19,7 +19,7 @@ import torch
 
 import fromzero.inference.export as export_module
 from fromzero.inference.export import export_onnx, sidecar_path
-from fromzero.training.checkpoint import load_model, save_checkpoint
+from fromzero.checkpoint import load_model, save_checkpoint
 
 # The tiny base checkpoints of the fine-tuning tests (pytest puts tests/ on sys.path).
 from finetune.conftest import VOCAB, write_bert_base, write_gpt_base

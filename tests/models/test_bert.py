@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fromzero.errors import FromzeroError
 from fromzero.models import build_model
 from fromzero.models.bert import Bert, BertConfig, embed_checkpoint, mean_pool
-from fromzero.training.checkpoint import load_model, save_checkpoint
+from fromzero.checkpoint import load_model, save_checkpoint
 
 V, C, L, H = 40, 32, 2, 4
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "big", "small", "red", "blue",

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from fromzero.errors import FromzeroError
 from fromzero.models import build_model
 from fromzero.models.cnn import CNNConfig, SimpleCNN, SimpleCNNConfig, build_cnn
-from fromzero.training.checkpoint import load_model, save_checkpoint
+from fromzero.checkpoint import load_model, save_checkpoint
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
 

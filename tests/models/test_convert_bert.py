@@ -22,7 +22,7 @@ from fromzero.cli import main  # noqa: E402
 from fromzero.errors import FromzeroError  # noqa: E402
 from fromzero.models.bert import Bert  # noqa: E402
 from fromzero.models.hf import convert_from_hf, convert_to_hf  # noqa: E402
-from fromzero.training.checkpoint import load_model  # noqa: E402
+from fromzero.checkpoint import load_model  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 

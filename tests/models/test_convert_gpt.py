@@ -24,7 +24,7 @@ from fromzero.cli import main  # noqa: E402
 from fromzero.data.tokenizers import TextTokenizer, char_tokenizer_from_chars  # noqa: E402
 from fromzero.models.gpt import GPT, LLAMA_STYLE, GPTConfig  # noqa: E402
 from fromzero.models.hf import convert_from_hf, convert_to_hf  # noqa: E402
-from fromzero.training.checkpoint import load_model, save_checkpoint  # noqa: E402
+from fromzero.checkpoint import load_model, save_checkpoint  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()

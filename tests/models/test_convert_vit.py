@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from fromzero.models.hf import convert_from_hf, convert_to_hf
 from fromzero.models.vit import ViT
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -147,7 +147,7 @@ def test_round_trip_to_hf(kind, hf_dirs, tmp_path, cli) -> None:
 def test_to_hf_classifier_with_pooler_keeps_both(tmp_path) -> None:
     """A fromzero ViT with a head and a pooler: the classifier and AutoModel both get their part."""
     from fromzero.models.vit import ViTConfig
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     cfg = ViTConfig(**{**TINY, "num_labels": 2}, pooler=True, qkv_bias=False)

@@ -323,7 +323,7 @@ def _ids(tok, vocab: int) -> torch.Tensor:
 
 
 def _ours(directory: Path):
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     return load_model(directory)
 
@@ -545,7 +545,7 @@ def test_from_gguf_refuses_to_overwrite(tiny_tokenizer, tmp_path: Path, capsys) 
 
 def _fz_checkpoint(tmp_path: Path, tok, style: str, **extra) -> Path:
     from fromzero.models.gpt import GPT, GPTConfig, LLAMA_STYLE
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     V = tok.get_vocab_size()
     # GPT-2 with 1024 positions: transformers' GGUF loader builds GPT-2 with its default n_positions
@@ -616,7 +616,7 @@ def test_to_gguf_writes_sft_template_as_jinja(tiny_tokenizer, tmp_path: Path) ->
 def test_to_gguf_refusals(tiny_tokenizer, tmp_path: Path, capsys) -> None:
     from fromzero.data.tokenizers import char_tokenizer_from_chars
     from fromzero.models import build_model
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     out = tmp_path / "m.gguf"
     # an encoder

@@ -87,7 +87,7 @@ def converted(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def ours(converted: Path):
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     return load_model(converted)
 

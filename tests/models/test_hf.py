@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from fromzero.cli import main
 from fromzero.errors import FromzeroError
 from fromzero.models import hf
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
 

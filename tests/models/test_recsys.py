@@ -107,7 +107,7 @@ def test_wide_and_deep_buckets_and_crosses() -> None:
 
 
 def test_checkpoint_round_trip_for_every_arch(tmp_path) -> None:
-    from fromzero.training.checkpoint import load_model, save_checkpoint
+    from fromzero.checkpoint import load_model, save_checkpoint
 
     users, items = pairs()
     for arch in ARCHES:

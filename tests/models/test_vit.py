@@ -15,7 +15,7 @@ import torch
 from fromzero.errors import FromzeroError
 from fromzero.models import build_model
 from fromzero.models.vit import ViT, ViTConfig
-from fromzero.training.checkpoint import load_model, save_checkpoint
+from fromzero.checkpoint import load_model, save_checkpoint
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 

@@ -41,7 +41,7 @@ def write_gpt(directory: Path, rope: bool = False, info: dict | None = None, blo
 
     from fromzero.data.tokenizers import char_tokenizer_from_chars
     from fromzero.models.gpt import GPT, LLAMA_STYLE, GPTConfig
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     tokenizer = char_tokenizer_from_chars(CHARS)
     style = dict(LLAMA_STYLE, n_kv_head=1) if rope else {}
@@ -64,7 +64,7 @@ def write_bert(directory: Path, classifier: bool = False) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     from fromzero.models.bert import Bert, BertConfig
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     head = dict(head="classification", num_labels=2, labels=["neg", "pos"]) if classifier else dict(head="embedding")

@@ -19,7 +19,7 @@ import torch
 
 from fromzero.data.tokenizers import TextTokenizer
 from fromzero.serving.engine import Event, GenerationEngine, QueueFull, SamplingParams, Sequence, _holdback
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 
 PROMPTS = ["hello", "a", "The cat sat on the mat.", "Who is there?", "xy", "Nay, answer me: stand"]
 

@@ -105,7 +105,7 @@ def direct_loglikelihoods(ckpt: Path, items: list[dict]) -> list[list[float]]:
     """Per item, per choice: log p(" " + choice | "Question: ...\\nAnswer:") summed over the
     choice's tokens, from our model's fp32 log-softmax (one forward, no server)."""
     from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     model, tok = load_model(ckpt, "cpu"), TextTokenizer.load(ckpt)
     out = []

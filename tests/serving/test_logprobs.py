@@ -19,7 +19,7 @@ import torch
 
 from fromzero.data.tokenizers import TextTokenizer
 from fromzero.serving import engine as engine_module
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 
 from .conftest import slow_down
 

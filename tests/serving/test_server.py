@@ -21,7 +21,7 @@ import torch
 from fromzero.data.tokenizers import TextTokenizer
 from fromzero.inference.predict import Classifier
 from fromzero.models.bert import embed_checkpoint
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 
 from .conftest import TEMPLATE, metric, slow_down, sse_events
 

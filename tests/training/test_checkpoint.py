@@ -1,4 +1,4 @@
-"""Tests for fromzero.training.checkpoint: atomic save, safe load, exact resume."""
+"""Tests for fromzero.checkpoint: atomic save, safe load, exact resume."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors.torch import save_file as real_save_file
 
 from fromzero.errors import FromzeroError
 from fromzero.models.gpt import GPT, GPTConfig
-from fromzero.training import checkpoint as ckpt
+import fromzero.checkpoint as ckpt
 
 CFG = GPTConfig(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=32)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fromzero.config import load_pretrain_config
-from fromzero.training import trainer as trainer_mod
+from fromzero import devices as trainer_mod
 from fromzero.training.trainer import Pretrainer
 
 

@@ -36,7 +36,7 @@ def test_a_lost_rank_ends_the_run_with_an_error_not_a_hang(make_recipe, tmp_path
     """Rank 1 is killed (its sockets close) or frozen with SIGSTOP (it just stops answering, as
     a hung node does): rank 0 fails within FROMZERO_DIST_TIMEOUT with one clear line, and the
     last checkpoint is still whole."""
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), FROMZERO_DIST_TIMEOUT="15")

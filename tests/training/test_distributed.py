@@ -139,7 +139,7 @@ def test_fsdp_sharded_checkpoint_resumes_in_one_process_and_a_missing_shard_is_r
     them; a checkpoint that lost a shard is refused with one line, not half loaded."""
     import shutil
 
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     recipe = make_recipe()
     run_single(recipe, tmp_path / "single", "--train.batch_size", "4")

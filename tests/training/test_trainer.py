@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from fromzero.config import load_pretrain_config
 from fromzero.models.gpt import GPT
-from fromzero.training.checkpoint import load_model
+from fromzero.checkpoint import load_model
 from fromzero.training.trainer import Pretrainer
 
 # Resume tests: dropout > 0 (so the global RNG state matters), 2 micro-batches per step, a row

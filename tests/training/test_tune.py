@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fromzero.training.callbacks import listen_to_evaluations
-from fromzero.training.tune import parse_space
+from fromzero.tune import parse_space
 
 SPACE = {"train.lr": {"log_uniform": [1.0e-3, 1.0e-2]}, "model.n_layer": {"int": [1, 2]}}
 

@@ -544,7 +544,7 @@ class _TextTask(_Task):
     def __init__(self, directory: Path, config: dict, info: dict, run: dict, data: str, device: torch.device) -> None:
         from fromzero.data.classification import encode_texts, load_text_classification
         from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
-        from fromzero.training.trainer import autocast_context, resolve_dtype
+        from fromzero.devices import autocast_context, resolve_dtype
 
         self.device = device
         self.autocast = lambda: autocast_context(device, resolve_dtype(device, "auto"))  # noqa: E731
@@ -602,7 +602,7 @@ class _TextTask(_Task):
 
     def evaluate_dir(self, directory: Path) -> dict[str, Any]:
         """Test-split metrics of a checkpoint directory, on the same rows for every checkpoint."""
-        from fromzero.training.checkpoint import load_model
+        from fromzero.checkpoint import load_model
 
         model = load_model(directory, self.device)
         m = self._score(model, "test", self._batches("test", self.eval_batch_size, False, 0))
@@ -622,7 +622,7 @@ class _LMTask(_Task):
 
     def __init__(self, config: dict, run: dict, data: str, device: torch.device) -> None:
         from fromzero.data.text import load_meta, load_split, sample_batch
-        from fromzero.training.trainer import autocast_context, resolve_dtype
+        from fromzero.devices import autocast_context, resolve_dtype
 
         self.device = device
         self.autocast = lambda: autocast_context(device, resolve_dtype(device, "auto"))  # noqa: E731
@@ -716,7 +716,7 @@ def recover(model: nn.Module, task: _Task, steps: int, lr: float, batch_size: in
     (one per epoch, at least one at the end). Returns what happened."""
     from fromzero.finetune.engine import FinetuneConfig, Finetuner
     from fromzero.training.callbacks import NullLogger
-    from fromzero.training.trainer import resolve_dtype
+    from fromzero.devices import resolve_dtype
 
     per_epoch = task.steps_per_epoch(batch_size)
     cfg = FinetuneConfig(epochs=max(1, math.ceil(steps / per_epoch)), max_steps=steps, batch_size=batch_size,
@@ -801,10 +801,10 @@ def prune_checkpoint(cfg: PruneConfig) -> dict[str, Any]:
 
     Returns the report that is also written to ``out/pruning.json``.
     """
-    from fromzero.inference.predict import checkpoint_info
-    from fromzero.training.checkpoint import (CONFIG_FILE, INFO_FILE, MODEL_FILE, atomic_directory, load_model,
+    from fromzero.checkpoint import checkpoint_info
+    from fromzero.checkpoint import (CONFIG_FILE, INFO_FILE, MODEL_FILE, atomic_directory, load_model,
                                               model_state_for_saving, read_json, write_safetensors)
-    from fromzero.training.trainer import resolve_device
+    from fromzero.devices import resolve_device
 
     t0 = time.perf_counter()
     cfg.validate()

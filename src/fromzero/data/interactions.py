@@ -210,7 +210,7 @@ def _build(users: list, items: list, ratings: list, stamps: list, source: str, l
 
 def write_interactions_csv(inter: Interactions, path: str | Path) -> None:
     """Write ``user,item,rating,timestamp`` (the layout :func:`read_interactions_csv` reads)."""
-    from fromzero.training.checkpoint import atomic_write_text
+    from fromzero.checkpoint import atomic_write_text
 
     rows = ["user,item,rating,timestamp"]
     for u, i, r, t in zip(inter.users, inter.items, inter.ratings, inter.timestamps):

@@ -35,7 +35,7 @@ Two views of the same rows:
 * instruction tuning (``data: rotten-tomatoes`` in an sft recipe): :func:`sft_splits` -> chats
   ``[system (optional)], user: INSTRUCTION + review, assistant: "positive" | "negative"``;
   the loss falls on the reply only (see :mod:`fromzero.data.sft`). The same user message is what
-  :mod:`fromzero.evaluation.chat_eval` asks a chat model, so a zero-shot model and a fine-tuned
+  :mod:`fromzero.inference.chat_eval` asks a chat model, so a zero-shot model and a fine-tuned
   one answer the very same prompt.
 """
 

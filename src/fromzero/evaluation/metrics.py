@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fromzero.errors import FromzeroError
-from fromzero.training.checkpoint import atomic_write_text
+from fromzero.checkpoint import atomic_write_text
 
 __all__ = [
     "classification_metrics",

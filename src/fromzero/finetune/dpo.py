@@ -278,7 +278,7 @@ def _adapter_for_training(directory: Path, model: nn.Module, model_config: dict,
     from safetensors.torch import load_file
 
     from fromzero.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _parts, from_hf_adapter_state, hf_names
-    from fromzero.training.checkpoint import read_json
+    from fromzero.checkpoint import read_json
 
     adapter = read_json(directory / ADAPTER_CONFIG, "adapter config")
     names, _ = hf_names(model_config)
@@ -306,7 +306,7 @@ def build_starting_model(cfg: DPOConfig, init_dir: Path, config: dict, info: dic
     from fromzero.finetune.lora import ADAPTER_CONFIG, apply_lora, load_adapter_model, load_base
     from fromzero.finetune.methods import freeze
     from fromzero.models import build_model
-    from fromzero.training.checkpoint import MODEL_FILE, load_weights
+    from fromzero.checkpoint import MODEL_FILE, load_weights
 
     adapter_init = (init_dir / ADAPTER_CONFIG).is_file() and not (init_dir / MODEL_FILE).exists()
     base_dir = init_dir
@@ -455,9 +455,9 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
     from fromzero.finetune.methods import count_parameters
     from fromzero.finetune.sft import save_with_template_files
     from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
-    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+    from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
     from fromzero.training.distributed import barrier
-    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
+    from fromzero.devices import autocast_context, compile_model, resolve_dtype
 
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work

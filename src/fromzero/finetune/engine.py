@@ -167,7 +167,7 @@ def start_run_dir(cfg: Any, task: str, ctx: DistContext, resume: bool = False) -
 
     import yaml
 
-    from fromzero.training.checkpoint import atomic_write_text
+    from fromzero.checkpoint import atomic_write_text
     from fromzero.training.distributed import broadcast_text
     from fromzero.training.trainer import default_finetune_dir, prepare_run_dir
 
@@ -197,7 +197,7 @@ def resume_step(run_dir: Path) -> int | None:
     """The step checkpoints/last of a fine-tuning run was saved at (None: nothing to resume)."""
     import json
 
-    from fromzero.training.checkpoint import recover_directory
+    from fromzero.checkpoint import recover_directory
 
     last = Path(run_dir) / "checkpoints" / "last"
     recover_directory(last)
@@ -211,7 +211,7 @@ def start_distributed(cfg: FinetuneConfig) -> tuple[DistContext, torch.device]:
     """Join torchrun's process group when dist_strategy is ddp (else one process); ranks other
     than 0 print nothing, so the console shows one run."""
     from fromzero.training.distributed import init_distributed
-    from fromzero.training.trainer import resolve_device
+    from fromzero.devices import resolve_device
 
     ctx, device = init_distributed(cfg.dist_strategy, resolve_device(cfg.device))
     if not ctx.is_main:
@@ -343,7 +343,7 @@ class Finetuner:
                 self.net, device_ids=[device] if device.type == "cuda" else None)
 
     def autocast(self) -> Any:
-        from fromzero.training.trainer import autocast_context
+        from fromzero.devices import autocast_context
 
         return autocast_context(self.device, self.dtype)
 
@@ -512,7 +512,7 @@ class Finetuner:
         far, optimizer and schedule state, RNG, and the position in the data."""
         if self.last_dir is None or not self.ctx.is_main or self.private is not None:
             return
-        from fromzero.training.checkpoint import TRAINER_STATE_FILE, atomic_directory, write_safetensors
+        from fromzero.checkpoint import TRAINER_STATE_FILE, atomic_directory, write_safetensors
 
         weights = {f"current/{k}": v for k, v in self._snapshot().items()}
         if self.best_state is not None:
@@ -531,7 +531,7 @@ class Finetuner:
     def _load_last(self, scheduler: Any) -> "_Progress":
         from safetensors.torch import load_file
 
-        from fromzero.training.checkpoint import load_trainer_state, recover_directory
+        from fromzero.checkpoint import load_trainer_state, recover_directory
 
         if self.private is not None:
             raise FromzeroError("a differentially private run cannot be resumed (its privacy accounting "

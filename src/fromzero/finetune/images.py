@@ -189,7 +189,7 @@ def _build_vit(cfg: ImageFinetuneConfig, num_classes: int) -> nn.Module:
             return ViT(vc)
         except ValueError as e:
             raise FromzeroError(str(e).removeprefix("model.")) from None
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     model = load_model(cfg.weights)  # a fromzero-vit checkpoint (e.g. converted from Hugging Face)
     if not isinstance(model, ViT):
@@ -318,9 +318,9 @@ def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t
     from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, ShuffledEpochs, start_run_dir
     from fromzero.finetune.methods import freeze
     from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
-    from fromzero.training.checkpoint import save_checkpoint
+    from fromzero.checkpoint import save_checkpoint
     from fromzero.training.distributed import barrier
-    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
+    from fromzero.devices import autocast_context, compile_model, resolve_dtype
 
     data_dir = builtin_image_data(cfg.data_dir)
     for split in SPLITS:

@@ -154,7 +154,7 @@ def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, bas
     """Write the adapter checkpoint directory atomically (layout in the module docstring)."""
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from fromzero.training.checkpoint import atomic_directory, write_checkpoint_files, write_safetensors
+    from fromzero.checkpoint import atomic_directory, write_checkpoint_files, write_safetensors
 
     from peft.tuners.lora import LoraLayer
 
@@ -183,7 +183,7 @@ def load_base(model: nn.Module, base_checkpoint: Path) -> list[str]:
     """Load a base checkpoint's weights into ``model`` (built for a new task); return the model's
     tensors the base lacked (its new head). Base tensors the model has no place for (another
     task's head) are ignored."""
-    from fromzero.training.checkpoint import MODEL_FILE, load_weights
+    from fromzero.checkpoint import MODEL_FILE, load_weights
 
     base_checkpoint = Path(base_checkpoint)
     if not (base_checkpoint / MODEL_FILE).is_file():
@@ -192,13 +192,19 @@ def load_base(model: nn.Module, base_checkpoint: Path) -> list[str]:
     return missing
 
 
+def load_adapter_checkpoint(directory: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The loader of LoRA adapter checkpoints, registered in :mod:`fromzero.checkpoint`: base +
+    adapter, merged into plain weights, in eval mode."""
+    return load_adapter_model(directory).to(device).eval()
+
+
 def load_adapter_model(directory: Path) -> nn.Module:
     """Rebuild base + LoRA adapter from an adapter checkpoint directory, merged into plain weights."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from fromzero.models import build_model
-    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, read_json
+    from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, read_json
 
     directory = Path(directory)
     model_config = read_json(directory / CONFIG_FILE, "model config")
@@ -247,7 +253,7 @@ def load_adapter_model(directory: Path) -> nn.Module:
 
 def merge_lora(directory: Path, out: Path, force: bool = False) -> Path:
     """``fromzero merge-lora``: write base + adapter, merged, as a plain checkpoint directory."""
-    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+    from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
 
     directory, out = Path(directory), Path(out)
     if not (directory / ADAPTER_CONFIG).is_file():

@@ -49,13 +49,13 @@ DEFAULT_GROUP_SIZE = 64
 
 
 def _quantized_types() -> tuple[type, ...]:
-    from fromzero.compression.quantize import Int4WeightLinear, Int8WeightLinear
+    from fromzero.models.quantized import Int4WeightLinear, Int8WeightLinear
 
     return (Int4WeightLinear, Int8WeightLinear)
 
 
 def _dequantized(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    from fromzero.compression.quantize import Int4WeightLinear
+    from fromzero.models.quantized import Int4WeightLinear
 
     if isinstance(layer, Int4WeightLinear):
         return layer.dequantized_weight(dtype)
@@ -104,7 +104,7 @@ def _lean_classes() -> tuple[type, type]:
 
 
 def _define_lean_classes() -> tuple[type, type]:
-    from fromzero.compression.quantize import Int4WeightLinear, Int8WeightLinear
+    from fromzero.models.quantized import Int4WeightLinear, Int8WeightLinear
 
     class QLoRAInt4Linear(Int4WeightLinear):
         """Int4WeightLinear whose training forward stores no float weight (see _FrozenQuantMatmul)."""
@@ -130,7 +130,7 @@ def quantize_base(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> dic
     output row), as ``fromzero quantize`` does. Layers are converted one at a time, so each float
     weight is freed as soon as its 4-bit copy exists.
     """
-    from fromzero.compression.quantize import INT4_WEIGHT, QuantizeOptions, plan_quantization
+    from fromzero.models.quantized import INT4_WEIGHT, QuantizeOptions, plan_quantization
 
     int4_cls, int8_cls = _lean_classes()
     options = QuantizeOptions(method=INT4_WEIGHT, group_size=group_size, embeddings=False)
@@ -154,8 +154,8 @@ def round_base_to_int4(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -
     """Round every Linear weight quantize_base would quantize to the value the 4-bit layer
     stands for, keeping plain float Linear layers (the base a QLoRA adapter was trained on,
     dequantized: what adapters are loaded and merged into)."""
-    from fromzero.compression.quantize import dequantize_int4_groups, dequantize_int8_rows, quantize_int8_rows
-    from fromzero.compression.quantize import INT4_WEIGHT, QuantizeOptions, plan_quantization, quantize_int4_groups
+    from fromzero.models.quantized import dequantize_int4_groups, dequantize_int8_rows, quantize_int8_rows
+    from fromzero.models.quantized import INT4_WEIGHT, QuantizeOptions, plan_quantization, quantize_int4_groups
 
     plan = plan_quantization(model, QuantizeOptions(method=INT4_WEIGHT, group_size=group_size, embeddings=False))
     with torch.no_grad():

@@ -193,7 +193,7 @@ def model_config(cfg: RecommendationConfig, ids: IdMap) -> Any:
 
 def load_recommender(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, IdMap, dict]:
     """(model, id map, info) of a recommendation checkpoint directory."""
-    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, load_model, read_json
+    from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, load_model, read_json
 
     directory = Path(directory).expanduser()
     if not directory.is_dir():
@@ -335,7 +335,7 @@ def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.
     from fromzero.finetune.methods import count_parameters
     from fromzero.training.callbacks import MetricsLogger, NullLogger
     from fromzero.training.distributed import barrier
-    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
+    from fromzero.devices import autocast_context, compile_model, resolve_dtype
 
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work
@@ -423,7 +423,7 @@ def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.
 
 def save_recommender(directory: Path, model: nn.Module, ids: IdMap, info: dict) -> None:
     """A checkpoint directory (atomic): config.json, model.safetensors, info.json and ids.json."""
-    from fromzero.training.checkpoint import (MODEL_FILE, atomic_directory, model_state_for_saving,
+    from fromzero.checkpoint import (MODEL_FILE, atomic_directory, model_state_for_saving,
                                               write_checkpoint_files, write_safetensors)
 
     with atomic_directory(directory) as tmp:

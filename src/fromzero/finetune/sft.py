@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fromzero.compression.distill import DistillOptions
+from fromzero.finetune.distill import DistillOptions
 from fromzero.errors import FromzeroError
 from fromzero.finetune.engine import FinetuneConfig
 
@@ -124,7 +124,7 @@ def save_with_template_files(directory: Path, write: Any, template_dir: Path | N
     import os
     import shutil
 
-    from fromzero.training.checkpoint import atomic_directory
+    from fromzero.checkpoint import atomic_directory
 
     if template_dir is None:
         write(directory)
@@ -184,15 +184,15 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
                                    segment_mismatches, tokenize_sft)
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.compression.distill import build_student, count_params, distillation_loss, load_teacher
+    from fromzero.finetune.distill import build_student, count_params, distillation_loss, load_teacher
     from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, ShuffledEpochs, start_run_dir
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
     from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
     from fromzero.training.distributed import barrier
-    from fromzero.training.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json, save_checkpoint
-    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
+    from fromzero.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+    from fromzero.devices import autocast_context, compile_model, resolve_dtype
 
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)

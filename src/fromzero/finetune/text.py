@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.compression.distill import DistillOptions
+from fromzero.finetune.distill import DistillOptions
 from fromzero.errors import FromzeroError
 from fromzero.finetune.engine import FinetuneConfig
 
@@ -182,16 +182,16 @@ def finetune_text_classification(cfg: TextClassificationConfig, resume: bool = F
 def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, device: torch.device,
                                   t_start: float, resume: bool) -> dict[str, Any]:
     from fromzero.data.classification import encode_texts, label_names, load_text_classification
-    from fromzero.compression.distill import build_student, count_params, distillation_loss, load_teacher
+    from fromzero.finetune.distill import build_student, count_params, distillation_loss, load_teacher
     from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, start_run_dir
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
     from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
     from fromzero.training.callbacks import MetricsLogger, NullLogger
-    from fromzero.training.checkpoint import CONFIG_FILE, read_json, save_checkpoint
+    from fromzero.checkpoint import CONFIG_FILE, read_json, save_checkpoint
     from fromzero.training.distributed import barrier
-    from fromzero.training.trainer import autocast_context, compile_model, resolve_dtype
+    from fromzero.devices import autocast_context, compile_model, resolve_dtype
 
     dtype = resolve_dtype(device, cfg.dtype)
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work

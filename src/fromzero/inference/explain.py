@@ -138,9 +138,9 @@ class Explainer:
     """A loaded checkpoint that explains one text or image at a time with ``cfg.method``."""
 
     def __init__(self, cfg: ExplainConfig) -> None:
-        from fromzero.inference.predict import checkpoint_info
-        from fromzero.training.checkpoint import CONFIG_FILE, load_model, read_json
-        from fromzero.training.trainer import resolve_device
+        from fromzero.checkpoint import checkpoint_info
+        from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
+        from fromzero.devices import resolve_device
 
         if cfg.steps <= 0:
             raise FromzeroError(f"--steps must be positive, got {cfg.steps}")
@@ -374,7 +374,7 @@ def write_explanations(explainer: Explainer, texts: list[str] | None = None, ima
     The inputs' kind and the output paths are checked before any file is written (existing files
     are refused unless ``force``); ``echo`` gets one line per input as its files land.
     """
-    from fromzero.training.checkpoint import atomic_write_bytes
+    from fromzero.checkpoint import atomic_write_bytes
 
     cfg = explainer.cfg
     if bool(texts) == bool(images):

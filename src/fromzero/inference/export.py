@@ -1,6 +1,6 @@
 """Export a checkpoint to ONNX, so that programs without PyTorch (onnxruntime, in any language) run it.
 
-Every checkpoint :func:`fromzero.training.checkpoint.load_model` reads exports, LoRA adapter
+Every checkpoint :func:`fromzero.checkpoint.load_model` reads exports, LoRA adapter
 checkpoints included (base + adapter, merged)::
 
     fromzero-gpt   input_ids (batch, sequence) int64                      -> logits (batch, sequence, vocab)
@@ -443,8 +443,8 @@ def export_onnx(
     than traced) and raise FromzeroError, writing nothing, if any output differs from PyTorch
     by more than ``atol``. An existing ``out`` is replaced only with ``force``.
     """
-    from fromzero.inference.predict import checkpoint_info
-    from fromzero.training.checkpoint import (CONFIG_FILE, _disk_error, _fsync_dir, _fsync_tree, atomic_write_text,
+    from fromzero.checkpoint import checkpoint_info
+    from fromzero.checkpoint import (CONFIG_FILE, _disk_error, _fsync_dir, _fsync_tree, atomic_write_text,
                                               load_model, read_json)
 
     checkpoint, out = Path(checkpoint), Path(out)

@@ -17,24 +17,10 @@ from typing import Any
 
 import torch
 
+from fromzero.checkpoint import checkpoint_info
 from fromzero.errors import FromzeroError
 
 CLASSIFICATION_TASKS = ("text-classification", "image-classification")
-
-
-def checkpoint_info(directory: Path) -> dict[str, Any]:
-    """info.json of a checkpoint ({} for one without), with the task inferred when missing."""
-    from fromzero.training.checkpoint import CONFIG_FILE, INFO_FILE, read_json, recover_directory
-
-    directory = Path(directory)
-    recover_directory(directory)
-    if not directory.is_dir():
-        raise FromzeroError(f"checkpoint directory not found: {directory}")
-    config = read_json(directory / CONFIG_FILE, "model config")
-    info = read_json(directory / INFO_FILE, "checkpoint info") if (directory / INFO_FILE).is_file() else {}
-    if "task" not in info:
-        info["task"] = "language-model" if config.get("model_type") == "fromzero-gpt" else "unknown"
-    return info
 
 
 def run_config(directory: Path) -> dict[str, Any]:
@@ -55,8 +41,8 @@ class Classifier:
     """A text or image classification checkpoint, ready to label inputs."""
 
     def __init__(self, directory: Path, device: str = "cpu") -> None:
-        from fromzero.training.checkpoint import CONFIG_FILE, load_model, read_json
-        from fromzero.training.trainer import resolve_device
+        from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
+        from fromzero.devices import resolve_device
 
         self.directory = Path(directory)
         self.info = checkpoint_info(self.directory)
@@ -72,7 +58,7 @@ class Classifier:
         self.labels: list[str] = list(labels)
 
     def _autocast(self) -> Any:
-        from fromzero.training.trainer import autocast_context, resolve_dtype
+        from fromzero.devices import autocast_context, resolve_dtype
 
         return autocast_context(self.device, resolve_dtype(self.device, "auto"))
 
@@ -172,7 +158,7 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
     """Metrics of a checkpoint on one split of ``data`` (default: the data of the run that made it).
 
     A decoder (sft or converted chat model) with ``data`` rotten-tomatoes is asked for labels
-    (:func:`fromzero.evaluation.chat_eval.evaluate_chat`). ``limit``: only the first N examples
+    (:func:`fromzero.inference.chat_eval.evaluate_chat`). ``limit``: only the first N examples
     (classifiers and chat evaluation; 0 = all)."""
     from fromzero.data.rotten_tomatoes import NAME as ROTTEN_TOMATOES
 
@@ -185,7 +171,7 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
     if not data:
         raise FromzeroError("no --data given and the checkpoint's run config names none")
     if task in ("sft", "dpo", "language-model") and str(data) == ROTTEN_TOMATOES:
-        from fromzero.evaluation.chat_eval import evaluate_chat
+        from fromzero.inference.chat_eval import evaluate_chat
 
         return evaluate_chat(Path(directory), str(data), split, batch_size, device, limit=limit)
     if task == "text-classification":
@@ -237,8 +223,8 @@ def _evaluate_images(directory: Path, data: Path, split: str, batch_size: int, d
 def _evaluate_lm(directory: Path, data: str, split: str, batch_size: int, device: str, task: str) -> dict[str, Any]:
     """SFT data: loss on response tokens. A prepared data dir (meta.json): loss over its split."""
     from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.training.checkpoint import TOKENIZER_FILE, load_model
-    from fromzero.training.trainer import autocast_context, resolve_device, resolve_dtype
+    from fromzero.checkpoint import TOKENIZER_FILE, load_model
+    from fromzero.devices import autocast_context, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     model = load_model(directory, dev)

@@ -5,6 +5,7 @@ that rebuilds a model from the ``config.json`` of a checkpoint directory (which 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 
@@ -33,3 +34,17 @@ def build_model(config: dict) -> torch.nn.Module:
         return module.build_from_config(config)
     except (TypeError, ValueError, KeyError) as e:
         raise FromzeroError(f"invalid {model_type} config: {e}") from None
+
+
+def load_plain_checkpoint(directory: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The loader of plain checkpoints (config.json + model.safetensors), registered in
+    :mod:`fromzero.checkpoint`: rebuild the family from config.json, then load the weights."""
+    from fromzero.checkpoint import CONFIG_FILE, MODEL_FILE, load_weights, read_json
+
+    config = read_json(directory / CONFIG_FILE, "model config")
+    try:
+        model = build_model(config)
+    except FromzeroError as e:
+        raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
+    load_weights(model, directory / MODEL_FILE)
+    return model.to(device).eval()

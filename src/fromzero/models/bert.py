@@ -593,7 +593,7 @@ def embed_checkpoint(
     ``pooling: cls``) and, with ``normalize``, L2-normalised: what sentence-transformers computes
     for all-MiniLM-L6-v2. Texts are sorted by length into batches so each batch pads little.
     """
-    from fromzero.training.checkpoint import CONFIG_FILE, load_model, read_json
+    from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
 
     directory = Path(directory)
     if not directory.is_dir():

@@ -693,7 +693,7 @@ def convert_to_gguf(src: str | Path, out: str | Path, qtype: str = "f16", force:
     """
     from fromzero.models.convert_gpt import to_hf
     from fromzero.models.gpt import GPT, GPTConfig
-    from fromzero.training.checkpoint import CONFIG_FILE, load_model, read_json
+    from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
 
     gguf = _gguf()
     if qtype not in WRITE_TYPES:

@@ -221,7 +221,7 @@ def _prepare_out(out: Path, force: bool) -> None:
 def _write_dir(out: Path, config: dict, state: dict[str, torch.Tensor], tokenizer_src: Path | None,
                extra_files: dict[str, str] | None = None) -> None:
     """Write config.json + model.safetensors (+ tokenizer files) to ``out`` atomically."""
-    from fromzero.training.checkpoint import commit_directory, write_safetensors
+    from fromzero.checkpoint import commit_directory, write_safetensors
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out, f".tmp-{out.name}-")
@@ -269,7 +269,7 @@ def convert_from_hf(src: str, out: Path, force: bool = False) -> dict:
 
 def convert_to_hf(src: Path, out: Path, force: bool = False) -> dict:
     """fromzero checkpoint directory -> HF directory that ``transformers`` loads."""
-    from fromzero.training.checkpoint import CONFIG_FILE, load_model, read_json
+    from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
 
     src, out = Path(src), Path(out)
     _prepare_out(out, force)

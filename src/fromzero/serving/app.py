@@ -395,7 +395,7 @@ def _sse(obj: Any) -> str:
 
 def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     """The FastAPI app serving ``config.checkpoint`` (or an already loaded ``backend``)."""
-    from fromzero.training.trainer import resolve_device
+    from fromzero.devices import resolve_device
 
     config.validate()
     if backend is None:

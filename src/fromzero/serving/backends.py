@@ -102,8 +102,8 @@ def load_backend(checkpoint: str | Path, device: torch.device, name: str = "",
 
     ``chat_template``: a Jinja chat template file for /v1/chat/completions (default: the
     checkpoint's own)."""
-    from fromzero.inference.predict import checkpoint_info
-    from fromzero.training.checkpoint import CONFIG_FILE, read_json
+    from fromzero.checkpoint import checkpoint_info
+    from fromzero.checkpoint import CONFIG_FILE, read_json
 
     directory = Path(checkpoint)
     info = checkpoint_info(directory)  # raises for a missing directory / config.json
@@ -122,7 +122,7 @@ def load_backend(checkpoint: str | Path, device: torch.device, name: str = "",
                                  classifier=classifier)
     if model_type == "fromzero-bert":
         from fromzero.models.bert import BertConfig, load_encoder_tokenizer
-        from fromzero.training.checkpoint import load_model
+        from fromzero.checkpoint import load_model
 
         bert_config = BertConfig.from_dict(config)
         tokenizer = load_encoder_tokenizer(directory, bert_config)
@@ -141,7 +141,7 @@ def _load_generator(directory: Path, device: torch.device, name: str, task: str,
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.inference.chat import eos_ids, load_chat_format
     from fromzero.models.gpt import GPT
-    from fromzero.training.checkpoint import load_model
+    from fromzero.checkpoint import load_model
 
     model = load_model(directory, device)
     if not isinstance(model, GPT):

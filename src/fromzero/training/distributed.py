@@ -14,6 +14,7 @@ run directory.
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 import os
 import warnings
 from dataclasses import dataclass
@@ -276,3 +277,18 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def load_sharded_checkpoint(directory: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The loader of FSDP-sharded checkpoints (config.json + sharded/), registered in
+    :mod:`fromzero.checkpoint`: the full model, in one process."""
+    from fromzero.checkpoint import CONFIG_FILE, read_json
+    from fromzero.models import build_model
+
+    config = read_json(Path(directory) / CONFIG_FILE, "model config")
+    try:
+        model = build_model(config)
+    except FromzeroError as e:
+        raise FromzeroError(f"{Path(directory) / CONFIG_FILE}: {e}") from None
+    load_sharded(model, None, Path(directory) / SHARDED_DIR)
+    return model.to(device).eval()

@@ -21,7 +21,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -279,32 +280,86 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
         raise FromzeroError(f"cannot read trainer state {path}: {first_line(e)}") from None
 
 
+def checkpoint_info(directory: Path) -> dict[str, Any]:
+    """info.json of a checkpoint ({} for one without), with the task inferred when missing."""
+    directory = Path(directory)
+    recover_directory(directory)
+    if not directory.is_dir():
+        raise FromzeroError(f"checkpoint directory not found: {directory}")
+    config = read_json(directory / CONFIG_FILE, "model config")
+    info = read_json(directory / INFO_FILE, "checkpoint info") if (directory / INFO_FILE).is_file() else {}
+    if "task" not in info:
+        info["task"] = "language-model" if config.get("model_type") == "fromzero-gpt" else "unknown"
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: a registry of checkpoint kinds
+#
+# A checkpoint directory is one of several kinds: plain weights, a LoRA adapter over a base,
+# int8/int4 quantized modules, or FSDP shards. This module knows how to *recognise* each (they
+# are facts of the on-disk format) but not how to *build* them: that code lives in higher layers
+# (models, finetune.lora, compression.quantize, training.distributed), and importing it here
+# would tie the layers into a cycle. So each kind names its loader by import path ("module:
+# function"), imported on first use, as a plugin registry would; other code (or a user's
+# package) can add kinds with :func:`register_checkpoint_kind`.
+
+
+@dataclass(frozen=True)
+class CheckpointKind:
+    """One way a checkpoint directory can be laid out, and where its loader lives."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    """True when ``directory`` is of this kind (checked in registration order, first match wins)."""
+    loader: str
+    """``"package.module:function"``; the function takes (directory, device) and returns the model in eval mode."""
+
+
+_KINDS: list[CheckpointKind] = []
+
+
+def register_checkpoint_kind(kind: CheckpointKind, first: bool = False) -> None:
+    """Add a kind (``first``: before the built-in ones, e.g. to override how one is loaded)."""
+    _KINDS.insert(0, kind) if first else _KINDS.append(kind)
+
+
+def _config_of(directory: Path) -> dict:
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+register_checkpoint_kind(CheckpointKind(
+    "lora-adapter", lambda d: not (d / MODEL_FILE).exists() and (d / "adapter_config.json").is_file(),
+    "fromzero.finetune.lora:load_adapter_checkpoint"))
+register_checkpoint_kind(CheckpointKind(
+    "quantized", lambda d: bool(_config_of(d).get("quantization")),  # written by `fromzero quantize`
+    "fromzero.compression.quantize:load_quantized_checkpoint"))
+register_checkpoint_kind(CheckpointKind(
+    "sharded", lambda d: not (d / MODEL_FILE).exists() and (d / "sharded").is_dir(),  # FSDP + dist.checkpoint
+    "fromzero.training.distributed:load_sharded_checkpoint"))
+register_checkpoint_kind(CheckpointKind("plain", lambda d: True, "fromzero.models:load_plain_checkpoint"))
+
+
+def checkpoint_kind(directory: str | Path) -> CheckpointKind:
+    """The registered kind of a checkpoint directory."""
+    directory = Path(directory)
+    for kind in _KINDS:
+        if kind.detect(directory):
+            return kind
+    raise FromzeroError(f"{directory} is not a checkpoint of any known kind")  # pragma: no cover - plain matches all
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the model saved in a checkpoint directory (config.json + model.safetensors)."""
-    from fromzero.models import build_model
+    """Rebuild the model saved in a checkpoint directory, whatever its kind, in eval mode on ``device``."""
+    import importlib
 
     directory = Path(directory)
     recover_directory(directory)
     if not directory.is_dir():
         raise FromzeroError(f"checkpoint directory not found: {directory}")
-    if not (directory / MODEL_FILE).exists() and (directory / "adapter_config.json").is_file():
-        from fromzero.finetune.lora import load_adapter_model
-
-        return load_adapter_model(directory).to(device).eval()  # base + LoRA, merged
-    config = read_json(directory / CONFIG_FILE, "model config")
-    if config.get("quantization"):  # written by `fromzero quantize`: int8 / int4 modules
-        from fromzero.compression.quantize import load_quantized
-
-        return load_quantized(directory, config, device)
-    try:
-        model = build_model(config)
-    except FromzeroError as e:
-        raise FromzeroError(f"{directory / CONFIG_FILE}: {e}") from None
-    sharded = directory / "sharded"
-    if not (directory / MODEL_FILE).exists() and sharded.is_dir():  # written by FSDP with dist.checkpoint sharded
-        from fromzero.training.distributed import load_sharded
-
-        load_sharded(model, None, sharded)
-    else:
-        load_weights(model, directory / MODEL_FILE)
-    return model.to(device).eval()
+    kind = checkpoint_kind(directory)
+    module, _, function = kind.loader.partition(":")
+    return getattr(importlib.import_module(module), function)(directory, device)

@@ -123,8 +123,8 @@ def init_student(student: nn.Module, teacher: nn.Module, model_type: str, layers
 
 def load_teacher(path: str | Path, device: torch.device) -> tuple[nn.Module, dict, dict]:
     """The teacher model (eval mode, frozen), its config.json and its info.json."""
-    from fromzero.inference.predict import checkpoint_info
-    from fromzero.training.checkpoint import CONFIG_FILE, load_model, read_json
+    from fromzero.checkpoint import checkpoint_info
+    from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
 
     path = Path(path).expanduser()
     info = checkpoint_info(path)
@@ -176,7 +176,7 @@ def build_student(options: DistillOptions, teacher_config: dict, teacher: nn.Mod
 def distill_task(teacher: str | Path, recipe: str | Path | None) -> str | None:
     """The fine-tuning task a distillation runs as: the recipe's, else by the teacher's kind."""
     from fromzero.config import load_yaml
-    from fromzero.inference.predict import checkpoint_info
+    from fromzero.checkpoint import checkpoint_info
 
     if recipe is not None and load_yaml(Path(recipe)).get("task"):
         return None  # the recipe says

@@ -198,7 +198,7 @@ def _decode_batch(model: Any, batch: list[list[int]], rows: list[int], max_new_t
 def stop_token_ids(directory: Path, tokenizer: Any, template: Any) -> list[int]:
     """Ids that end the assistant's turn: the template's end-of-turn token (ChatML: <|im_end|>),
     the eos ids a converted model declared (config.json hf_special_tokens), the tokenizer's eos."""
-    from fromzero.training.checkpoint import CONFIG_FILE, read_json
+    from fromzero.checkpoint import CONFIG_FILE, read_json
 
     ids: set[int] = set()
     if tokenizer.eos_id is not None:
@@ -226,9 +226,9 @@ def evaluate_chat(
     from fromzero.data import rotten_tomatoes
     from fromzero.data.sft import checkpoint_chat_template
     from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.inference.predict import checkpoint_info
-    from fromzero.training.checkpoint import TOKENIZER_FILE, load_model
-    from fromzero.training.trainer import autocast_context, resolve_device, resolve_dtype
+    from fromzero.checkpoint import checkpoint_info
+    from fromzero.checkpoint import TOKENIZER_FILE, load_model
+    from fromzero.devices import autocast_context, resolve_device, resolve_dtype
 
     checkpoint = Path(checkpoint)
     if data != rotten_tomatoes.NAME:

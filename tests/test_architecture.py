@@ -1,0 +1,70 @@
+"""The structure stays true: imports only go down the layers (import-linter, the contract in
+pyproject.toml), checkpoints of every kind load through one registry, and checkpoints written by
+the previous layout still load and compute what they did."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fromzero.checkpoint import CheckpointKind, checkpoint_kind, load_model, register_checkpoint_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+PREVIOUS = Path(__file__).parent / "fixtures" / "previous_format"
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_the_contract_catches_an_upward_import(tmp_path: Path) -> None:
+    """The same contract on a copy of the package with one planted upward import (models ->
+    training) is broken: the check above cannot pass vacuously."""
+    import shutil
+
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "fromzero", copy / "fromzero", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "fromzero" / "models" / "cnn.py", "a") as f:
+        f.write("\n\ndef _planted():\n    from fromzero.training.trainer import prepare_run_dir  # noqa: F401\n")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    assert "fromzero.models.cnn -> fromzero.training.trainer" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["gpt", "gpt-int8"])
+def test_checkpoints_of_the_previous_layout_still_load(name: str) -> None:
+    expected = json.loads((PREVIOUS / "expected.json").read_text())[name]
+    model = load_model(PREVIOUS / name)
+    with torch.no_grad():
+        logits = model(torch.arange(12)[None] % 32)[0][0, -1]
+    torch.testing.assert_close(logits, torch.tensor(expected), rtol=0, atol=1e-6)
+    assert checkpoint_kind(PREVIOUS / name).name == {"gpt": "plain", "gpt-int8": "quantized"}[name]
+
+
+def test_a_new_checkpoint_kind_registers_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kind registered first wins over the built-in ones; its loader is found by import path."""
+    import types
+
+    import fromzero.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "_KINDS", list(ckpt._KINDS))
+    loaded = []
+    monkeypatch.setitem(sys.modules, "toy_loader", types.SimpleNamespace(
+        load=lambda directory, device: loaded.append((directory, device)) or torch.nn.Identity()))
+    (tmp_path / "marker.txt").write_text("x")
+    assert checkpoint_kind(tmp_path).name == "plain"
+    register_checkpoint_kind(CheckpointKind("toy", lambda d: (d / "marker.txt").is_file(), "toy_loader:load"),
+                             first=True)
+    assert checkpoint_kind(tmp_path).name == "toy"
+    assert isinstance(load_model(tmp_path), torch.nn.Identity) and loaded == [(tmp_path, "cpu")]
