@@ -68,3 +68,37 @@ def test_a_new_checkpoint_kind_registers_itself(tmp_path: Path, monkeypatch: pyt
                              first=True)
     assert checkpoint_kind(tmp_path).name == "toy"
     assert isinstance(load_model(tmp_path), torch.nn.Identity) and loaded == [(tmp_path, "cpu")]
+
+
+# ---------------------------------------------------------------------------------------------
+# A thin CLI: help without importing torch
+
+
+def _config_classes() -> list[tuple[str, type]]:
+    from fromzero.config import PretrainConfig
+    from fromzero.finetune.recipe import TASKS, task_config_class
+
+    return [("fromzero.config:PretrainConfig", PretrainConfig)] + [
+        (f"{module}:{cls}", task_config_class(task)) for task, (module, cls, _) in TASKS.items()]
+
+
+@pytest.mark.parametrize("target,cls", _config_classes(), ids=lambda x: x if isinstance(x, str) else "")
+def test_help_read_from_source_equals_help_from_the_classes(target: str, cls: type) -> None:
+    """--help reads the config dataclasses' source (no import); it must say exactly what the
+    imported classes say: every key, default and docstring, inheritance and hidden keys included."""
+    from fromzero.config import options_help
+    from fromzero.options import static_options_help
+
+    assert static_options_help(target) == options_help(cls)
+
+
+@pytest.mark.parametrize("argv", [[], ["pretrain"], ["finetune"], ["crossval"], ["generate"], ["serve"],
+                                  ["quantize"], ["tune"], ["convert"], ["predict"], ["explain"]])
+def test_help_does_not_import_torch(argv: list[str]) -> None:
+    code = ("import sys\nfrom fromzero.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"
+            "except SystemExit:\n    pass\nheavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "HEAVY []" in result.stdout, result.stdout[-500:]
+    assert "usage:" in result.stdout

@@ -91,11 +91,11 @@ _PRETRAIN_ALIASES = {"--device": "--train.device", "--dtype": "--train.dtype", "
 
 
 def _pretrain_epilog() -> str:
-    from fromzero.config import PretrainConfig, options_help
+    from fromzero.options import static_options_help  # reads the source: no torch import for --help
 
     return (
         "recipe options (override any with --section.key VALUE; shown with built-in defaults,\n"
-        "a recipe sets its own):\n" + "\n".join(options_help(PretrainConfig)) + "\n\n"
+        "a recipe sets its own):\n" + "\n".join(static_options_help("fromzero.config:PretrainConfig")) + "\n\n"
         "aliases: --device, --dtype, --compile, --seed mean --train.device, --train.dtype,\n"
         "--train.compile, --train.seed; --out-dir means --out_dir.\n\n"
         "example:\n  fromzero pretrain --config recipes/shakespeare-char.yaml --train.max_iters 500\n"
@@ -150,13 +150,13 @@ def _bool_flags(tokens: list[str], flags: set[str]) -> list[str]:
 
 
 def _finetune_epilog() -> str:
-    from fromzero.config import options_help
-    from fromzero.finetune.recipe import TASKS, task_config_class
+    from fromzero.finetune.recipe import TASKS
+    from fromzero.options import static_options_help  # reads the source: no torch import for --help
 
     parts = ["recipe options, per task (override any with --key VALUE; built-in defaults shown,\n"
              "a recipe sets its own):"]
-    for task in TASKS:
-        parts.append(f"\ntask {task}:\n" + "\n".join(options_help(task_config_class(task))))
+    for task, (module, cls, _) in TASKS.items():
+        parts.append(f"\ntask {task}:\n" + "\n".join(static_options_help(f"{module}:{cls}")))
     parts.append("\nexamples:\n  fromzero finetune --config recipes/genre-minilm.yaml --method lora\n"
                  "  fromzero finetune --config recipes/digits-cnn.yaml --epochs 5\n")
     return "\n".join(parts)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fromzero.errors import FromzeroError
+
+if TYPE_CHECKING:  # the package itself stays light: `--help` finds model modules without importing torch
+    import torch
 
 # model_type in a checkpoint's config.json -> module that can rebuild it
 MODEL_REGISTRY: dict[str, str] = {
