@@ -7,7 +7,7 @@ A task (text classification, SFT) supplies the model, batches, a ``loss_fn(model
 * AdamW (decay on matrices only) or SGD; linear warmup then cosine decay to lr * min_lr_ratio;
 * gradient accumulation, global-norm clipping, an optional L1 penalty on trained matrices
   (``l1 * sum |w|``, added to the loss) next to L2 (decoupled weight decay);
-* bf16/fp16 autocast and torch.compile where they help;
+* bf16/fp16 autocast (fp16 with a GradScaler) and torch.compile where they help;
 * evaluation after every epoch (or every ``eval_every`` steps), early stopping when the monitored
   metric has not improved for ``patience`` evaluations, and the best weights restored at the end;
 * metrics.jsonl + TensorBoard rows, a rich progress bar, NaN/inf loss as a one-line error,
@@ -330,6 +330,9 @@ class Finetuner:
         self.l1_params = [p for p in self.params if p.dim() >= 2]
         self.optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg, device)
         self.last_dir, self.resume, self.private = last_dir, resume, private
+        # float16 autocast (CUDA): scale the loss so small gradients do not flush to zero; steps
+        # whose gradients overflowed are skipped and the scale lowered (a no-op for bf16 / fp32).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
         if private is not None and (cfg.grad_accum != 1 or (ctx is not None and ctx.world_size > 1)):
             raise FromzeroError("privacy: DP-SGD runs in one process with grad_accum 1")
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -522,6 +525,7 @@ class Finetuner:
                  "best_epoch": p.best_epoch, "stale": p.stale, "evaluated_at": p.evaluated_at,
                  "epochs_run": p.epochs_run, "elapsed_s": time.perf_counter() - t0,
                  "optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(),
                  "rng": _rng_state(), "epoch_rng": p.epoch_rng, "epoch_data": p.epoch_data}
         with atomic_directory(self.last_dir) as tmp:
             write_safetensors(weights, tmp / LAST_WEIGHTS_FILE)
@@ -558,6 +562,8 @@ class Finetuner:
             self.model.load_state_dict(current, strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
             self.best_state = best or None
             p = _Progress(step=int(state["step"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
                           samples=int(state["samples"]), best_value=state["best_value"],
@@ -597,7 +603,7 @@ class Finetuner:
         if self.cfg.l1 and self.l1_params:
             loss = loss + self.cfg.l1 * l1_penalty(self.l1_params)
         # A sum weighted by the micro-batch's count; _scale_gradients divides by the step's total.
-        (loss * (n_tokens if self.weight_by == "tokens" else n_samples)).backward()
+        self.scaler.scale(loss * (n_tokens if self.weight_by == "tokens" else n_samples)).backward()
         return value, n_samples, n_tokens
 
     def _private_forward_backward(self, batch: Any, step: int) -> tuple[float, int, int]:
@@ -630,6 +636,7 @@ class Finetuner:
         if total <= 0:  # nothing carried loss (e.g. every reply truncated away): no update
             self.optimizer.zero_grad(set_to_none=True)
             return
+        self.scaler.unscale_(self.optimizer)  # float16: back to true gradients (infs recorded)
         scale = 1.0 / total
         for p in self.params:
             if p.grad is not None:
@@ -645,7 +652,14 @@ class Finetuner:
             return
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.optimizer.step()
+        if self.scaler.is_enabled():
+            if not any(p.grad is not None for p in self.params):  # a step with nothing to learn
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
