@@ -325,10 +325,12 @@ def register_checkpoint_kind(kind: CheckpointKind, first: bool = False) -> None:
 
 
 def _config_of(directory: Path) -> dict:
+    """config.json for recognising a kind; {} when unreadable (the loader then says what is wrong)."""
     try:
-        return json.loads((directory / CONFIG_FILE).read_text())
+        config = json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return {}
+    return config if isinstance(config, dict) else {}
 
 
 register_checkpoint_kind(CheckpointKind(
