@@ -76,10 +76,10 @@ def test_a_new_checkpoint_kind_registers_itself(tmp_path: Path, monkeypatch: pyt
 
 def _config_classes() -> list[tuple[str, type]]:
     from fromzero.config import PretrainConfig
-    from fromzero.finetune.recipe import TASKS, task_config_class
+    from fromzero.tasks import finetuning_tasks
 
     return [("fromzero.config:PretrainConfig", PretrainConfig)] + [
-        (f"{module}:{cls}", task_config_class(task)) for task, (module, cls, _) in TASKS.items()]
+        (task.config, task.config_class()) for task in finetuning_tasks().values()]
 
 
 @pytest.mark.parametrize("target,cls", _config_classes(), ids=lambda x: x if isinstance(x, str) else "")
@@ -102,3 +102,43 @@ def test_help_does_not_import_torch(argv: list[str]) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "HEAVY []" in result.stdout, result.stdout[-500:]
     assert "usage:" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The task registry
+
+
+def test_every_finetuning_task_names_its_config_and_training_function() -> None:
+    import dataclasses
+    import inspect
+
+    from fromzero.finetune.engine import FinetuneConfig
+    from fromzero.tasks import finetuning_tasks
+
+    assert set(finetuning_tasks()) == {"text-classification", "sft", "dpo", "image-classification", "recommendation"}
+    for task in finetuning_tasks().values():
+        cls = task.config_class()
+        assert dataclasses.is_dataclass(cls) and issubclass(cls, FinetuneConfig), task.name
+        assert task.data_key in {f.name for f in dataclasses.fields(cls)}, task.name
+        assert "resume" in inspect.signature(task.run_function()).parameters, task.name
+
+
+def test_consumers_act_on_task_facts_not_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task registered with some facts is treated by them: distillation runs as its
+    distill_as, crossval refuses a non-classifier, finetune names it as unknown with a hint."""
+    import fromzero.tasks as tasks
+    from fromzero.errors import FromzeroError
+    from fromzero.finetune.crossval import crossval
+    from fromzero.finetune.distill import distill_task
+
+    monkeypatch.setattr(tasks, "_TASKS", dict(tasks._TASKS))
+    tasks.register_task(tasks.Task("toy-chat", "generator", distill_as="sft"))
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"model_type": "fromzero-gpt"}')
+    (teacher / "info.json").write_text('{"task": "toy-chat"}')
+    assert distill_task(teacher, None) == "sft"
+    with pytest.raises(FromzeroError, match="crossval is for classification tasks, not 'toy-chat'"):
+        crossval("toy-chat", object(), 3)
+    with pytest.raises(FromzeroError, match="unknown task 'txt-classification'.*did you mean text-classification"):
+        tasks.finetuning_task("txt-classification")

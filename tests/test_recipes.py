@@ -67,10 +67,11 @@ def test_recipe_builds_a_working_model(recipe):
 
 @pytest.mark.parametrize("recipe", FINETUNE, ids=[p.stem for p in FINETUNE])
 def test_finetune_recipe_loads_and_validates(recipe):
-    from fromzero.finetune.recipe import TASKS, load_finetune_config
+    from fromzero.finetune.recipe import load_finetune_config
+    from fromzero.tasks import finetuning_tasks
 
     task, cfg = load_finetune_config(recipe)
-    assert task == _task(recipe) and task in TASKS
+    assert task == _task(recipe) and task in finetuning_tasks()
     assert cfg.method in ("full", "frozen", "lora") or (cfg.method == "qlora" and task == "sft")
     assert cfg.epochs > 0 and cfg.batch_size > 0 and cfg.lr > 0
     assert cfg.out_dir == "" and cfg.force is False

@@ -150,13 +150,13 @@ def _bool_flags(tokens: list[str], flags: set[str]) -> list[str]:
 
 
 def _finetune_epilog() -> str:
-    from fromzero.finetune.recipe import TASKS
     from fromzero.options import static_options_help  # reads the source: no torch import for --help
+    from fromzero.tasks import finetuning_tasks
 
     parts = ["recipe options, per task (override any with --key VALUE; built-in defaults shown,\n"
              "a recipe sets its own):"]
-    for task, (module, cls, _) in TASKS.items():
-        parts.append(f"\ntask {task}:\n" + "\n".join(static_options_help(f"{module}:{cls}")))
+    for name, task in finetuning_tasks().items():
+        parts.append(f"\ntask {name}:\n" + "\n".join(static_options_help(task.config)))
     parts.append("\nexamples:\n  fromzero finetune --config recipes/genre-minilm.yaml --method lora\n"
                  "  fromzero finetune --config recipes/digits-cnn.yaml --epochs 5\n")
     return "\n".join(parts)
@@ -253,7 +253,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if bool(args.text) + bool(args.image) + bool(args.input) != 1:
         raise FromzeroError("give exactly one of --text, --image or --input")
     classifier = Classifier(Path(args.checkpoint), args.device)
-    if args.image or (args.input and classifier.task == "image-classification"):
+    if args.image or (args.input and classifier.inputs == "image"):
         paths = [Path(p) for p in args.image] if args.image else _image_inputs(Path(args.input))
         inputs: list[str] = [str(p) for p in paths]
         logits = classifier.image_logits(paths)
@@ -712,9 +712,9 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
             epilog=_finetune_epilog() if with_finetune_help else None,
         )
         ft.add_argument("--config", help="recipe YAML (e.g. recipes/genre-minilm.yaml)")
-        from fromzero.finetune.recipe import TASKS
+        from fromzero.tasks import finetuning_tasks
 
-        ft.add_argument("--task", help=f"{' | '.join(TASKS)} (default: the recipe's task)")
+        ft.add_argument("--task", help=f"{' | '.join(finetuning_tasks())} (default: the recipe's task)")
         if name == "crossval":
             ft.add_argument("--folds", type=int, default=5, help="number of folds K (>= 2)")
         else:

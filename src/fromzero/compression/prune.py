@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch.nn.utils import prune as torch_prune
 
 from fromzero.errors import FromzeroError
+from fromzero.tasks import get_task
 
 METHODS = ("magnitude", "structured")
 SCOPES = ("layer", "global")
@@ -689,8 +690,8 @@ def resolve_task(directory: Path, config: dict, info: dict, data: str | None, de
     from fromzero.inference.predict import run_config
 
     run = run_config(directory)
-    task = info.get("task")
-    if task == "text-classification" and config.get("model_type") == "fromzero-bert":
+    task = get_task(info.get("task"))
+    if task is not None and task.is_classifier and config.get("model_type") == "fromzero-bert":
         source = data or run.get("data")
         return _TextTask(directory, config, info, run, str(source), device) if source else None
     if config.get("model_type") == "fromzero-gpt":
@@ -836,7 +837,8 @@ def prune_checkpoint(cfg: PruneConfig) -> dict[str, Any]:
         if config.get("model_type") == "fromzero-gpt":
             raise FromzeroError(f"{what} needs data: pass --data DIR (a prepared data directory, as written by "
                                 "`fromzero data prepare`)")
-        if info.get("task") == "text-classification" and model_type == "fromzero-bert":
+        about = get_task(info.get("task"))
+        if about is not None and about.is_classifier and model_type == "fromzero-bert":
             raise FromzeroError(f"{what} needs the classifier's data: pass --data (no config.yaml of the run "
                                 f"that made {src} was found)")
         raise FromzeroError(f"{what} works on text classifiers and GPT language models; {src} is a "

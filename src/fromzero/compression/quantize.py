@@ -54,6 +54,7 @@ import torch.nn as nn
 from fromzero.errors import FromzeroError
 from fromzero.models.quantized import (FORMAT_VERSION, INT4_WEIGHT, INT8_DYNAMIC, QuantizeOptions, load_quantized,
                                        quantize_model, require_int8_dynamic)
+from fromzero.tasks import get_task
 
 REPORT_FILE = "quantization.json"
 
@@ -151,7 +152,8 @@ def quantize_checkpoint(
         data = data or _source_data(src)
         if not data:
             raise FromzeroError("--eval needs --data: the checkpoint's run config names no data")
-        split = split or ("val" if task in ("language-model", "sft") else "test")
+        about = get_task(task)
+        split = split or (about.eval_split if about is not None else "test")
 
     model = load_model(src, "cpu")
     fp32_state_bytes = weights_bytes(model)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fromzero.errors import FromzeroError
+from fromzero.tasks import get_task
 
 
 def _fold_indices(labels: list[str], folds: int, seed: int) -> list[list[int]]:
@@ -92,7 +93,8 @@ def crossval(task: str, cfg: Any, folds: int) -> dict[str, Any]:
 
     if folds < 2:
         raise FromzeroError(f"--folds must be at least 2, got {folds}")
-    if task not in ("text-classification", "image-classification"):
+    about = get_task(task)
+    if about is None or not about.is_classifier:
         raise FromzeroError(f"crossval is for classification tasks, not {task!r}")
     out = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir(f"crossval-{task}")
     if out.exists() and any(out.iterdir()):
@@ -100,15 +102,12 @@ def crossval(task: str, cfg: Any, folds: int) -> dict[str, Any]:
             raise FromzeroError(f"{out} already exists; pass --force to start over")
         shutil.rmtree(out)
     data_root = out / "folds"
-    sources = (_text_folds if task == "text-classification" else _image_folds)(cfg, folds, data_root)
+    sources = (_text_folds if about.inputs == "text" else _image_folds)(cfg, folds, data_root)
     results = []
     for k, source in enumerate(sources, start=1):
         print(f"fold {k}/{folds}")
         fold_cfg = copy.deepcopy(cfg)
-        if task == "text-classification":
-            fold_cfg.data = source
-        else:
-            fold_cfg.data_dir = source
+        setattr(fold_cfg, about.data_key, source)  # data (texts) or data_dir (images)
         fold_cfg.out_dir, fold_cfg.force = str(out / f"fold-{k}"), True
         summary = run_finetune(task, fold_cfg)
         val = summary["val"]

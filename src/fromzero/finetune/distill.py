@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromzero.errors import FromzeroError
+from fromzero.tasks import get_task
 
 # model_type -> (config field holding the layer count, parameter-name prefix of layer i)
 LAYER_LAYOUT = {
@@ -181,10 +182,9 @@ def distill_task(teacher: str | Path, recipe: str | Path | None) -> str | None:
     if recipe is not None and load_yaml(Path(recipe)).get("task"):
         return None  # the recipe says
     task = checkpoint_info(Path(teacher).expanduser()).get("task")
-    if task == "text-classification":
-        return task
-    if task in ("sft", "dpo", "language-model"):
-        return "sft"
+    about = get_task(task)
+    if about is not None and about.distill_as:
+        return about.distill_as
     raise FromzeroError(f"cannot distil a {task!r} checkpoint ({teacher}): teachers are text classifiers or GPTs")
 
 

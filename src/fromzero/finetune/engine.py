@@ -207,6 +207,21 @@ def resume_step(run_dir: Path) -> int | None:
         return None
 
 
+def run_task(body: Callable[..., dict[str, Any]], cfg: Any, resume: bool = False) -> dict[str, Any]:
+    """The frame every fine-tuning task runs in: validate the config, join torchrun's process
+    group (dist_strategy ddp; else one process), run ``body(cfg, ctx, device, t_start, resume)``,
+    and leave the group however it ends."""
+    from fromzero.training.distributed import shutdown
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    ctx, device = start_distributed(cfg)
+    try:
+        return body(cfg, ctx, device, t_start, resume)
+    finally:
+        shutdown(ctx)
+
+
 def start_distributed(cfg: FinetuneConfig) -> tuple[DistContext, torch.device]:
     """Join torchrun's process group when dist_strategy is ddp (else one process); ranks other
     than 0 print nothing, so the console shows one run."""

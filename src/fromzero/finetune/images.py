@@ -297,16 +297,9 @@ def finetune_images(cfg: ImageFinetuneConfig, resume: bool = False) -> dict[str,
         {"run_dir", "checkpoint", "labels", "best_epoch", "epochs_run", "stopped_early",
          "val": best val metrics, "test": test metrics, "train_s", "wall_s"}
     """
-    from fromzero.finetune.engine import start_distributed
-    from fromzero.training.distributed import shutdown
+    from fromzero.finetune.engine import run_task
 
-    t_start = time.perf_counter()
-    cfg.validate()
-    ctx, device = start_distributed(cfg)
-    try:
-        return _finetune_images(cfg, ctx, device, t_start, resume)
-    finally:
-        shutdown(ctx)
+    return run_task(_finetune_images, cfg, resume)
 
 
 def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t_start: float,

@@ -8,32 +8,22 @@
 
 Any setting can be overridden on the command line (``--lr 1e-4 --method frozen``); unknown keys
 are refused with the closest valid name. The settings of each task are the fields of its
-config dataclass (:data:`TASKS`); ``fromzero finetune --help`` lists them with their defaults.
+config dataclass (named in :mod:`fromzero.tasks`); ``fromzero finetune --help`` lists them with
+their defaults.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from fromzero.errors import FromzeroError
-
-# task -> (module, config class, function that runs it)
-TASKS: dict[str, tuple[str, str, str]] = {
-    "text-classification": ("fromzero.finetune.text", "TextClassificationConfig", "finetune_text_classification"),
-    "sft": ("fromzero.finetune.sft", "SFTConfig", "finetune_sft"),
-    "dpo": ("fromzero.finetune.dpo", "DPOConfig", "finetune_dpo"),
-    "image-classification": ("fromzero.finetune.images", "ImageFinetuneConfig", "finetune_images"),
-    "recommendation": ("fromzero.finetune.recsys", "RecommendationConfig", "finetune_recommendation"),
-}
+from fromzero.tasks import finetuning_task, finetuning_tasks
 
 
 def task_config_class(task: str) -> type:
-    if task not in TASKS:
-        raise FromzeroError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")
-    module, cls, _ = TASKS[task]
-    return getattr(importlib.import_module(module), cls)
+    """The recipe config dataclass of fine-tuning task ``task`` (one-line error if unknown)."""
+    return finetuning_task(task).config_class()
 
 
 def load_finetune_config(recipe: str | Path | None, overrides: list[str] | dict | None = None,
@@ -45,7 +35,7 @@ def load_finetune_config(recipe: str | Path | None, overrides: list[str] | dict 
     task = task or data.pop("task", None)
     data.pop("task", None)
     if not task:
-        raise FromzeroError(f"{recipe or 'the recipe'} has no 'task' (tasks: {', '.join(TASKS)})")
+        raise FromzeroError(f"{recipe or 'the recipe'} has no 'task' (tasks: {', '.join(finetuning_tasks())})")
     cls = task_config_class(str(task))
     extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []), cls, command="finetune")
     cfg = from_dict(cls, deep_merge(data, extra))
@@ -62,8 +52,9 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
         raise FromzeroError(f"nothing to resume: {run_dir} has no config.yaml (not a fine-tuning run directory)")
     data = load_yaml(run_dir / "config.yaml")
     task = data.pop("task", None)
-    if task not in TASKS:
-        raise FromzeroError(f"{run_dir / 'config.yaml'} names no fine-tuning task (tasks: {', '.join(TASKS)})")
+    if task not in finetuning_tasks():
+        raise FromzeroError(f"{run_dir / 'config.yaml'} names no fine-tuning task "
+                            f"(tasks: {', '.join(finetuning_tasks())})")
     cls = task_config_class(task)
     extra = parse_overrides(list(overrides or []), cls, command="finetune")
     for key in ("out_dir", "force"):
@@ -78,6 +69,5 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
 def run_finetune(task: str, cfg: Any, resume: bool = False) -> dict[str, Any]:
     """Run the task's fine-tune (resume: continue the run in cfg.out_dir from its
     checkpoints/last); returns its summary (run_dir, checkpoint, val, test, ...)."""
-    module, _, function = TASKS[task]
-    run = getattr(importlib.import_module(module), function)
+    run = finetuning_task(task).run_function()
     return run(cfg, resume=True) if resume else run(cfg)

@@ -316,16 +316,9 @@ def finetune_recommendation(cfg: RecommendationConfig, resume: bool = False) -> 
         {"run_dir", "checkpoint", "best_step", "best_epoch", "steps", "epochs_run", "stopped_early",
          "val": {"hr@10", "ndcg@10", "loss"}, "test": {...}, "baselines": {name: {"val", "test"}}, ...}
     """
-    from fromzero.finetune.engine import start_distributed
-    from fromzero.training.distributed import shutdown
+    from fromzero.finetune.engine import run_task
 
-    t_start = time.perf_counter()
-    cfg.validate()
-    ctx, device = start_distributed(cfg)
-    try:
-        return _finetune_recommendation(cfg, ctx, device, t_start, resume)
-    finally:
-        shutdown(ctx)
+    return run_task(_finetune_recommendation, cfg, resume)
 
 
 def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.device, t_start: float,

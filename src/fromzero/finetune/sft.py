@@ -165,16 +165,9 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Train on response tokens, keep the best val loss, score test, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.finetune.engine import start_distributed
-    from fromzero.training.distributed import shutdown
+    from fromzero.finetune.engine import run_task
 
-    t_start = time.perf_counter()
-    cfg.validate()
-    ctx, device = start_distributed(cfg)
-    try:
-        return _finetune_sft(cfg, ctx, device, t_start, resume)
-    finally:
-        shutdown(ctx)
+    return run_task(_finetune_sft, cfg, resume)
 
 
 def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float, resume: bool) -> dict[str, Any]:

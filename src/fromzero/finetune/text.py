@@ -167,16 +167,9 @@ def finetune_text_classification(cfg: TextClassificationConfig, resume: bool = F
     """Train, pick the best by ``monitor`` on val, score test once, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.finetune.engine import start_distributed
-    from fromzero.training.distributed import shutdown
+    from fromzero.finetune.engine import run_task
 
-    t_start = time.perf_counter()
-    cfg.validate()
-    ctx, device = start_distributed(cfg)
-    try:
-        return _finetune_text_classification(cfg, ctx, device, t_start, resume)
-    finally:
-        shutdown(ctx)
+    return run_task(_finetune_text_classification, cfg, resume)
 
 
 def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, device: torch.device,

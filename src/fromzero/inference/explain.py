@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from fromzero.errors import FromzeroError
+from fromzero.tasks import get_task
 
 METHODS = ("ig", "gradcam", "attention")
 # The convergence delta of IG is flagged when above this fraction of |F(input) - F(baseline)|.
@@ -82,16 +83,16 @@ class Explanation:
 
 def model_kind(config: dict, info: dict) -> str:
     """text-classifier | encoder | gpt | image-classifier-cnn | vit-classifier | vit | other."""
-    model_type, task = config.get("model_type"), info.get("task")
+    model_type, task = config.get("model_type"), get_task(info.get("task"))
+    classifier = task is not None and task.is_classifier
     if model_type == "fromzero-bert":
-        return "text-classifier" if task == "text-classification" and config.get("head") == "classification" \
-            else "encoder"
+        return "text-classifier" if classifier and config.get("head") == "classification" else "encoder"
     if model_type == "fromzero-gpt":
         return "gpt"
     if model_type == "fromzero-cnn":
         return "cnn"
     if model_type == "fromzero-vit":
-        return "vit-classifier" if task == "image-classification" and config.get("num_labels", 0) > 0 else "vit"
+        return "vit-classifier" if classifier and config.get("num_labels", 0) > 0 else "vit"
     return "other"
 
 

@@ -19,8 +19,8 @@ import torch
 
 from fromzero.checkpoint import checkpoint_info
 from fromzero.errors import FromzeroError
+from fromzero.tasks import get_task
 
-CLASSIFICATION_TASKS = ("text-classification", "image-classification")
 
 
 def run_config(directory: Path) -> dict[str, Any]:
@@ -47,8 +47,10 @@ class Classifier:
         self.directory = Path(directory)
         self.info = checkpoint_info(self.directory)
         self.task = self.info["task"]
-        if self.task not in CLASSIFICATION_TASKS:
+        task = get_task(self.task)
+        if task is None or not task.is_classifier:
             raise FromzeroError(f"{directory} is a {self.task} checkpoint, not a classifier")
+        self.inputs = task.inputs  # text | image
         self.config = read_json(self.directory / CONFIG_FILE, "model config")
         self.device = resolve_device(device)
         self.model = load_model(self.directory, self.device)
@@ -68,8 +70,8 @@ class Classifier:
         from fromzero.finetune.text import TextBatches, predict_logits
         from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
 
-        if self.task != "text-classification":
-            raise FromzeroError(f"{self.directory} labels images, not texts (use --image)")
+        if self.inputs != "text":
+            raise FromzeroError(f"{self.directory} labels {self.inputs}s, not texts (use --{self.inputs})")
         bert_config = BertConfig.from_dict(self.config)
         tokenizer = load_encoder_tokenizer(self.directory, bert_config)
         max_length = int(self.info.get("max_length") or encoder_limit(self.directory, bert_config))
@@ -89,8 +91,8 @@ class Classifier:
         """(N, K) logits of image files (converted to the model's channels, eval transforms)."""
         from PIL import Image, UnidentifiedImageError
 
-        if self.task != "image-classification":
-            raise FromzeroError(f"{self.directory} labels texts, not images (use --text)")
+        if self.inputs != "image":
+            raise FromzeroError(f"{self.directory} labels {self.inputs}s, not images (use --{self.inputs})")
         transform = self.image_transform()
         mode = "RGB" if int(self.info.get("channels", 3)) == 3 else "L"
         tensors = []
@@ -170,17 +172,22 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
     data = data or made_by.get("data") or made_by.get("data_dir")
     if not data:
         raise FromzeroError("no --data given and the checkpoint's run config names none")
-    if task in ("sft", "dpo", "language-model") and str(data) == ROTTEN_TOMATOES:
+    about = get_task(task)
+    if about is not None and about.is_generator and str(data) == ROTTEN_TOMATOES:
         from fromzero.inference.chat_eval import evaluate_chat
 
         return evaluate_chat(Path(directory), str(data), split, batch_size, device, limit=limit)
-    if task == "text-classification":
-        return _evaluate_text(Path(directory), str(data), split, batch_size, device, limit)
-    if task == "image-classification":
-        return _evaluate_images(Path(directory), Path(str(data)), split, batch_size, device)
-    if task in ("sft", "language-model"):
+    if about is not None and about.is_classifier:
+        evaluate_classifier = _evaluate_text if about.inputs == "text" else _evaluate_images
+        return evaluate_classifier(Path(directory), str(data), split, batch_size, device, limit)
+    if task in _EVALUATE_AS_LANGUAGE_MODEL:
         return _evaluate_lm(Path(directory), str(data), split, batch_size, device, task)
     raise FromzeroError(f"cannot evaluate a checkpoint for task {task!r}")
+
+
+# Generators whose loss evaluate can score: SFT replies (chat data), pretraining (prepared tokens).
+# A DPO model is scored on preference pairs by its own fine-tune, or asked for labels above.
+_EVALUATE_AS_LANGUAGE_MODEL = ("sft", "language-model")
 
 
 def _check_known(labels: list[str], known: list[str], where: str) -> None:
@@ -205,14 +212,18 @@ def _evaluate_text(directory: Path, data: str, split: str, batch_size: int, devi
     return {**score(logits, [index[label] for _, label in rows], classifier.labels), "split": split}
 
 
-def _evaluate_images(directory: Path, data: Path, split: str, batch_size: int, device: str) -> dict[str, Any]:
+def _evaluate_images(directory: Path, data: str, split: str, batch_size: int, device: str,
+                     limit: int = 0) -> dict[str, Any]:
+    """Classification metrics of an image classifier on ``data``/``split`` (an ImageFolder);
+    ``limit`` is not applied (an image split is scored whole)."""
     from torch.utils.data import DataLoader
 
     from fromzero.data.images import load_image_folder
     from fromzero.finetune.images import _score, predict_loader
 
     classifier = Classifier(directory, device)
-    folder = data / split if (data / split).is_dir() else data
+    root = Path(data)
+    folder = root / split if (root / split).is_dir() else root
     mode = "RGB" if int(classifier.info.get("channels", 3)) == 3 else "L"
     dataset = load_image_folder(folder, classifier.image_transform(), mode=mode, classes=classifier.labels)
     logits, labels = predict_loader(classifier.model, DataLoader(dataset, batch_size=batch_size),

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fromzero.errors import FromzeroError
+from fromzero.tasks import get_task
 
 __all__ = ["Backend", "GeneratorBackend", "EmbeddingBackend", "ClassifierBackend", "load_backend"]
 
@@ -113,7 +114,8 @@ def load_backend(checkpoint: str | Path, device: torch.device, name: str = "",
     name = name or str(checkpoint).rstrip("/") or str(directory)
     if model_type == "fromzero-gpt":
         return _load_generator(directory, device, name, task, info, chat_template)
-    if task == "text-classification":
+    about = get_task(task)
+    if about is not None and about.is_classifier and about.inputs == "text":
         from fromzero.inference.predict import Classifier
 
         classifier = Classifier(directory, str(device))
