@@ -129,7 +129,7 @@ def test_checkpoint_reloads_with_same_predictions(trained, shapes: Path) -> None
 
 def test_existing_run_dir_is_refused_unless_force(trained) -> None:
     cfg, _ = trained
-    with pytest.raises(FromzeroError, match="already exists"):
+    with pytest.raises(FromzeroError, match="holds a finished run; pass --force to start over"):
         finetune_images(cfg)
 
 

@@ -430,3 +430,19 @@ def test_a_stopped_finetune_can_be_finished_where_it_stands(cli, bert_base, sent
     assert done.code == 0 and "finishing it without training" in done.out + done.err, done
     info = json.loads((out / "checkpoints/best/info.json").read_text())
     assert info["best_step"] == 5
+
+
+def test_crossval_stops_when_a_fold_is_interrupted(cli, bert_base, sentiment_csv, tmp_path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in a fold stops the cross-validation with exit 130 and says so (no traceback, no
+    crossval.json built from a cut fold)."""
+    from .resume import stop_after_step
+
+    stop_after_step(monkeypatch, 2)
+    out = tmp_path / "cv"
+    result = cli("crossval", "--task", "text-classification", "--init_from", str(bert_base), "--data",
+                 str(sentiment_csv), "--folds", "2", "--epochs", "1", "--device", "cpu", "--dtype", "float32",
+                 "--out_dir", str(out), "--quiet")
+    assert result.code == 130, result
+    assert "stopped: fold 1/2 interrupted at step 2" in result.out
+    assert not (out / "crossval.json").exists()

@@ -110,6 +110,10 @@ def crossval(task: str, cfg: Any, folds: int) -> dict[str, Any]:
         setattr(fold_cfg, about.data_key, source)  # data (texts) or data_dir (images)
         fold_cfg.out_dir, fold_cfg.force = str(out / f"fold-{k}"), True
         summary = run_finetune(task, fold_cfg)
+        if summary.get("interrupted"):  # Ctrl-C / SIGTERM: stop the whole cross-validation (exit 130)
+            print(f"stopped: fold {k}/{folds} interrupted at step {summary.get('steps')}; cross-validation "
+                  f"does not resume: run it again with --force")
+            raise KeyboardInterrupt
         val = summary["val"]
         row = {"fold": k, **{f"val_{m}": val[m] for m in ("accuracy", "f1_macro", "loss") if m in val}}
         row.update({f"test_{m}": summary["test"][m] for m in ("accuracy", "f1_macro", "f1_weighted", "loss")})

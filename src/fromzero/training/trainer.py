@@ -68,6 +68,9 @@ def prepare_run_dir(run_dir: Path, force: bool, resumable: bool = True) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not force:
             resumable = resumable and (run_dir / "checkpoints" / "last").is_dir()
+            if resumable and (run_dir / "metrics.json").is_file():  # a finished fine-tune
+                raise FromzeroError(f"run directory {run_dir} holds a finished run; pass --force to start over "
+                                    f"(or --resume {run_dir} with more epochs / max_steps to train further)")
             resume = f"pass --resume {run_dir} to continue it or " if resumable else "pass "
             raise FromzeroError(f"run directory {run_dir} already exists; {resume}--force to start over")
         for name in RUN_FILES:
