@@ -142,3 +142,30 @@ def test_consumers_act_on_task_facts_not_names(tmp_path: Path, monkeypatch: pyte
         crossval("toy-chat", object(), 3)
     with pytest.raises(FromzeroError, match="unknown task 'txt-classification'.*did you mean text-classification"):
         tasks.finetuning_task("txt-classification")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-family facts live next to each model
+
+
+def test_every_model_family_declares_its_facts() -> None:
+    """LoRA targets, layer layout and head come from the family's FACTS (models/<family>.py):
+    a tiny model of each family answers them, so freezing, LoRA and distillation need no
+    per-family code of their own."""
+    from fromzero.finetune.lora import default_targets, resolve_targets
+    from fromzero.finetune.methods import freeze, head_modules, layer_stack
+    from fromzero.models import MODEL_REGISTRY, FamilyFacts, build_model, family_facts
+    from fromzero.models.cnn import build_cnn
+
+    for model_type in MODEL_REGISTRY:
+        assert isinstance(family_facts(model_type), FamilyFacts), model_type
+    gpt = build_model({"model_type": "fromzero-gpt", "vocab_size": 32, "block_size": 16, "n_layer": 3, "n_head": 2,
+                       "n_embd": 16})
+    assert len(resolve_targets(gpt, default_targets({"model_type": "fromzero-gpt"}))) == 6  # 2 per layer
+    layers, after = layer_stack(gpt)
+    assert len(layers) == 3 and after == [gpt.transformer.ln_f] and head_modules(gpt) == [gpt.lm_head]
+    trained = freeze(gpt, unfreeze_top=1)
+    assert trained == [gpt.lm_head, gpt.transformer.h[2], gpt.transformer.ln_f]
+    resnet = build_cnn("resnet18", 3)
+    assert len(layer_stack(resnet)[0]) == 4 and head_modules(resnet) == [resnet.fc]
+    assert family_facts(resnet) is family_facts("fromzero-cnn")

@@ -33,11 +33,16 @@ import torch.nn.functional as F
 from fromzero.errors import FromzeroError
 from fromzero.tasks import get_task
 
-# model_type -> (config field holding the layer count, parameter-name prefix of layer i)
-LAYER_LAYOUT = {
-    "fromzero-bert": ("num_hidden_layers", "layers."),
-    "fromzero-gpt": ("n_layer", "transformer.h."),
-}
+def layer_layout(model_type: str) -> tuple[str, str]:
+    """(config field holding the layer count, parameter-name prefix of layer i) of a teacher's
+    family (see models.FamilyFacts), or a one-line error for a family without stacked layers."""
+    from fromzero.models import MODEL_REGISTRY, family_facts
+
+    facts = family_facts(model_type) if model_type in MODEL_REGISTRY else None
+    if facts is None or not facts.depth_field:
+        supported = [t for t in sorted(MODEL_REGISTRY) if family_facts(t).depth_field]
+        raise FromzeroError(f"distillation supports {', '.join(supported)} teachers, not {model_type!r}")
+    return facts.depth_field, facts.layer_prefix
 
 
 @dataclass
@@ -81,10 +86,7 @@ def student_architecture(teacher_config: dict, options: DistillOptions) -> tuple
     layer each student layer starts from."""
     from fromzero.config import load_yaml
 
-    model_type = str(teacher_config.get("model_type"))
-    if model_type not in LAYER_LAYOUT:
-        raise FromzeroError(f"distillation supports {', '.join(LAYER_LAYOUT)} teachers, not {model_type!r}")
-    depth_field, _ = LAYER_LAYOUT[model_type]
+    depth_field = layer_layout(str(teacher_config.get("model_type")))[0]
     config = dict(teacher_config)
     if options.student_config:
         overrides = load_yaml(Path(options.student_config))
@@ -104,7 +106,7 @@ def init_student(student: nn.Module, teacher: nn.Module, model_type: str, layers
     """Copy the teacher's weights into the student: student layer i <- teacher layer layers[i],
     everything outside the layers by name. Returns the student tensors left at their fresh
     initialisation (shapes that differ)."""
-    _, prefix = LAYER_LAYOUT[model_type]
+    _, prefix = layer_layout(model_type)
     pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
     source = teacher.state_dict()
     fresh = []
@@ -166,7 +168,7 @@ def build_student(options: DistillOptions, teacher_config: dict, teacher: nn.Mod
     student = build_model(config)
     model_type = str(teacher_config["model_type"])
     fresh = init_student(student, teacher, model_type, layers)
-    depth_field, _ = LAYER_LAYOUT[model_type]
+    depth_field, _ = layer_layout(model_type)
     described = (f"student: {config[depth_field]} of the teacher's {teacher_config[depth_field]} layers "
                  f"(copied from teacher layers {layers})")
     if fresh:

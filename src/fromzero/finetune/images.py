@@ -218,13 +218,12 @@ def _build_vit(cfg: ImageFinetuneConfig, num_classes: int) -> nn.Module:
 
 def head_module(model: nn.Module) -> nn.Module:
     """The last Linear layer (the one replaced for new classes): fc2 / fc / head."""
-    from fromzero.models.cnn import SimpleCNN
+    from fromzero.models import family_facts
 
-    name = "fc2" if isinstance(model, SimpleCNN) else ("head" if hasattr(model, "head") else "fc")
-    head = getattr(model, name, None)
-    if not isinstance(head, nn.Linear):
+    head = family_facts(model).head_modules(model)
+    if len(head) != 1 or not isinstance(head[0], nn.Linear):
         raise FromzeroError(f"cannot find the classification head of {type(model).__name__}")
-    return head
+    return head[0]
 
 
 def model_config(model: nn.Module, cfg: ImageFinetuneConfig, labels: list[str]) -> dict:

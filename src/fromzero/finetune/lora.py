@@ -34,27 +34,34 @@ import torch.nn as nn
 
 from fromzero.errors import FromzeroError, first_line
 from fromzero.finetune.methods import MethodConfig
+from fromzero.models import FamilyFacts
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
-CONVERTERS = {"fromzero-bert": "fromzero.models.convert_bert", "fromzero-gpt": "fromzero.models.convert_gpt"}
-DEFAULT_TARGETS = {
-    "fromzero-bert": ["query", "key", "value", "out"],
-    "fromzero-gpt": ["attn.c_attn", "attn.c_proj"],
-}
-TASK_TYPES = {"fromzero-bert": "SEQ_CLS", "fromzero-gpt": "CAUSAL_LM"}
+def lora_facts(model_config: dict) -> FamilyFacts:
+    """The model family's facts, or a one-line error for a family LoRA does not support."""
+    from fromzero.models import MODEL_REGISTRY, family_facts
+
+    model_type = str(model_config.get("model_type"))
+    facts = family_facts(model_type) if model_type in MODEL_REGISTRY else None
+    if facts is None or not facts.lora_targets:
+        supported = [t for t in sorted(MODEL_REGISTRY) if family_facts(t).lora_targets]
+        raise FromzeroError(
+            f"LoRA is supported for {', '.join(supported)} models, not {model_type!r}; use method full or frozen"
+        )
+    return facts
+
+
+def default_targets(model_config: dict) -> list[str]:
+    """The Linear layers LoRA adapts when a recipe names none: the family's (see models.FamilyFacts)."""
+    return list(lora_facts(model_config).lora_targets)
 
 
 def hf_names(model_config: dict) -> tuple[dict[str, str], dict]:
     """(fromzero module -> HF module names, extra LoraConfig fields) for a model family."""
-    model_type = model_config.get("model_type")
-    if model_type not in CONVERTERS:
-        raise FromzeroError(
-            f"LoRA is supported for {', '.join(CONVERTERS)} models, not {model_type!r}; use method full or frozen"
-        )
-    return importlib.import_module(CONVERTERS[model_type]).hf_module_names(model_config)
+    return importlib.import_module(lora_facts(model_config).hf_mapping).hf_module_names(model_config)
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -84,7 +91,7 @@ def apply_lora(model: nn.Module, model_config: dict, method: MethodConfig, modul
         raise FromzeroError(f"lora_rank must be a positive integer, got {method.lora_rank}")
     if not 0.0 <= method.lora_dropout < 1.0:
         raise FromzeroError(f"lora_dropout must be in [0, 1), got {method.lora_dropout}")
-    targets = method.lora_targets or DEFAULT_TARGETS[model_config["model_type"]]
+    targets = method.lora_targets or default_targets(model_config)
     config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
                         target_modules=resolve_targets(model, list(targets)), bias="none",
                         modules_to_save=list(modules_to_save) or None)
@@ -169,7 +176,7 @@ def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, bas
         target_modules=sorted(hf for t in adapted for hf, _ in _parts(names[t])),
         modules_to_save=sorted(hf for m in ours.modules_to_save for hf, _ in _parts(names[m]))
         if ours.modules_to_save else None,
-        task_type=TASK_TYPES[model_config["model_type"]], base_model_name_or_path=str(Path(base_checkpoint).resolve()),
+        task_type=lora_facts(model_config).peft_task_type, base_model_name_or_path=str(Path(base_checkpoint).resolve()),
         **extra,
     )
     meta = {**(info or {}), "base_checkpoint": str(Path(base_checkpoint).resolve()), "adapter": "lora"}

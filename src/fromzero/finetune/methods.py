@@ -45,33 +45,22 @@ class MethodConfig:
 
 
 def layer_stack(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(transformer layers in order, modules after the last layer), for unfreezing from the top."""
-    transformer = getattr(model, "transformer", None)
-    if transformer is not None and hasattr(transformer, "h"):  # GPT
-        return list(transformer.h), [transformer.ln_f]
-    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):  # torchvision ResNet stages
-        return [getattr(model, f"layer{i}") for i in range(1, 5)], []
-    if isinstance(getattr(model, "blocks", None), nn.ModuleList):  # ViT
-        return list(model.blocks), [model.ln_f]
-    if isinstance(getattr(model, "layers", None), nn.ModuleList):  # BERT (post-LN: no final norm)
-        return list(model.layers), []
-    return [], []
+    """(layers in order, modules after the last layer), for unfreezing from the top: the model
+    family's fact (models.FamilyFacts.layer_stack)."""
+    from fromzero.models import family_facts
+
+    return family_facts(model).layer_stack(model)
 
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
-    """The task head: what a new task must train even when everything else is frozen."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) == "fromzero-cnn" or type(model).__name__ in ("SimpleCNN", "ResNet"):
-        from fromzero.finetune.images import head_module
+    """The task head: what a new task must train even when everything else is frozen (the
+    model family's fact, models.FamilyFacts.head_modules)."""
+    from fromzero.models import family_facts
 
-        return [head_module(model)]
-    if hasattr(model, "classifier") and model.classifier is not None:  # BERT classification
-        return [m for m in (model.classifier, getattr(model, "pooler", None)) if m is not None]
-    if hasattr(model, "lm_head"):  # GPT: tied to the embedding, so this trains the embedding too
-        return [model.lm_head]
-    if isinstance(getattr(model, "head", None), nn.Module):  # ViT
-        return [model.head]
-    raise FromzeroError(f"cannot find the task head of {type(model).__name__}")
+    head = family_facts(model).head_modules(model)
+    if not head:
+        raise FromzeroError(f"cannot find the task head of {type(model).__name__}")
+    return head
 
 
 def freeze(model: nn.Module, unfreeze_top: int = 0) -> list[nn.Module]:

@@ -285,14 +285,14 @@ def apply_qlora(model: nn.Module, model_config: dict, method: Any, group_size: i
     (default: the family's, as for ``method: lora``); returns the peft model."""
     from peft import LoraConfig, get_peft_model
 
-    from fromzero.finetune.lora import DEFAULT_TARGETS, hf_names, resolve_targets
+    from fromzero.finetune.lora import default_targets, hf_names, resolve_targets
 
     hf_names(model_config)  # refuse families whose adapters cannot be exported, before training
     if method.lora_rank <= 0:
         raise FromzeroError(f"lora_rank must be a positive integer, got {method.lora_rank}")
     if not 0.0 <= method.lora_dropout < 1.0:
         raise FromzeroError(f"lora_dropout must be in [0, 1), got {method.lora_dropout}")
-    targets = resolve_targets(model, list(method.lora_targets or DEFAULT_TARGETS[model_config["model_type"]]))
+    targets = resolve_targets(model, list(method.lora_targets or default_targets(model_config)))
     quantize_base(model, group_size)
     quantized = _quantized_types()
     not_quantized = [t for t in targets if not isinstance(model.get_submodule(t), quantized)]

@@ -1,12 +1,15 @@
 """Model families. Each family module exposes ``build_from_config(config: dict) -> nn.Module``
 that rebuilds a model from the ``config.json`` of a checkpoint directory (which names its
-``model_type``); :func:`build_model` dispatches on that name."""
+``model_type``); :func:`build_model` dispatches on that name. Each also declares ``FACTS``
+(:class:`FamilyFacts`): what fine-tuning, LoRA, distillation and freezing need to know about its
+modules, kept next to the model instead of in every consumer (:func:`family_facts`)."""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from fromzero.errors import FromzeroError
 
@@ -21,6 +24,44 @@ MODEL_REGISTRY: dict[str, str] = {
     "fromzero-cnn": "fromzero.models.cnn",
     "fromzero-recsys": "fromzero.models.recsys",
 }
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    """What the rest of fromzero needs to know about a model family's modules."""
+
+    lora_targets: tuple[str, ...] = ()
+    """Linear layers LoRA adapts by default (full names or their last parts); () = no LoRA."""
+    peft_task_type: str = ""
+    """PEFT's ``task_type`` for adapters of this family (SEQ_CLS, CAUSAL_LM)."""
+    hf_mapping: str = ""
+    """Module whose ``hf_module_names(config)`` maps our module names to Hugging Face's (PEFT adapters)."""
+    depth_field: str = ""
+    """The config field holding the number of layers (distillation builds shallower students)."""
+    layer_prefix: str = ""
+    """Parameter-name prefix of layer i, without i (``transformer.h.``)."""
+    layer_stack: Callable[[Any], tuple[list, list]] = lambda model: ([], [])
+    """(layers in order, modules after the last one): what ``unfreeze_top`` unfreezes from the top."""
+    head_modules: Callable[[Any], list] = lambda model: []
+    """The task head: what a frozen fine-tune trains."""
+
+
+def family_facts(model_or_type: Any) -> FamilyFacts:
+    """The FACTS of a model family, given a ``model_type`` string or a model instance (ours, or a
+    torchvision ResNet, which belongs to the cnn family)."""
+    if isinstance(model_or_type, str):
+        module_name = MODEL_REGISTRY.get(model_or_type)
+        if module_name is None:
+            raise FromzeroError(f"unsupported model_type {model_or_type!r} "
+                                f"(supported: {', '.join(sorted(MODEL_REGISTRY))})")
+        return importlib.import_module(module_name).FACTS
+    families = set(MODEL_REGISTRY.values())
+    for cls in type(model_or_type).__mro__:
+        if cls.__module__ in families:
+            return importlib.import_module(cls.__module__).FACTS
+        if cls.__module__.startswith("torchvision.models."):
+            return importlib.import_module(MODEL_REGISTRY["fromzero-cnn"]).FACTS
+    return FamilyFacts()
 
 
 def build_model(config: dict) -> torch.nn.Module:

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromzero.errors import FromzeroError, first_line
+from fromzero.models import FamilyFacts
 from fromzero.models.layers import HF_ACTIVATIONS, attention
 
 HEADS = ("embedding", "classification", "mlm", "none")
@@ -648,3 +649,13 @@ def embed_texts(model: "Bert", tokenizer: Any, config: BertConfig, texts: Sequen
             for r, i in enumerate(rows):
                 result[i] = vectors[r]
     return result
+
+
+# What fine-tuning, LoRA and distillation need to know about this family (see fromzero.models).
+FACTS = FamilyFacts(
+    lora_targets=("query", "key", "value", "out"), peft_task_type="SEQ_CLS",
+    hf_mapping="fromzero.models.convert_bert", depth_field="num_hidden_layers", layer_prefix="layers.",
+    layer_stack=lambda model: (list(model.layers), []),  # post-LN: no final norm
+    head_modules=lambda model: ([m for m in (model.classifier, getattr(model, "pooler", None)) if m is not None]
+                                if getattr(model, "classifier", None) is not None else []),
+)

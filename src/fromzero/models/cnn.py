@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromzero.errors import FromzeroError, first_line
+from fromzero.models import FamilyFacts
 
 # ResNets that build_cnn offers: torchvision builder name == arch name.
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -345,3 +346,20 @@ def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     for name, tensor in state.items():
         check_shape(name, tensor, tuple(own[name].shape), source)
     model.load_state_dict(state, strict=False)
+
+
+def _cnn_layers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """A torchvision ResNet's four stages (what unfreeze_top counts); the simple CNN has none."""
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
+        return [getattr(model, f"layer{i}") for i in range(1, 5)], []
+    return [], []
+
+
+def _cnn_head(model: nn.Module) -> list[nn.Module]:
+    """The last Linear layer, the one replaced for new classes: fc2 (simple CNN) or fc (ResNet)."""
+    head = getattr(model, "fc2" if isinstance(model, SimpleCNN) else "fc", None)
+    return [head] if isinstance(head, nn.Linear) else []
+
+
+# What fine-tuning needs to know about this family (see fromzero.models).
+FACTS = FamilyFacts(layer_stack=_cnn_layers, head_modules=_cnn_head)

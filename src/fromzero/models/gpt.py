@@ -34,6 +34,7 @@ import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fromzero.models import FamilyFacts
 from fromzero.models.layers import (
     Block,
     KVCache,
@@ -560,3 +561,12 @@ def sample_next_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# What fine-tuning, LoRA and distillation need to know about this family (see fromzero.models).
+FACTS = FamilyFacts(
+    lora_targets=("attn.c_attn", "attn.c_proj"), peft_task_type="CAUSAL_LM", hf_mapping="fromzero.models.convert_gpt",
+    depth_field="n_layer", layer_prefix="transformer.h.",
+    layer_stack=lambda model: (list(model.transformer.h), [model.transformer.ln_f]),
+    head_modules=lambda model: [model.lm_head],  # tied to the embedding: training it trains the embedding too
+)

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from fromzero.errors import FromzeroError
+from fromzero.models import FamilyFacts
 
 ARCHES = ("gmf", "mlp", "neumf", "widedeep")
 
@@ -364,3 +365,5 @@ class ImplicitALS:
     def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return np.einsum("nf,nf->n", self.user_factors[users], self.item_factors[items])
 
+
+FACTS = FamilyFacts()  # recommenders train from scratch, every weight: nothing to freeze or adapt

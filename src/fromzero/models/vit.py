@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fromzero.models import FamilyFacts
 from fromzero.models.layers import HF_ACTIVATIONS, attention
 
 # Activations by their Hugging Face names (``hidden_act`` / ``pooler_act`` in a HF config).
@@ -332,3 +333,10 @@ class ViT(nn.Module):
 def build_from_config(config: dict) -> ViT:
     """Rebuild a ViT from a checkpoint's config.json (see fromzero.models.build_model)."""
     return ViT(ViTConfig.from_dict(config))
+
+
+# What fine-tuning needs to know about this family (see fromzero.models).
+FACTS = FamilyFacts(
+    layer_stack=lambda model: (list(model.blocks), [model.ln_f]),
+    head_modules=lambda model: [model.head] if isinstance(getattr(model, "head", None), nn.Module) else [],
+)
