@@ -62,3 +62,30 @@ def test_fsdp_is_refused_for_fine_tuning(cli, one_line_error, bert_base, sentime
                  str(sentiment_csv), "--out_dir", str(tmp_path / "x"), "--dist.strategy", "fsdp", "--quiet")
     one_line_error(result, "dist_strategy", "fsdp is for pretraining")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+def test_ddp_run_resumes_where_it_stopped(bert_base, sentiment_csv, tmp_path) -> None:
+    """2 ranks stopped after step 11 (inside epoch 1, by max_steps, with a constant learning rate
+    so the schedule does not depend on where it stops) and resumed under torchrun with the full
+    length: every rank skips the micro-batches it already trained on, and the run ends with the
+    weights of a 2-rank run never stopped."""
+    args = ["finetune", "--task", "text-classification", "--init_from", str(bert_base), "--data", str(sentiment_csv),
+            "--epochs", "2", "--batch_size", "4", "--lr", "1e-3", "--dropout", "0", "--dtype", "float32",
+            "--device", "cpu", "--log_interval", "1", "--seed", "0", "--warmup_ratio", "0", "--min_lr_ratio", "1",
+            "--quiet", "--dist.strategy", "ddp"]
+    launch = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "fromzero"]
+    straight = _run([*launch, *args, "--out_dir", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cut = _run([*launch, *args, "--out_dir", str(tmp_path / "cut"), "--max_steps", "11"])
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    resumed = _run([*launch, "finetune", "--resume", str(tmp_path / "cut"), "--max_steps", "0", "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 11" in resumed.stdout
+    steps_a = {r["step"]: r["loss"] for r in _rows(tmp_path / "straight") if "loss" in r}
+    steps_b = {r["step"]: r["loss"] for r in _rows(tmp_path / "cut") if "loss" in r}
+    assert steps_a == steps_b and len(steps_a) >= 40
+    wa = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "training_weights.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "checkpoints" / "last" / "training_weights.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sum("test_accuracy" in r for r in _rows(tmp_path / "cut")) == 1  # the first end's test row is gone

@@ -50,7 +50,8 @@ class MetricsLogger:
     """Appends one JSON object per row to metrics.jsonl and mirrors scalars to TensorBoard.
 
     On resume from step k, rows after k (written by the interrupted run after its last
-    checkpoint) are dropped, and TensorBoard is told to purge them too.
+    checkpoint) are dropped, and TensorBoard is told to purge them too; so is the test row of a
+    run resumed after it finished (it is scored again at the new end).
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
@@ -62,7 +63,8 @@ class MetricsLogger:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by the crash
-                if row.get("step", 0) <= resume_step:
+                # A finished run's test row goes too: the resumed run scores test again at its end.
+                if row.get("step", 0) <= resume_step and not any(k.startswith("test_") for k in row):
                     self.rows.append(row)
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
