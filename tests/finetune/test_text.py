@@ -446,3 +446,17 @@ def test_crossval_stops_when_a_fold_is_interrupted(cli, bert_base, sentiment_csv
     assert result.code == 130, result
     assert "stopped: fold 1/2 interrupted at step 2" in result.out
     assert not (out / "crossval.json").exists()
+
+
+def test_resume_is_exact_under_compile_too(bert_base, sentiment_csv, tmp_path, monkeypatch) -> None:
+    """torch.compile (fp32, CPU): the resumed process compiles its graphs anew, on another first
+    batch shape, and still continues bit for bit."""
+    from fromzero.finetune.text import finetune_text_classification
+
+    from .resume import assert_resume_is_exact
+
+    def cfg(out):
+        return text_config(bert_base, sentiment_csv, out, epochs=2, batch_size=8, grad_accum=2, eval_every=4,
+                           log_interval=1, dropout=0.1, compile=True)
+
+    assert_resume_is_exact(finetune_text_classification, cfg, tmp_path, monkeypatch, stop_at=7)
