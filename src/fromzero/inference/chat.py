@@ -65,6 +65,7 @@ __all__ = [
     "stream_tokens",
     "StreamDetokenizer",
     "ChatSession",
+    "open_chat_session",
     "run_repl",
 ]
 
@@ -526,6 +527,30 @@ class ChatSession:
                 self.history.append({"role": "assistant", "content": reply})
             else:
                 self.history.pop()  # nothing was said: forget the question too
+
+
+def open_chat_session(checkpoint: str | Path, chat_template: str | Path | None = None, device: str = "auto",
+                      system: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.7,
+                      top_k: int | None = None, top_p: float | None = None, seed: int | None = 1337) -> ChatSession:
+    """A :class:`ChatSession` with the GPT of ``checkpoint`` (``fromzero chat``).
+
+    The chat format (:func:`load_chat_format`: ``chat_template`` if given, else the
+    checkpoint's own) is read before the weights, so a checkpoint without a template fails fast;
+    a checkpoint that is not a GPT language model is an error. ``max_new_tokens`` None: 512 or
+    half the model's context, whichever is smaller.
+    """
+    from fromzero.checkpoint import load_model
+    from fromzero.devices import resolve_device
+    from fromzero.models.gpt import GPT
+
+    chat = load_chat_format(Path(checkpoint), chat_template)  # before the weights: fail fast
+    model = load_model(checkpoint, resolve_device(device))
+    if not isinstance(model, GPT):
+        raise FromzeroError(f"chat needs a GPT language model; {checkpoint} holds a {type(model).__name__}")
+    block = model.config.block_size
+    max_new = max_new_tokens if max_new_tokens is not None else min(512, block // 2)
+    return ChatSession(model, chat, system=system, max_new_tokens=max_new, temperature=temperature,
+                       top_k=top_k, top_p=top_p, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -575,3 +575,14 @@ def load_run_config(run_dir: Path) -> dict:
     return load_yaml(path)
 
 
+def load_resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
+    """The config an existing run continues with (``pretrain --resume RUN_DIR``): its resolved
+    config.yaml with ``--section.key VALUE`` overrides applied on top, validated."""
+    from fromzero.config import deep_merge, from_dict, parse_overrides, validate_pretrain
+
+    data = deep_merge(load_run_config(Path(run_dir)), parse_overrides(list(overrides or []), PretrainConfig))
+    cfg = from_dict(PretrainConfig, data)
+    validate_pretrain(cfg)
+    return cfg
+
+

@@ -1,0 +1,85 @@
+"""``fromzero data prepare`` and ``fromzero tokenizer train``: a corpus into token files, a tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from fromzero.cli import _add_parser
+from fromzero.errors import FromzeroError
+
+VERBS = ("data", "tokenizer")
+
+
+def add_parsers(sub: argparse._SubParsersAction, verbs: Sequence[str] = VERBS) -> None:
+    """Add the parsers of ``verbs`` (some of :data:`VERBS`) to ``sub``, in that order."""
+    adders = {"data": _add_data, "tokenizer": _add_tokenizer}
+    for verb in verbs:
+        adders[verb](sub)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = _add_parser(sub, "data", "prepare datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    prep = _add_parser(
+        data_sub, "prepare", "corpus -> tokenizer -> train.bin / val.bin / meta.json / tokenizer.json",
+        description="Tokenize a corpus into memory-mappable token files (90/10 train/val split, "
+        "the last 10%% of the text is validation).\n\nexample:\n"
+        "  fromzero data prepare --corpus shakespeare --tokenizer char --out data/shakespeare-char",
+    )
+    prep.add_argument("--corpus", nargs="+", required=True, metavar="CORPUS",
+                      help="shakespeare | python-stdlib | a file, folder or glob of UTF-8 text (several allowed)")
+    prep.add_argument("--tokenizer", default="char", metavar="SPEC",
+                      help="char | bpe:N (train byte-level BPE with vocab N) | path to a tokenizer.json")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
+    prep.add_argument("--force", action="store_true", help="replace an existing output directory")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=_cmd_data_prepare)
+
+
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    tok = _add_parser(sub, "tokenizer", "train tokenizers")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    train = _add_parser(tok_sub, "train", "train a tokenizer on a corpus and save tokenizer.json",
+                        description="Train a byte-level BPE (or char-level) tokenizer with Hugging Face "
+                        "`tokenizers`.\n\nexample:\n  fromzero tokenizer train --corpus python-stdlib "
+                        "--vocab-size 8192 --out tok.json")
+    train.add_argument("--corpus", nargs="+", required=True, help="as for `data prepare`")
+    train.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (>= 257)")
+    train.add_argument("--kind", choices=("bpe", "char"), default="bpe", help="tokenizer type")
+    train.add_argument("--out", required=True, help="output tokenizer.json path")
+    train.add_argument("--force", action="store_true", help="overwrite an existing file")
+    train.set_defaults(func=_cmd_tokenizer_train)
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from fromzero.data.text import prepare_dataset
+
+    meta = prepare_dataset(
+        args.corpus, args.tokenizer, Path(args.out), val_fraction=args.val_fraction,
+        force=args.force, progress=not args.quiet,
+    )
+    print(
+        f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+        f"vocab {meta['vocab_size']} ({meta['tokenizer']}), {meta['dtype']}"
+    )
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from fromzero.data.corpora import resolve_corpus
+    from fromzero.data.tokenizers import train_bpe_tokenizer, train_char_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FromzeroError(f"{out} already exists; pass --force to overwrite it")
+    corpus = resolve_corpus(args.corpus)
+    if args.kind == "char":
+        tok = train_char_tokenizer(corpus.iter_chunks())
+    else:
+        tok = train_bpe_tokenizer(corpus.iter_chunks(), args.vocab_size)
+    path = tok.save(out)
+    print(f"wrote {path}: {tok.kind} tokenizer, vocab {tok.vocab_size}")
+    return 0

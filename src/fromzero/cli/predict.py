@@ -1,0 +1,188 @@
+"""``fromzero embed``, ``evaluate``, ``predict`` and ``explain``: use a checkpoint on inputs or a data split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fromzero.cli import _add_parser
+from fromzero.errors import FromzeroError
+
+VERBS = ("embed", "evaluate", "predict", "explain")
+
+
+def add_parsers(sub: argparse._SubParsersAction, verbs: Sequence[str] = VERBS) -> None:
+    """Add the parsers of ``verbs`` (some of :data:`VERBS`) to ``sub``, in that order."""
+    adders = {"embed": _add_embed, "evaluate": _add_evaluate, "predict": _add_predict, "explain": _add_explain}
+    for verb in verbs:
+        adders[verb](sub)
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    emb = _add_parser(sub, "embed", "sentence embeddings from an encoder checkpoint (JSON on stdout)",
+                      description="Mean-pooled (over the attention mask), L2-normalised sentence embeddings, "
+                      "as sentence-transformers computes them.\n\nexample:\n  fromzero embed --checkpoint "
+                      "checkpoints/minilm --text 'A man is eating.' --text 'Someone eats.'")
+    emb.add_argument("--checkpoint", required=True, help="encoder checkpoint directory (e.g. converted MiniLM)")
+    emb.add_argument("--text", action="append", help="a sentence to embed (repeat for several)")
+    emb.add_argument("--input", help="UTF-8 file with one sentence per line")
+    emb.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass")
+    emb.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    emb.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    emb.set_defaults(func=_cmd_embed)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    ev = _add_parser(sub, "evaluate", "score a checkpoint on a data split (metrics.json)",
+                     description="Classifiers: accuracy, precision / recall / F1 (macro, weighted), per-class "
+                     "report, confusion matrix. Language models: loss and perplexity. A chat model (a converted "
+                     "chat model or an sft checkpoint) with --data rotten-tomatoes: asked for each review's "
+                     "sentiment; accuracy / macro-F1 of its greedy reply (and how many replies name no label) "
+                     "and of its first-token logits.\n\nexamples:\n"
+                     "  fromzero evaluate --checkpoint runs/RUN/checkpoints/best --split test --out eval.json\n"
+                     "  fromzero evaluate --checkpoint smollm2-135m-instruct --data rotten-tomatoes --limit 200")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (a fine-tuned one, or a pretrained GPT)")
+    ev.add_argument("--data", help="data source (default: the data of the run that made the checkpoint); "
+                    "for a pretrained GPT a prepared data directory")
+    ev.add_argument("--split", default="test", help="train | val | test")
+    ev.add_argument("--out", help="write the metrics to this JSON file (+ a confusion-matrix PNG)")
+    ev.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    ev.add_argument("--limit", type=int, default=0,
+                    help="score only the first N examples of the split (classifiers, chat models; 0 = all)")
+    ev.set_defaults(func=_cmd_evaluate)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    pr = _add_parser(sub, "predict", "label texts or images with a classifier (JSON lines on stdout)",
+                     description="One JSON object per input: the label and every class's probability.\n\n"
+                     "examples:\n  fromzero predict --checkpoint runs/RUN/checkpoints/best --text 'Exeunt.'\n"
+                     "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png")
+    pr.add_argument("--checkpoint", required=True, help="text- or image-classification checkpoint directory")
+    pr.add_argument("--text", action="append", help="a text to label (repeat for several)")
+    pr.add_argument("--image", action="append", help="an image file to label (repeat for several)")
+    pr.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder")
+    pr.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    pr.set_defaults(func=_cmd_predict)
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    xp = _add_parser(sub, "explain", "explain a checkpoint's decision: token attributions, Grad-CAM, attention maps",
+                     description="ig: Integrated Gradients of the tokens of a text classifier (HTML page + JSON).\n"
+                     "gradcam: Grad-CAM heat map over the image of a CNN / ResNet / ViT classifier (PNG + JSON).\n"
+                     "attention: attention maps per layer and head of a BERT, ViT or GPT (PNG grid + JSON).\n"
+                     "Files go to --out as NNN.METHOD.{html,png,json}, one set per input.\n\n"
+                     "examples:\n  fromzero explain --checkpoint runs/RUN/checkpoints/best --text 'the film was good'\n"
+                     "  fromzero explain --checkpoint runs/DIGITS/checkpoints/best --image 3.png --method gradcam\n"
+                     "  fromzero explain --checkpoint runs/final/checkpoints/best --text 'ROMEO:' --method attention")
+    xp.add_argument("--checkpoint", required=True, help="checkpoint directory (classifier, LoRA adapter, BERT, ViT, GPT)")
+    xp.add_argument("--text", action="append", help="a text to explain (repeat for several)")
+    xp.add_argument("--image", action="append", help="an image file to explain (repeat for several)")
+    xp.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder or a list of paths")
+    xp.add_argument("--method", default="auto",
+                    help="ig (text classifiers) | gradcam (image classifiers) | attention (transformers) | "
+                    "auto (ig, else gradcam, else attention)")
+    xp.add_argument("--target", default="auto", help="ig / gradcam: the class to explain, by name (auto: the predicted one)")
+    xp.add_argument("--steps", type=int, default=50, help="ig: integration steps (raise when the delta is large)")
+    xp.add_argument("--baseline", default="pad", help="ig: the token replacing every word in the baseline: pad | mask")
+    xp.add_argument("--out", default="explanations", help="output directory")
+    xp.add_argument("--force", action="store_true", help="overwrite existing output files")
+    xp.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    xp.set_defaults(func=_cmd_explain)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from fromzero.models.bert import embed_checkpoint
+    from fromzero.devices import resolve_device
+
+    texts = list(args.text or [])
+    if args.input:
+        try:
+            texts += [line for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise FromzeroError(f"cannot read --input {args.input}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise FromzeroError(f"--input {args.input} is not UTF-8 text") from None
+    if not texts:
+        raise FromzeroError("nothing to embed: give --text TEXT (repeatable) or --input FILE")
+    if args.batch_size <= 0:
+        raise FromzeroError("--batch-size must be positive")
+    vectors = embed_checkpoint(
+        Path(args.checkpoint), texts, normalize=not args.no_normalize, batch_size=args.batch_size,
+        device=resolve_device(args.device),
+    )
+    json.dump({"model": str(args.checkpoint), "dim": len(vectors[0]), "normalized": not args.no_normalize,
+               "embeddings": vectors}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fromzero.evaluation.metrics import format_report
+    from fromzero.inference.predict import evaluate_checkpoint, to_json_line, write_evaluation
+
+    metrics = evaluate_checkpoint(Path(args.checkpoint), args.data, args.split, args.batch_size, args.device,
+                                  limit=args.limit)
+    if metrics.get("task") == "chat-classification":  # a chat model asked for labels
+        from fromzero.inference.chat_eval import format_chat_report
+
+        print(format_chat_report(metrics))
+    elif "confusion_matrix" in metrics:
+        print(format_report(metrics))
+    else:
+        print(to_json_line(metrics))
+    if args.out:
+        write_evaluation(metrics, Path(args.out))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fromzero.inference.predict import Classifier, read_inputs, to_json_line
+
+    if bool(args.text) + bool(args.image) + bool(args.input) != 1:
+        raise FromzeroError("give exactly one of --text, --image or --input")
+    classifier = Classifier(Path(args.checkpoint), args.device)
+    if args.image or (args.input and classifier.inputs == "image"):
+        paths = [Path(p) for p in args.image] if args.image else _image_inputs(Path(args.input))
+        inputs: list[str] = [str(p) for p in paths]
+        logits = classifier.image_logits(paths)
+    else:
+        inputs = list(args.text) if args.text else read_inputs(Path(args.input))
+        logits = classifier.text_logits(inputs, args.batch_size)
+    for item, result in zip(inputs, classifier.label(logits)):
+        print(to_json_line({"input": item, **result}))
+    return 0
+
+
+def _image_inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"))
+        if not files:
+            raise FromzeroError(f"{path} holds no images")
+        return files
+    if not path.is_file():
+        raise FromzeroError(f"input not found: {path}")
+    return [Path(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from fromzero.inference.explain import ExplainConfig, Explainer, write_explanations
+    from fromzero.inference.predict import read_inputs
+
+    if bool(args.text) + bool(args.image) + bool(args.input) != 1:
+        raise FromzeroError("give exactly one of --text, --image or --input")
+    explainer = Explainer(ExplainConfig(checkpoint=args.checkpoint, method=args.method, target=args.target,
+                                        steps=args.steps, baseline=args.baseline, out=args.out, force=args.force,
+                                        device=args.device))
+    texts, images = args.text, [Path(p) for p in args.image] if args.image else None
+    if args.input:
+        if explainer.takes_images:
+            images = _image_inputs(Path(args.input))
+        else:
+            texts = read_inputs(Path(args.input))
+    write_explanations(explainer, texts, images)
+    return 0
