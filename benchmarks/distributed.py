@@ -53,8 +53,8 @@ def recipe(directory: Path, data: Path, steps: int) -> Path:
     path = directory / "tiny.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"vocab_size": 0, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0},
-        "train": {"max_iters": steps, "eval_interval": 10 ** 6, "eval_iters": 1, "log_interval": 1,
-                  "dtype": "float32", "compile": False, "device": "cpu", "warmup_iters": 0},
+        "train": {"max_steps": steps, "eval_every": 10 ** 6, "eval_batches": 1, "log_interval": 1,
+                  "dtype": "float32", "compile": False, "device": "cpu", "warmup_steps": 0},
         "data": {"dir": str(data)},
     }))
     return path

@@ -97,12 +97,12 @@ def tiny_recipe_dict(data_dir: Path, out_dir: Path | str) -> dict[str, Any]:
         "model": {"vocab_size": 0, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32,
                   "dropout": 0.0, "bias": True},
         "train": {
-            "batch_size": 4, "max_iters": 40, "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_iters": 5,
-            # Fixed (not 0 = max_iters) so that a run cut short with a smaller max_iters has the
+            "batch_size": 4, "max_steps": 40, "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": 5,
+            # Fixed (not 0 = max_steps) so that a run cut short with a smaller max_steps has the
             # same schedule as the full run: needed for the exact-resume comparisons.
-            "lr_decay_iters": 40,
-            "weight_decay": 0.1, "grad_clip": 1.0, "grad_accum_steps": 1,
-            "eval_interval": 10, "eval_iters": 2, "log_interval": 5,
+            "decay_steps": 40,
+            "weight_decay": 0.1, "grad_clip": 1.0, "grad_accum": 1,
+            "eval_every": 10, "eval_batches": 2, "log_interval": 5,
             "device": "cpu", "dtype": "float32", "compile": False, "seed": 1337,
         },
         "data": {"dir": str(data_dir)},
@@ -125,7 +125,7 @@ RecipeFactory = Callable[..., Path]
 def _recipe_writer(directory: Path, data_dir: Path) -> RecipeFactory:
     """``write(name="tiny", out_dir=None, **sections)`` -> path of a recipe YAML in ``directory``.
 
-    ``sections`` update the tiny recipe, e.g. ``write(train={"max_iters": 5})``. The run
+    ``sections`` update the tiny recipe, e.g. ``write(train={"max_steps": 5})``. The run
     directory defaults to ``directory / "runs" / name`` (``out_dir=""``: fromzero's default).
     """
 

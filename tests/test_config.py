@@ -36,7 +36,7 @@ train:
   batch_size: 4
   lr: 1e-3
   min_lr: 1e-4
-  max_iters: 50
+  max_steps: 50
 data:
   dir: data/tiny
 """
@@ -52,7 +52,7 @@ def test_load_recipe_with_defaults(tmp_path: Path) -> None:
     cfg = load_pretrain_config(write(tmp_path, RECIPE, "tiny-char.yaml"))
     assert isinstance(cfg, PretrainConfig)
     assert cfg.model == GPTConfig(vocab_size=0, block_size=64, n_layer=2, n_head=2, n_embd=32)
-    assert cfg.train.batch_size == 4 and cfg.train.max_iters == 50
+    assert cfg.train.batch_size == 4 and cfg.train.max_steps == 50
     # YAML 1.1 reads 1e-3 as a string; it must still become a float.
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1e-3
     assert cfg.train.min_lr == 1e-4
@@ -152,9 +152,9 @@ def test_wrong_type_from_override() -> None:
 
 
 def test_int_and_bool_coercions(tmp_path: Path) -> None:
-    cfg = load_pretrain_config(write(tmp_path, "model:\n  n_layer: 4.0\ntrain:\n  max_iters: 1_000\n"))
+    cfg = load_pretrain_config(write(tmp_path, "model:\n  n_layer: 4.0\ntrain:\n  max_steps: 1_000\n"))
     assert cfg.model.n_layer == 4 and isinstance(cfg.model.n_layer, int)
-    assert cfg.train.max_iters == 1000
+    assert cfg.train.max_steps == 1000
     cfg = load_pretrain_config(None, {"train": {"compile": "yes", "decay_lr": "false"}})
     assert cfg.train.compile is True and cfg.train.decay_lr is False
     with pytest.raises(FromzeroError, match="train.batch_size"):  # bool is not an int
@@ -216,8 +216,8 @@ def test_empty_and_non_utf8_files(tmp_path: Path) -> None:
         ({"train": {"optimizer": "adam"}}, "train.optimizer must be one of adamw, sgd"),
         ({"train": {"compile_mode": "fast"}}, "train.compile_mode must be one of"),
         ({"train": {"batch_size": 0}}, "train.batch_size must be positive"),
-        ({"train": {"eval_iters": -1}}, "train.eval_iters must be positive"),
-        ({"train": {"warmup_iters": -5}}, "warmup_iters"),
+        ({"train": {"eval_batches": -1}}, "train.eval_batches must be positive"),
+        ({"train": {"warmup_steps": -5}}, "warmup_steps"),
         ({"train": {"grad_clip": -1.0}}, "grad_clip"),
         ({"model": {"n_embd": 30, "n_head": 4}}, "divisible"),
         ({"model": {"vocab_size": 0, "n_embd": 30, "n_head": 4}}, "divisible"),
@@ -297,3 +297,25 @@ def test_options_help_lists_every_key_with_default() -> None:
     # Defaults from a loaded config are shown instead of the class defaults.
     custom = dataclasses.replace(defaults, train=TrainConfig(lr=0.5))
     assert any("--train.lr (default: 0.5)" in ln for ln in options_help(PretrainConfig, custom))
+
+
+def test_renamed_keys_still_work_with_one_line_naming_the_new_name(capsys) -> None:
+    """Pretraining keys now have the fine-tuning names (max_steps, eval_every, grad_accum,
+    warmup_steps, decay_steps, eval_batches): an old recipe, an old override or the config.yaml
+    of a run made before still works, each old key noted once with its new name; next to its new
+    name (an old recipe + a new override) the new one wins."""
+    from fromzero import config as config_mod
+    from fromzero.config import PretrainConfig, deep_merge, from_dict, parse_overrides
+
+    config_mod._RENAME_NOTES.clear()
+    cfg = from_dict(PretrainConfig, {"train": {"max_iters": 40, "eval_interval": 10, "grad_accum_steps": 2,
+                                               "warmup_iters": 5, "lr_decay_iters": 30, "eval_iters": 3}})
+    t = cfg.train
+    assert (t.max_steps, t.eval_every, t.grad_accum, t.warmup_steps, t.decay_steps, t.eval_batches) == (40, 10, 2, 5,
+                                                                                                      30, 3)
+    err = capsys.readouterr().err.splitlines()
+    assert "note: train.max_iters is now called train.max_steps; please rename it" in err and len(err) == 6
+    merged = deep_merge({"train": {"max_iters": 2000}}, parse_overrides(["--train.max_steps", "7"], PretrainConfig))
+    assert from_dict(PretrainConfig, merged).train.max_steps == 7
+    assert parse_overrides(["--train.max_iters", "9"], PretrainConfig) == {"train": {"max_steps": 9}}
+    assert capsys.readouterr().err.count("note:") == 0  # each old key is noted once per process

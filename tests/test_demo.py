@@ -48,7 +48,7 @@ def test_demo_uses_shakespeare_when_available(in_repo_copy, monkeypatch, capsys)
     assert demo.main([]) == 0
     assert calls[0][:4] == ["data", "prepare", "--corpus", "shakespeare"]
     assert trained[0].data.dir == "data/shakespeare-char"
-    assert trained[0].model.n_layer == 4 and trained[0].train.max_iters == 2000
+    assert trained[0].model.n_layer == 4 and trained[0].train.max_steps == 2000
     gen = calls[-1]
     assert gen[0] == "generate" and gen[gen.index("--prompt") + 1] == "ROMEO:"
 
@@ -88,8 +88,8 @@ def test_make_demo_runs_end_to_end_with_a_tiny_override(in_repo_copy, tmp_path) 
     import subprocess
     import sys
 
-    args = ["--train.max_iters", "10", "--train.lr_decay_iters", "10", "--train.warmup_iters", "2",
-            "--train.eval_interval", "5", "--train.eval_iters", "2", "--train.compile", "false"]
+    args = ["--train.max_steps", "10", "--train.decay_steps", "10", "--train.warmup_steps", "2",
+            "--train.eval_every", "5", "--train.eval_batches", "2", "--train.compile", "false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, "-m", "fromzero.demo", *args], cwd=in_repo_copy, env=env,
                           capture_output=True, text=True, timeout=600)

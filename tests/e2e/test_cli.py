@@ -99,7 +99,7 @@ def test_run_dir_config_yaml_is_resolved_and_loadable(run):
     assert cfg.out_dir == str(run.run_dir)
     assert cfg.data.dir == str(run.data_dir)
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size) == (2, 32, 16)
-    assert cfg.train.max_iters == MAX_ITERS and cfg.train.device == "cpu"
+    assert cfg.train.max_steps == MAX_ITERS and cfg.train.device == "cpu"
 
 
 def test_run_dir_metrics_rows(run):
@@ -261,7 +261,7 @@ def test_tokenizer_train_then_prepare_with_it(tiny_corpus, tmp_path, cli):
 
 
 def test_pretrain_aliases_and_override_forms(make_recipe, cli, tmp_path):
-    recipe = make_recipe("aliases", train={"max_iters": 2, "eval_interval": 2, "device": "auto",
+    recipe = make_recipe("aliases", train={"max_steps": 2, "eval_every": 2, "device": "auto",
                                            "compile": True})
     out_dir = tmp_path / "elsewhere"
     result = cli("pretrain", "--config", recipe, "--quiet", "--device", "cpu", "--compile", "false",

@@ -243,7 +243,7 @@ def pruning_study(recipe_writer, tmp_path_factory: pytest.TempPathFactory):
 
     directory = tmp_path_factory.mktemp("tune-prune")
     recipe = recipe_writer(directory)(
-        "prune", train={"max_iters": 20, "eval_interval": 5, "lr_decay_iters": 20, "warmup_iters": 0,
+        "prune", train={"max_steps": 20, "eval_every": 5, "decay_steps": 20, "warmup_steps": 0,
                         "min_lr": 0.0},
         tune={"space": {"train.lr": {"log_uniform": [1.0e-7, 1.0e-2]}}})
     out = directory / "search"

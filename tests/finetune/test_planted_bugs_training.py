@@ -211,8 +211,8 @@ def _pretrain(make_recipe, name: str, compile: bool):
     from fromzero.config import load_pretrain_config
     from fromzero.training.trainer import Pretrainer
 
-    recipe = make_recipe(name, train={"max_iters": COMPILE_STEPS, "log_interval": 1,
-                                      "eval_interval": COMPILE_STEPS, "dtype": "float32", "compile": compile})
+    recipe = make_recipe(name, train={"max_steps": COMPILE_STEPS, "log_interval": 1,
+                                      "eval_every": COMPILE_STEPS, "dtype": "float32", "compile": compile})
     pre = Pretrainer(load_pretrain_config(recipe), progress=False)
     pre.fit()
     rows = [json.loads(line) for line in (pre.run_dir / "metrics.jsonl").read_text().splitlines()]

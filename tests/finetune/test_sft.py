@@ -59,7 +59,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path, recipe_wr
     assert code == 0, err
     run = root / "run"
     recipe = recipe_writer(root)("tiny-sft-base", out_dir=run, model={"block_size": BLOCK}, data={"dir": str(data)})
-    code, out, err = _run("pretrain", "--config", recipe, "--train.max_iters", "20", "--out_dir", run, "--quiet")
+    code, out, err = _run("pretrain", "--config", recipe, "--train.max_steps", "20", "--out_dir", run, "--quiet")
     assert code == 0, err
     pairs = _write_pairs(root / "sft.jsonl")
     sft = root / "sft"

@@ -19,7 +19,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def _train(make_recipe, name: str, **train) -> tuple[Pretrainer, list[float]]:
-    recipe = make_recipe(name, train={"max_iters": 6, "log_interval": 1, "eval_interval": 6, **train})
+    recipe = make_recipe(name, train={"max_steps": 6, "log_interval": 1, "eval_every": 6, **train})
     cfg = load_pretrain_config(recipe)
     pre = Pretrainer(cfg, progress=False)
     pre.fit()

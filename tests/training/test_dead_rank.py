@@ -42,7 +42,7 @@ def test_a_lost_rank_ends_the_run_with_an_error_not_a_hang(make_recipe, tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), FROMZERO_DIST_TIMEOUT="15")
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "fromzero", "pretrain",
            "--config", str(make_recipe()), "--out_dir", str(out), "--dist.strategy", "ddp",
-           "--train.max_iters", "100000", "--train.eval_interval", "20", "--train.eval_iters", "2",
+           "--train.max_steps", "100000", "--train.eval_every", "20", "--train.eval_batches", "2",
            "--train.device", "cpu", "--train.compile", "false", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     victim = None

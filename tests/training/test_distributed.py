@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-COMMON = ["--train.max_iters", "12", "--train.lr_decay_iters", "12", "--train.log_interval", "1",
-          "--train.eval_interval", "6", "--train.eval_iters", "4", "--train.dtype", "float32",
+COMMON = ["--train.max_steps", "12", "--train.decay_steps", "12", "--train.log_interval", "1",
+          "--train.eval_every", "6", "--train.eval_batches", "4", "--train.dtype", "float32",
           "--train.compile", "false", "--train.device", "cpu", "--quiet"]
 
 
@@ -77,7 +77,7 @@ def test_ddp_two_ranks_equal_one_process_with_the_whole_batch(make_recipe, tmp_p
 def test_ddp_with_gradient_accumulation_equals_one_big_batch(make_recipe, tmp_path: Path) -> None:
     recipe = make_recipe()
     run_single(recipe, tmp_path / "single", "--train.batch_size", "4")
-    run_ddp(recipe, tmp_path / "ddp", "--train.batch_size", "1", "--train.grad_accum_steps", "2")
+    run_ddp(recipe, tmp_path / "ddp", "--train.batch_size", "1", "--train.grad_accum", "2")
     assert_same_run(tmp_path / "single", tmp_path / "ddp", same_val_batches=False)
 
 
@@ -97,9 +97,9 @@ def test_unknown_strategy_is_refused(cli, one_line_error, make_recipe) -> None:
 def test_ddp_run_resumed_continues_with_identical_losses(make_recipe, tmp_path: Path) -> None:
     recipe = make_recipe()
     run_ddp(recipe, tmp_path / "straight", "--train.batch_size", "2")
-    run_ddp(recipe, tmp_path / "cut", "--train.batch_size", "2", "--train.max_iters", "6")
+    run_ddp(recipe, tmp_path / "cut", "--train.batch_size", "2", "--train.max_steps", "6")
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "fromzero", "pretrain",
-           "--resume", str(tmp_path / "cut"), "--train.max_iters", "12", "--quiet"]
+           "--resume", str(tmp_path / "cut"), "--train.max_steps", "12", "--quiet"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "straight", tmp_path / "cut")
@@ -119,13 +119,13 @@ def test_fsdp_two_ranks_equal_one_process_and_resume_at_another_world_size(make_
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "single", tmp_path / "fsdp")
 
-    cut = [c if c != "12" else "6" for c in cmd[:-2]]  # the same run, max_iters 6 (lr schedule still to 12)
+    cut = [c if c != "12" else "6" for c in cmd[:-2]]  # the same run, max_steps 6 (lr schedule still to 12)
     cut[cut.index(str(tmp_path / "fsdp"))] = str(tmp_path / "cut")
-    cut[cut.index("--train.lr_decay_iters") + 1] = "12"
+    cut[cut.index("--train.decay_steps") + 1] = "12"
     result = subprocess.run([*cut, "--train.batch_size", "2"], capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     resume = [sys.executable, "-m", "fromzero", "pretrain", "--resume", str(tmp_path / "cut"),
-              "--train.max_iters", "12", "--dist.strategy", "none", "--train.batch_size", "4", "--quiet"]
+              "--train.max_steps", "12", "--dist.strategy", "none", "--train.batch_size", "4", "--quiet"]
     result = subprocess.run(resume, capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "single", tmp_path / "cut")
@@ -145,7 +145,7 @@ def test_fsdp_sharded_checkpoint_resumes_in_one_process_and_a_missing_shard_is_r
     run_single(recipe, tmp_path / "single", "--train.batch_size", "4")
     cut = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "fromzero", "pretrain",
            "--config", str(recipe), "--out_dir", str(tmp_path / "cut"), "--dist.strategy", "fsdp",
-           "--dist.checkpoint", "sharded", *COMMON, "--train.batch_size", "2", "--train.max_iters", "6"]
+           "--dist.checkpoint", "sharded", *COMMON, "--train.batch_size", "2", "--train.max_steps", "6"]
     result = subprocess.run(cut, capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     last = tmp_path / "cut" / "checkpoints" / "last"
@@ -158,7 +158,7 @@ def test_fsdp_sharded_checkpoint_resumes_in_one_process_and_a_missing_shard_is_r
     broken = tmp_path / "broken"
     shutil.copytree(tmp_path / "cut", broken)
     (broken / "checkpoints" / "last" / "sharded" / "__1_0.distcp").unlink()
-    resume = [sys.executable, "-m", "fromzero", "pretrain", "--train.max_iters", "12", "--dist.strategy", "none",
+    resume = [sys.executable, "-m", "fromzero", "pretrain", "--train.max_steps", "12", "--dist.strategy", "none",
               "--train.batch_size", "4", "--quiet", "--resume"]
     result = subprocess.run([*resume, str(broken)], capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 2

@@ -125,47 +125,47 @@ def test_adamw_decays_only_matrices() -> None:
 
 
 def sched(**kw) -> TrainConfig:
-    base = dict(lr=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110, max_iters=200)
+    base = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110, max_steps=200)
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_warmup_is_linear_and_peaks_at_warmup_end() -> None:
     cfg = sched()
-    warm = [lr_at(s, cfg) for s in range(cfg.warmup_iters)]
+    warm = [lr_at(s, cfg) for s in range(cfg.warmup_steps)]
     diffs = [b - a for a, b in zip(warm, warm[1:])]
     assert all(d > 0 for d in diffs)
     assert max(diffs) - min(diffs) < 1e-12  # linear
     assert warm[0] > 0  # step 0 already learns
     assert all(lr < cfg.lr for lr in warm)
-    assert lr_at(cfg.warmup_iters, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(cfg.warmup_steps, cfg) == pytest.approx(cfg.lr)
     assert max(lr_at(s, cfg) for s in range(300)) == pytest.approx(cfg.lr)
 
 
 def test_cosine_decay_reaches_min_lr_and_stays() -> None:
     cfg = sched()
-    mid = cfg.warmup_iters + (cfg.lr_decay_iters - cfg.warmup_iters) // 2
+    mid = cfg.warmup_steps + (cfg.decay_steps - cfg.warmup_steps) // 2
     assert lr_at(mid, cfg) == pytest.approx((cfg.lr + cfg.min_lr) / 2)
-    quarter = cfg.warmup_iters + (cfg.lr_decay_iters - cfg.warmup_iters) // 4
+    quarter = cfg.warmup_steps + (cfg.decay_steps - cfg.warmup_steps) // 4
     expect = cfg.min_lr + 0.5 * (1 + math.cos(math.pi / 4)) * (cfg.lr - cfg.min_lr)
     assert lr_at(quarter, cfg) == pytest.approx(expect)
-    decay = [lr_at(s, cfg) for s in range(cfg.warmup_iters, cfg.lr_decay_iters + 1)]
+    decay = [lr_at(s, cfg) for s in range(cfg.warmup_steps, cfg.decay_steps + 1)]
     assert all(b <= a for a, b in zip(decay, decay[1:]))  # monotone
-    assert lr_at(cfg.lr_decay_iters, cfg) == pytest.approx(cfg.min_lr)
-    assert lr_at(cfg.lr_decay_iters - 1, cfg) > cfg.min_lr
-    for s in (cfg.lr_decay_iters + 1, 150, 10_000):
+    assert lr_at(cfg.decay_steps, cfg) == pytest.approx(cfg.min_lr)
+    assert lr_at(cfg.decay_steps - 1, cfg) > cfg.min_lr
+    for s in (cfg.decay_steps + 1, 150, 10_000):
         assert lr_at(s, cfg) == cfg.min_lr
 
 
 def test_decay_iters_default_to_max_iters() -> None:
-    cfg = sched(lr_decay_iters=0, max_iters=60)
+    cfg = sched(decay_steps=0, max_steps=60)
     assert lr_at(60, cfg) == pytest.approx(cfg.min_lr)
     assert lr_at(59, cfg) > cfg.min_lr
     assert lr_at(35, cfg) == pytest.approx((cfg.lr + cfg.min_lr) / 2)
 
 
 def test_no_warmup_starts_at_peak() -> None:
-    cfg = sched(warmup_iters=0)
+    cfg = sched(warmup_steps=0)
     assert lr_at(0, cfg) == pytest.approx(cfg.lr)
     assert lr_at(1, cfg) < cfg.lr
 

@@ -28,7 +28,7 @@ from fromzero.training.trainer import Pretrainer
 N_STEPS = 20
 RESUME_SECTIONS = {
     "model": {"dropout": 0.1},
-    "train": {"max_iters": N_STEPS, "grad_accum_steps": 2, "log_interval": 1, "eval_interval": 10},
+    "train": {"max_steps": N_STEPS, "grad_accum": 2, "log_interval": 1, "eval_every": 10},
 }
 
 
@@ -102,10 +102,10 @@ def test_resume_after_shorter_run_is_bit_exact(make_recipe, cli, reference_run):
     k = 10
     recipe = make_recipe("short", **RESUME_SECTIONS)
     run_dir = recipe.parent / "runs" / "short"
-    assert cli("pretrain", "--config", recipe, "--quiet", "--train.max_iters", str(k)).code == 0
+    assert cli("pretrain", "--config", recipe, "--quiet", "--train.max_steps", str(k)).code == 0
     assert _info(run_dir / "checkpoints" / "last")["step"] == k
 
-    result = cli("pretrain", "--resume", run_dir, "--train.max_iters", str(N_STEPS), "--quiet")
+    result = cli("pretrain", "--resume", run_dir, "--train.max_steps", str(N_STEPS), "--quiet")
     assert result.code == 0, result
     assert "resuming at step 10" in result.err
     assert f"done: step {N_STEPS}" in result.out
@@ -206,7 +206,7 @@ def test_resume_recovers_an_interrupted_checkpoint_commit(reference_run, cli, tm
     partial = checkpoints / ".tmp-last-abc123"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half a file")
-    result = cli("pretrain", "--resume", run_dir, "--train.max_iters", str(N_STEPS + 2), "--quiet")
+    result = cli("pretrain", "--resume", run_dir, "--train.max_steps", str(N_STEPS + 2), "--quiet")
     assert result.code == 0, result
     assert f"resuming at step {N_STEPS}" in result.err
     assert _info(checkpoints / "last")["step"] == N_STEPS + 2
@@ -223,14 +223,14 @@ def test_refused_resume_writes_nothing(reference_run, cli, tmp_path):
 
 def test_resume_overrides_are_remembered_by_the_next_resume(make_recipe, cli, monkeypatch):
     """Train to 10, resume to 20 but get interrupted at 15, resume again without options: the
-    run should finish at 20, the max_iters it was last given. config.yaml ("the fully resolved
+    run should finish at 20, the max_steps it was last given. config.yaml ("the fully resolved
     config") still says 10, so the second resume claims the run already finished."""
-    recipe = make_recipe("twice", train={"max_iters": 10})
+    recipe = make_recipe("twice", train={"max_steps": 10})
     run_dir = recipe.parent / "runs" / "twice"
     assert cli("pretrain", "--config", recipe, "--quiet").code == 0
     with monkeypatch.context() as m:
         _interrupt_after(m, 15)
-        result = cli("pretrain", "--resume", run_dir, "--train.max_iters", "20", "--quiet")
+        result = cli("pretrain", "--resume", run_dir, "--train.max_steps", "20", "--quiet")
     assert result.code == 0 and "stopped: step 15" in result.out, result
     result = cli("pretrain", "--resume", run_dir, "--quiet")
     assert result.code == 0, result
@@ -242,7 +242,7 @@ def test_resume_of_finished_run_keeps_files_untouched(reference_run, cli, one_li
     shutil.copytree(reference_run, run_dir)
     metrics_before = (run_dir / "metrics.jsonl").read_bytes()
     weights_before = (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes()
-    line = one_line_error(cli("pretrain", "--resume", run_dir, "--quiet"), "already finished", "max_iters")
+    line = one_line_error(cli("pretrain", "--resume", run_dir, "--quiet"), "already finished", "max_steps")
     assert f"step {N_STEPS}" in line
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").read_bytes() == weights_before
@@ -253,7 +253,7 @@ def test_resume_of_finished_run_keeps_files_untouched(reference_run, cli, one_li
 
 
 def _first_steps(make_recipe, name: str, batch_size: int, accum: int, steps: int = 3):
-    recipe = make_recipe(name, train={"batch_size": batch_size, "grad_accum_steps": accum})
+    recipe = make_recipe(name, train={"batch_size": batch_size, "grad_accum": accum})
     cfg = load_pretrain_config(recipe)
     trainer = Pretrainer(cfg, progress=False)
     try:
@@ -294,7 +294,7 @@ def _metric_values(run_dir: Path) -> list[tuple]:
 
 
 def test_same_seed_same_metrics_other_seed_differs(make_recipe, cli):
-    sections = {"model": {"dropout": 0.1}, "train": {"max_iters": 10, "log_interval": 2, "eval_interval": 5}}
+    sections = {"model": {"dropout": 0.1}, "train": {"max_steps": 10, "log_interval": 2, "eval_every": 5}}
     runs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         recipe = make_recipe(name, **sections)
@@ -343,7 +343,7 @@ def _assert_stopped_on_nan(result, run_dir: Path, nan_step: int | None) -> int:
 
 def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(make_recipe, cli, monkeypatch):
     """The loss turns NaN at step 7 (between checkpoints): exit 2, the error names step 7."""
-    recipe = make_recipe("nan", train={"max_iters": 20})
+    recipe = make_recipe("nan", train={"max_steps": 20})
     run_dir = recipe.parent / "runs" / "nan"
     calls = {"train": 0}
     original = GPT.forward
@@ -375,7 +375,7 @@ def test_nan_from_huge_learning_rate(make_recipe, cli):
 
 
 def test_default_run_dir_is_named_after_recipe(make_recipe, cli, tmp_path, monkeypatch):
-    recipe = make_recipe("my-recipe", out_dir="", train={"max_iters": 2, "eval_interval": 2})
+    recipe = make_recipe("my-recipe", out_dir="", train={"max_steps": 2, "eval_every": 2})
     monkeypatch.chdir(tmp_path)
     result = cli("pretrain", "--config", recipe, "--quiet")
     assert result.code == 0, result

@@ -17,7 +17,7 @@ SPACE = {"train.lr": {"log_uniform": [1.0e-3, 1.0e-2]}, "model.n_layer": {"int":
 def test_every_evaluation_is_announced_to_listeners(cli, make_recipe) -> None:
     seen: list[tuple[int, float]] = []
     with listen_to_evaluations(lambda step, metrics: seen.append((step, metrics["val_loss"]))):
-        result = cli("pretrain", "--config", make_recipe(train={"max_iters": 20, "eval_interval": 5}), "--quiet")
+        result = cli("pretrain", "--config", make_recipe(train={"max_steps": 20, "eval_every": 5}), "--quiet")
     assert result.code == 0, result
     assert [s for s, _ in seen] == [0, 5, 10, 15, 20]  # the pruner sees every intermediate value
 
@@ -25,7 +25,7 @@ def test_every_evaluation_is_announced_to_listeners(cli, make_recipe) -> None:
 def test_search_writes_best_recipe_and_resumes_without_losing_trials(cli, make_recipe, tmp_path: Path) -> None:
     import optuna
 
-    recipe = make_recipe(train={"max_iters": 10, "eval_interval": 5, "lr_decay_iters": 10}, tune={"space": SPACE})
+    recipe = make_recipe(train={"max_steps": 10, "eval_every": 5, "decay_steps": 10}, tune={"space": SPACE})
     out = tmp_path / "search"
     first = cli("tune", "--config", recipe, "--trials", "3", "--out", str(out))
     assert first.code == 0, first
@@ -57,7 +57,7 @@ def test_a_crashing_trial_is_recorded_and_the_search_goes_on(cli, make_recipe, t
     import optuna
 
     # n_head 3 does not divide n_embd 32: those trials fail, the others complete.
-    recipe = make_recipe(train={"max_iters": 5, "eval_interval": 5, "lr_decay_iters": 5},
+    recipe = make_recipe(train={"max_steps": 5, "eval_every": 5, "decay_steps": 5},
                          tune={"space": {"model.n_head": {"choice": [2, 3]}}})
     result = cli("tune", "--config", recipe, "--trials", "6", "--out", str(tmp_path / "s"))
     assert result.code == 0, result
@@ -78,7 +78,7 @@ def test_ctrl_c_stops_the_search_and_the_same_command_continues_it(cli, make_rec
 
     from fromzero.training import trainer
 
-    recipe = make_recipe(train={"max_iters": 6, "eval_interval": 3, "lr_decay_iters": 6}, tune={"space": SPACE})
+    recipe = make_recipe(train={"max_steps": 6, "eval_every": 3, "decay_steps": 6}, tune={"space": SPACE})
     out = tmp_path / "s"
     entered = [0]
     real_enter = trainer.StopRequest.__enter__

@@ -106,13 +106,13 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         "OUT/best-recipe.yaml,\nOUT/trials.csv, OUT/plots/. Run the same command again to resume a stopped "
         "search (Ctrl-C stops it:\nthe trial it cuts is recorded as interrupted and does not count). Recipe "
         "keys can be overridden for every\ntrial after the options, as with pretrain / finetune: "
-        "--train.max_iters 500, --epochs 2, ...\n\n"
+        "--train.max_steps 500, --epochs 2, ...\n\n"
         "  tune:\n    metric: val_loss                  # default: val_loss (fine-tuning: the recipe's monitor)\n"
         "    direction: minimize               # default: maximize for accuracy/F1/HR/NDCG, else minimize\n"
         "    space:\n      train.lr: {log_uniform: [1.0e-4, 1.0e-2]}\n      model.dropout: {uniform: [0.0, 0.3]}\n"
         "      model.n_layer: {int: [2, 6]}\n      train.batch_size: {choice: [16, 32]}\n\n"
         "examples:\n  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20\n"
-        "  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20 --train.max_iters 300",
+        "  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20 --train.max_steps 300",
     )
     tu.add_argument("--config", required=True, help="recipe YAML with a tune section")
     tu.add_argument("--trials", type=int, default=20, help="trials in the study in total (finished ones count when resuming)")
@@ -140,7 +140,7 @@ def _pretrain_epilog() -> str:
         "a recipe sets its own):\n" + "\n".join(static_options_help("fromzero.config:PretrainConfig")) + "\n\n"
         "aliases: --device, --dtype, --compile, --seed mean --train.device, --train.dtype,\n"
         "--train.compile, --train.seed; --out-dir means --out_dir.\n\n"
-        "example:\n  fromzero pretrain --config recipes/shakespeare-char.yaml --train.max_iters 500\n"
+        "example:\n  fromzero pretrain --config recipes/shakespeare-char.yaml --train.max_steps 500\n"
     )
 
 

@@ -5,7 +5,7 @@
 torchrun starts one process per device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the
 rendezvous address); :func:`init_distributed` reads them and joins the process group: nccl on
 CUDA (each process on ``cuda:LOCAL_RANK``), gloo on CPU. ``train.batch_size`` is per process, so
-a step sees ``batch_size x world_size x grad_accum_steps`` sequences; every rank draws the same
+a step sees ``batch_size x world_size x grad_accum`` sequences; every rank draws the same
 global batch from the shared seed and keeps its own rows (:func:`rank_rows`), which makes a run on
 N ranks use exactly the samples a 1-process run with N x the batch uses. Rank 0 alone writes the
 run directory.

@@ -1,7 +1,7 @@
 """The pretraining loop: one place, easy to find.
 
     data (memmap) -> batches -> model -> loss -> backward -> clip -> optimizer step
-                  -> metrics rows / progress bar -> eval + checkpoints every eval_interval
+                  -> metrics rows / progress bar -> eval + checkpoints every eval_every
 
 Run it through the CLI (``fromzero pretrain --config recipes/shakespeare-char.yaml``) or
 from Python with :func:`pretrain`. A run stopped at any point resumes with
@@ -208,10 +208,10 @@ class Pretrainer:
 
         if resume:
             self._load_resume_state(resume_sharded)
-            if self.step >= t.max_iters:
+            if self.step >= t.max_steps:
                 raise FromzeroError(
                     f"{self.run_dir} already finished at step {self.step}; pass a larger "
-                    "--train.max_iters to train longer"
+                    "--train.max_steps to train longer"
                 )
         elif self.ctx.is_main:
             prepare_run_dir(self.run_dir, force)
@@ -328,14 +328,14 @@ class Pretrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over eval_iters global batches (the same batches at every eval)."""
+        """Mean validation loss over eval_batches global batches (the same batches at every eval)."""
         from fromzero.data.text import sample_batch
 
         t = self.cfg.train
         self.model.eval()
         generator = torch.Generator().manual_seed(t.seed + 1)
-        losses = torch.zeros(t.eval_iters, device=self.device)
-        for i in range(t.eval_iters):
+        losses = torch.zeros(t.eval_batches, device=self.device)
+        for i in range(t.eval_batches):
             # As in training: every rank draws the global batch and scores its own rows.
             x, y = sample_batch(self.val_data, t.batch_size * self.ctx.world_size, self.cfg.model.block_size,
                                 generator)
@@ -349,7 +349,7 @@ class Pretrainer:
     # --- training --------------------------------------------------------------------------
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One (x, y) per optimizer step holding all grad_accum_steps micro-batches.
+        """One (x, y) per optimizer step holding all grad_accum micro-batches.
 
         Drawing the whole step at once means k micro-batches of b are the same samples as one
         batch of k*b: gradient accumulation changes memory use, not the data.
@@ -361,31 +361,31 @@ class Pretrainer:
         while True:
             # Every rank draws the same global batch and keeps its own rows of each micro-batch.
             x, y = sample_batch(
-                self.train_data, t.batch_size * self.ctx.world_size * t.grad_accum_steps,
+                self.train_data, t.batch_size * self.ctx.world_size * t.grad_accum,
                 self.cfg.model.block_size, self.batch_generator,
             )
-            x, y = rank_rows(x, self.ctx, t.grad_accum_steps), rank_rows(y, self.ctx, t.grad_accum_steps)
+            x, y = rank_rows(x, self.ctx, t.grad_accum), rank_rows(y, self.ctx, t.grad_accum)
             if non_blocking:
                 x, y = x.pin_memory(), y.pin_memory()
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over grad_accum_steps micro-batches; returns (loss, grad_norm)
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad_norm)
         as device tensors (no host sync here)."""
         t = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for j, (xm, ym) in enumerate(zip(x.chunk(t.grad_accum_steps), y.chunk(t.grad_accum_steps))):
+        for j, (xm, ym) in enumerate(zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum))):
             # DDP: only the last micro-step's backward communicates (the others accumulate locally).
-            last = j == t.grad_accum_steps - 1
+            last = j == t.grad_accum - 1
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             if self.fsdp:
                 self.model.set_requires_gradient_sync(last)  # reduce-scatter only on the last micro-step
             with sync:
                 with self.autocast:
                     _, loss = self.forward(xm, ym)
-                loss = loss / t.grad_accum_steps
+                loss = loss / t.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.detach().float()
         total = mean_across_ranks(total, self.ctx)  # the global batch's loss
@@ -403,10 +403,10 @@ class Pretrainer:
 
     def fit(self) -> PretrainResult:
         t = self.cfg.train
-        tokens_per_step = t.batch_size * t.grad_accum_steps * self.cfg.model.block_size
+        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
         start_step = self.step
         resumed = self.resumed
-        progress = TrainingProgress(t.max_iters, start_step, enabled=self.progress_enabled)
+        progress = TrainingProgress(t.max_steps, start_step, enabled=self.progress_enabled)
         progress.print(
             f"run {self.run_dir} | {self.cfg.model.n_layer} layers, "
             f"{self.model.num_params() / 1e6:.2f}M params | device {self.device}, {self.dtype}"
@@ -446,8 +446,8 @@ class Pretrainer:
             window_start, window_steps = now(), 0
 
         with progress, StopRequest() as stop:
-            while self.step < t.max_iters:
-                if self.step % t.eval_interval == 0 and not (resumed and self.step == start_step):
+            while self.step < t.max_steps:
+                if self.step % t.eval_every == 0 and not (resumed and self.step == start_step):
                     flush_pending()
                     self._evaluate_and_checkpoint(progress, elapsed_before + now() - run_start)
                     window_start = now()
@@ -466,7 +466,7 @@ class Pretrainer:
                 if self.step % t.log_interval == 0:
                     flush_pending()
             flush_pending()
-            if self._stop_everywhere(stop.requested) and self.step < t.max_iters:
+            if self._stop_everywhere(stop.requested) and self.step < t.max_steps:
                 stopped = True
                 self.save(self.last_dir, with_trainer_state=True, val_loss=None)
                 progress.print(
