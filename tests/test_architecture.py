@@ -169,3 +169,30 @@ def test_every_model_family_declares_its_facts() -> None:
     resnet = build_cnn("resnet18", 3)
     assert len(layer_stack(resnet)[0]) == 4 and head_modules(resnet) == [resnet.fc]
     assert family_facts(resnet) is family_facts("fromzero-cnn")
+
+
+# ---------------------------------------------------------------------------------------------
+# info.json: typed and versioned
+
+
+def test_info_json_is_stamped_checked_and_versioned(tmp_path: Path) -> None:
+    """Writers stamp the format version; readers refuse a newer format and wrongly typed
+    fields with one line naming the field; checkpoints written before versioning still read."""
+    from fromzero.checkpoint import INFO_FORMAT, checkpoint_info, write_info
+    from fromzero.errors import FromzeroError
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "fromzero-cnn"}')
+    write_info(ckpt / "info.json", {"task": "image-classification", "image_size": 8, "channels": 1})
+    info = checkpoint_info(ckpt)
+    assert info["format"] == INFO_FORMAT and info["image_size"] == 8 and "fromzero_version" in info
+    for bad, message in (({"format": INFO_FORMAT + 1}, "info format 2; this fromzero reads up to 1"),
+                         ({"task": "image-classification", "image_size": "big"}, "image_size must be int, got 'big'"),
+                         ({"channels": True}, "channels must be int, got True"),
+                         ([1, 2], "must hold a JSON object")):
+        (ckpt / "info.json").write_text(json.dumps(bad))
+        with pytest.raises(FromzeroError, match=message.replace("(", r"\(")):
+            checkpoint_info(ckpt)
+    assert json.loads((PREVIOUS / "gpt" / "info.json").read_text()).get("format") is None  # written before
+    assert checkpoint_info(PREVIOUS / "gpt")["task"] == "language-model"

@@ -189,7 +189,75 @@ def write_checkpoint_files(tmp: Path, model_config: dict, tokenizer_file: Path |
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
     if info is not None:
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_info(tmp / INFO_FILE, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# info.json: what a checkpoint is for, typed and versioned
+#
+# info.json says what a checkpoint was trained to do and what its readers need besides the
+# weights (an image classifier's input size and normalisation, a text classifier's max_length,
+# a chat model's template, an adapter's base). Every writer goes through write_info (which stamps
+# the format version) and every reader through checkpoint_info (which checks the version and the
+# types of the fields below): a hand-edited or foreign info.json is a one-line error naming the
+# field, not a KeyError deep inside predict. Task-specific extra fields are kept as they are.
+
+INFO_FORMAT = 1
+"""Version of the info.json layout this fromzero writes (and the newest it reads)."""
+
+
+@dataclass(frozen=True)
+class InfoField:
+    types: tuple[type, ...]
+    doc: str
+
+
+INFO_SCHEMA: dict[str, InfoField] = {
+    "format": InfoField((int,), "info.json layout version (absent: written before versioning, read as 1)"),
+    "task": InfoField((str,), "what the model was trained to do (see fromzero.tasks)"),
+    "step": InfoField((int,), "optimizer steps taken when saved (pretraining)"),
+    "best_step": InfoField((int,), "step of the weights kept (fine-tuning)"),
+    "best_epoch": InfoField((int,), "epoch of the weights kept"),
+    "val_loss": InfoField((int, float, type(None)), "validation loss at save time (pretraining)"),
+    "method": InfoField((str,), "full | frozen | lora | qlora"),
+    "max_length": InfoField((int,), "text classifiers: tokens per text the model was tuned with"),
+    "image_size": InfoField((int,), "image classifiers: side of the square input"),
+    "resize_size": InfoField((int, type(None)), "image classifiers: short side resized to before cropping"),
+    "channels": InfoField((int,), "image classifiers: 1 (grayscale) or 3 (RGB)"),
+    "mean": InfoField((list, type(None)), "image classifiers: per-channel normalisation mean (null: none)"),
+    "std": InfoField((list, type(None)), "image classifiers: per-channel normalisation std"),
+    "template": InfoField((dict,), "chat models tuned by fromzero: the plain-text chat template"),
+    "chat_template": InfoField((str,), "chat models: the Jinja template file next to the weights"),
+    "base_checkpoint": InfoField((str,), "LoRA adapters: the base checkpoint directory"),
+    "fromzero_version": InfoField((str,), "the fromzero that wrote the checkpoint"),
+}
+
+
+def write_info(path: Path, info: dict[str, Any]) -> None:
+    """Write info.json (checked against INFO_SCHEMA, stamped with INFO_FORMAT)."""
+    from fromzero import __version__
+
+    info = {"format": INFO_FORMAT, **info}
+    info.setdefault("fromzero_version", __version__)
+    check_info(info, path)
+    path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def check_info(info: Any, where: Path) -> dict[str, Any]:
+    """``info`` if it is a valid info.json mapping, else a one-line FromzeroError naming the field."""
+    if not isinstance(info, dict):
+        raise FromzeroError(f"{where} must hold a JSON object, got {type(info).__name__}")
+    version = info.get("format", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version > INFO_FORMAT:
+        raise FromzeroError(f"{where} has info format {version}; this fromzero reads up to {INFO_FORMAT}: "
+                            "upgrade fromzero to read this checkpoint")
+    for name, field in INFO_SCHEMA.items():
+        if name in info:
+            value = info[name]
+            if isinstance(value, bool) and bool not in field.types or not isinstance(value, field.types):
+                kinds = " or ".join("null" if t is type(None) else t.__name__ for t in field.types)
+                raise FromzeroError(f"{where}: {name} must be {kinds}, got {value!r} ({field.doc})")
+    return info
 
 
 @contextlib.contextmanager
@@ -288,6 +356,7 @@ def checkpoint_info(directory: Path) -> dict[str, Any]:
         raise FromzeroError(f"checkpoint directory not found: {directory}")
     config = read_json(directory / CONFIG_FILE, "model config")
     info = read_json(directory / INFO_FILE, "checkpoint info") if (directory / INFO_FILE).is_file() else {}
+    check_info(info, directory / INFO_FILE)
     if "task" not in info:
         info["task"] = "language-model" if config.get("model_type") == "fromzero-gpt" else "unknown"
     return info

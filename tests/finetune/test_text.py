@@ -186,7 +186,7 @@ def test_an_interrupted_finetune_says_so_and_exits_130(cli, bert_base, sentiment
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C / SIGTERM during fine-tuning: not "done" with exit 0 (a script could not tell it
     from a finished run), but "stopped" with exit 130, everything needed to continue kept in
-    checkpoints/last (no test score and no best checkpoint until it finishes)."""
+    checkpoints/last (stopped before its first evaluation: no best checkpoint, no test score)."""
     from fromzero.training import trainer
 
     real_enter = trainer.StopRequest.__enter__

@@ -804,7 +804,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict[str, Any]:
     """
     from fromzero.checkpoint import checkpoint_info
     from fromzero.checkpoint import (CONFIG_FILE, INFO_FILE, MODEL_FILE, atomic_directory, load_model,
-                                              model_state_for_saving, read_json, write_safetensors)
+                                              model_state_for_saving, read_json, write_info, write_safetensors)
     from fromzero.devices import resolve_device
 
     t0 = time.perf_counter()
@@ -898,7 +898,7 @@ def prune_checkpoint(cfg: PruneConfig) -> dict[str, Any]:
         state = model_state_for_saving(pruned)
         write_safetensors(state, tmp / MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(new_config, indent=2) + "\n")
-        (tmp / INFO_FILE).write_text(json.dumps(_pruned_info(info, cfg), indent=2) + "\n")
+        write_info(tmp / INFO_FILE, _pruned_info(info, cfg))
         _copy_extras(src, tmp)
         before_file = src / MODEL_FILE
         size_before = before_file.stat().st_size if before_file.is_file() else None

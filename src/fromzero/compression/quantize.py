@@ -128,7 +128,7 @@ def quantize_checkpoint(
     from fromzero.checkpoint import checkpoint_info
     from fromzero.checkpoint import (CONFIG_FILE, INFO_FILE, MODEL_FILE, atomic_directory, load_model,
                                               model_state_for_saving, read_json, recover_directory,
-                                              write_safetensors)
+                                              write_info, write_safetensors)
 
     options.validate()
     src, out = Path(checkpoint), Path(out)
@@ -183,7 +183,7 @@ def quantize_checkpoint(
                           metadata={"quantization": options.method})
         (tmp / CONFIG_FILE).write_text(json.dumps(out_config, indent=2) + "\n")
         copied = _copy_side_files(src, tmp)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_info(tmp / INFO_FILE, info)
         after = (tmp / MODEL_FILE).stat().st_size
         report["copied"] = sorted(set(copied) | {INFO_FILE})
         report["size"] = {"fp32_bytes": before, "quantized_bytes": after, "ratio": round(after / before, 4)}

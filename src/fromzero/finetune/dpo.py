@@ -542,10 +542,32 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
           f"method {cfg.method}{' (continuing the sft adapter)' if start.adapter_init else ''}: trains "
           f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); reference: {where_ref}; "
           f"beta {cfg.beta}, label_smoothing {cfg.label_smoothing}; device {device}, {dtype}")
+    base_info: dict[str, Any] = {
+        "task": "dpo", "test_before": before,
+        "method": cfg.method, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
+        "reference": start.reference_kind, "init_from": str(init_dir.resolve()),
+        **({"template": fromzero_template} if fromzero_template is not None else {"chat_template": "chat_template.jinja"}),
+        **({"system_prompt": system_prompt} if system_prompt else {}),
+        **({"qlora": info["qlora"]} if start.adapter_init and isinstance(info.get("qlora"), dict) else {}),
+    }
+    best_dir = run_dir / "checkpoints" / "best"
+    tokenizer_file = init_dir / TOKENIZER_FILE
+
+    def write_best(extra: dict[str, Any]) -> None:
+        """checkpoints/best from the model as it is now (the adapter or full weights, + template files)."""
+        info_out = {**base_info, **extra}
+        if cfg.method == "lora":
+            save_with_template_files(best_dir, lambda d: save_adapter(d, model, config, start.base_dir,
+                                                                      tokenizer_file, info_out), template_dir)
+        else:
+            save_with_template_files(best_dir, lambda d: save_checkpoint(d, base_model(model), config,
+                                                                         tokenizer_file=tokenizer_file,
+                                                                         info=info_out), template_dir)
+
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
                               logger=logger, trained_modules=start.trained_modules, forward=forward, ctx=ctx,
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume)
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume, save_best=write_best)
         fit = finetuner.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
@@ -557,23 +579,7 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
         barrier(ctx)
         return {"run_dir": str(run_dir), "rank": ctx.rank}
 
-    info_out: dict[str, Any] = {
-        "task": "dpo", "best_step": fit.best_step, "val": fit.best_metrics, "test": test, "test_before": before,
-        "method": cfg.method, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
-        "reference": start.reference_kind, "init_from": str(init_dir.resolve()),
-        **({"template": fromzero_template} if fromzero_template is not None else {"chat_template": "chat_template.jinja"}),
-        **({"system_prompt": system_prompt} if system_prompt else {}),
-        **({"qlora": info["qlora"]} if start.adapter_init and isinstance(info.get("qlora"), dict) else {}),
-    }
-    best_dir = run_dir / "checkpoints" / "best"
-    tokenizer_file = init_dir / TOKENIZER_FILE
-    if cfg.method == "lora":
-        save_with_template_files(best_dir, lambda d: save_adapter(d, model, config, start.base_dir, tokenizer_file,
-                                                             info_out), template_dir)
-    else:
-        save_with_template_files(best_dir, lambda d: save_checkpoint(d, base_model(model), config,
-                                                                tokenizer_file=tokenizer_file, info=info_out),
-                            template_dir)
+    write_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
     write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
                         **{f"val_{k}": v for k, v in fit.best_metrics.items()},
                         **{f"before_{k}": v for k, v in before.items()}}, run_dir / "metrics.json")

@@ -313,6 +313,7 @@ class Finetuner:
         resume: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
         private: Any = None,
+        save_best: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """forward: what the training step calls (e.g. the compiled model; default ``model``);
         loss_fn receives it (wrapped in DistributedDataParallel under ddp).
@@ -331,7 +332,10 @@ class Finetuner:
         optimizer: use this one instead of AdamW/SGD built from cfg (e.g. Opacus' DPOptimizer).
         private: a :class:`fromzero.training.privacy.PrivateTraining` when training with DP-SGD:
         its optimizer clips and noises per-example gradients of the batch-mean loss, so the loop
-        skips its own weighting and clipping, and an empty Poisson batch is a noise-only step."""
+        skips its own weighting and clipping, and an empty Poisson batch is a noise-only step.
+        save_best: called on rank 0 with ``{"best_step", "best_epoch", "val"}`` each time the
+        monitored metric improves, while the model holds those weights: the task writes
+        checkpoints/best, so a usable best checkpoint exists however the run ends."""
         if weight_by not in ("samples", "tokens"):
             raise ValueError(f"weight_by must be samples or tokens, got {weight_by!r}")
         self.weight_by = weight_by
@@ -344,7 +348,7 @@ class Finetuner:
             raise FromzeroError("nothing to train: every parameter is frozen")
         self.l1_params = [p for p in self.params if p.dim() >= 2]
         self.optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg, device)
-        self.last_dir, self.resume, self.private = last_dir, resume, private
+        self.last_dir, self.resume, self.private, self.save_best = last_dir, resume, private, save_best
         # float16 autocast (CUDA): scale the loss so small gradients do not flush to zero; steps
         # whose gradients overflowed are skipped and the scale lowered (a no-op for bf16 / fp32).
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
@@ -410,6 +414,8 @@ class Finetuner:
             if improved:
                 p.best_value, p.best_metrics, p.best_step, p.best_epoch, p.stale = value, metrics, p.step, epoch, 0
                 self.best_state = self._snapshot()
+                if self.save_best is not None and self.ctx.is_main:
+                    self.save_best({"best_step": p.step, "best_epoch": epoch, "val": _plain(metrics)})
             else:
                 p.stale += 1
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

@@ -394,12 +394,30 @@ def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t
     print(f"image classification ({cfg.arch}): {len(labels)} classes, train/val/test {len(train_ds)}/"
           f"{len(val_ds)}/{len(test_ds)} images; method {cfg.method}: trains {trainable:,} parameters; "
           f"device {device}, {dtype}")
+    ckpt = run_dir / "checkpoints" / "best"
+    mean, std = normalization(cfg.channels) if cfg.normalize else (None, None)
+    if cfg.normalize:
+        mean, std = list(cfg.mean or mean), list(cfg.std or std)
+    base_info = {"task": "image-classification", "image_size": cfg.image_size,
+                 "resize_size": cfg.resize_size or default_resize(cfg.image_size), "channels": cfg.channels,
+                 "mean": mean, "std": std}
+
+    def write_best(extra: dict[str, Any]) -> None:
+        """checkpoints/best from the model as it is now (config.json with the class names)."""
+        save_checkpoint(ckpt, model, model_config(model, cfg, labels), info={**base_info, **extra})
+
+    def write_best_so_far(progress: dict[str, Any]) -> None:
+        write_best({"best_epoch": progress["best_epoch"], "best_step": progress["best_step"],
+                    "val_f1_macro": progress["val"]["f1_macro"]})
+
     logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_f1_macro", higher_is_better=True,
                               logger=logger, trained_modules=trained_modules, forward=net, ctx=ctx,
                               last_dir=run_dir / "checkpoints" / "last", resume=resume, optimizer=optimizer,
-                              private=private)
+                              private=private,
+                              # a private run's checkpoint is written once, with its privacy guarantee
+                              save_best=write_best_so_far if private is None else None)
         fit = finetuner.fit(batches, len(train_loader))
         privacy = None
         if private is not None:  # the guarantee covers every step taken, whichever epoch is kept
@@ -426,17 +444,8 @@ def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t
     plots = run_dir / "plots"
     write_plots(logger.rows, plots)
     plot_confusion_matrix(test["confusion_matrix"], labels, plots / "confusion_matrix.png")
-    mean, std = normalization(cfg.channels) if cfg.normalize else (None, None)
-    if cfg.normalize:
-        mean, std = list(cfg.mean or mean), list(cfg.std or std)
-    info = {"task": "image-classification", "best_epoch": fit.best_epoch, "best_step": fit.best_step,
-            "val_f1_macro": best_val["f1_macro"], "test_accuracy": test["accuracy"], "image_size": cfg.image_size,
-            "resize_size": cfg.resize_size or default_resize(cfg.image_size), "channels": cfg.channels,
-            "mean": mean, "std": std}
-    if privacy is not None:
-        info["privacy"] = privacy
-    ckpt = run_dir / "checkpoints" / "best"
-    save_checkpoint(ckpt, model, model_config(model, cfg, labels), info=info)
+    write_best({"best_epoch": fit.best_epoch, "best_step": fit.best_step, "val_f1_macro": best_val["f1_macro"],
+                "test_accuracy": test["accuracy"], **({"privacy": privacy} if privacy is not None else {})})
     print(f"test ({len(test_ds)} images, best epoch {fit.best_epoch}):\n{format_report(test)}")
     if privacy is not None:
         print(f"privacy: ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP for the training split "

@@ -378,11 +378,26 @@ def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.
           f"{len(data.train)} training positives x (1 + {cfg.negatives} negatives), val/test "
           f"{len(val_set)}/{len(test_set)} held out vs {cfg.eval_negatives} negatives; {total:,} parameters; "
           f"device {device}, {dtype}")
+    best_dir = run_dir / "checkpoints" / "best"
+    base_info = {"task": "recommendation", "arch": cfg.arch, "top_k": k, "eval_negatives": cfg.eval_negatives,
+                 "min_rating": cfg.min_rating,
+                 "data": cfg.data if cfg.data == "synthetic" else str(Path(cfg.data).resolve())}
+
+    def write_best(extra: dict[str, Any]) -> None:
+        """checkpoints/best from the model as it is now (with the user / item ids)."""
+        save_recommender(best_dir, model, data.ids, {**base_info, **extra})
+
+    def write_best_so_far(progress: dict[str, Any]) -> None:
+        val = progress["val"]
+        write_best({"best_step": progress["best_step"], "best_epoch": progress["best_epoch"],
+                    **{f"val_{m}": val[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}})
+
     logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
                               higher_is_better=cfg.monitor != "val_loss", logger=logger, forward=forward, ctx=ctx,
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume)
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume,
+                              save_best=write_best_so_far)
         fit = finetuner.fit(batches, micro_batches)
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
@@ -396,12 +411,8 @@ def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.
         return {"run_dir": str(run_dir), "test": test}
 
     val = {m: fit.best_metrics[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}
-    info = {"task": "recommendation", "arch": cfg.arch, "top_k": k, "eval_negatives": cfg.eval_negatives,
-            "best_step": fit.best_step, "best_epoch": fit.best_epoch, **{f"val_{m}": v for m, v in val.items()},
-            **{f"test_{m}": v for m, v in test.items()}, "min_rating": cfg.min_rating,
-            "data": cfg.data if cfg.data == "synthetic" else str(Path(cfg.data).resolve())}
-    best_dir = run_dir / "checkpoints" / "best"
-    save_recommender(best_dir, model, data.ids, info)
+    write_best({"best_step": fit.best_step, "best_epoch": fit.best_epoch, **{f"val_{m}": v for m, v in val.items()},
+                **{f"test_{m}": v for m, v in test.items()}})
     summary = {"run_dir": str(run_dir), "checkpoint": str(best_dir), "arch": cfg.arch, "best_step": fit.best_step,
                "best_epoch": fit.best_epoch, "steps": fit.steps, "epochs_run": fit.epochs_run,
                "stopped_early": fit.stopped_early, "interrupted": fit.interrupted, "val": val, "test": test,

@@ -284,12 +284,35 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
           f"({sets['train'].n_target_tokens:,} response tokens in train); method {cfg.method}: trains "
           f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
     before = response_loss(forward, eval_loaders["test"], device, autocast)  # the base model's, for comparison
+    # A model's own template travels as its files (chat_template.jinja, ...); fromzero's as fields.
+    template_info = ({"chat_template": "chat_template.jinja"} if template_dir is not None else
+                     {"template": {"system_prefix": cfg.system_prefix, "user_prefix": cfg.user_prefix,
+                                   "assistant_prefix": cfg.assistant_prefix, "turn_end": cfg.turn_end}})
+    base_info = {"task": "sft", "test_before": before, "method": cfg.method, "data": cfg.data,
+                 **({"distilled_from": str(init_dir.resolve()), "temperature": cfg.temperature, "alpha": cfg.alpha,
+                     "teacher_params": count_params(teacher), "student_params": total} if teacher is not None else {}),
+                 **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
+                 **({"qlora": {"group_size": cfg.qlora_group_size, "scale_dtype": "float16",
+                               "base_linear_bytes": base_bytes}} if cfg.method == "qlora" else {}),
+                 **template_info}
+    best_dir = run_dir / "checkpoints" / "best"
+
+    def write_best(info: dict[str, Any]) -> None:
+        """checkpoints/best from the model as it is now (full weights or the adapter, + template files)."""
+        info = {**base_info, **info}
+        if cfg.method in ("lora", "qlora"):
+            write = lambda d: save_adapter(d, model, config, init_dir, init_dir / TOKENIZER_FILE, info)  # noqa: E731
+        else:
+            write = lambda d: save_checkpoint(d, base_model(model), config,  # noqa: E731
+                                              tokenizer_file=init_dir / TOKENIZER_FILE, info=info)
+        save_with_template_files(best_dir, write, template_dir)
+
     logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
                               logger=logger, trained_modules=trained_modules, forward=forward, ctx=ctx,
                               weight_by="tokens",  # the loss is a mean over reply tokens
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume)
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume, save_best=write_best)
         fit = finetuner.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
@@ -301,25 +324,7 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
         barrier(ctx)
         return {"run_dir": str(run_dir), "rank": ctx.rank}
 
-    # A model's own template travels as its files (chat_template.jinja, ...); fromzero's as fields.
-    template_info = ({"chat_template": "chat_template.jinja"} if template_dir is not None else
-                     {"template": {"system_prefix": cfg.system_prefix, "user_prefix": cfg.user_prefix,
-                                   "assistant_prefix": cfg.assistant_prefix, "turn_end": cfg.turn_end}})
-    info = {"task": "sft", "best_step": fit.best_step, "val": fit.best_metrics, "test": test, "test_before": before,
-            "method": cfg.method, "data": cfg.data,
-            **({"distilled_from": str(init_dir.resolve()), "temperature": cfg.temperature, "alpha": cfg.alpha,
-                "teacher_params": count_params(teacher), "student_params": total} if teacher is not None else {}),
-            **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
-            **({"qlora": {"group_size": cfg.qlora_group_size, "scale_dtype": "float16",
-                          "base_linear_bytes": base_bytes}} if cfg.method == "qlora" else {}),
-            **template_info}
-    best_dir = run_dir / "checkpoints" / "best"
-    if cfg.method in ("lora", "qlora"):
-        write = lambda d: save_adapter(d, model, config, init_dir, init_dir / TOKENIZER_FILE, info)  # noqa: E731
-    else:
-        write = lambda d: save_checkpoint(d, base_model(model), config,  # noqa: E731
-                                          tokenizer_file=init_dir / TOKENIZER_FILE, info=info)
-    save_with_template_files(best_dir, write, template_dir)
+    write_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
     write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
                         **{f"val_{k}": v for k, v in fit.best_metrics.items()}}, run_dir / "metrics.json")
     write_plots(logger.rows, run_dir / "plots")

@@ -264,12 +264,29 @@ def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, devic
     print(f"text classification: {len(labels)} classes, train/val/test {len(encoded['train'])}/"
           f"{len(encoded['val'])}/{len(encoded['test'])}; method {cfg.method}: trains {trainable:,} of "
           f"{total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
+    best_dir = run_dir / "checkpoints" / "best"
+    base_info = {"task": "text-classification", "max_length": max_length, "method": cfg.method,
+                 "trainable_params": trainable}
+    if teacher is not None:
+        base_info.update(distilled_from=str(Path(cfg.teacher).resolve()), temperature=cfg.temperature,
+                         alpha=cfg.alpha, teacher_params=count_params(teacher), student_params=total)
+
+    def write_best(info: dict[str, Any]) -> None:
+        """checkpoints/best from the model as it is now (full weights, or the LoRA adapter)."""
+        info = {**base_info, **info}
+        tokenizer_file = init_dir / "tokenizer.json"
+        if cfg.method == "lora":
+            save_adapter(best_dir, model, config, init_dir, tokenizer_file, info)
+        else:
+            save_checkpoint(best_dir, base_model(model), config, tokenizer_file=tokenizer_file, info=info)
+
     logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
         finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
                               higher_is_better=cfg.monitor != "val_loss", logger=logger,
                               trained_modules=trained_modules, forward=forward, ctx=ctx,
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume)
+                              last_dir=run_dir / "checkpoints" / "last", resume=resume,
+                              save_best=lambda info: write_best({**info, "val": _val_summary(info["val"])}))
         fit = finetuner.fit(train.epoch, len(train))  # micro-batches per epoch
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
@@ -282,18 +299,8 @@ def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, devic
         barrier(ctx)
         return {"run_dir": str(run_dir), "rank": ctx.rank}
 
-    info = {"task": "text-classification", "max_length": max_length, "best_step": fit.best_step,
-            "val": _val_summary(fit.best_metrics), "test_f1_macro": test["f1_macro"],
-            "test_accuracy": test["accuracy"], "method": cfg.method, "trainable_params": trainable}
-    if teacher is not None:
-        info.update(distilled_from=str(Path(cfg.teacher).resolve()), temperature=cfg.temperature, alpha=cfg.alpha,
-                    teacher_params=count_params(teacher), student_params=total)
-    best_dir = run_dir / "checkpoints" / "best"
-    tokenizer_file = init_dir / "tokenizer.json"
-    if cfg.method == "lora":
-        save_adapter(best_dir, model, config, init_dir, tokenizer_file, info)
-    else:
-        save_checkpoint(best_dir, base_model(model), config, tokenizer_file=tokenizer_file, info=info)
+    write_best({"best_step": fit.best_step, "val": _val_summary(fit.best_metrics),
+                "test_f1_macro": test["f1_macro"], "test_accuracy": test["accuracy"]})
     summary = {"run_dir": str(run_dir), "checkpoint": str(best_dir), "labels": labels,
                "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
                "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
