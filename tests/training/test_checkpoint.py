@@ -21,6 +21,13 @@ import fromzero.checkpoint as ckpt
 CFG = GPTConfig(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
+def _info(path) -> dict:
+    """info.json without the stamps every writer adds (format version, fromzero version)."""
+    info = json.loads(path.read_text())
+    assert info.pop("format") == 1 and isinstance(info.pop("fromzero_version"), str)
+    return info
+
+
 def tiny_model(seed: int = 0, cfg: GPTConfig = CFG) -> GPT:
     torch.manual_seed(seed)
     model = GPT(cfg)
@@ -68,7 +75,7 @@ def test_save_checkpoint_writes_expected_files(tmp_path: Path) -> None:
                      "trainer_state.pt"}
     config = json.loads((out / "config.json").read_text())
     assert config == CFG.to_dict() and config["model_type"] == "fromzero-gpt"
-    assert json.loads((out / "info.json").read_text()) == {"step": 7, "val_loss": 1.5}
+    assert _info(out / "info.json") == {"step": 7, "val_loss": 1.5}
     assert (out / "tokenizer.json").read_text() == '{"tokenizer": true}'
     assert leftovers(tmp_path, {"tok.json", "ckpt"}) == []  # no temp dirs behind
 
@@ -151,7 +158,7 @@ def test_save_replaces_existing_checkpoint(tmp_path: Path) -> None:
     save(out, tiny_model(seed=1), info={"step": 1}, trainer_state={"step": 1})
     model2 = tiny_model(seed=2)
     save(out, model2, info={"step": 2})
-    assert json.loads((out / "info.json").read_text()) == {"step": 2}
+    assert _info(out / "info.json") == {"step": 2}
     assert not (out / "trainer_state.pt").exists()  # the whole directory was replaced
     assert torch.equal(logits_of(ckpt.load_model(out)), logits_of(model2))
     assert leftovers(tmp_path, {"last"}) == []
@@ -224,7 +231,7 @@ def test_crash_between_renames_leaves_a_recoverable_old_copy(
     monkeypatch.undo()
     # The old checkpoint was moved aside intact, the half-committed new one removed.
     assert not final.exists()
-    assert json.loads((tmp_path / ".old-last" / "info.json").read_text()) == {"step": 1}
+    assert _info(tmp_path / ".old-last" / "info.json") == {"step": 1}
     assert leftovers(tmp_path, {".old-last"}) == []
     ckpt.recover_directory(final)
     assert leftovers(tmp_path, {"last"}) == []
@@ -255,7 +262,7 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(FromzeroError, match="disk full") as e:
         save(out, tiny_model(seed=2), info={"step": 2})
     assert str(out) in str(e.value)
-    assert json.loads((out / "info.json").read_text()) == {"step": 1}
+    assert _info(out / "info.json") == {"step": 1}
     monkeypatch.undo()
     assert torch.equal(logits_of(ckpt.load_model(out)), logits_of(old))
     assert leftovers(tmp_path, {"last"}) == []
@@ -280,7 +287,7 @@ def test_non_os_error_while_writing_cleans_up(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(ckpt, "write_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path / "c", tiny_model(seed=2), info={"step": 2})
-    assert json.loads((tmp_path / "c" / "info.json").read_text()) == {"step": 1}
+    assert _info(tmp_path / "c" / "info.json") == {"step": 1}
     assert leftovers(tmp_path, {"c"}) == []
 
 
@@ -305,7 +312,7 @@ def test_real_disk_full_in_safetensors_keeps_previous(tmp_path: Path, monkeypatc
     monkeypatch.setattr(ckpt, "write_safetensors", _to_dev_full)
     with pytest.raises(Exception):
         save(out, tiny_model(seed=2), info={"step": 2})
-    assert json.loads((out / "info.json").read_text()) == {"step": 1}
+    assert _info(out / "info.json") == {"step": 1}
     assert leftovers(tmp_path, {"last"}) == []
 
 
