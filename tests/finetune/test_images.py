@@ -410,3 +410,53 @@ def test_grad_accum_matches_one_batch_k_times_larger(shapes: Path, tmp_path: Pat
     wb = load_file(str(Path(b["checkpoint"]) / "model.safetensors"))
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA for a pretrained ViT: the adapter in PEFT's format under Hugging Face's module names
+
+
+def test_vit_lora_adapter_matches_peft_on_the_hf_model(shapes: Path, tmp_path: Path) -> None:
+    """LoRA on a ViT converted from Hugging Face (our fused attn.qkv is HF's query / key / value):
+    the saved adapter, loaded by PEFT onto transformers' ViTForImageClassification, gives the
+    logits fromzero gives, and only the adapters and the new head were trained."""
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    from fromzero.finetune.images import finetune_images
+    from fromzero.models.hf import convert_from_hf
+
+    torch.manual_seed(0)
+    hf_config = transformers.ViTConfig(image_size=SIZE, patch_size=8, num_channels=3, hidden_size=32,
+                                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    transformers.ViTModel(hf_config).save_pretrained(tmp_path / "hf-base")
+    convert_from_hf(str(tmp_path / "hf-base"), tmp_path / "base")
+    result = finetune_images(tiny_cfg(shapes, tmp_path / "run", arch="vit", weights=str(tmp_path / "base"),
+                                      method="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, epochs=2,
+                                      lr=1e-2, normalize=False))
+    adapter = Path(result["checkpoint"])
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"])[:4] == ["vit.layers.0.attention.k_proj", "vit.layers.0.attention.o_proj",
+                                                     "vit.layers.0.attention.q_proj", "vit.layers.0.attention.v_proj"]
+    assert config["modules_to_save"] == ["classifier"]
+    total = sum(p.numel() for p in load_model(tmp_path / "base").parameters())
+    assert result["trainable_params"] < 0.2 * total
+
+    ours = load_model(adapter)  # base + adapter, merged
+    base = load_model(tmp_path / "base")
+    moved = (ours.blocks[0].attn.qkv.weight - base.blocks[0].attn.qkv.weight).abs().max()
+    assert moved > 1e-4  # the adapters learned something (B starts at zero)
+    assert torch.equal(ours.blocks[0].mlp.fc1.weight, base.blocks[0].mlp.fc1.weight)  # not a target: untouched
+    hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf-base", num_labels=len(result["labels"]))
+    theirs = PeftModel.from_pretrained(hf, str(adapter)).eval()
+    pixels = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels), theirs(pixel_values=pixels).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_lora_needs_a_pretrained_vit_at_its_size(shapes: Path, tmp_path: Path) -> None:
+    with pytest.raises(FromzeroError, match="method=lora adapts a pretrained ViT"):
+        tiny_cfg(shapes, tmp_path / "a", arch="simple", method="lora").validate()
+    with pytest.raises(FromzeroError, match="method=lora adapts a pretrained ViT"):
+        tiny_cfg(shapes, tmp_path / "b", arch="vit", method="lora").validate()

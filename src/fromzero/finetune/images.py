@@ -51,7 +51,7 @@ from fromzero.finetune.engine import FinetuneConfig
 from fromzero.training.privacy import PrivacyConfig
 
 ARCHS = ("simple", "resnet18", "resnet50", "vit")
-METHODS = ("full", "frozen")
+METHODS = ("full", "frozen", "lora")
 SPLITS = ("train", "val", "test")
 
 
@@ -59,10 +59,9 @@ SPLITS = ("train", "val", "test")
 class ImageFinetuneConfig(FinetuneConfig):
     """Fine-tuning an image classifier on DATA/{train,val,test}/<class>/<image>."""
 
-    # Inherited options images do not use (the model comes from arch + weights; no LoRA yet):
-    # left out of --help, refused by validate() when a recipe sets them.
-    UNUSED_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"})
+    # Inherited options images do not use (the model comes from arch + weights): left out of
+    # --help, refused by validate() when a recipe sets them.
+    UNUSED_KEYS: ClassVar[frozenset[str]] = frozenset({"init_from"})
 
     data_dir: str = ""
     """Folder with train/, val/ and test/ ImageFolders (the same class folders in each), or digits (built in)."""
@@ -106,7 +105,7 @@ class ImageFinetuneConfig(FinetuneConfig):
     cutmix_alpha: float = 0.0
     """CutMix Beta(alpha, alpha) on training batches; 0 = off (both on: one of the two per batch)."""
     method: str = "full"
-    """full (train every weight) | frozen (train the classification head, plus unfreeze_top blocks)."""
+    """full (train every weight) | frozen (train the classification head, plus unfreeze_top blocks) | lora (ViT from weights: adapters on attn.qkv / attn.proj, the head in full)."""
     unfreeze_top: int = 0
     """method frozen: also train the last N blocks (ResNet stages layer1-4, ViT blocks); 0 = the head only."""
     patience: int = 0
@@ -150,6 +149,11 @@ class ImageFinetuneConfig(FinetuneConfig):
                 raise FromzeroError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if self.method == "frozen" and self.weights is None:
             raise FromzeroError("method=frozen trains only the head: it needs pretrained weights (weights=...)")
+        if self.method == "lora" and (self.arch != "vit" or self.weights is None):
+            raise FromzeroError("method=lora adapts a pretrained ViT: set arch vit and weights to a fromzero ViT "
+                                "checkpoint directory (e.g. one converted with `fromzero convert from-hf`)")
+        if self.method == "lora" and self.privacy.enabled:
+            raise FromzeroError("privacy: DP-SGD with LoRA adapters is not supported: use method full or frozen")
         self.privacy.validate()
         if self.privacy.enabled:
             if self.mixup_alpha or self.cutmix_alpha:
@@ -197,6 +201,9 @@ def _build_vit(cfg: ImageFinetuneConfig, num_classes: int) -> nn.Module:
     if model.config.num_channels != cfg.channels:
         raise FromzeroError(f"ViT weights take {model.config.num_channels} channels but channels={cfg.channels}")
     if model.image_size != (cfg.image_size, cfg.image_size):
+        if cfg.method == "lora":  # an adapter checkpoint rebuilds the base as it is on disk
+            raise FromzeroError(f"method=lora keeps the base's weights, position grid included: set image_size "
+                                f"to the ViT's {model.image_size[0]} (or use method full to train at another size)")
         # Resize the learned position grid once (bicubic) so the model runs at the new size.
         h = w = cfg.image_size
         ph, pw = model.patch_size
@@ -339,6 +346,11 @@ def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t
     torch.manual_seed(cfg.seed)
     model = build_image_model(cfg, len(labels))
     trained_modules = freeze(model, cfg.unfreeze_top) if cfg.method == "frozen" else None
+    config = model_config(model, cfg, labels)  # before any LoRA wrapper
+    if cfg.method == "lora":
+        from fromzero.finetune.lora import apply_lora
+
+        model = apply_lora(model, config, cfg, modules_to_save=["head"])
     if private_run:
         from fromzero.training.privacy import make_compatible
 
@@ -404,7 +416,12 @@ def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t
 
     def write_best(extra: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (config.json with the class names)."""
-        save_checkpoint(ckpt, model, model_config(model, cfg, labels), info={**base_info, **extra})
+        if cfg.method == "lora":
+            from fromzero.finetune.lora import save_adapter
+
+            save_adapter(ckpt, model, config, Path(str(cfg.weights)), None, {**base_info, **extra})
+        else:
+            save_checkpoint(ckpt, model, config, info={**base_info, **extra})
 
     def write_best_so_far(progress: dict[str, Any]) -> None:
         write_best({"best_epoch": progress["best_epoch"], "best_step": progress["best_step"],

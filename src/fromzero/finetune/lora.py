@@ -176,7 +176,7 @@ def save_adapter(directory: Path, peft_model: nn.Module, model_config: dict, bas
         target_modules=sorted(hf for t in adapted for hf, _ in _parts(names[t])),
         modules_to_save=sorted(hf for m in ours.modules_to_save for hf, _ in _parts(names[m]))
         if ours.modules_to_save else None,
-        task_type=lora_facts(model_config).peft_task_type, base_model_name_or_path=str(Path(base_checkpoint).resolve()),
+        task_type=lora_facts(model_config).peft_task_type or None, base_model_name_or_path=str(Path(base_checkpoint).resolve()),
         **extra,
     )
     meta = {**(info or {}), "base_checkpoint": str(Path(base_checkpoint).resolve()), "adapter": "lora"}

@@ -26,6 +26,8 @@ Name map (per block i; HF legacy name -> fromzero):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fromzero.errors import FromzeroError
@@ -269,3 +271,30 @@ def to_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str,
         out["classifier.weight"] = state["head.weight"].detach().contiguous()
         out["classifier.bias"] = state["head.bias"].detach().contiguous()
     return hf_config, out
+
+
+def hf_module_names(config: dict) -> tuple[dict[str, Any], dict]:
+    """fromzero module name -> HF module name(s) of the exported ViT, for LoRA adapters (see
+    fromzero.finetune.lora). We fuse what HF splits: ``attn.qkv`` -> attention.query / key /
+    value, given as [(HF name, output rows), ...]; the head is HF's ``classifier``."""
+    cfg = ViTConfig.from_dict(config)
+    D = cfg.hidden_size
+    prefix = "vit." if cfg.num_labels > 0 else ""
+    names: dict[str, Any] = {"patch_embed": prefix + "embeddings.patch_embeddings.projection",
+                             "ln_f": prefix + "layernorm"}
+    if cfg.pooler:
+        names["pooler"] = prefix + "pooler.dense"
+    if cfg.num_labels > 0:
+        names["head"] = "classifier"
+    for i in range(cfg.num_hidden_layers):
+        # PEFT names the modules of the model in memory: transformers 5's layout (the files keep
+        # the legacy names, which from_pretrained maps).
+        ours, hf = f"blocks.{i}.", f"{prefix}{_BLOCK_PREFIX[1]}.{i}."
+        new = {k: hf + current for k, (_, current) in _BLOCK_NAMES.items()}
+        names.update({
+            ours + "ln_1": new["ln_1"], ours + "ln_2": new["ln_2"],
+            ours + "attn.qkv": [(new["attn.q"], D), (new["attn.k"], D), (new["attn.v"], D)],
+            ours + "attn.proj": new["attn.proj"], ours + "mlp.fc1": new["mlp.fc1"], ours + "mlp.fc2": new["mlp.fc2"],
+        })
+    return names, {}
+

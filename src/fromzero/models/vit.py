@@ -335,8 +335,9 @@ def build_from_config(config: dict) -> ViT:
     return ViT(ViTConfig.from_dict(config))
 
 
-# What fine-tuning needs to know about this family (see fromzero.models).
+# What fine-tuning and LoRA need to know about this family (see fromzero.models).
 FACTS = FamilyFacts(
+    lora_targets=("attn.qkv", "attn.proj"), hf_mapping="fromzero.models.convert_vit",
     layer_stack=lambda model: (list(model.blocks), [model.ln_f]),
     head_modules=lambda model: [model.head] if isinstance(getattr(model, "head", None), nn.Module) else [],
 )
