@@ -534,7 +534,10 @@ class Finetuner:
     def _save_last(self, scheduler: Any, p: "_Progress", t0: float) -> None:
         """Write checkpoints/last atomically (rank 0): trained weights + buffers, the best ones so
         far, optimizer and schedule state, RNG, and the position in the data."""
-        if self.last_dir is None or not self.ctx.is_main or self.private is not None:
+        if self.last_dir is None or self.private is not None:
+            return
+        rank_rngs = self._gather_rng_states(p)  # every rank takes part; rank 0 writes
+        if not self.ctx.is_main:
             return
         from fromzero.checkpoint import TRAINER_STATE_FILE, atomic_directory, write_safetensors
 
@@ -547,11 +550,23 @@ class Finetuner:
                  "epochs_run": p.epochs_run, "elapsed_s": time.perf_counter() - t0,
                  "optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(),
-                 "rng": _rng_state(), "epoch_rng": p.epoch_rng, "epoch_data": p.epoch_data}
+                 "rng": _rng_state(), "epoch_rng": p.epoch_rng, "epoch_data": p.epoch_data,
+                 "rank_rngs": rank_rngs}
         with atomic_directory(self.last_dir) as tmp:
             write_safetensors(weights, tmp / LAST_WEIGHTS_FILE)
             torch.save(state, tmp / TRAINER_STATE_FILE)
             (tmp / LAST_INFO_FILE).write_text(json.dumps({"step": p.step, "epoch": p.epoch}) + "\n")
+
+    def _gather_rng_states(self, p: "_Progress") -> list[dict[str, Any]] | None:
+        """Under DDP, every rank's RNG (now and at the start of the epoch): dropout draws differ
+        between ranks that see different batches, so each resumes from its own."""
+        if self.ctx.world_size == 1:
+            return None
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, {"rng": _rng_state(), "epoch_rng": p.epoch_rng})
+        return gathered
 
     def _load_last(self, scheduler: Any) -> "_Progress":
         from safetensors.torch import load_file
@@ -586,14 +601,17 @@ class Finetuner:
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.best_state = best or None
+            own = state.get("rank_rngs")  # this rank's RNG when the run had as many ranks as this one
+            own = own[self.ctx.rank] if isinstance(own, list) and len(own) == self.ctx.world_size else \
+                {"rng": state["rng"], "epoch_rng": state["epoch_rng"]}
             p = _Progress(step=int(state["step"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
                           samples=int(state["samples"]), best_value=state["best_value"],
                           best_metrics=dict(state["best_metrics"]), best_step=int(state["best_step"]),
                           best_epoch=int(state["best_epoch"]), stale=int(state["stale"]),
                           evaluated_at=int(state["evaluated_at"]), epochs_run=int(state["epochs_run"]),
-                          elapsed_s=float(state["elapsed_s"]), epoch_rng=state["epoch_rng"],
+                          elapsed_s=float(state["elapsed_s"]), epoch_rng=own["epoch_rng"],
                           epoch_data=state.get("epoch_data"))
-            _set_rng_state(state["rng"])
+            _set_rng_state(own["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise FromzeroError(f"trainer state in {self.last_dir} does not fit this run: {first_line(e)}") from None
         print(f"resuming at step {p.step} (epoch {p.epoch}) from {self.last_dir}")
