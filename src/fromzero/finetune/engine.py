@@ -1,24 +1,29 @@
-"""The fine-tuning loop every text task shares: optimise, evaluate, keep the best, stop early.
+"""The fine-tuning loop every task shares: optimise, evaluate, keep the best, stop early, resume.
 
-A task (text classification, SFT) supplies the model, batches, a ``loss_fn(model, batch) ->
+A task (text classification, SFT, DPO, image classification, recommendation; distillation is a
+loss of the first two) supplies the model, ``batches(epoch)``, a ``loss_fn(model, batch) ->
 (loss, samples, tokens)`` and an ``evaluate(model) -> metrics`` on the validation split; the
 :class:`Finetuner` does the rest:
 
 * AdamW (decay on matrices only) or SGD; linear warmup then cosine decay to lr * min_lr_ratio;
-* gradient accumulation, global-norm clipping, an optional L1 penalty on trained matrices
-  (``l1 * sum |w|``, added to the loss) next to L2 (decoupled weight decay);
+* gradient accumulation weighted by samples or tokens, global-norm clipping, an optional L1
+  penalty on trained matrices (``l1 * sum |w|``, added to the loss) next to L2 (decoupled weight
+  decay);
 * bf16/fp16 autocast (fp16 with a GradScaler) and torch.compile where they help;
 * evaluation after every epoch (or every ``eval_every`` steps), early stopping when the monitored
-  metric has not improved for ``patience`` evaluations, and the best weights restored at the end;
-* metrics.jsonl + TensorBoard rows, a rich progress bar, NaN/inf loss as a one-line error,
-  Ctrl-C / SIGTERM stopping after the current step with the best weights kept;
+  metric has not improved for ``patience`` evaluations, ``checkpoints/best`` written by the task
+  at each improvement (``save_best``), the best weights restored at the end;
+* ``checkpoints/last`` after every evaluation, on Ctrl-C / SIGTERM and at the end: trained and
+  best weights, optimizer, schedule, scaler, every rank's RNG and the position in the epoch, so
+  ``fromzero finetune --resume RUN_DIR`` continues bit for bit;
+* metrics.jsonl + TensorBoard rows, a rich progress bar, NaN/inf loss as a one-line error;
+* DP-SGD as a plug-in (``private=``: Opacus' optimizer, noise-only steps for empty batches);
 * under ``torchrun`` (``dist_strategy: ddp``): DistributedDataParallel, each rank taking every
   N-th micro-batch of the same shuffled order (N ranks x grad_accum k is the same step as one
   process with grad_accum N*k), ``no_sync`` on all but the last micro-batch, losses averaged
   across ranks, every rank evaluating the (small) validation split so all make the same
-  early-stopping decision; rank 0 alone writes the run directory (:func:`start_distributed`).
+  early-stopping decision; rank 0 alone writes the run directory (:func:`run_task`).
 """
-
 from __future__ import annotations
 
 import contextlib
