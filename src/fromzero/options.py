@@ -67,6 +67,7 @@ def _resolve(module: str, name: str) -> str | None:
     return None
 
 
+@functools.cache
 def _constants(module: str) -> dict[str, Any]:
     """Module-level ``NAME = <literal>`` assignments."""
     out: dict[str, Any] = {}
@@ -133,11 +134,13 @@ def _default(module: str, value: ast.expr | None) -> Any:
         return ast.literal_eval(value)
     except ValueError:
         pass
-    if isinstance(value, ast.Name) and value.id in _constants(module):
-        return _constants(module)[value.id]
+    constants = _constants(module)
+    if isinstance(value, ast.Name) and value.id in constants:
+        return constants[value.id]
     return ast.unparse(value)
 
 
+@functools.cache
 def _own_fields(target: str) -> tuple[list[_Field], frozenset[str] | None]:
     module, node = _class_node(target)
     fields: list[_Field] = []
@@ -161,25 +164,17 @@ def _own_fields(target: str) -> tuple[list[_Field], frozenset[str] | None]:
 def _fields(target: str) -> tuple[list[_Field], frozenset[str]]:
     """The dataclass fields of ``target`` in dataclass order (bases first; a redefinition keeps
     its place and takes the new default), each with the docstring of its nearest definition."""
-    ordered: dict[str, _Field] = {}
+    defaults: dict[str, Any] = {}
     docs: dict[str, str] = {}
-    unused: frozenset[str] | None = None
     mro = _mro(target)
     for cls in reversed(mro):
-        own, own_unused = _own_fields(cls)
-        for f in own:
-            if f.name in ordered:
-                ordered[f.name] = _Field(f.name, f.default, ordered[f.name].doc)
-            else:
-                ordered[f.name] = f
+        for f in _own_fields(cls)[0]:
+            defaults[f.name] = f.default  # a redefinition keeps its place and takes the new default
             if f.doc:
                 docs[f.name] = f.doc
-    for cls in mro:  # getattr semantics: the first class in the MRO that defines it
-        own_unused = _own_fields(cls)[1]
-        if own_unused is not None:
-            unused = own_unused
-            break
-    return [_Field(f.name, f.default, docs.get(f.name, "")) for f in ordered.values()], unused or frozenset()
+    # getattr semantics: UNUSED_KEYS of the first class in the MRO that defines it
+    unused = next((u for u in (_own_fields(cls)[1] for cls in mro) if u is not None), frozenset())
+    return [_Field(name, default, docs.get(name, "")) for name, default in defaults.items()], unused
 
 
 def static_options_help(target: str, prefix: str = "") -> list[str]:

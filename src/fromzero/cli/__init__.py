@@ -3,7 +3,7 @@
 Exit codes: 0 success; 2 bad input, reported as one line ``error: ...`` on stderr (add
 ``--debug`` for the traceback); 130 interrupted.
 
-One module per group of verbs; each adds its verbs' parsers (``add_parsers``) and holds their
+One module per group of verbs; each adds its verbs' parsers (``PARSERS``) and holds their
 handlers (``_cmd_<verb>``), which parse, call a library function and print:
 
 - :mod:`fromzero.cli.data`: data prepare, tokenizer train
@@ -58,6 +58,11 @@ def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, descripti
                           **kw)
 
 
+# The verbs in the order `fromzero --help` lists them (a module's verbs need not be adjacent).
+HELP_ORDER = ("data", "tokenizer", "pretrain", "generate", "chat", "convert", "embed", "finetune", "crossval",
+              "distill", "tune", "evaluate", "predict", "explain", "serve", "merge-lora", "export", "prune", "quantize")
+
+
 def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = True) -> argparse.ArgumentParser:
     # The verb modules import the parser classes above from this package: import them once it is loaded.
     from fromzero.cli import data, generate, models, predict, serve, train
@@ -72,16 +77,10 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    # The verbs in the order `fromzero --help` lists them (a module's verbs need not be adjacent).
-    data.add_parsers(sub)  # data, tokenizer
-    train.add_parsers(sub, ["pretrain"], with_pretrain_help=with_pretrain_help)
-    generate.add_parsers(sub)  # generate, chat
-    models.add_parsers(sub, ["convert"])
-    predict.add_parsers(sub, ["embed"])
-    train.add_parsers(sub, ["finetune", "crossval", "distill", "tune"], with_finetune_help=with_finetune_help)
-    predict.add_parsers(sub, ["evaluate", "predict", "explain"])
-    serve.add_parsers(sub)
-    models.add_parsers(sub, ["merge-lora", "export", "prune", "quantize"])
+    adders = {**data.PARSERS, **generate.PARSERS, **models.PARSERS, **predict.PARSERS, **serve.PARSERS,
+              **train.parsers(with_pretrain_help, with_finetune_help)}
+    for verb in HELP_ORDER:
+        adders[verb](sub)
     return parser
 
 

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
 
 from fromzero.cli import _add_parser
 from fromzero.errors import FromzeroError
-
-VERBS = ("data", "tokenizer")
-
-
-def add_parsers(sub: argparse._SubParsersAction, verbs: Sequence[str] = VERBS) -> None:
-    """Add the parsers of ``verbs`` (some of :data:`VERBS`) to ``sub``, in that order."""
-    adders = {"data": _add_data, "tokenizer": _add_tokenizer}
-    for verb in verbs:
-        adders[verb](sub)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -83,3 +73,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     path = tok.save(out)
     print(f"wrote {path}: {tok.kind} tokenizer, vocab {tok.vocab_size}")
     return 0
+
+
+# verb -> the function that adds its parser (cli.build_parser calls them in --help order)
+PARSERS = {"data": _add_data, "tokenizer": _add_tokenizer}

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
 
 from fromzero.cli import _OWN_DEFAULT, _add_parser
 from fromzero.errors import FromzeroError
-
-VERBS = ("generate", "chat")
-
-
-def add_parsers(sub: argparse._SubParsersAction, verbs: Sequence[str] = VERBS) -> None:
-    """Add the parsers of ``verbs`` (some of :data:`VERBS`) to ``sub``, in that order."""
-    adders = {"generate": _add_generate, "chat": _add_chat}
-    for verb in verbs:
-        adders[verb](sub)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -84,17 +74,22 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     ch.set_defaults(func=_cmd_chat)
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from fromzero.inference.generate import generate_chat_replies, generate_text
-
-    if args.max_new_tokens < 0:
-        raise FromzeroError("--max-new-tokens must be >= 0")
+def _check_sampling(args: argparse.Namespace) -> None:
+    """One-line errors for sampling options that cannot work (generate and chat share them)."""
     if args.temperature < 0:
         raise FromzeroError("--temperature must be >= 0 (0 = greedy)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise FromzeroError("--top-p must be in (0, 1]")
     if args.top_k is not None and args.top_k <= 0:
         raise FromzeroError("--top-k must be positive")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fromzero.inference.generate import generate_chat_replies, generate_text
+
+    if args.max_new_tokens < 0:
+        raise FromzeroError("--max-new-tokens must be >= 0")
+    _check_sampling(args)
     if args.num_samples <= 0:
         raise FromzeroError("--num-samples must be positive")
     if args.lookup_tokens < 0:
@@ -127,12 +122,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from fromzero.inference.chat import COMMANDS_HELP, open_chat_session, run_repl
 
-    if args.temperature < 0:
-        raise FromzeroError("--temperature must be >= 0 (0 = greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise FromzeroError("--top-p must be in (0, 1]")
-    if args.top_k is not None and args.top_k <= 0:
-        raise FromzeroError("--top-k must be positive")
+    _check_sampling(args)
     if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise FromzeroError("--max-new-tokens must be positive")
     session = open_chat_session(args.checkpoint, args.chat_template, args.device, system=args.system,
@@ -141,3 +131,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     banner = (f"chatting with {args.checkpoint} (template: {session.chat.source}; {session.context}-token context, "
               f"replies up to {session.max_new_tokens} tokens). {COMMANDS_HELP}.")
     return run_repl(session, banner=banner)
+
+
+# verb -> the function that adds its parser (cli.build_parser calls them in --help order)
+PARSERS = {"generate": _add_generate, "chat": _add_chat}

@@ -5,20 +5,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
 
 from fromzero.cli import _OWN_DEFAULT, _add_parser
 from fromzero.errors import FromzeroError
-
-VERBS = ("convert", "merge-lora", "export", "prune", "quantize")
-
-
-def add_parsers(sub: argparse._SubParsersAction, verbs: Sequence[str] = VERBS) -> None:
-    """Add the parsers of ``verbs`` (some of :data:`VERBS`) to ``sub``, in that order."""
-    adders = {"convert": _add_convert, "merge-lora": _add_merge_lora, "export": _add_export, "prune": _add_prune,
-              "quantize": _add_quantize}
-    for verb in verbs:
-        adders[verb](sub)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -209,3 +198,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                                  data=args.data, split=args.split, batch_size=args.batch_size, device=args.device)
     print(format_report(report))
     return 0
+
+
+# verb -> the function that adds its parser (cli.build_parser calls them in --help order)
+PARSERS = {"convert": _add_convert, "merge-lora": _add_merge_lora, "export": _add_export, "prune": _add_prune,
+           "quantize": _add_quantize}

@@ -6,19 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from fromzero.cli import _add_parser
 from fromzero.errors import FromzeroError
-
-VERBS = ("embed", "evaluate", "predict", "explain")
-
-
-def add_parsers(sub: argparse._SubParsersAction, verbs: Sequence[str] = VERBS) -> None:
-    """Add the parsers of ``verbs`` (some of :data:`VERBS`) to ``sub``, in that order."""
-    adders = {"embed": _add_embed, "evaluate": _add_evaluate, "predict": _add_predict, "explain": _add_explain}
-    for verb in verbs:
-        adders[verb](sub)
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -186,3 +176,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             texts = read_inputs(Path(args.input))
     write_explanations(explainer, texts, images)
     return 0
+
+
+# verb -> the function that adds its parser (cli.build_parser calls them in --help order)
+PARSERS = {"embed": _add_embed, "evaluate": _add_evaluate, "predict": _add_predict, "explain": _add_explain}

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Sequence
 
 from fromzero.cli import _OWN_DEFAULT, _add_parser
-
-VERBS = ("serve",)
-
-
-def add_parsers(sub: argparse._SubParsersAction, verbs: Sequence[str] = VERBS) -> None:
-    """Add the parsers of ``verbs`` (some of :data:`VERBS`) to ``sub``, in that order."""
-    adders = {"serve": _add_serve}
-    for verb in verbs:
-        adders[verb](sub)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -73,3 +63,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name, log_level=args.log_level, chat_template=args.chat_template,
     )
     return run_server(config)
+
+
+# verb -> the function that adds its parser (cli.build_parser calls them in --help order)
+PARSERS = {"serve": _add_serve}

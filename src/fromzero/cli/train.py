@@ -7,27 +7,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
 from fromzero.cli import _add_parser
 from fromzero.errors import FromzeroError
-
-VERBS = ("pretrain", "finetune", "crossval", "distill", "tune")
-
-
-def add_parsers(sub: argparse._SubParsersAction, verbs: Sequence[str] = VERBS, *, with_pretrain_help: bool = True,
-                with_finetune_help: bool = True) -> None:
-    """Add the parsers of ``verbs`` (some of :data:`VERBS`) to ``sub``, in that order.
-
-    The recipe-option lists of pretrain (``with_pretrain_help``) and of finetune / crossval
-    (``with_finetune_help``) are read from the config sources: build them only when needed."""
-    for verb in verbs:
-        if verb == "pretrain":
-            _add_pretrain(sub, with_pretrain_help)
-        elif verb in _FINETUNE_LIKE:
-            _add_finetune_like(sub, verb, with_finetune_help)
-        else:
-            {"distill": _add_distill, "tune": _add_tune}[verb](sub)
 
 
 def _add_pretrain(sub: argparse._SubParsersAction, with_pretrain_help: bool) -> None:
@@ -35,8 +18,7 @@ def _add_pretrain(sub: argparse._SubParsersAction, with_pretrain_help: bool) -> 
         sub, "pretrain", "pretrain a GPT from a YAML recipe",
         description="Pretrain a GPT language model. Writes runs/<recipe>-<timestamp>/ with config.yaml, "
         "metrics.jsonl, tb/, plots/ and checkpoints/{last,best}.",
-        # The recipe-option list imports torch (via the config dataclasses): build it only when
-        # pretrain is the command, so `fromzero --help` stays fast.
+        # The recipe-option list reads the config sources: build it only when pretrain is the command.
         epilog=_pretrain_epilog() if with_pretrain_help else None,
     )
     pre.add_argument("--config", help="recipe YAML (e.g. recipes/shakespeare-char.yaml)")
@@ -266,3 +248,14 @@ def _cmd_crossval(args: argparse.Namespace, overrides: list[str]) -> int:
     task, cfg = load_finetune_config(args.config, _finetune_overrides(args, overrides), task=args.task)
     crossval(task, cfg, args.folds)
     return 0
+
+
+def parsers(with_pretrain_help: bool = True, with_finetune_help: bool = True) -> dict[str, Callable[..., None]]:
+    """verb -> the function that adds its parser (cli.build_parser calls them in --help order).
+
+    The recipe-option lists of pretrain (``with_pretrain_help``) and of finetune / crossval
+    (``with_finetune_help``) are read from the config sources: built only when needed."""
+    return {"pretrain": lambda sub: _add_pretrain(sub, with_pretrain_help),
+            **{verb: (lambda sub, verb=verb: _add_finetune_like(sub, verb, with_finetune_help))
+               for verb in _FINETUNE_LIKE},
+            "distill": _add_distill, "tune": _add_tune}

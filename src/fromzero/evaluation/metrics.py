@@ -42,6 +42,7 @@ __all__ = [
     "language_model_metrics",
     "aggregate_folds",
     "write_metrics_json",
+    "to_jsonable",
     "format_report",
 ]
 
@@ -251,14 +252,14 @@ def aggregate_folds(fold_metrics: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n_folds": len(fold_metrics), "metrics": result}
 
 
-def _to_jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any) -> Any:
     """numpy scalars/arrays -> Python, tuples -> lists, Paths -> str, non-finite floats -> None."""
     if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _to_jsonable(obj.tolist())
+        return to_jsonable(obj.tolist())
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (Integral, np.integer)):
@@ -279,7 +280,7 @@ def write_metrics_json(metrics: dict[str, Any], path: Path) -> None:
     numpy types become Python ones; NaN/inf become ``null`` so the file is strict JSON that any
     reader (not only Python's) accepts.
     """
-    text = json.dumps(_to_jsonable(metrics), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(to_jsonable(metrics), indent=2, allow_nan=False) + "\n"
     atomic_write_text(Path(path), text)
 
 

@@ -36,12 +36,9 @@ from fromzero.tasks import get_task
 def layer_layout(model_type: str) -> tuple[str, str]:
     """(config field holding the layer count, parameter-name prefix of layer i) of a teacher's
     family (see models.FamilyFacts), or a one-line error for a family without stacked layers."""
-    from fromzero.models import MODEL_REGISTRY, family_facts
+    from fromzero.models import facts_with
 
-    facts = family_facts(model_type) if model_type in MODEL_REGISTRY else None
-    if facts is None or not facts.depth_field:
-        supported = [t for t in sorted(MODEL_REGISTRY) if family_facts(t).depth_field]
-        raise FromzeroError(f"distillation supports {', '.join(supported)} teachers, not {model_type!r}")
+    facts = facts_with(model_type, "depth_field", "distillation supports {supported} teachers, not {model_type}")
     return facts.depth_field, facts.layer_prefix
 
 

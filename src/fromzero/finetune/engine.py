@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from fromzero.errors import FromzeroError, first_line
+from fromzero.evaluation.metrics import to_jsonable  # plain values: what weights_only loading accepts
 from fromzero.finetune.methods import MethodConfig, set_train_mode
 from fromzero.training.distributed import DistContext, mean_across_ranks
 
@@ -420,7 +421,7 @@ class Finetuner:
                 p.best_value, p.best_metrics, p.best_step, p.best_epoch, p.stale = value, metrics, p.step, epoch, 0
                 self.best_state = self._snapshot()
                 if self.save_best is not None and self.ctx.is_main:
-                    self.save_best({"best_step": p.step, "best_epoch": epoch, "val": _plain(metrics)})
+                    self.save_best({"best_step": p.step, "best_epoch": epoch, "val": to_jsonable(metrics)})
             else:
                 p.stale += 1
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -550,7 +551,7 @@ class Finetuner:
         if self.best_state is not None:
             weights.update({f"best/{k}": v for k, v in self.best_state.items()})
         state = {"format": 1, "step": p.step, "epoch": p.epoch, "micro": p.micro, "samples": p.samples,
-                 "best_value": p.best_value, "best_metrics": _plain(p.best_metrics), "best_step": p.best_step,
+                 "best_value": p.best_value, "best_metrics": to_jsonable(p.best_metrics), "best_step": p.best_step,
                  "best_epoch": p.best_epoch, "stale": p.stale, "evaluated_at": p.evaluated_at,
                  "epochs_run": p.epochs_run, "elapsed_s": time.perf_counter() - t0,
                  "optimizer": self.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -746,19 +747,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _plain(value: Any) -> Any:
-    """Metrics as plain Python (numbers, strings, lists, dicts) so weights_only loading accepts them."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return value.tolist()
-    return value
 
 
 def _batch_size(batch: Any) -> int:

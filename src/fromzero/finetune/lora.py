@@ -42,16 +42,10 @@ PEFT_PREFIX = "base_model.model."
 
 def lora_facts(model_config: dict) -> FamilyFacts:
     """The model family's facts, or a one-line error for a family LoRA does not support."""
-    from fromzero.models import MODEL_REGISTRY, family_facts
+    from fromzero.models import facts_with
 
-    model_type = str(model_config.get("model_type"))
-    facts = family_facts(model_type) if model_type in MODEL_REGISTRY else None
-    if facts is None or not facts.lora_targets:
-        supported = [t for t in sorted(MODEL_REGISTRY) if family_facts(t).lora_targets]
-        raise FromzeroError(
-            f"LoRA is supported for {', '.join(supported)} models, not {model_type!r}; use method full or frozen"
-        )
-    return facts
+    return facts_with(str(model_config.get("model_type")), "lora_targets",
+                      "LoRA is supported for {supported} models, not {model_type}; use method full or frozen")
 
 
 def default_targets(model_config: dict) -> list[str]:

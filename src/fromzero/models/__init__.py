@@ -64,6 +64,17 @@ def family_facts(model_or_type: Any) -> FamilyFacts:
     return FamilyFacts()
 
 
+def facts_with(model_type: str, fact: str, error: str) -> FamilyFacts:
+    """The facts of ``model_type``'s family when it declares ``fact`` (e.g. ``lora_targets``);
+    else a one-line error: ``error`` formatted with ``supported`` (the families that declare it)
+    and ``model_type``."""
+    facts = family_facts(model_type) if model_type in MODEL_REGISTRY else None
+    if facts is None or not getattr(facts, fact):
+        supported = ", ".join(t for t in sorted(MODEL_REGISTRY) if getattr(family_facts(t), fact))
+        raise FromzeroError(error.format(supported=supported, model_type=repr(model_type)))
+    return facts
+
+
 def build_model(config: dict) -> torch.nn.Module:
     """A freshly initialised model for a checkpoint config (weights are loaded separately)."""
     model_type = config.get("model_type")
