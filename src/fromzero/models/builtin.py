@@ -42,10 +42,6 @@ SOURCE_FILE = ".fromzero-source.json"
 CONVERTER_VERSION = 1
 
 
-def is_builtin(name: str) -> bool:
-    return str(name) in BUILTIN_MODELS
-
-
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     """A checkpoint directory for a built-in name, a .gguf file or a directory (see module doc)."""
     text = str(name_or_path)

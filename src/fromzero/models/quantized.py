@@ -362,9 +362,6 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
 
 
-QUANTIZED_MODULES = (Int8DynamicLinear, Int8WeightLinear, Int4WeightLinear, Int8Embedding)
-
-
 # ---------------------------------------------------------------------------------------------
 # Planning and applying: which module becomes what
 

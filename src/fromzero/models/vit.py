@@ -28,7 +28,7 @@ Shapes: B = batch, Ch = image channels, Hi x Wi = image size, N = patches, T = 1
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch

@@ -567,7 +567,7 @@ def _install_routes(app: FastAPI) -> None:
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         emb: EmbeddingBackend = backend_for("embed", "/v1/embeddings", "a BERT encoder checkpoint")
         check_model(body.model)
-        texts = _texts(body.input, "input", allow_ids=False)
+        texts = _texts(body.input, "input")
         dim = emb.config.hidden_size
         if body.dimensions is not None and body.dimensions != dim:
             raise APIError(400, f"this model's embeddings have {dim} dimensions; dimensions={body.dimensions} "
@@ -589,7 +589,7 @@ def _install_routes(app: FastAPI) -> None:
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
         clf: ClassifierBackend = backend_for("classify", "/v1/classify", "a text-classification checkpoint")
         check_model(body.model)
-        texts = _texts(body.input, "input", allow_ids=False)
+        texts = _texts(body.input, "input")
         results = await _encoder_call(state, clf.classify, texts)
         return {"object": "list", "model": clf.name,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
@@ -712,7 +712,7 @@ def _content_text(content: Any) -> str:
     return "".join(part.text for part in content)
 
 
-def _texts(value: Any, param: str, allow_ids: bool) -> list[str]:
+def _texts(value: Any, param: str) -> list[str]:
     texts = [value] if isinstance(value, str) else list(value)
     if not texts:
         raise APIError(400, f"{param} is empty", param=param)

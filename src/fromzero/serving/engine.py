@@ -151,7 +151,6 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []  # one per token of ``tokens`` (with params.logprobs)
         self.cancelled = False
         self.generator: torch.Generator | None = None
-        self.submitted_at = time.monotonic()
 
     def cancel(self) -> None:
         self.cancelled = True
