@@ -349,6 +349,7 @@ def stream_tokens(
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest occurrence of any stop string in ``text`` (None: none)."""
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
 

@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 import torch
 
+from fromzero.inference.chat import _first_stop, _holdback  # stop strings as `fromzero chat` cuts them
 from fromzero.models.gpt import GPT, sample_next_token
 
 log = logging.getLogger("fromzero.serving")
@@ -213,25 +214,6 @@ class Sequence:
         self.finish_reason = reason
         delta, self.sent = self.text[self.sent :], len(self.text)
         self._emit(Event(delta, reason, self.n_generated))
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Index of the earliest occurrence of any stop string in ``text`` (None: none)."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
-
-
-def _holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of ``text`` not to emit yet: a possible start of a stop string, or
-    U+FFFD from a multi-byte character whose remaining bytes are still to come (byte-level BPE)."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), keep, -1):
-            if s.startswith(text[-k:]):
-                keep = k
-                break
-    partial = len(text) - len(text.rstrip("\ufffd"))
-    return max(keep, partial)
 
 
 @dataclass
