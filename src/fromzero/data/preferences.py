@@ -32,7 +32,6 @@ ones, right-padded (a causal model never looks right, so no attention mask is ne
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fromzero.data.sft import IGNORE_INDEX, SPLITS, check_messages, jsonl_objects, message_list
 from fromzero.errors import FromzeroError
 
 __all__ = [
@@ -55,9 +55,6 @@ __all__ = [
     "collate_preferences",
 ]
 
-IGNORE_INDEX = -100
-SPLITS = ("train", "val", "test")
-ROLES = ("system", "user", "assistant")
 BUILTIN = ("rotten-tomatoes-preferences",)
 
 
@@ -123,16 +120,7 @@ def read_preference_jsonl(path: Path) -> list[PreferencePair]:
         raise FromzeroError(f"preference file {path} is not UTF-8 text") from None
     except OSError as e:
         raise FromzeroError(f"cannot read preference file {path}: {e.strerror or e}") from None
-    pairs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FromzeroError(f"{where}: not valid JSON ({e.msg})") from None
-        pairs.append(parse_preference_row(obj, where))
+    pairs = [parse_preference_row(obj, where) for obj, where in jsonl_objects(text, path)]
     if not pairs:
         raise FromzeroError(f"preference file {path} holds no pairs")
     return pairs
@@ -158,14 +146,7 @@ def parse_preference_row(obj: Any, where: str) -> PreferencePair:
     if not isinstance(obj, dict):
         raise FromzeroError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
-        raw = obj["messages"]
-        if not isinstance(raw, list) or not raw:
-            raise FromzeroError(f"{where}: 'messages' must be a non-empty list")
-        messages = []
-        for j, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise FromzeroError(f"{where}: message {j} must be an object with role and content")
-            messages.append({"role": m["role"], "content": m["content"]})
+        messages = message_list(obj["messages"], where)
     elif "prompt" in obj:
         prompt = obj["prompt"]
         if isinstance(prompt, list):  # TRL's conversational prompt
@@ -175,11 +156,7 @@ def parse_preference_row(obj: Any, where: str) -> PreferencePair:
             messages.insert(0, {"role": "system", "content": obj["system"]})
     else:
         raise FromzeroError(f"{where}: missing 'prompt' (or 'messages'); got keys {sorted(obj)}")
-    for j, m in enumerate(messages):
-        if m["role"] not in ROLES:
-            raise FromzeroError(f"{where}: message {j} has role {m['role']!r}; expected one of {ROLES}")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise FromzeroError(f"{where}: message {j} ({m['role']}) needs a non-empty string content")
+    check_messages(messages, where)
     if messages[-1]["role"] != "user":
         raise FromzeroError(f"{where}: the conversation must end with a user message (the replies answer it)")
     chosen, rejected = _reply(obj, "chosen", where), _reply(obj, "rejected", where)

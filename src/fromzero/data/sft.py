@@ -65,7 +65,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -169,7 +170,14 @@ def _read_jsonl(path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise FromzeroError(f"cannot read SFT file {path}: {e}") from None
-    examples = []
+    examples = [{"messages": _normalise(obj, where)} for obj, where in jsonl_objects(text, path)]
+    if not examples:
+        raise FromzeroError(f"SFT file {path} holds no examples")
+    return examples
+
+
+def jsonl_objects(text: str, path: Path) -> Iterator[tuple[Any, str]]:
+    """Each non-blank line of a JSONL file's ``text``, decoded, with its ``file:line`` for errors."""
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -178,10 +186,28 @@ def _read_jsonl(path: Path) -> list[dict]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise FromzeroError(f"{where}: not valid JSON ({e.msg})") from None
-        examples.append({"messages": _normalise(obj, where)})
-    if not examples:
-        raise FromzeroError(f"SFT file {path} holds no examples")
-    return examples
+        yield obj, where
+
+
+def message_list(raw: Any, where: str) -> list[dict]:
+    """A record's ``messages`` as ``{"role", "content"}`` dicts (checked by :func:`check_messages`)."""
+    if not isinstance(raw, list) or not raw:
+        raise FromzeroError(f"{where}: 'messages' must be a non-empty list")
+    messages = []
+    for j, m in enumerate(raw):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise FromzeroError(f"{where}: message {j} must be an object with role and content")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+def check_messages(messages: list[dict], where: str) -> None:
+    """Every message has a known role and a non-empty string content."""
+    for j, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise FromzeroError(f"{where}: message {j} has role {m['role']!r}; expected one of {ROLES}")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise FromzeroError(f"{where}: message {j} ({m['role']}) needs a non-empty string content")
 
 
 def _normalise(obj: object, where: str) -> list[dict]:
@@ -189,14 +215,7 @@ def _normalise(obj: object, where: str) -> list[dict]:
     if not isinstance(obj, dict):
         raise FromzeroError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
-        raw = obj["messages"]
-        if not isinstance(raw, list) or not raw:
-            raise FromzeroError(f"{where}: 'messages' must be a non-empty list")
-        messages = []
-        for j, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise FromzeroError(f"{where}: message {j} must be an object with role and content")
-            messages.append({"role": m["role"], "content": m["content"]})
+        messages = message_list(obj["messages"], where)
     elif "prompt" in obj and "response" in obj:
         messages = [{"role": "user", "content": obj["prompt"]},
                     {"role": "assistant", "content": obj["response"]}]
@@ -207,15 +226,7 @@ def _normalise(obj: object, where: str) -> list[dict]:
             f"{where}: expected {{\"prompt\", \"response\"}} or {{\"messages\"}}, "
             f"got keys {sorted(obj)}"
         )
-    for j, m in enumerate(messages):
-        if m["role"] not in ROLES:
-            raise FromzeroError(
-                f"{where}: message {j} has role {m['role']!r}; expected one of {ROLES}"
-            )
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise FromzeroError(
-                f"{where}: message {j} ({m['role']}) needs a non-empty string content"
-            )
+    check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise FromzeroError(f"{where}: no assistant message (nothing to learn)")
     return messages
