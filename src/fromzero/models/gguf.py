@@ -60,6 +60,7 @@ import torch
 
 from fromzero.files import temp_file_beside
 from fromzero.errors import FromzeroError, first_line
+from fromzero.models.hf import describe_mismatch
 
 Tensor = torch.Tensor
 
@@ -255,15 +256,9 @@ def _check_tensors(contents: GGUFContents, shapes: dict[str, tuple[int, ...]], o
     names = set(contents.tensors)
     if "rope_freqs.weight" in names:
         raise contents.fail("rope frequency factors (rope_freqs, Llama 3.1-style rope scaling) are not supported")
-    missing = sorted(set(shapes) - optional - names)
-    extra = sorted(names - set(shapes))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if extra:
-            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
-        raise contents.fail(f"tensors do not match the {contents.architecture} metadata ({'; '.join(parts)})")
+    mismatch = describe_mismatch(sorted(set(shapes) - optional - names), sorted(names - set(shapes)))
+    if mismatch:
+        raise contents.fail(f"tensors do not match the {contents.architecture} metadata ({mismatch})")
     for name, shape in shapes.items():
         if name in names:
             got = tuple(int(x) for x in reversed(contents.tensors[name].shape.tolist()))

@@ -188,15 +188,18 @@ def read_hf_state(directory: Path) -> dict[str, torch.Tensor]:
 
 def check_keys(expected: set[str], got: set[str], where: str) -> None:
     """Raise a FromzeroError naming missing and unexpected tensors (the first few of each)."""
-    missing = sorted(expected - got)
-    extra = sorted(got - expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if extra:
-            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
-        raise FromzeroError(f"{where}: weights do not match the config ({'; '.join(parts)})")
+    mismatch = describe_mismatch(sorted(expected - got), sorted(got - expected))
+    if mismatch:
+        raise FromzeroError(f"{where}: weights do not match the config ({mismatch})")
+
+
+def describe_mismatch(missing: list[str], extra: list[str]) -> str:
+    """``missing N: a, b ...; unexpected M: c`` with the first four names of each ('' if none)."""
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", extra)):
+        if names:
+            parts.append(f"{label} {len(names)}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    return "; ".join(parts)
 
 
 def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
