@@ -231,6 +231,25 @@ def _digits_pixels(images: np.ndarray) -> np.ndarray:
     return np.rint(images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)
 
 
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out_dir``, replacing what is there (put back on failure)."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    # Replace an old dataset: move it aside, move the new one in, then delete the old one.
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.replace(out_dir, old / "data")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old / "data", out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_digits_imagefolder(out_dir: Path, seed: int = 0, force: bool = False) -> dict:
     """Write scikit-learn's 1797 8x8 digits as ``out_dir/{train,val,test}/{0..9}/NNNN.png``.
 
@@ -289,19 +308,7 @@ def write_digits_imagefolder(out_dir: Path, seed: int = 0, force: bool = False) 
             meta["indices"][split] = [int(i) for i in ids]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "d")
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old / "d", out_dir)  # put the previous tree back
-                raise
-        else:
-            os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

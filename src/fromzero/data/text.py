@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -40,6 +39,7 @@ import torch
 from fromzero.files import temp_dir_beside
 from fromzero import __version__
 from fromzero.data.corpora import DEFAULT_CHUNK_CHARS, Corpus, iter_file_chunks, resolve_corpus
+from fromzero.data.datasets import move_into_place
 from fromzero.data.tokenizers import TOKENIZER_FILE, TextTokenizer, build_tokenizer
 from fromzero.errors import FromzeroError
 
@@ -168,7 +168,7 @@ def prepare_dataset(
             }
             _write_json(tmp / META_FILE, meta)
             _check_out_dir(out_dir, force)  # again: something may have appeared meanwhile
-            _move_into_place(tmp, out_dir)
+            move_into_place(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -192,26 +192,6 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
             f"{out_dir} exists and is not a fromzero data folder (no {META_FILE}); "
             "refusing to replace it even with --force: choose another folder or delete it"
         )
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    # Replace an old dataset: move it aside, move the new one in, then delete the old one.
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-    os.replace(out_dir, old / "data")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old / "data", out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 
 
 def _write_json(path: Path, obj: Any) -> None:
