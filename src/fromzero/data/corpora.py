@@ -46,10 +46,7 @@ __all__ = [
     "shakespeare_dir",
     "shakespeare_available_offline",
     "python_stdlib_files",
-    "BUILTIN_CORPORA",
 ]
-
-BUILTIN_CORPORA = ("shakespeare", "python-stdlib")
 
 DEFAULT_CHUNK_CHARS = 1 << 20
 
