@@ -166,18 +166,19 @@ def run_fromzero(s: dict, data: Path, args: argparse.Namespace, seed: int) -> di
     import torch
 
     from fromzero.data import classification
-    from fromzero.finetune import engine
+    from fromzero.training import trainer as trainer_mod
     from fromzero.finetune.text import TextClassificationConfig, finetune_text_classification
 
     stamps: list[float] = []
     shapes: list[tuple[int, int, int]] = []
-    step = engine.Finetuner._optimizer_step
+    step = trainer_mod.Trainer._optimizer_step
 
-    def stamped(self):
-        step(self)
+    def stamped(self, *args, **kwargs):
+        norm = step(self, *args, **kwargs)
         stamps.append(time.perf_counter())
+        return norm
 
-    engine.Finetuner._optimizer_step = stamped
+    trainer_mod.Trainer._optimizer_step = stamped
     collate = classification.PadCollator.__call__
 
     def recorded(self, items):

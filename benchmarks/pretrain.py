@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from fromzero.config import load_pretrain_config  # noqa: E402
 from fromzero.data.text import load_split, sample_batch  # noqa: E402
 from fromzero.models.gpt import GPT  # noqa: E402
-from fromzero.training.trainer import Pretrainer  # noqa: E402
+from fromzero.training.pretrain import PretrainRun  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "shakespeare-char.yaml"
 
@@ -109,14 +109,17 @@ class FromzeroVariant:
             base.setdefault(section, {}).update(values)
         cfg = load_pretrain_config(RECIPE, base)
         run_dir = Path(tempfile.mkdtemp(dir=workdir))
-        self.trainer = Pretrainer(cfg, run_dir=run_dir, force=True, progress=False)
-        self.batches = self.trainer.batches()
-        self.dtype = self.trainer.dtype
+        self.run = PretrainRun(cfg, run_dir=run_dir, force=True)
+        self.trainer = self.run.make_trainer(progress=False)
+        self.batches = self.run.stream()(1)
+        self.dtype = self.run.dtype
         self.cfg = cfg
 
     def step(self, lr: float) -> torch.Tensor:
-        x, y = next(self.batches)
-        loss, _ = self.trainer.train_step(x, y, lr)
+        """One optimizer step of the shared loop (the same train_step fit() calls)."""
+        for group in self.trainer.optimizer.param_groups:
+            group["lr"] = lr
+        loss, *_ = self.trainer.train_step([next(self.batches) for _ in range(self.cfg.train.grad_accum)])
         return loss
 
 

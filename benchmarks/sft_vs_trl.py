@@ -220,24 +220,25 @@ class StepClock:
 def run_fromzero(spec: dict) -> dict:
     import torch
 
-    from fromzero.finetune import engine
+    from fromzero.training import trainer as trainer_mod
     from fromzero.finetune.sft import finetune_sft
 
     clock = StepClock(spec)
     seen: list[dict] = []
-    optimizer_step, forward_backward = engine.Finetuner._optimizer_step, engine.Finetuner._forward_backward
+    optimizer_step, forward_backward = trainer_mod.Trainer._optimizer_step, trainer_mod.Trainer._forward_backward
 
-    def stamped(self):
-        optimizer_step(self)
+    def stamped(self, *args, **kwargs):
+        norm = optimizer_step(self, *args, **kwargs)
         clock.tick()
+        return norm
 
-    def recorded(self, batch, step):
+    def recorded(self, batch, last):
         x, y = batch
         seen.append({"longest": int(x.shape[1]) + 1, "rows": int(x.shape[0]), "loss_tokens": int((y != IGNORE).sum())})
-        return forward_backward(self, batch, step)
+        return forward_backward(self, batch, last)
 
-    engine.Finetuner._optimizer_step = stamped
-    engine.Finetuner._forward_backward = recorded
+    trainer_mod.Trainer._optimizer_step = stamped
+    trainer_mod.Trainer._forward_backward = recorded
     out = tempfile.mkdtemp(prefix="fz-bench-sft-")
     cfg = fz_config(spec, out)
     t0 = time.perf_counter()

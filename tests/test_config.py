@@ -212,10 +212,10 @@ def test_empty_and_non_utf8_files(tmp_path: Path) -> None:
     [
         ({"train": {"min_lr": 0.01, "lr": 0.001}}, "min_lr"),
         ({"train": {"lr": 0.0}}, "lr"),
-        ({"train": {"dtype": "fp8"}}, "train.dtype must be one of float32, bfloat16, float16"),
+        ({"train": {"dtype": "fp8"}}, "train.dtype must be one of auto, float32, bfloat16, float16"),
         ({"train": {"optimizer": "adam"}}, "train.optimizer must be one of adamw, sgd"),
         ({"train": {"compile_mode": "fast"}}, "train.compile_mode must be one of"),
-        ({"train": {"batch_size": 0}}, "train.batch_size must be positive"),
+        ({"train": {"batch_size": 0}}, "train.batch_size must be a positive integer"),
         ({"train": {"eval_batches": -1}}, "train.eval_batches must be positive"),
         ({"train": {"warmup_steps": -5}}, "warmup_steps"),
         ({"train": {"grad_clip": -1.0}}, "grad_clip"),
@@ -272,7 +272,7 @@ def test_field_docs() -> None:
     docs = field_docs(TrainConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert docs["lr"] == "Peak learning rate (reached after warmup)."
-    assert docs["dtype"].startswith("float32 | bfloat16 | float16")
+    assert docs["dtype"].startswith("auto (bf16 where")  # inherited from TrainSettings
     assert "\n" not in docs["weight_decay"]
     gdocs = field_docs(GPTConfig)
     assert gdocs["n_layer"] == "Number of transformer blocks."

@@ -38,7 +38,7 @@ def _fake(monkeypatch, shakespeare_ok: bool):
         return SimpleNamespace(run_dir=Path("runs") / cfg.name)
 
     monkeypatch.setattr(demo, "cli", cli)
-    monkeypatch.setattr("fromzero.training.trainer.pretrain", pretrain)
+    monkeypatch.setattr("fromzero.training.pretrain.pretrain", pretrain)
     monkeypatch.setattr("fromzero.data.corpora.shakespeare_available_offline", lambda: False)
     return calls, trained
 
@@ -69,7 +69,7 @@ def test_demo_reports_training_errors_as_one_line(in_repo_copy, monkeypatch, cap
     def failing(cfg):
         raise FromzeroError("loss became nan at step 7")
 
-    monkeypatch.setattr("fromzero.training.trainer.pretrain", failing)
+    monkeypatch.setattr("fromzero.training.pretrain.pretrain", failing)
     assert demo.main([]) == 2
     assert capsys.readouterr().err.strip() == "error: loss became nan at step 7"
 

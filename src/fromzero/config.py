@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import yaml
 
@@ -31,15 +31,79 @@ from fromzero.training.distributed import DistConfig
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation, evaluation and runtime settings (named as in fine-tuning recipes)."""
+class TrainSettings:
+    """What every training run sets, pretraining or fine-tuning (one loop, one set of names:
+    :class:`fromzero.training.trainer.Trainer`). Task configs extend it and may change defaults."""
+
+    batch_size: int = 16
+    """Examples (sequences) per micro-batch, per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run every epoch)."""
+    lr: float = 5e-5
+    """Peak learning rate (reached after warmup)."""
+    optimizer: str = "adamw"
+    """adamw | sgd (with momentum)."""
+    weight_decay: float = 0.01
+    """L2 regularisation: decoupled weight decay on matrices only (>= 2-D weights, not biases / norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    momentum: float = 0.9
+    """SGD momentum (optimizer: sgd)."""
+    nesterov: bool = True
+    """SGD with Nesterov momentum (optimizer: sgd)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    eval_every: int = 0
+    """Evaluate (and checkpoint) every N optimizer steps (0 = after every epoch), and at the end."""
+    log_interval: int = 10
+    """Write a metrics row every N optimizer steps."""
+    device: str = "auto"
+    """auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps (under torchrun: each rank its own cuda:LOCAL_RANK)."""
+    dtype: str = "auto"
+    """auto (bf16 where the hardware has fast bf16 matmuls, else float32) | float32 | bfloat16 | float16
+    (autocast; weights stay float32; float16 needs CUDA and uses a GradScaler)."""
+    compile: bool = False
+    """torch.compile the model (the first step is slow while it compiles)."""
+    seed: int = 0
+    """Seed for initialisation, batch order and dropout."""
+
+    def validate_settings(self, prefix: str = "") -> None:
+        """Raise FromzeroError for shared settings that cannot work (keys named with ``prefix``)."""
+        for name in ("batch_size", "grad_accum", "log_interval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise FromzeroError(f"{prefix}{name} must be a positive integer, got {v!r}")
+        for name in ("max_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise FromzeroError(f"{prefix}{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FromzeroError(f"{prefix}lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "momentum"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise FromzeroError(f"{prefix}{name} must be >= 0, got {getattr(self, name)}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise FromzeroError(f"{prefix}beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        for name, allowed in (("optimizer", ("adamw", "sgd")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
+            if getattr(self, name) not in allowed:
+                raise FromzeroError(f"{prefix}{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class TrainConfig(TrainSettings):
+    """Pretraining's optimisation, evaluation and runtime settings (the ``train`` section)."""
+
+    epochs: ClassVar[int] = 1  # pretraining draws random windows: one endless "epoch" of max_steps steps
+    patience: ClassVar[int] = 0
+    l1: ClassVar[float] = 0.0
 
     batch_size: int = 12
-    """Sequences per micro-batch (per process)."""
     max_steps: int = 2000
     """Number of optimizer steps."""
     lr: float = 1e-3
-    """Peak learning rate (reached after warmup)."""
     min_lr: float = 1e-4
     """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 100
@@ -48,40 +112,28 @@ class TrainConfig:
     """Step at which the cosine decay reaches min_lr (0: max_steps)."""
     decay_lr: bool = True
     """Use warmup + cosine decay; false keeps lr constant."""
-    optimizer: str = "adamw"
-    """adamw | sgd (SGD with momentum)."""
     weight_decay: float = 0.1
-    """Decoupled weight decay, applied only to matrices (>= 2-D weights, not biases/norms)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
     beta2: float = 0.99
-    """AdamW beta2."""
-    momentum: float = 0.9
-    """SGD momentum (optimizer: sgd)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0: no clipping)."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    nesterov: bool = False
     eval_every: int = 250
     """Evaluate (and checkpoint) every this many steps, and at the last step."""
     eval_batches: int = 20
     """Validation batches per evaluation (the same batches every time)."""
-    log_interval: int = 10
-    """Write a metrics row every this many steps."""
-    device: str = "auto"
-    """auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps."""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16 | auto (autocast; auto = bfloat16 where the hardware has
-    fast bf16 matmuls, else float32; float16 needs CUDA and uses a GradScaler)."""
-    compile: bool = False
-    """torch.compile the model's forward and backward."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward instead of keeping its activations (less memory, ~1/3 more compute)."""
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     (max-autotune also tunes CPU matmul kernels; compiling takes longer)."""
     seed: int = 1337
-    """Seed for initialisation, batch sampling and dropout."""
+
+    def lr_schedule(self, total: int) -> Callable[[int], float]:
+        """lr multiplier per step: warmup over warmup_steps, cosine to min_lr at decay_steps."""
+        from fromzero.training.optim import warmup_cosine
+
+        if not self.decay_lr:
+            return lambda step: 1.0
+        return warmup_cosine(self.warmup_steps, self.decay_steps or self.max_steps, self.min_lr / self.lr)
 
 
 @dataclass
@@ -105,6 +157,18 @@ class PretrainConfig:
     name: str = "run"
     """Run name used in the default out_dir (defaults to the recipe's file name)."""
 
+    # What the task frame (fromzero.training.trainer.run_task) asks of every task's config.
+    @property
+    def dist_strategy(self) -> str:
+        return self.dist.strategy
+
+    @property
+    def device(self) -> str:
+        return self.train.device
+
+    def validate(self) -> None:
+        validate_pretrain(self)
+
 
 def validate_pretrain(cfg: PretrainConfig) -> None:
     """Check values that types alone cannot; raise FromzeroError with the offending key."""
@@ -117,30 +181,17 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
     except ValueError as e:
         raise FromzeroError(str(e)) from None
     cfg.dist.validate()
-    positive = ("batch_size", "max_steps", "grad_accum", "eval_every", "eval_batches",
-                "log_interval")
-    for name in positive:
+    t.validate_settings("train.")
+    for name in ("max_steps", "eval_every", "eval_batches"):
         if getattr(t, name) <= 0:
             raise FromzeroError(f"train.{name} must be positive, got {getattr(t, name)}")
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2", "momentum"):
-        if not math.isfinite(getattr(t, name)):
-            raise FromzeroError(f"train.{name} must be a finite number, got {getattr(t, name)}")
-    if not (0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0):
-        raise FromzeroError(f"train.beta1 and beta2 must be in [0, 1), got {t.beta1} and {t.beta2}")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise FromzeroError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={t.lr}, min_lr={t.min_lr})")
-    if t.warmup_steps < 0 or t.decay_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0:
-        raise FromzeroError("train.warmup_steps, decay_steps, grad_clip and weight_decay must be >= 0")
-    choices = {
-        "optimizer": ("adamw", "sgd"),
-        "dtype": ("float32", "bfloat16", "float16", "auto"),
-        "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    }
-    for name, allowed in choices.items():
-        if getattr(t, name) not in allowed:
-            raise FromzeroError(
-                f"train.{name} must be one of {', '.join(allowed)}, got {getattr(t, name)!r}"
-            )
+    if not (math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr):
+        raise FromzeroError(f"need 0 <= train.min_lr <= train.lr (lr={t.lr}, min_lr={t.min_lr})")
+    if t.warmup_steps < 0 or t.decay_steps < 0:
+        raise FromzeroError("train.warmup_steps and decay_steps must be >= 0")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if t.compile_mode not in modes:
+        raise FromzeroError(f"train.compile_mode must be one of {', '.join(modes)}, got {t.compile_mode!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fromzero.config import load_pretrain_config
     from fromzero.errors import FromzeroError
-    from fromzero.training.trainer import pretrain
+    from fromzero.training.pretrain import pretrain
 
     try:
         cfg = load_pretrain_config(RECIPE, overrides + ["--data.dir", str(data_dir)])

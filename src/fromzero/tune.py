@@ -202,7 +202,7 @@ class Search:
                     raise TrialInterrupted(f"stopped by Ctrl-C / SIGTERM after step {result.get('steps', '?')}")
                 value = result["val"].get(self.metric.removeprefix("val_"))
             else:
-                from fromzero.training.trainer import pretrain
+                from fromzero.training.pretrain import pretrain
 
                 result = pretrain(cfg, progress=False)
                 if result.stopped_early:  # pretraining stops early only when asked to

@@ -95,7 +95,7 @@ def test_unknown_override_suggests_option_spelling(tiny_recipe, cli, one_line_er
     [
         (["--train.batch_size", "abc"], ["train.batch_size", "int", "abc"]),
         (["--model.dropout", "lots"], ["model.dropout", "float"]),
-        (["--train.batch_size", "0"], ["train.batch_size must be positive"]),
+        (["--train.batch_size", "0"], ["train.batch_size must be a positive integer"]),
         (["--model.n_embd", "30", "--model.n_head", "4"], ["divisible"]),
         (["--train.optimizer", "adam"], ["train.optimizer", "adamw"]),
         (["--train.lr"], ["--train.lr needs a value"]),

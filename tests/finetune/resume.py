@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 def stop_after_step(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
     """Make the fine-tuning loop see a stop request (as from Ctrl-C / SIGTERM) after its k-th step."""
-    from fromzero.finetune.engine import Finetuner
+    from fromzero.training.trainer import Trainer
 
     calls = {"n": 0}
 
@@ -22,7 +22,7 @@ def stop_after_step(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
         calls["n"] += 1
         return requested or calls["n"] == k
 
-    monkeypatch.setattr(Finetuner, "_stop_everywhere", stop)
+    monkeypatch.setattr(Trainer, "_stop_everywhere", stop)
 
 
 def training_state(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig, Finetuner, l1_penalty, warmup_cosine
+from fromzero.finetune.engine import FinetuneConfig
+from fromzero.training.trainer import Trainer, l1_penalty
 
 
 class Rows:
@@ -41,15 +42,15 @@ def toy(cfg: FinetuneConfig, scores: list[float] | None = None, loss_value: floa
         return {"f1_macro": score, "loss": 1.0 - score}
 
     logger = Rows()
-    finetuner = Finetuner(model, cfg, torch.device("cpu"), "float32", loss_fn, evaluate, "val_f1_macro",
+    trainer = Trainer(model, cfg, torch.device("cpu"), "float32", loss_fn, evaluate, "val_f1_macro",
                           higher_is_better=True, logger=logger)
-    return finetuner, (lambda epoch: iter(batches)), evaluations, logger
+    return trainer, (lambda epoch: iter(batches)), evaluations, logger
 
 
 def test_evaluates_every_n_steps_and_once_at_the_end_without_repeats() -> None:
     cfg = FinetuneConfig(epochs=2, eval_every=3, progress=False, lr=1e-2, log_interval=1)
-    finetuner, batches, evaluations, logger = toy(cfg)
-    result = finetuner.fit(batches, 8)
+    trainer, batches, evaluations, logger = toy(cfg)
+    result = trainer.fit(batches, 8)
     eval_steps = [r["step"] for r in logger.rows if "val_f1_macro" in r]
     assert eval_steps == [3, 6, 9, 12, 15, 16]  # every 3 steps, plus the final step; no epoch-8 duplicate
     assert result.steps == 16 and len(evaluations) == 6
@@ -57,27 +58,27 @@ def test_evaluates_every_n_steps_and_once_at_the_end_without_repeats() -> None:
 
 def test_early_stopping_restores_the_best_weights() -> None:
     cfg = FinetuneConfig(epochs=10, patience=2, progress=False, lr=1e-1)
-    finetuner, batches, evaluations, _ = toy(cfg, scores=[0.5, 0.9, 0.7, 0.6, 0.95])
-    result = finetuner.fit(batches, 8)
+    trainer, batches, evaluations, _ = toy(cfg, scores=[0.5, 0.9, 0.7, 0.6, 0.95])
+    result = trainer.fit(batches, 8)
     assert result.stopped_early and result.epochs_run == 4 and result.best_epoch == 2
     assert result.best_metrics["f1_macro"] == 0.9
-    torch.testing.assert_close(finetuner.model.weight, evaluations[1]["weight"], rtol=0, atol=0)
+    torch.testing.assert_close(trainer.model.weight, evaluations[1]["weight"], rtol=0, atol=0)
 
 
 def test_nan_loss_is_a_one_line_error() -> None:
-    finetuner, batches, _, _ = toy(FinetuneConfig(epochs=1, progress=False), loss_value=math.nan)
+    trainer, batches, _, _ = toy(FinetuneConfig(epochs=1, progress=False), loss_value=math.nan)
     with pytest.raises(FromzeroError, match="loss became nan at step 1"):
-        finetuner.fit(batches, 8)
+        trainer.fit(batches, 8)
 
 
 def test_gradient_accumulation_counts_optimizer_steps() -> None:
     cfg = FinetuneConfig(epochs=1, grad_accum=4, progress=False)
-    finetuner, batches, _, _ = toy(cfg)
-    assert finetuner.fit(batches, 8).steps == 2  # 8 micro-batches per epoch / grad_accum 4
+    trainer, batches, _, _ = toy(cfg)
+    assert trainer.fit(batches, 8).steps == 2  # 8 micro-batches per epoch / grad_accum 4
 
 
 def test_warmup_then_cosine_to_the_floor() -> None:
-    factor = warmup_cosine(100, warmup_ratio=0.1, min_lr_ratio=0.1)
+    factor = FinetuneConfig(warmup_ratio=0.1, min_lr_ratio=0.1).lr_schedule(100)
     assert factor(0) < factor(5) < factor(9) <= 1.0
     assert factor(10) == pytest.approx(1.0)
     assert factor(55) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)

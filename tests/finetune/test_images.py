@@ -20,7 +20,8 @@ from PIL import Image
 import fromzero.finetune.images as fi
 from fromzero.data.images import build_transforms, load_image_folder, scan_image_folder
 from fromzero.errors import FromzeroError
-from fromzero.finetune.methods import freeze, set_train_mode
+from fromzero.finetune.methods import freeze
+from fromzero.training.trainer import set_train_mode
 from fromzero.finetune.images import (
     ImageFinetuneConfig,
     build_image_model,

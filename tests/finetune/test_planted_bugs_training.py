@@ -209,12 +209,12 @@ COMPILE_STEPS = 4
 
 def _pretrain(make_recipe, name: str, compile: bool):
     from fromzero.config import load_pretrain_config
-    from fromzero.training.trainer import Pretrainer
+    from fromzero.training.pretrain import PretrainRun
 
     recipe = make_recipe(name, train={"max_steps": COMPILE_STEPS, "log_interval": 1,
                                       "eval_every": COMPILE_STEPS, "dtype": "float32", "compile": compile})
-    pre = Pretrainer(load_pretrain_config(recipe), progress=False)
-    pre.fit()
+    pre = PretrainRun(load_pretrain_config(recipe))
+    pre.fit(progress=False)
     rows = [json.loads(line) for line in (pre.run_dir / "metrics.jsonl").read_text().splitlines()]
     return pre, [r["loss"] for r in rows if "loss" in r]
 
@@ -228,8 +228,8 @@ def test_compiled_fp32_training_matches_eager_fp32(make_recipe) -> None:
         pytest.skip("torch.compile on CPU needs a C++ compiler")
     eager, eager_losses = _pretrain(make_recipe, "eager32", compile=False)
     compiled, compiled_losses = _pretrain(make_recipe, "compiled32", compile=True)
-    assert compiled.forward is not compiled.model, "the model was not compiled (or fell back to eager)"
-    assert eager.forward is eager.model
+    assert compiled.trainer.net is not compiled.model, "the model was not compiled (or fell back to eager)"
+    assert eager.trainer.net is eager.model
     assert len(eager_losses) == len(compiled_losses) == COMPILE_STEPS
     torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), atol=1e-5, rtol=0)
     assert eager_losses[-1] < eager_losses[0] - 0.05  # it trained: the weights below moved

@@ -411,7 +411,7 @@ def test_cli_resume_of_an_interrupted_finetune(cli, one_line_error, bert_base, s
     both = cli("finetune", "--resume", str(out), "--config", "x.yaml")
     one_line_error(both, "--resume", "--config")
     resumed = cli("finetune", "--resume", str(out), "--quiet")
-    assert resumed.code == 0 and "resuming at step 3" in resumed.out and f"done: run directory {out}" in resumed.out
+    assert resumed.code == 0 and "resuming at step 3" in resumed.err and f"done: run directory {out}" in resumed.out
     assert (out / "checkpoints/best/model.safetensors").is_file() and (out / "metrics.json").is_file()
     one_line_error(cli("finetune", "--resume", str(tmp_path / "nowhere")), "nothing to resume")
 

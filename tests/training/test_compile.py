@@ -10,7 +10,7 @@ import torch
 
 from fromzero.config import load_pretrain_config
 from fromzero import devices as trainer_mod
-from fromzero.training.trainer import Pretrainer
+from fromzero.training.pretrain import PretrainRun
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -18,11 +18,11 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def _train(make_recipe, name: str, **train) -> tuple[Pretrainer, list[float]]:
+def _train(make_recipe, name: str, **train) -> tuple[PretrainRun, list[float]]:
     recipe = make_recipe(name, train={"max_steps": 6, "log_interval": 1, "eval_every": 6, **train})
     cfg = load_pretrain_config(recipe)
-    pre = Pretrainer(cfg, progress=False)
-    pre.fit()
+    pre = PretrainRun(cfg)
+    pre.fit(progress=False)
     return pre, _losses(pre.run_dir)
 
 
@@ -31,7 +31,7 @@ def test_compiled_bf16_training_matches_eager_bf16(make_recipe):
     compiled attention (math backend, fp32 core) trains the same model."""
     _, eager = _train(make_recipe, "eager", dtype="bfloat16", compile=False)
     pre, compiled = _train(make_recipe, "compiled", dtype="bfloat16", compile=True)
-    assert pre.forward is not pre.model, "the model was not compiled"
+    assert pre.trainer.net is not pre.model, "the model was not compiled"
     assert len(eager) == len(compiled) == 6
     for a, b in zip(eager, compiled):
         assert a == pytest.approx(b, abs=3e-2)
@@ -42,7 +42,7 @@ def test_compile_without_cpp_compiler_falls_back_to_eager(make_recipe, monkeypat
     monkeypatch.setattr(trainer_mod, "_cpp_compiler_available", lambda: False)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         pre, losses = _train(make_recipe, "nocxx", compile=True)
-    assert pre.forward is pre.model
+    assert pre.trainer.net is pre.model
     assert len(losses) == 6
 
 
@@ -60,7 +60,7 @@ def test_compile_failure_at_first_step_continues_without_compile(make_recipe, mo
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     pre, losses = _train(make_recipe, "broken", compile=True)
-    assert pre.forward is pre.model
+    assert pre.trainer.net is pre.model
     assert len(losses) == 6 and all(l == l for l in losses)
     assert "torch.compile failed (inductor: C++ compile error)" in capsys.readouterr().err
 

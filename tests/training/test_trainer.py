@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from fromzero.config import load_pretrain_config
 from fromzero.models.gpt import GPT
 from fromzero.checkpoint import load_model
-from fromzero.training.trainer import Pretrainer
+from fromzero.training.pretrain import PretrainRun
+from fromzero.training.trainer import Trainer
 
 # Resume tests: dropout > 0 (so the global RNG state matters), 2 micro-batches per step, a row
 # per step (so every step's loss can be compared), eval every 10 steps.
@@ -119,16 +120,16 @@ def test_resume_after_shorter_run_is_bit_exact(make_recipe, cli, reference_run):
 
 def _interrupt_after(monkeypatch, k: int, times: int = 1) -> None:
     """Send ourselves SIGINT ``times`` times (as Ctrl-C would) right after optimizer step k."""
-    original = Pretrainer.train_step
+    original = Trainer.train_step
 
-    def train_step_then_interrupt(self, x, y, lr):
-        out = original(self, x, y, lr)
-        if self.step + 1 == k:  # the loop increments self.step after train_step returns
+    def train_step_then_interrupt(self, micro_batches):
+        out = original(self, micro_batches)
+        if self.progress.step + 1 == k:  # the loop counts the step after train_step returns
             for _ in range(times):
                 os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    monkeypatch.setattr(Pretrainer, "train_step", train_step_then_interrupt)
+    monkeypatch.setattr(Trainer, "train_step", train_step_then_interrupt)
 
 
 def test_stop_request_mid_training_saves_and_resumes_exactly(make_recipe, cli, reference_run, monkeypatch):
@@ -255,19 +256,22 @@ def test_resume_of_finished_run_keeps_files_untouched(reference_run, cli, one_li
 def _first_steps(make_recipe, name: str, batch_size: int, accum: int, steps: int = 3):
     recipe = make_recipe(name, train={"batch_size": batch_size, "grad_accum": accum})
     cfg = load_pretrain_config(recipe)
-    trainer = Pretrainer(cfg, progress=False)
+    run = PretrainRun(cfg)
     try:
-        init = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        batches = trainer.batches()
+        trainer = run.make_trainer(progress=False)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = 1e-3
+        init = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        batches = run.stream()(1)
         losses = []
         for step in range(steps):
-            x, y = next(batches)
-            assert x.shape == (batch_size * accum, cfg.model.block_size)
-            loss, _ = trainer.train_step(x, y, lr=1e-3)
+            micro_batches = [next(batches) for _ in range(accum)]
+            assert all(x.shape == (batch_size, cfg.model.block_size) for x, _ in micro_batches)
+            loss, *_ = trainer.train_step(micro_batches)
             losses.append(float(loss))
-        return losses, init, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        return losses, init, {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     finally:
-        trainer.logger.close()
+        run.logger.close()
 
 
 def test_gradient_accumulation_equals_large_batch(make_recipe):

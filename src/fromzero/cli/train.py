@@ -128,7 +128,7 @@ def _pretrain_epilog() -> str:
 
 def _cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from fromzero.config import load_pretrain_config
-    from fromzero.training.trainer import load_resume_config, pretrain
+    from fromzero.training.pretrain import load_resume_config, pretrain
 
     expanded: list[str] = []
     for tok in overrides:

@@ -34,7 +34,7 @@ Two methods, both ending in a normal checkpoint directory that ``load_model`` (a
   ``gqa="groups"`` removes whole groups (a key/value head with all its query heads).
 
 * ``recover_steps`` > 0: a short fine-tune of the pruned model with the existing
-  :class:`fromzero.finetune.engine.Finetuner` (for ``magnitude`` the gradients of pruned weights
+  :class:`fromzero.training.trainer.Trainer` (for ``magnitude`` the gradients of pruned weights
   are masked, so the zeros stay zero: :func:`keep_zeros`). Text classifiers use the data of the run that made them (its config.yaml)
   or ``data``; GPT language models need a prepared data directory (``data``, or the pretraining
   run's ``data.dir``): train.bin to train on, val.bin to pick the best step.
@@ -712,10 +712,11 @@ def resolve_task(directory: Path, config: dict, info: dict, data: str | None, de
 
 def recover(model: nn.Module, task: _Task, steps: int, lr: float, batch_size: int, device: torch.device,
             seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``model`` in place for ``steps`` optimizer steps with the shared Finetuner:
+    """Fine-tune ``model`` in place for ``steps`` optimizer steps with the shared Trainer:
     AdamW, short warmup, cosine decay; the validation metric picks the best of the evaluations
     (one per epoch, at least one at the end). Returns what happened."""
-    from fromzero.finetune.engine import FinetuneConfig, Finetuner
+    from fromzero.finetune.engine import FinetuneConfig
+    from fromzero.training.trainer import Trainer
     from fromzero.training.callbacks import NullLogger
     from fromzero.devices import resolve_dtype
 
@@ -726,7 +727,7 @@ def recover(model: nn.Module, task: _Task, steps: int, lr: float, batch_size: in
     torch.manual_seed(seed)
     logger = NullLogger()  # the rows stay in memory: recovery writes no run directory
     # (loss, samples, tokens): the counts only feed the progress bar's rate, batches count as 1
-    finetuner = Finetuner(model, cfg, device, resolve_dtype(device, "auto"),
+    trainer = Trainer(model, cfg, device, resolve_dtype(device, "auto"),
                           lambda m, b: (task.loss(m, b), 1, 1), task.val_metrics, task.monitor,
                           task.higher_is_better, logger)
 
@@ -735,7 +736,7 @@ def recover(model: nn.Module, task: _Task, steps: int, lr: float, batch_size: in
         for _ in range(per_epoch):
             yield next(it)
 
-    fit = finetuner.fit(epoch_batches, per_epoch)
+    fit = trainer.fit(epoch_batches, per_epoch)
     model.eval()
     return {"steps": fit.steps, "lr": lr, "batch_size": batch_size, "best_step": fit.best_step,
             "val": fit.best_metrics, "train_s": round(fit.train_s, 2),

@@ -89,14 +89,14 @@ def crossval(task: str, cfg: Any, folds: int) -> dict[str, Any]:
 
     from fromzero.evaluation.metrics import aggregate_folds, write_metrics_json
     from fromzero.finetune.recipe import run_finetune
-    from fromzero.training.trainer import default_finetune_dir
+    from fromzero.training.trainer import default_run_dir
 
     if folds < 2:
         raise FromzeroError(f"--folds must be at least 2, got {folds}")
     about = get_task(task)
     if about is None or not about.is_classifier:
         raise FromzeroError(f"crossval is for classification tasks, not {task!r}")
-    out = Path(cfg.out_dir) if cfg.out_dir else default_finetune_dir(f"crossval-{task}")
+    out = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(f"crossval-{task}")
     if out.exists() and any(out.iterdir()):
         if not cfg.force:
             raise FromzeroError(f"{out} already exists; pass --force to start over")

@@ -387,7 +387,7 @@ def before_metrics(ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: f
 
 
 class StepMetricsLogger:
-    """Wraps the run's logger: each training row the Finetuner logs (it has ``loss``) gets the DPO
+    """Wraps the run's logger: each training row the Trainer logs (it has ``loss``) gets the DPO
     metrics of that step's micro-batches (the last ``grad_accum`` the loss function saw)."""
 
     def __init__(self, inner: Any, grad_accum: int) -> None:
@@ -431,7 +431,7 @@ def finetune_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Tune on preference pairs, keep the best val loss, score test, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.finetune.engine import run_task
+    from fromzero.training.trainer import run_task
 
     return run_task(_finetune_dpo, cfg, resume)
 
@@ -443,7 +443,8 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
         tokenize_preferences
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, ShuffledEpochs, start_run_dir
+    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
+    from fromzero.training.trainer import Trainer, ShuffledEpochs
     from fromzero.finetune.lora import base_model, save_adapter
     from fromzero.finetune.methods import count_parameters
     from fromzero.finetune.sft import save_with_template_files
@@ -565,10 +566,10 @@ def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float
                                                                          info=info_out), template_dir)
 
     try:
-        finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
+        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
                               logger=logger, trained_modules=start.trained_modules, forward=forward, ctx=ctx,
                               last_dir=run_dir / "checkpoints" / "last", resume=resume, save_best=write_best)
-        fit = finetuner.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
+        fit = trainer.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
         test = evaluate_pairs(forward, eval_loaders["test"], device, autocast, cfg.beta, cfg.label_smoothing)

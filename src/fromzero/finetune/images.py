@@ -6,7 +6,7 @@ The data directory holds three splits with the same class folders::
 
 :func:`finetune_images` builds the model (the simple CNN, a torchvision ResNet, or a ViT) and
 the data (augmentation, optional label smoothing, MixUp / CutMix), and trains in the loop every
-fine-tuning task shares (:class:`fromzero.finetune.engine.Finetuner`: AdamW or SGD, warmup +
+fine-tuning task shares (:class:`fromzero.training.trainer.Trainer`: AdamW or SGD, warmup +
 cosine, gradient accumulation, DDP under torchrun, compile, eval every epoch or ``eval_every``
 steps, early stopping on val macro-F1, exact ``--resume``). The best weights are restored and the
 held-out test split is scored once, at the end (never used for any choice). Try it::
@@ -303,7 +303,7 @@ def finetune_images(cfg: ImageFinetuneConfig, resume: bool = False) -> dict[str,
         {"run_dir", "checkpoint", "labels", "best_epoch", "epochs_run", "stopped_early",
          "val": best val metrics, "test": test metrics, "train_s", "wall_s"}
     """
-    from fromzero.finetune.engine import run_task
+    from fromzero.training.trainer import run_task
 
     return run_task(_finetune_images, cfg, resume)
 
@@ -314,7 +314,8 @@ def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t
 
     from fromzero.evaluation.metrics import format_report, write_metrics_json
     from fromzero.evaluation.plots import plot_confusion_matrix
-    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, ShuffledEpochs, start_run_dir
+    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
+    from fromzero.training.trainer import Trainer, ShuffledEpochs
     from fromzero.finetune.methods import freeze
     from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
     from fromzero.checkpoint import save_checkpoint
@@ -378,7 +379,7 @@ def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t
     net: nn.Module = compile_model(model, "default", device) if cfg.compile else model  # what the step calls
     optimizer, private = None, None
     if private_run:  # checked (and the noise calibrated) before the run directory is touched
-        from fromzero.finetune.engine import build_optimizer
+        from fromzero.training.optim import build_optimizer
         from fromzero.training.privacy import make_private
 
         private = make_private(model, build_optimizer(model, cfg, device), train_loader, cfg.privacy, cfg.epochs,
@@ -429,13 +430,13 @@ def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t
 
     logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
-        finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_f1_macro", higher_is_better=True,
+        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, "val_f1_macro", higher_is_better=True,
                               logger=logger, trained_modules=trained_modules, forward=net, ctx=ctx,
                               last_dir=run_dir / "checkpoints" / "last", resume=resume, optimizer=optimizer,
                               private=private,
                               # a private run's checkpoint is written once, with its privacy guarantee
                               save_best=write_best_so_far if private is None else None)
-        fit = finetuner.fit(batches, len(train_loader))
+        fit = trainer.fit(batches, len(train_loader))
         privacy = None
         if private is not None:  # the guarantee covers every step taken, whichever epoch is kept
             privacy = private.report()

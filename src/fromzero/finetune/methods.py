@@ -79,16 +79,6 @@ def freeze(model: nn.Module, unfreeze_top: int = 0) -> list[nn.Module]:
     return trained
 
 
-def set_train_mode(model: nn.Module, trained: list[nn.Module] | None) -> None:
-    """model.train(), except that frozen parts stay in eval mode (no dropout, fixed BatchNorm)."""
-    if trained is None:
-        model.train()
-        return
-    model.eval()
-    for module in trained:
-        module.train()
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors counted once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -16,7 +16,7 @@ Try it::
         --pretrained_mlp runs/mlp/checkpoints/best --optimizer sgd --lr 0.01
 
 Training: each epoch pairs every training positive with ``negatives`` freshly sampled items
-(seeded by seed and epoch), pointwise log loss, the shared :class:`~fromzero.finetune.engine.Finetuner`
+(seeded by seed and epoch), pointwise log loss, the shared :class:`~fromzero.training.trainer.Trainer`
 loop (AdamW or SGD, cosine schedule, early stopping on ``monitor``, best weights kept).
 Evaluation: each held-out positive ranked against ``eval_negatives`` (99) items the user never
 interacted with, the same candidates for every model (``eval_seed``); HR@10 and NDCG@10.
@@ -316,7 +316,7 @@ def finetune_recommendation(cfg: RecommendationConfig, resume: bool = False) -> 
         {"run_dir", "checkpoint", "best_step", "best_epoch", "steps", "epochs_run", "stopped_early",
          "val": {"hr@10", "ndcg@10", "loss"}, "test": {...}, "baselines": {name: {"val", "test"}}, ...}
     """
-    from fromzero.finetune.engine import run_task
+    from fromzero.training.trainer import run_task
 
     return run_task(_finetune_recommendation, cfg, resume)
 
@@ -324,7 +324,8 @@ def finetune_recommendation(cfg: RecommendationConfig, resume: bool = False) -> 
 def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.device, t_start: float,
                              resume: bool) -> dict:
     from fromzero.data.interactions import training_examples
-    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, start_run_dir
+    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
+    from fromzero.training.trainer import Trainer
     from fromzero.finetune.methods import count_parameters
     from fromzero.training.callbacks import MetricsLogger, NullLogger
     from fromzero.training.distributed import barrier
@@ -394,11 +395,11 @@ def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.
 
     logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
-        finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
+        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
                               higher_is_better=cfg.monitor != "val_loss", logger=logger, forward=forward, ctx=ctx,
                               last_dir=run_dir / "checkpoints" / "last", resume=resume,
                               save_best=write_best_so_far)
-        fit = finetuner.fit(batches, micro_batches)
+        fit = trainer.fit(batches, micro_batches)
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
         test = evaluate_scores(model_scores(test_set), k, logits=True)

@@ -165,7 +165,7 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Train on response tokens, keep the best val loss, score test, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.finetune.engine import run_task
+    from fromzero.training.trainer import run_task
 
     return run_task(_finetune_sft, cfg, resume)
 
@@ -178,7 +178,8 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
     from fromzero.data.tokenizers import TextTokenizer
     from fromzero.evaluation.metrics import write_metrics_json
     from fromzero.finetune.distill import build_student, count_params, distillation_loss, load_teacher
-    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, ShuffledEpochs, start_run_dir
+    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
+    from fromzero.training.trainer import Trainer, ShuffledEpochs
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
@@ -309,11 +310,11 @@ def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float
 
     logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
-        finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
+        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
                               logger=logger, trained_modules=trained_modules, forward=forward, ctx=ctx,
                               weight_by="tokens",  # the loss is a mean over reply tokens
                               last_dir=run_dir / "checkpoints" / "last", resume=resume, save_best=write_best)
-        fit = finetuner.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
+        fit = trainer.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
         test = response_loss(forward, eval_loaders["test"], device, autocast)

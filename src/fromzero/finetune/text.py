@@ -167,7 +167,7 @@ def finetune_text_classification(cfg: TextClassificationConfig, resume: bool = F
     """Train, pick the best by ``monitor`` on val, score test once, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.finetune.engine import run_task
+    from fromzero.training.trainer import run_task
 
     return run_task(_finetune_text_classification, cfg, resume)
 
@@ -176,7 +176,8 @@ def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, devic
                                   t_start: float, resume: bool) -> dict[str, Any]:
     from fromzero.data.classification import encode_texts, label_names, load_text_classification
     from fromzero.finetune.distill import build_student, count_params, distillation_loss, load_teacher
-    from fromzero.finetune.engine import Finetuner, interrupted_summary, resume_step, start_run_dir
+    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
+    from fromzero.training.trainer import Trainer
     from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
     from fromzero.finetune.methods import count_parameters, freeze
     from fromzero.models import build_model
@@ -282,12 +283,12 @@ def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, devic
 
     logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
     try:
-        finetuner = Finetuner(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
+        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
                               higher_is_better=cfg.monitor != "val_loss", logger=logger,
                               trained_modules=trained_modules, forward=forward, ctx=ctx,
                               last_dir=run_dir / "checkpoints" / "last", resume=resume,
                               save_best=lambda info: write_best({**info, "val": _val_summary(info["val"])}))
-        fit = finetuner.fit(train.epoch, len(train))  # micro-batches per epoch
+        fit = trainer.fit(train.epoch, len(train))  # micro-batches per epoch
         if fit.interrupted:
             return interrupted_summary(run_dir, fit)
         test = score(predict_logits(forward, evals["test"], device, autocast), label_ids["test"], labels)

@@ -1,16 +1,15 @@
-"""Optimizers and learning-rate schedules.
+"""Optimizers and the learning-rate schedule every run uses.
 
 AdamW decays only matrices (embeddings and Linear weights, >= 2-D); biases and norm gains are
-left alone, as in GPT-2/nanoGPT. The schedule is linear warmup then cosine decay to min_lr.
+left alone, as in GPT-2/nanoGPT. The schedule is linear warmup then cosine decay to a floor.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
-
-from fromzero.config import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -23,13 +22,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+def build_optimizer(model: torch.nn.Module, cfg: Any, device: torch.device,
                     fused: bool = True) -> torch.optim.Optimizer:
     """AdamW (fused kernel where PyTorch has one for the device, unless ``fused`` is false, as
-    for FSDP's sharded DTensor parameters) or SGD with momentum."""
+    for FSDP's sharded DTensor parameters) or SGD with momentum, from a
+    :class:`fromzero.config.TrainSettings`."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               foreach=True)
     # The fused AdamW kernel exists for CUDA, MPS and CPU: one kernel over all parameters
     # instead of a dozen elementwise ops per tensor.
     fused = fused and device.type in ("cuda", "cpu", "mps")
@@ -38,15 +39,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     )
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): warmup, cosine decay, floor."""
-    if not cfg.decay_lr:
-        return cfg.lr
-    decay_iters = cfg.decay_steps or cfg.max_steps
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    if step >= decay_iters:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, decay_iters - cfg.warmup_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
-    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+def warmup_cosine(warmup_steps: int, decay_steps: int, floor: float) -> Callable[[int], float]:
+    """lr multiplier for optimizer step s (0-based): linear warmup over ``warmup_steps``, cosine
+    decay to ``floor`` at ``decay_steps``, then ``floor``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if step >= decay_steps:
+            return floor
+        progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of a run with settings ``cfg``."""
+    return cfg.lr * cfg.lr_schedule(cfg.max_steps)(step)

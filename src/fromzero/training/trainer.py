@@ -1,59 +1,66 @@
-"""The pretraining loop: one place, easy to find.
+"""The training loop every task shares: pretraining, fine-tuning, distillation, DP-SGD.
 
-    data (memmap) -> batches -> model -> loss -> backward -> clip -> optimizer step
-                  -> metrics rows / progress bar -> eval + checkpoints every eval_every
+A task (LM pretraining in :mod:`fromzero.training.pretrain`; text classification, SFT, DPO,
+image classification, recommendation in :mod:`fromzero.finetune`) supplies the model,
+``batches(epoch)``, a ``loss_fn(model, batch) -> (loss, samples, tokens)`` and an
+``evaluate(model) -> metrics``; the :class:`Trainer` does the rest:
 
-Run it through the CLI (``fromzero pretrain --config recipes/shakespeare-char.yaml``) or
-from Python with :func:`pretrain`. A run stopped at any point resumes with
-``--resume RUN_DIR`` and produces bit-for-bit the weights of an uninterrupted run on CPU: the
-trainer state saves the optimizer, the step, the batch sampler's generator and the global RNG.
+* one schedule (linear warmup, cosine decay to a floor: ``cfg.lr_schedule(total)``);
+* gradient accumulation weighted by samples or tokens, global-norm clipping, an optional L1
+  penalty on trained matrices (``l1 * sum |w|``) next to L2 (decoupled weight decay);
+* bf16/fp16 autocast (fp16 with a GradScaler), torch.compile (falls back to eager, with a
+  warning, if compiling fails);
+* evaluation every ``eval_every`` steps and/or after every epoch, early stopping after
+  ``patience`` evaluations without a better monitored metric, ``checkpoints/best`` written by the
+  task at each improvement (``save_best``), the best weights restored at the end;
+* ``checkpoints/last`` after every evaluation, on Ctrl-C / SIGTERM and at the end (weights,
+  optimizer, schedule, scaler, every rank's RNG, the position in the data), so ``--resume RUN_DIR``
+  continues bit for bit on CPU; a task may store it its own way (``store=``: pretraining keeps
+  ``last`` a loadable checkpoint, and supports FSDP-sharded ones);
+* losses stay on the device between metric rows (no host sync per step); a NaN/inf loss is a
+  one-line error naming the first bad step and the last good checkpoint;
+* metrics.jsonl + TensorBoard rows, a rich progress bar;
+* DP-SGD as a plug-in (``private=``: Opacus' optimizer, noise-only steps for empty batches);
+* under ``torchrun``: DDP (``no_sync`` on all but the last micro-batch) or FSDP2 (``fsdp=True``,
+  the task shards the model), each rank taking every N-th micro-batch of the same order (N ranks x
+  grad_accum k is the same step as one process with grad_accum N*k), losses averaged across
+  ranks, a stop asked of one rank stopping all of them after the same step. :func:`run_task` is
+  the frame that joins and leaves the process group.
 """
-
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import json
 import math
+import os
 import shutil
 import signal
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.nn as nn
 
-from fromzero.files import temp_dir_beside
-from fromzero import __version__
-from fromzero.config import PretrainConfig, save_yaml, to_dict
 from fromzero.errors import FromzeroError, first_line
-from fromzero.models.gpt import GPT
-import fromzero.checkpoint as ckpt
-from fromzero.training.callbacks import (MetricsLogger, NullLogger, TrainingProgress, announce_evaluation, now,
-                                        write_plots)
-from fromzero.training.distributed import (SHARDED_DIR, barrier, broadcast_text, check_sharded, full_model_state,
-                                           full_optimizer_state, init_distributed, is_collective_failure,
-                                           load_full_optimizer_state, load_sharded, lost_rank_error,
-                                           mean_across_ranks, rank_rows, save_sharded, shard_model, shutdown)
-from fromzero.devices import (autocast_context, compile_model, configure_backends,
-                              is_compile_failure, resolve_device, resolve_dtype)
-from fromzero.training.optim import build_optimizer, lr_at
+from fromzero.evaluation.metrics import to_jsonable  # plain values: what weights_only loading accepts
+from fromzero.training.distributed import DistContext, mean_across_ranks
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "tb", "checkpoints", "plots")
+LAST_WEIGHTS_FILE = "training_weights.safetensors"
+LAST_INFO_FILE = "info.json"
 
 
 # ---------------------------------------------------------------------------------------------
-# Run directory
+# Run directories and the process frame
 
 
-def default_run_dir(cfg: PretrainConfig) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.name}-{stamp}"
-
-
-def default_finetune_dir(task: str) -> Path:
-    """runs/<task>-<timestamp>/ for a fine-tune without out_dir."""
-    return Path("runs") / f"{task}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def default_run_dir(name: str) -> Path:
+    """runs/<name>-<timestamp>/ for a run without out_dir."""
+    return Path("runs") / f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def prepare_run_dir(run_dir: Path, force: bool, resumable: bool = True) -> None:
@@ -82,13 +89,50 @@ def prepare_run_dir(run_dir: Path, force: bool, resumable: bool = True) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stopping cleanly on Ctrl-C / SIGTERM
+def run_task(body: Callable[..., Any], cfg: Any, resume: bool = False) -> Any:
+    """The frame every task runs in: validate the config, join torchrun's process group
+    (``cfg.dist_strategy`` ddp / fsdp; else one process), run ``body(cfg, ctx, device, t_start,
+    resume)``, and leave the group however it ends (a lost rank becomes a one-line error)."""
+    from fromzero.devices import resolve_device
+    from fromzero.training.distributed import (init_distributed, is_collective_failure, lost_rank_error,
+                                               shutdown)
+
+    t_start = time.perf_counter()
+    cfg.validate()
+    ctx, device = init_distributed(cfg.dist_strategy, resolve_device(cfg.device))
+    if not ctx.is_main:  # ranks other than 0 print nothing, so the console shows one run
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this worker process
+    try:
+        return body(cfg, ctx, device, t_start, resume)
+    except Exception as e:
+        if ctx.world_size > 1 and is_collective_failure(e):
+            raise lost_rank_error(e, ctx) from None
+        raise
+    finally:
+        shutdown(ctx)
+
+
+def on_main_rank(ctx: DistContext, work: Callable[[], Any]) -> None:
+    """Run ``work`` on rank 0 only (e.g. create the run directory); if it fails, every rank
+    raises the same one-line error instead of the others waiting for rank 0 forever."""
+    from fromzero.training.distributed import broadcast_text
+
+    message = ""
+    if ctx.is_main:
+        try:
+            work()
+        except FromzeroError as e:
+            message = str(e) or "failed"
+            if ctx.world_size == 1:
+                raise
+    message = broadcast_text(message, ctx)
+    if message:
+        raise FromzeroError(message)
 
 
 class StopRequest:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step and save a
-    checkpoint; a second SIGINT interrupts at once."""
+    """First SIGINT/SIGTERM asks the loop to stop after the current step and save
+    checkpoints/last; a second SIGINT interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -113,476 +157,672 @@ class StopRequest:
 
 
 # ---------------------------------------------------------------------------------------------
-# The trainer
+# Data streams
 
 
-@dataclasses.dataclass
-class PretrainResult:
-    run_dir: Path
-    step: int
-    best_val_loss: float
-    last_val_loss: float
+class ShuffledEpochs:
+    """``batches(epoch)`` for a DataLoader shuffled by ``generator`` (one generator for the whole
+    run, so epoch e's order follows from the seed and the epochs before it). The loop saves the
+    generator's state at the start of an epoch with checkpoints/last (``get_state``) and puts it
+    back to resume inside that epoch (``set_state``), so a resumed run draws the same batches."""
+
+    def __init__(self, loader: Any, generator: torch.Generator) -> None:
+        self.loader, self.generator = loader, generator
+
+    def __call__(self, epoch: int) -> Iterable[Any]:
+        return iter(self.loader)
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def rank_micro_batches(batches: Iterable[Any], ctx: DistContext) -> Iterable[Any]:
+    """This rank's share of a stream of micro-batches all ranks produce in the same order:
+    of each run of world_size micro-batches, the rank-th; an incomplete final run is dropped so
+    every rank takes the same number of steps."""
+    if ctx.world_size == 1:
+        yield from batches
+        return
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == ctx.world_size:
+            yield group[ctx.rank]
+            group = []
+
+
+def set_train_mode(model: nn.Module, trained: list[nn.Module] | None) -> None:
+    """model.train(), except that frozen parts stay in eval mode (no dropout, fixed BatchNorm)."""
+    if trained is None:
+        model.train()
+        return
+    model.eval()
+    for module in trained:
+        module.train()
+
+
+def l1_penalty(params: list[nn.Parameter]) -> torch.Tensor:
+    """sum |w| over the trained matrices (biases and norm gains are not penalised, as with L2)."""
+    return torch.stack([p.abs().sum(dtype=torch.float32) for p in params]).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FitResult:
+    best_metrics: dict[str, Any]
+    best_step: int
+    best_epoch: int
+    steps: int
+    epochs_run: int
     stopped_early: bool
+    interrupted: bool
+    train_s: float
+    samples_per_sec: float
 
 
-class Pretrainer:
-    """Owns the model, optimizer, data and run directory of one pretraining run."""
+@dataclass
+class Progress:
+    """Where a fit stands: what checkpoints/last records and a resumed fit starts from."""
+
+    step: int = 0
+    epoch: int = 1
+    micro: int = 0  # this rank's micro-batches of ``epoch`` already trained on
+    samples: int = 0
+    best_value: float | None = None
+    best_metrics: dict[str, Any] | None = None
+    best_step: int = 0
+    best_epoch: int = 0
+    stale: int = 0
+    evaluated_at: int = -1
+    epochs_run: int = 0
+    elapsed_s: float = 0.0
+    epoch_rng: dict[str, Any] | None = None  # RNG at the start of ``epoch`` (the data loader draws from it)
+    epoch_data: Any = None  # the data stream's state: at the start of ``epoch``, or now for a seekable stream
+    window: list[tuple] = field(default_factory=list)  # steps since the last metrics row (see Trainer.fit)
+
+    def __post_init__(self) -> None:
+        if self.best_metrics is None:
+            self.best_metrics = {}
+
+    def state(self) -> dict[str, Any]:
+        """What checkpoints/last records of the position (plain values and tensors)."""
+        return {"step": self.step, "epoch": self.epoch, "micro": self.micro, "samples": self.samples,
+                "best_value": self.best_value, "best_metrics": to_jsonable(self.best_metrics),
+                "best_step": self.best_step, "best_epoch": self.best_epoch, "stale": self.stale,
+                "evaluated_at": self.evaluated_at, "epochs_run": self.epochs_run, "elapsed_s": self.elapsed_s,
+                "epoch_rng": self.epoch_rng, "epoch_data": self.epoch_data, "window": list(self.window)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], epoch_rng: Any) -> "Progress":
+        return cls(step=int(state["step"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
+                   samples=int(state["samples"]), best_value=state["best_value"],
+                   best_metrics=dict(state["best_metrics"]), best_step=int(state["best_step"]),
+                   best_epoch=int(state["best_epoch"]), stale=int(state["stale"]),
+                   evaluated_at=int(state["evaluated_at"]), epochs_run=int(state["epochs_run"]),
+                   elapsed_s=float(state["elapsed_s"]), epoch_rng=epoch_rng, epoch_data=state.get("epoch_data"),
+                   window=[tuple(q) for q in state.get("window", [])])
+
+
+class Trainer:
+    """Runs the optimisation with evaluation, early stopping, checkpoints and exact resume."""
 
     def __init__(
         self,
-        cfg: PretrainConfig,
-        run_dir: Path | None = None,
+        model: nn.Module,
+        cfg: Any,
+        device: torch.device,
+        dtype: str,
+        loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, int, int]],
+        evaluate: Callable[[nn.Module], dict[str, Any]],
+        monitor: str,
+        higher_is_better: bool,
+        logger: Any,
+        trained_modules: list[nn.Module] | None = None,
+        forward: nn.Module | None = None,
+        ctx: DistContext | None = None,
+        weight_by: str = "samples",
+        last_dir: Path | None = None,
         resume: bool = False,
-        force: bool = False,
-        progress: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
+        private: Any = None,
+        save_best: Callable[[dict[str, Any]], None] | None = None,
+        store: Any = None,
+        fsdp: bool = False,
+        eval_at_start: bool = False,
+        restore_best: bool = True,
+        command: str = "finetune",
+        progress: bool | None = None,
     ) -> None:
-        from fromzero.data.text import load_split
+        """cfg: the task's settings (:class:`fromzero.config.TrainSettings` fields, ``epochs``,
+        ``patience``, ``l1``, ``lr_schedule(total)``, ``progress``).
 
-        self.cfg = cfg
-        t = cfg.train
-        self.ctx, self.device = init_distributed(cfg.dist.strategy, resolve_device(t.device))
-        configure_backends(self.device)
-        self.dtype = resolve_dtype(self.device, t.dtype)
-        self.autocast = autocast_context(self.device, self.dtype)
-        # Every rank must agree on the (timestamped) run directory: rank 0's.
-        self.run_dir = Path(broadcast_text(str(run_dir or cfg.out_dir or default_run_dir(cfg)), self.ctx))
-        self.progress_enabled = progress
-        self.resumed = resume
+        forward: what the training step calls (e.g. the compiled model; default ``model``);
+        loss_fn receives it (wrapped in DistributedDataParallel under ddp).
 
-        # Data: memory-mapped token files; vocabulary size from meta.json.
-        data_dir = Path(cfg.data.dir)
-        self.train_data = load_split(data_dir, "train")
-        self.val_data = load_split(data_dir, "val")
-        meta = ckpt.read_json(data_dir / "meta.json", "dataset metadata")
-        vocab = int(meta["vocab_size"])
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = vocab
-        elif cfg.model.vocab_size < vocab:
-            raise FromzeroError(
-                f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary ({vocab})"
-            )
-        self.tokenizer_file = data_dir / ckpt.TOKENIZER_FILE
-        if not self.tokenizer_file.is_file():
-            self.tokenizer_file = None
-        for split, data in (("train", self.train_data), ("val", self.val_data)):
-            if len(data) <= cfg.model.block_size:
-                raise FromzeroError(
-                    f"model.block_size {cfg.model.block_size} is longer than the {split} data "
-                    f"({len(data)} tokens); use a smaller block_size or more data"
-                )
+        weight_by: what a step's loss is the mean over, across its micro-batches and ranks:
+        ``samples`` (classification, preference pairs, LM windows) or ``tokens`` (SFT: the reply
+        tokens). loss_fn returns a mean over its micro-batch; each micro-batch's gradient is
+        weighted by its count and the sum divided by the step's total, so a step with gradient
+        accumulation (or N ranks) is the step one big batch would take, even when micro-batches
+        hold different numbers of tokens or the last one is short.
 
-        # Model and optimizer. Seeding first makes initialisation reproducible.
-        torch.manual_seed(t.seed)
-        self.model = GPT(cfg.model).to(self.device)
-        self.model.activation_checkpointing = t.activation_checkpointing
-        resume_sharded = False
-        if resume:
-            ckpt.recover_directory(self.last_dir)
-            if not self.last_dir.is_dir():
-                raise FromzeroError(f"nothing to resume: {self.last_dir} does not exist")
-            resume_sharded = (self.last_dir / SHARDED_DIR).is_dir()
-            if resume_sharded:
-                check_sharded(self.last_dir / SHARDED_DIR)  # loaded below, once the model is sharded
-            else:  # full weights into the unsharded model: a checkpoint of any world size resumes
-                ckpt.load_weights(self.model, self.last_dir / ckpt.MODEL_FILE)
-        self.fsdp = cfg.dist.strategy == "fsdp"
-        self.sharded_checkpoints = self.fsdp and cfg.dist.checkpoint == "sharded"
-        if self.fsdp:
-            shard_model(self.model, self.device, self.ctx, self.dtype)
-        self.optimizer = build_optimizer(self.model, t, self.device, fused=not self.fsdp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == "float16")
-        # DDP averages gradients across ranks during backward; self.model stays the plain module
-        # (checkpoints, evaluation), self.forward is what the training step calls. FSDP2 shards
-        # the model in place (self.model is the sharded module).
-        self.ddp = None
-        if self.ctx.world_size > 1 and not self.fsdp:
+        last_dir / resume: where checkpoints/last lives and whether to continue from it.
+        optimizer: use this one instead of AdamW/SGD built from cfg (e.g. Opacus' DPOptimizer).
+        private: a :class:`fromzero.training.privacy.PrivateTraining` when training with DP-SGD:
+        its optimizer clips and noises per-example gradients of the batch-mean loss, so the loop
+        skips its own weighting and clipping, and an empty Poisson batch is a noise-only step.
+        save_best: called with ``{"best_step", "best_epoch", "val"}`` each time the monitored
+        metric improves, while the model holds those weights (on rank 0; on every rank under
+        FSDP, which gathers the weights): the task writes checkpoints/best.
+        store: writes and reads checkpoints/last (``save_last(trainer, state)``,
+        ``load_last(trainer) -> state``); default: :meth:`save_last` / :meth:`load_last`.
+        fsdp: the task sharded ``model`` with FSDP2 (no DDP wrapper; gradient sync on the last
+        micro-batch only). eval_at_start: also evaluate before the first step (pretraining's
+        step-0 validation loss). restore_best: load the best weights at the end (pretraining
+        keeps the last ones; best is on disk). command: the verb the resume hints name.
+        progress: show the progress bar (default: ``cfg.progress``).
+        """
+        if weight_by not in ("samples", "tokens"):
+            raise ValueError(f"weight_by must be samples or tokens, got {weight_by!r}")
+        self.weight_by = weight_by
+        self.model, self.cfg, self.device, self.dtype = model, cfg, device, dtype
+        self.loss_fn, self.evaluate, self.logger = loss_fn, evaluate, logger
+        self.monitor, self.higher_is_better = monitor, higher_is_better
+        self.trained_modules = trained_modules
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise FromzeroError("nothing to train: every parameter is frozen")
+        self.l1_params = [p for p in self.params if p.dim() >= 2]
+        if optimizer is None:
+            from fromzero.training.optim import build_optimizer
+
+            optimizer = build_optimizer(model, cfg, device, fused=not fsdp)
+        self.optimizer = optimizer
+        self.last_dir, self.resume, self.private, self.save_best = last_dir, resume, private, save_best
+        self.store = store or self
+        self.fsdp, self.eval_at_start, self.restore_best, self.command = fsdp, eval_at_start, restore_best, command
+        self.show_progress = cfg.progress if progress is None else progress
+        # float16 autocast (CUDA): scale the loss so small gradients do not flush to zero; steps
+        # whose gradients overflowed are skipped and the scale lowered (a no-op for bf16 / fp32).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+        if private is not None and (cfg.grad_accum != 1 or (ctx is not None and ctx.world_size > 1)):
+            raise FromzeroError("privacy: DP-SGD runs in one process with grad_accum 1")
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.ctx = ctx or DistContext()
+        self.net: nn.Module = forward if forward is not None else model
+        # the first step of a compiled model may fall back to eager (not under DDP: its wrapper holds the graph)
+        self.compiled = self.net is not model and not (self.ctx.world_size > 1 and not fsdp)
+        self.ddp: nn.Module | None = None
+        if self.ctx.world_size > 1 and not fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        net = self.ddp or self.model
-        self.forward = compile_model(net, t.compile_mode, self.device) if t.compile else net
-        self.batch_generator = torch.Generator().manual_seed(t.seed)
-        self.step = 0
-        self.best_val_loss = math.inf
-        self.last_val_loss = math.nan
+            self.ddp = self.net = DistributedDataParallel(
+                self.net, device_ids=[device] if device.type == "cuda" else None)
+        self.progress = Progress()
+        self.scheduler: Any = None
+        self._batches: Any = None
 
-        if resume:
-            self._load_resume_state(resume_sharded)
-            if self.step >= t.max_steps:
-                raise FromzeroError(
-                    f"{self.run_dir} already finished at step {self.step}; pass a larger "
-                    "--train.max_steps to train longer"
-                )
-        elif self.ctx.is_main:
-            prepare_run_dir(self.run_dir, force)
-        # The resolved config, with the run directory filled in; a resume records its overrides.
-        cfg.out_dir = str(self.run_dir)
-        if self.ctx.is_main:  # only rank 0 writes the run directory
-            save_yaml(to_dict(cfg), self.run_dir / "config.yaml")
-            self.logger: Any = MetricsLogger(self.run_dir, resume_step=self.step if resume else None)
-        else:
-            self.logger = NullLogger()
-        barrier(self.ctx)
+    def autocast(self) -> Any:
+        from fromzero.devices import autocast_context
 
-    # --- state -----------------------------------------------------------------------------
+        return autocast_context(self.device, self.dtype)
 
-    @property
-    def last_dir(self) -> Path:
-        return self.run_dir / "checkpoints" / "last"
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """CPU copy of what training changes: trained parameters and all buffers (BatchNorm)."""
+        trained = {id(p) for p in self.params}
+        named = dict(self.model.named_parameters())
+        keep = {n for n, p in named.items() if id(p) in trained} | {n for n, _ in self.model.named_buffers()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if k in keep}
 
-    @property
-    def best_dir(self) -> Path:
-        return self.run_dir / "checkpoints" / "best"
+    def _improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
 
-    def trainer_state(self) -> dict[str, Any]:
-        if self.sharded_checkpoints:  # the optimizer state is in the sharded files
-            optimizer, optimizer_format = {}, ("sharded" if self.optimizer.state else "none")
-        elif self.fsdp:
-            optimizer, optimizer_format = full_optimizer_state(self.model, self.optimizer), "fqn"
-        else:
-            optimizer, optimizer_format = self.optimizer.state_dict(), "torch"
-        state = {
-            "step": self.step,
-            "best_val_loss": self.best_val_loss,
-            "optimizer": optimizer,
-            "optimizer_format": optimizer_format,
-            "scaler": self.scaler.state_dict(),
-            "batch_generator": self.batch_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "fromzero_version": __version__,
-        }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
+    # -- one optimizer step
 
-    def _load_resume_state(self, sharded: bool) -> None:
-        """Optimizer, RNG and step of checkpoints/last (full weights were loaded before sharding;
-        sharded ones are loaded here, into the model as this run lays it out)."""
-        state = ckpt.load_trainer_state(self.last_dir)
-        if sharded:
-            with_optimizer = state.get("optimizer_format") == "sharded"
-            load_sharded(self.model, self.optimizer if with_optimizer else None, self.last_dir / SHARDED_DIR)
-        try:
-            if state.get("optimizer_format") == "fqn":  # written by an FSDP run: keyed by parameter name
-                load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-            elif state.get("optimizer_format") in ("sharded", "none"):
-                pass  # loaded above, or saved before the first step (a fresh optimizer is the same)
+    def train_step(self, micro_batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+        """One optimizer step over ``micro_batches`` (this rank's); returns the step's mean
+        loss across ranks and the gradient norm before clipping as device tensors (no host sync),
+        and the samples and tokens it saw on this rank."""
+        total_loss = torch.zeros((), device=self.device)
+        weight = samples = tokens = 0
+        for j, batch in enumerate(micro_batches):
+            loss, n_samples, n_tokens = self._forward_backward(batch, last=j == len(micro_batches) - 1)
+            w = n_tokens if self.weight_by == "tokens" else n_samples
+            total_loss += loss * w
+            weight += w
+            samples += n_samples
+            tokens += n_tokens
+        loss = mean_across_ranks(total_loss / max(weight, 1), self.ctx)  # the step's mean loss
+        self._scale_gradients(weight)
+        norm = self._optimizer_step(empty=samples == 0)
+        return loss, norm, samples, tokens
+
+    def _forward_backward(self, batch: Any, last: bool) -> tuple[torch.Tensor, int, int]:
+        if self.private is not None:
+            return self._private_forward_backward(batch)
+        # DDP: only the last micro-batch of a step all-reduces the gradients (FSDP: reduce-scatters).
+        sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()  # type: ignore[operator]
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+        with sync:
+            with self.autocast():
+                loss, n_samples, n_tokens = self.loss_fn(self.net, batch)
+            loss = loss.float()
+            penalised = loss + self.cfg.l1 * l1_penalty(self.l1_params) if self.cfg.l1 and self.l1_params else loss
+            # A sum weighted by the micro-batch's count; _scale_gradients divides by the step's total.
+            self.scaler.scale(penalised * (n_tokens if self.weight_by == "tokens" else n_samples)).backward()
+        return loss.detach(), n_samples, n_tokens
+
+    def _private_forward_backward(self, batch: Any) -> tuple[torch.Tensor, int, int]:
+        """DP-SGD: backward of the batch's mean loss (Opacus scales per-example gradients from
+        it); an empty batch does nothing here and becomes a noise-only step."""
+        if _batch_size(batch) == 0:
+            return torch.zeros((), device=self.device), 0, 0
+        loss, n_samples, n_tokens = self.loss_fn(self.net, batch)
+        loss = loss.float()
+        value = loss.item()
+        if not math.isfinite(value):  # before Opacus clips and noises it into the weights
+            self._fail_nonfinite(self.progress.step + 1, value)
+        loss.backward()
+        return loss.detach(), n_samples, n_tokens
+
+    def _scale_gradients(self, local_weight: int) -> None:
+        """Turn the accumulated weighted sum of gradients into the step's mean: divide by the
+        total weight of the step's micro-batches on every rank. DDP has already averaged the
+        gradients over ranks (divided by N), hence the factor N over the global total."""
+        if self.private is not None:
+            return  # the DPOptimizer divides by the expected batch size itself
+        total = float(local_weight)
+        if self.ctx.world_size > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(total, device=self.device, dtype=torch.float64)
+            dist.all_reduce(t)
+            total = float(t) / self.ctx.world_size
+        if total <= 0:  # nothing carried loss (e.g. every reply truncated away): no update
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self.scaler.unscale_(self.optimizer)  # float16: back to true gradients (infs recorded)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / total)
+
+    def _optimizer_step(self, empty: bool = False) -> torch.Tensor | None:
+        """Clip, step, zero the gradients; returns the gradient norm (when clipping)."""
+        norm = None
+        if self.private is not None:  # DP-SGD: the DPOptimizer clips per example and adds the noise
+            if empty:
+                self.private.empty_step()  # Poisson sampling drew no example: a noise-only step
             else:
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.batch_generator.set_state(state["batch_generator"])
-            torch.set_rng_state(state["torch_rng"])
-            if "cuda_rng" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            self.step = int(state["step"])
-            self.best_val_loss = float(state["best_val_loss"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise FromzeroError(f"trainer state in {self.last_dir} does not fit this run: {e}") from None
-
-    def save(self, directory: Path, with_trainer_state: bool, val_loss: float | None) -> None:
-        """Rank 0 writes the checkpoint; under FSDP every rank first helps gather the full
-        (unsharded) weights and optimizer state, so any world size can resume from it."""
-        info = {"step": self.step, "val_loss": val_loss, "fromzero_version": __version__}
-        if self.sharded_checkpoints:
-            self._save_sharded(directory, with_trainer_state, info)
-            return
-        state = full_model_state(self.model, self.cfg.model.tie_embeddings) if self.fsdp else None
-        trainer_state = self.trainer_state() if with_trainer_state else None
-        if not self.ctx.is_main:
-            return
-        ckpt.save_checkpoint(
-            directory,
-            self.model,
-            self.cfg.model.to_dict(),
-            tokenizer_file=self.tokenizer_file,
-            info=info,
-            trainer_state=trainer_state,
-            state=state,
-        )
-
-    def _save_sharded(self, directory: Path, with_trainer_state: bool, info: dict) -> None:
-        """Every rank writes its shards into one temp directory (on a filesystem all ranks
-        share) that rank 0 completes with config, tokenizer and trainer state, then renames
-        into place: a crash on any rank leaves the previous checkpoint as it was."""
-        tmp = ""
-        if self.ctx.is_main:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            tmp = str(temp_dir_beside(directory, f".tmp-{directory.name}-"))
-        tmp_dir = Path(broadcast_text(tmp, self.ctx))
-        trainer_state = self.trainer_state() if with_trainer_state else None
-        optimizer = self.optimizer if with_trainer_state and self.optimizer.state else None
-        try:
-            save_sharded(self.model, optimizer, tmp_dir / SHARDED_DIR)
-            if self.ctx.is_main:
-                ckpt.write_checkpoint_files(tmp_dir, self.cfg.model.to_dict(), self.tokenizer_file, info)
-                if trainer_state is not None:
-                    torch.save(trainer_state, tmp_dir / ckpt.TRAINER_STATE_FILE)
-                ckpt.commit_directory(tmp_dir, directory)
-        except Exception as e:
-            if self.ctx.is_main:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise FromzeroError(f"cannot write sharded checkpoint {directory}: {first_line(e)}") from None
-        barrier(self.ctx)
-
-    # --- evaluation ------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over eval_batches global batches (the same batches at every eval)."""
-        from fromzero.data.text import sample_batch
-
-        t = self.cfg.train
-        self.model.eval()
-        generator = torch.Generator().manual_seed(t.seed + 1)
-        losses = torch.zeros(t.eval_batches, device=self.device)
-        for i in range(t.eval_batches):
-            # As in training: every rank draws the global batch and scores its own rows.
-            x, y = sample_batch(self.val_data, t.batch_size * self.ctx.world_size, self.cfg.model.block_size,
-                                generator)
-            x, y = rank_rows(x, self.ctx, 1), rank_rows(y, self.ctx, 1)
-            with self.autocast:
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            losses[i] = loss.float()
-        self.model.train()
-        return float(mean_across_ranks(losses.mean(), self.ctx))
-
-    # --- training --------------------------------------------------------------------------
-
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One (x, y) per optimizer step holding all grad_accum micro-batches.
-
-        Drawing the whole step at once means k micro-batches of b are the same samples as one
-        batch of k*b: gradient accumulation changes memory use, not the data.
-        """
-        from fromzero.data.text import sample_batch
-
-        t = self.cfg.train
-        non_blocking = self.device.type == "cuda"
-        while True:
-            # Every rank draws the same global batch and keeps its own rows of each micro-batch.
-            x, y = sample_batch(
-                self.train_data, t.batch_size * self.ctx.world_size * t.grad_accum,
-                self.cfg.model.block_size, self.batch_generator,
-            )
-            x, y = rank_rows(x, self.ctx, t.grad_accum), rank_rows(y, self.ctx, t.grad_accum)
-            if non_blocking:
-                x, y = x.pin_memory(), y.pin_memory()
-            yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over grad_accum micro-batches; returns (loss, grad_norm)
-        as device tensors (no host sync here)."""
-        t = self.cfg.train
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.device)
-        for j, (xm, ym) in enumerate(zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum))):
-            # DDP: only the last micro-step's backward communicates (the others accumulate locally).
-            last = j == t.grad_accum - 1
-            sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
-            if self.fsdp:
-                self.model.set_requires_gradient_sync(last)  # reduce-scatter only on the last micro-step
-            with sync:
-                with self.autocast:
-                    _, loss = self.forward(xm, ym)
-                loss = loss / t.grad_accum
-                self.scaler.scale(loss).backward()
-            total += loss.detach().float()
-        total = mean_across_ranks(total, self.ctx)  # the global batch's loss
-        if t.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip, foreach=True)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
-                grad_norm = grad_norm.full_tensor()
+                self.optimizer.step()
+        elif not any(p.grad is not None for p in self.params):
+            pass  # a step with nothing to learn
         else:
-            grad_norm = torch.zeros((), device=self.device)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            if self.cfg.grad_clip:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
+                if hasattr(norm, "full_tensor"):  # FSDP: a DTensor over the shards
+                    norm = norm.full_tensor()
+            self.scaler.step(self.optimizer)  # float16: skipped when the gradients overflowed
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm
+        return norm
 
-    def fit(self) -> PretrainResult:
-        t = self.cfg.train
-        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
-        start_step = self.step
-        resumed = self.resumed
-        progress = TrainingProgress(t.max_steps, start_step, enabled=self.progress_enabled)
-        progress.print(
-            f"run {self.run_dir} | {self.cfg.model.n_layer} layers, "
-            f"{self.model.num_params() / 1e6:.2f}M params | device {self.device}, {self.dtype}"
-            f"{', compiled' if t.compile else ''} | {tokens_per_step} tokens/step"
-            + (f" | resuming at step {start_step}" if resumed else "")
-        )
-        pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # (step, loss, norm, lr)
-        window_start, window_steps = now(), 0
-        run_start = now()
-        elapsed_before = self._elapsed_from_metrics()
-        stopped = False
-        batches = self.batches()
+    # -- the fit
 
-        def flush_pending() -> None:
-            """Sync the losses since the last row: stop on NaN/inf, write a metrics row."""
-            nonlocal window_start, window_steps
+    def fit(self, batches: Callable[[int], Iterable[Any]], micro_batches_per_epoch: int) -> FitResult:
+        """Train over ``batches(epoch)`` (micro-batches, the same on every rank, a function of
+        the epoch alone so a resumed run sees the same ones); returns what happened, best weights
+        loaded (restore_best). A final incomplete accumulation group is dropped."""
+        from fromzero.training.callbacks import TrainingProgress, announce_evaluation
+
+        cfg = self.cfg
+        world = self.ctx.world_size
+        steps_per_epoch = max(1, micro_batches_per_epoch // (cfg.grad_accum * world))
+        total = steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_schedule(total))
+        self._batches = batches
+        p = self.progress = self.store.load_last(self) if self.resume else Progress()
+        start_step = p.step
+        stopped_early = interrupted = False
+        t0 = time.perf_counter() - p.elapsed_s
+        # The steps since the last metrics row: (step, epoch, loss, grad norm, lr, had samples),
+        # losses as device tensors until settle() syncs them. checkpoints/last keeps them, so a
+        # resumed run writes the rows an uninterrupted one would.
+        pending = p.window
+        window = [time.perf_counter(), 0, 0]  # start, samples, tokens since the last row
+
+        def settle() -> None:
+            """Sync the pending losses to floats (one host sync); stop on NaN/inf."""
+            unsettled = [i for i, q in enumerate(pending) if isinstance(q[2], torch.Tensor)]
+            if not unsettled:
+                return
+            values = torch.stack([pending[i][2] for i in unsettled]).cpu().tolist()
+            for i, value in zip(unsettled, values):
+                if not math.isfinite(value):
+                    self._fail_nonfinite(pending[i][0], value)
+                step, epoch, _, norm, lr, had = pending[i]
+                pending[i] = (step, epoch, value, None if norm is None else float(norm), lr, had)
+
+        def flush(bar: TrainingProgress) -> None:
+            """Write a metrics row for the pending steps (their mean loss)."""
+            settle()
             if not pending:
                 return
-            losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()
-            for (step, _, _, _), value in zip(pending, losses):
-                if not math.isfinite(value):
-                    self._fail_nonfinite(step, value)
-            elapsed = now() - window_start
-            rate = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            last_step, _, norm, lr = pending[-1]
-            row = {
-                "step": last_step,
-                "loss": sum(losses) / len(losses),
-                "lr": lr,
-                "grad_norm": float(norm),
-                "tokens_per_sec": rate,
-                "elapsed_s": elapsed_before + now() - run_start,
-            }
-            self.logger.log(row)
-            progress.set_metrics(row["loss"], lr, f"{rate / 1000:.1f}k tok/s")
+            # a noise-only DP step (empty Poisson batch) has no loss
+            losses = [q[2] for q in pending if q[5]] or [math.nan]
+            step, epoch, _, norm, lr, _ = pending[-1]
+            elapsed = max(time.perf_counter() - window[0], 1e-9)
+            row = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses), "lr": lr,
+                   "samples_per_sec": window[1] / elapsed, "elapsed_s": time.perf_counter() - t0}
+            if norm is not None:
+                row["grad_norm"] = float(norm)
+            if window[2]:
+                row["tokens_per_sec"] = window[2] / elapsed
+            if math.isfinite(row["loss"]):
+                self.logger.log(row)
+            rate = f"{row['tokens_per_sec'] / 1000:.1f}k tok/s" if window[2] else f"{row['samples_per_sec']:.1f} samples/s"
+            bar.set_metrics(row["loss"], lr, rate)
             pending.clear()
-            window_start, window_steps = now(), 0
+            window[:] = [time.perf_counter(), 0, 0]
 
-        with progress, StopRequest() as stop:
-            while self.step < t.max_steps:
-                if self.step % t.eval_every == 0 and not (resumed and self.step == start_step):
-                    flush_pending()
-                    self._evaluate_and_checkpoint(progress, elapsed_before + now() - run_start)
-                    window_start = now()
-                if self._stop_everywhere(stop.requested):
-                    break
-                x, y = next(batches)
-                lr = lr_at(self.step, t)
-                if self.forward is not self.model and self.step == start_step:
-                    loss, norm = self._first_compiled_step(x, y, lr, progress)
-                else:
-                    loss, norm = self.train_step(x, y, lr)
-                self.step += 1
-                window_steps += 1
-                pending.append((self.step, loss, norm, lr))
-                progress.advance(self.step)
-                if self.step % t.log_interval == 0:
-                    flush_pending()
-            flush_pending()
-            if self._stop_everywhere(stop.requested) and self.step < t.max_steps:
-                stopped = True
-                self.save(self.last_dir, with_trainer_state=True, val_loss=None)
-                progress.print(
-                    f"stopped at step {self.step}; checkpoint saved. Continue with: "
-                    f"fromzero pretrain --resume {self.run_dir}"
-                )
+        def run_eval(epoch: int, bar: TrainingProgress) -> bool:
+            """Evaluate, keep the best weights; True when early stopping says stop."""
+            settle()
+            metrics = self.evaluate(self.model)
+            value = float(metrics[self.monitor.removeprefix("val_")])
+            if not math.isfinite(value):
+                self._fail_nonfinite(p.step, value, what=f"validation {self.monitor.removeprefix('val_')}")
+            row = {"step": p.step, "epoch": epoch, "elapsed_s": time.perf_counter() - t0}
+            row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            if self.private is not None:
+                row["epsilon"] = self.private.epsilon()  # spent so far (at privacy.delta)
+            self.logger.log(row)
+            improved = self._improved(value, p.best_value)
+            p.evaluated_at = p.step
+            if improved:
+                p.best_value, p.best_metrics, p.best_step, p.best_epoch, p.stale = value, metrics, p.step, epoch, 0
+                if self.restore_best:
+                    self.best_state = self.snapshot()
+                if self.save_best is not None and (self.ctx.is_main or self.fsdp):
+                    self.save_best({"best_step": p.step, "best_epoch": epoch, "val": to_jsonable(metrics)})
             else:
-                self._evaluate_and_checkpoint(progress, elapsed_before + now() - run_start)
-        self.logger.close()
-        if self.ctx.is_main:
-            write_plots(self.logger.rows, self.run_dir / "plots")
-        barrier(self.ctx)
-        return PretrainResult(self.run_dir, self.step, self.best_val_loss, self.last_val_loss, stopped)
+                p.stale += 1
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            where = f"step {p.step} (epoch {epoch})" if cfg.epochs > 1 else f"step {p.step}"
+            bar.print(f"{where}: val {shown}" + (" (best, saved)" if improved else ""))
+            announce_evaluation(p.step, row)  # e.g. fromzero tune's pruner; may end the run
+            if cfg.patience and p.stale >= cfg.patience:
+                bar.print(f"early stop: no better {self.monitor} for {cfg.patience} evaluation(s); "
+                          f"best at step {p.best_step}")
+                return True
+            set_train_mode(self.model, self.trained_modules)
+            return False
 
-    def _first_compiled_step(
-        self, x: torch.Tensor, y: torch.Tensor, lr: float, progress: TrainingProgress
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        def save_last() -> None:
+            settle()  # a NaN step is reported, never saved
+            p.elapsed_s = time.perf_counter() - t0
+            self.store.save_last(self, p)
+
+        with StopRequest() as stop, TrainingProgress(total, start=min(p.step, total), enabled=self.show_progress) as bar:
+            done = False
+            if self.resume and (p.step >= total or p.epoch > cfg.epochs):  # resumed with max_steps / epochs at or below
+                bar.print(f"the run already took {p.step} steps (of {total}): finishing it without training")
+                if p.evaluated_at != p.step:
+                    run_eval(min(p.epoch, cfg.epochs), bar)
+                    save_last()
+            elif self.eval_at_start and p.step == 0:
+                stopped_early = done = run_eval(p.epoch, bar)
+                save_last()
+            for epoch in range(p.epoch, cfg.epochs + 1):
+                if p.step >= total or done:
+                    break
+                p.epoch = epoch
+                set_train_mode(self.model, self.trained_modules)
+                self.optimizer.zero_grad(set_to_none=True)  # nothing left over from an incomplete group
+                group: list[Any] = []
+                for batch in self._epoch_stream(batches, epoch, p):
+                    group.append(batch)
+                    p.micro += 1
+                    if p.micro % cfg.grad_accum:
+                        continue
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if p.step == start_step and self.compiled:
+                        loss, norm, n, tokens = self._first_compiled_step(group, bar)
+                    else:
+                        loss, norm, n, tokens = self.train_step(group)
+                    window[1] += n * world
+                    window[2] += tokens * world
+                    group = []
+                    self.scheduler.step()
+                    p.step += 1
+                    p.samples += n * world
+                    pending.append((p.step, epoch, loss, norm, lr, n > 0))
+                    bar.advance(p.step)
+                    if p.step % cfg.log_interval == 0 or p.step == total:
+                        flush(bar)
+                    if cfg.eval_every and p.step % cfg.eval_every == 0:
+                        stopped_early = done = run_eval(epoch, bar)
+                        save_last()
+                        if done:
+                            break
+                    if self._stop_everywhere(stop.requested):
+                        interrupted = done = True
+                        save_last()
+                        bar.print(f"stopped at step {p.step} as asked; checkpoint saved. Continue with: "
+                                  f"fromzero {self.command} --resume {self.last_dir.parent.parent if self.last_dir else 'RUN_DIR'}")
+                        break
+                    if p.step >= total:
+                        done = True
+                        break
+                else:  # the epoch's data is used up: evaluate (unless eval_every does), go on to the next
+                    p.epochs_run = epoch
+                    if p.evaluated_at != p.step and (not cfg.eval_every or epoch == cfg.epochs):
+                        stopped_early = done = run_eval(epoch, bar)
+                    p.epoch, p.micro, p.epoch_rng = epoch + 1, 0, None
+                    p.epoch_data = batches.get_state() if hasattr(batches, "get_state") else None  # type: ignore[attr-defined]
+                    save_last()
+                    if done:
+                        break
+                    continue
+                # stopped inside the epoch: max_steps, early stopping or Ctrl-C
+                p.epochs_run = epoch
+                if not interrupted and p.evaluated_at != p.step:
+                    stopped_early = run_eval(epoch, bar)
+                    save_last()
+                break
+            if not interrupted:
+                flush(bar)
+        train_s = time.perf_counter() - t0
+        if p.best_value is None:
+            if interrupted:
+                return FitResult({}, 0, 0, p.step, p.epochs_run, False, True, train_s, 0.0)
+            raise FromzeroError("training stopped before the first evaluation: nothing to keep")
+        if self.restore_best and self.best_state is not None:
+            self.model.load_state_dict(self.best_state, strict=False)
+        stopped_early = stopped_early and p.step < total
+        return FitResult(p.best_metrics, p.best_step, p.best_epoch, p.step, p.epochs_run, stopped_early,
+                         interrupted, train_s, p.samples / max(train_s, 1e-9))
+
+    def _first_compiled_step(self, group: list[Any], bar: Any) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
         """The first compiled step compiles (tens of seconds the first time, cached on disk
         afterwards). If compiling fails, say why and continue without compile."""
-        progress.print("compiling the model (first step; later runs reuse the cache)...")
-        start = now()
+        from fromzero.devices import is_compile_failure
+
+        bar.print("compiling the model (first step; later runs reuse the cache)...")
+        start = time.perf_counter()
         try:
-            result = self.train_step(x, y, lr)
+            result = self.train_step(group)
         except Exception as e:  # noqa: BLE001 - only compile failures are handled
             if not is_compile_failure(e):
                 raise
-            reason = first_line(e)[:200]
-            progress.print(f"warning: torch.compile failed ({reason}); continuing without compile")
-            self.forward = self.model
+            bar.print(f"warning: torch.compile failed ({first_line(e)[:200]}); continuing without compile")
+            self.net, self.compiled = self.model, False
             self.optimizer.zero_grad(set_to_none=True)
-            return self.train_step(x, y, lr)
-        progress.print(f"compiled in {now() - start:.1f} s")
+            return self.train_step(group)
+        bar.print(f"compiled in {time.perf_counter() - start:.1f} s")
         return result
 
-    def _evaluate_and_checkpoint(self, progress: TrainingProgress, elapsed: float) -> None:
-        val_loss = self.evaluate()
-        if not math.isfinite(val_loss):
-            self._fail_nonfinite(self.step, val_loss, what="validation loss")
-        self.last_val_loss = val_loss
-        improved = val_loss < self.best_val_loss
-        self.logger.log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-                         "elapsed_s": elapsed})
-        if improved:
-            self.best_val_loss = val_loss
-            self.save(self.best_dir, with_trainer_state=False, val_loss=val_loss)
-        self.save(self.last_dir, with_trainer_state=True, val_loss=val_loss)
-        progress.print(
-            f"step {self.step}: val loss {val_loss:.4f}" + (" (best, saved)" if improved else "")
-        )
-        announce_evaluation(self.step, {"val_loss": val_loss})  # e.g. fromzero tune's pruner; may end the run
+    def _epoch_stream(self, batches: Any, epoch: int, p: Progress) -> Iterator[Any]:
+        """This rank's micro-batches of ``epoch``. When resuming inside it: a seekable stream
+        (``seek``) is put back where it was; otherwise the micro-batches already trained on are
+        drawn again (so data-loading randomness repeats) and skipped, and the RNG is put back to
+        where the interrupted run was after its last step."""
+        data_state = getattr(batches, "set_state", None)  # a ShuffledEpochs' generator
+        if hasattr(batches, "seek"):  # the state saved with checkpoints/last is the position now
+            if p.epoch_data is not None:
+                batches.seek(p.epoch_data)
+            return iter(rank_micro_batches(batches(epoch), self.ctx))
+        if p.micro == 0 or p.epoch_rng is None:
+            if p.epoch_data is not None and data_state is not None:  # resuming at the start of an epoch
+                data_state(p.epoch_data)
+            p.epoch_rng = _rng_state()
+            p.epoch_data = batches.get_state() if data_state is not None else None
+            return iter(rank_micro_batches(batches(epoch), self.ctx))
+        resume_rng = _rng_state()
+        _set_rng_state(p.epoch_rng)  # as at the start of the epoch: the loader draws its seeds now
+        if p.epoch_data is not None and data_state is not None:
+            data_state(p.epoch_data)
+        stream = iter(rank_micro_batches(batches(epoch), self.ctx))
+        for _ in range(p.micro):
+            next(stream, None)
+        _set_rng_state(resume_rng)
+        return stream
+
+    # -- checkpoints/last: what a resumed run needs to continue bit for bit
+
+    def loop_state(self, p: Progress) -> dict[str, Any]:
+        """The loop's part of checkpoints/last's trainer state (every rank takes part: under
+        DDP each rank's RNG is gathered; dropout draws differ between ranks)."""
+        if hasattr(self._batches, "seek"):
+            p.epoch_data = self._batches.tell()
+        rank_rngs = None
+        if self.ctx.world_size > 1:
+            import torch.distributed as dist
+
+            rank_rngs = [None] * self.ctx.world_size
+            dist.all_gather_object(rank_rngs, {"rng": _rng_state(), "epoch_rng": p.epoch_rng})
+        return {"format": 1, **p.state(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": _rng_state(), "rank_rngs": rank_rngs}
+
+    def restore_loop_state(self, state: dict[str, Any], where: Path) -> Progress:
+        """Put back schedule, scaler and this rank's RNG; returns the position."""
+        try:
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            own = state.get("rank_rngs")  # this rank's RNG when the run had as many ranks as this one
+            own = own[self.ctx.rank] if isinstance(own, list) and len(own) == self.ctx.world_size else \
+                {"rng": state["rng"], "epoch_rng": state["epoch_rng"]}
+            p = Progress.from_state(state, own["epoch_rng"])
+            _set_rng_state(own["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise FromzeroError(f"trainer state in {where} does not fit this run: {first_line(e)}") from None
         if self.ctx.is_main:
-            write_plots(self.logger.rows, self.run_dir / "plots")
+            print(f"resuming at step {p.step} (epoch {p.epoch}) from {where}", file=sys.stderr)
+        return p
+
+    def save_last(self, trainer: "Trainer", p: Progress) -> None:
+        """Write checkpoints/last atomically (rank 0): trained weights + buffers, the best ones so
+        far, optimizer, the loop state."""
+        if self.last_dir is None or self.private is not None:
+            return
+        state = self.loop_state(p)
+        if not self.ctx.is_main:
+            return
+        from fromzero.checkpoint import TRAINER_STATE_FILE, atomic_directory, write_safetensors
+
+        weights = {f"current/{k}": v for k, v in self.snapshot().items()}
+        if self.best_state is not None:
+            weights.update({f"best/{k}": v for k, v in self.best_state.items()})
+        state["optimizer"] = self.optimizer.state_dict()
+        with atomic_directory(self.last_dir) as tmp:
+            write_safetensors(weights, tmp / LAST_WEIGHTS_FILE)
+            torch.save(state, tmp / TRAINER_STATE_FILE)
+            (tmp / LAST_INFO_FILE).write_text(json.dumps({"step": p.step, "epoch": p.epoch}) + "\n")
+
+    def load_last(self, trainer: "Trainer") -> Progress:
+        from safetensors.torch import load_file
+
+        from fromzero.checkpoint import load_trainer_state, recover_directory
+
+        if self.private is not None:
+            raise FromzeroError("a differentially private run cannot be resumed (its privacy accounting "
+                                "would restart): start it again")
+        if self.last_dir is None:
+            raise FromzeroError("nothing to resume from: no checkpoints/last directory given")
+        recover_directory(self.last_dir)
+        weights_file = self.last_dir / LAST_WEIGHTS_FILE
+        if not weights_file.is_file():
+            raise FromzeroError(f"nothing to resume: {self.last_dir} holds no saved training state "
+                                "(the run stopped before its first evaluation?)")
+        state = load_trainer_state(self.last_dir)
+        try:
+            weights = load_file(str(weights_file))
+        except Exception as e:  # corrupt file
+            raise FromzeroError(f"cannot read {weights_file}: {first_line(e)}") from None
+        current = {k.removeprefix("current/"): v for k, v in weights.items() if k.startswith("current/")}
+        best = {k.removeprefix("best/"): v for k, v in weights.items() if k.startswith("best/")}
+        expected = set(self.snapshot())
+        if set(current) != expected:
+            raise FromzeroError(f"{weights_file} does not fit this run's model (was the recipe changed?): "
+                                f"{len(set(current) ^ expected)} tensor names differ")
+        try:
+            self.model.load_state_dict(current, strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise FromzeroError(f"trainer state in {self.last_dir} does not fit this run: {first_line(e)}") from None
+        self.best_state = best or None
+        return self.restore_loop_state(state, self.last_dir)
 
     def _stop_everywhere(self, requested: bool) -> bool:
-        """A stop asked of any rank stops all of them at the same step (else the others would
-        wait in the next gradient all-reduce until the timeout)."""
+        """A stop asked of any rank (Ctrl-C, SIGTERM) stops all of them after the same step."""
         if self.ctx.world_size == 1:
             return requested
-        flag = torch.tensor(float(requested), device=self.device)
-        return bool(mean_across_ranks(flag, self.ctx) > 0)
+        return bool(mean_across_ranks(torch.tensor(float(requested), device=self.device), self.ctx) > 0)
 
     def _fail_nonfinite(self, step: int, value: float, what: str = "training loss") -> None:
-        info_path = self.last_dir / ckpt.INFO_FILE
-        if info_path.is_file():
-            good = json.loads(info_path.read_text()).get("step")
+        info = self.last_dir / LAST_INFO_FILE if self.last_dir is not None else None
+        if info is not None and info.is_file():
+            good = json.loads(info.read_text()).get("step")
             where = f"the last good checkpoint is {self.last_dir} (step {good})"
         else:
             where = "no checkpoint was written"
-        self.logger.close()
-        raise FromzeroError(
-            f"{what} became {value} at step {step}; training stopped, {where}. "
-            "Try a lower train.lr, grad_clip, or float32"
-        )
-
-    def _elapsed_from_metrics(self) -> float:
-        rows = [r for r in self.logger.rows if "elapsed_s" in r]
-        return float(rows[-1]["elapsed_s"]) if rows else 0.0
+        if hasattr(self.logger, "close"):
+            self.logger.close()
+        raise FromzeroError(f"{what} became {value} at step {step}; training stopped, {where}. "
+                            f"Try a lower lr (now {self.cfg.lr}), grad_clip or float32, or check the data")
 
 
-def pretrain(
-    cfg: PretrainConfig,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    force: bool = False,
-    progress: bool = True,
-) -> PretrainResult:
-    """Run (or resume) pretraining described by ``cfg``; returns where and how it ended."""
-    trainer = Pretrainer(cfg, run_dir=run_dir, resume=resume, force=force, progress=progress)
-    try:
-        return trainer.fit()
-    except Exception as e:
-        if trainer.ctx.world_size > 1 and is_collective_failure(e):
-            raise lost_rank_error(e, trainer.ctx) from None
-        raise
-    finally:
-        shutdown(trainer.ctx)
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def load_run_config(run_dir: Path) -> dict:
-    """The resolved config.yaml of an existing run (for --resume)."""
-    from fromzero.config import load_yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FromzeroError(f"{run_dir} is not a run directory (no config.yaml)")
-    return load_yaml(path)
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
-    """The config an existing run continues with (``pretrain --resume RUN_DIR``): its resolved
-    config.yaml with ``--section.key VALUE`` overrides applied on top, validated."""
-    from fromzero.config import deep_merge, from_dict, parse_overrides, validate_pretrain
-
-    data = deep_merge(load_run_config(Path(run_dir)), parse_overrides(list(overrides or []), PretrainConfig))
-    cfg = from_dict(PretrainConfig, data)
-    validate_pretrain(cfg)
-    return cfg
-
+def _batch_size(batch: Any) -> int:
+    """Examples in a micro-batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.size(0)
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    return 1
 
