@@ -142,8 +142,8 @@ def test_stop_request_mid_training_saves_and_resumes_exactly(make_recipe, cli, r
     with monkeypatch.context() as m:
         _interrupt_after(m, k)
         result = cli("pretrain", "--config", recipe, "--quiet")
-    assert result.code == 0, result
-    assert f"stopped: step {k}" in result.out
+    assert result.code == 130, result  # told apart from a finished run by scripts, as finetune is
+    assert f"stopped: interrupted at step {k}" in result.out
     assert f"fromzero pretrain --resume {run_dir}" in result.err
     last = run_dir / "checkpoints" / "last"
     assert _info(last)["step"] == k
@@ -232,7 +232,7 @@ def test_resume_overrides_are_remembered_by_the_next_resume(make_recipe, cli, mo
     with monkeypatch.context() as m:
         _interrupt_after(m, 15)
         result = cli("pretrain", "--resume", run_dir, "--train.max_steps", "20", "--quiet")
-    assert result.code == 0 and "stopped: step 15" in result.out, result
+    assert result.code == 130 and "stopped: interrupted at step 15" in result.out, result
     result = cli("pretrain", "--resume", run_dir, "--quiet")
     assert result.code == 0, result
     assert _info(run_dir / "checkpoints" / "last")["step"] == 20

@@ -147,11 +147,12 @@ def _cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
             raise FromzeroError("pretrain needs --config RECIPE.yaml (or --resume RUN_DIR)")
         cfg = load_pretrain_config(args.config, expanded)
         result = pretrain(cfg, force=args.force, progress=not args.quiet)
-    print(
-        f"{'stopped' if result.stopped_early else 'done'}: step {result.step}, "
-        f"val loss {result.last_val_loss:.4f} (best {result.best_val_loss:.4f}); "
-        f"run directory {result.run_dir}"
-    )
+    if result.stopped_early:  # Ctrl-C / SIGTERM: exit 130, as an interrupted command, like finetune
+        print(f"stopped: interrupted at step {result.step} (best val loss {result.best_val_loss:.4f}); "
+              f"continue it with fromzero pretrain --resume {result.run_dir}")
+        return 130
+    print(f"done: step {result.step}, val loss {result.last_val_loss:.4f} (best {result.best_val_loss:.4f}); "
+          f"run directory {result.run_dir}")
     return 0
 
 
