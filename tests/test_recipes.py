@@ -1,6 +1,6 @@
 """Every recipe in recipes/ loads, validates and builds its model (LitGPT's "config hub tested").
 
-Pretraining recipes (no top-level ``task``) load with :func:`load_pretrain_config` and build a GPT;
+Pretraining recipes (``task: pretrain``) load with :func:`load_pretrain_config` and build a GPT;
 fine-tuning recipes (``task: ...``) load with :func:`load_finetune_config` and, per task, build
 their model: image classifiers run a forward pass, the LoRA text recipe trains < 2 % of MiniLM.
 """
@@ -30,8 +30,8 @@ def _tunes(path: Path) -> bool:
 
 
 TUNE = [p for p in RECIPES if _tunes(p)]
-PRETRAIN = [p for p in RECIPES if _task(p) is None and not _tunes(p)]
-FINETUNE = [p for p in RECIPES if _task(p) is not None]
+PRETRAIN = [p for p in RECIPES if _task(p) == "pretrain" and not _tunes(p)]
+FINETUNE = [p for p in RECIPES if _task(p) not in (None, "pretrain")]
 TEXT = [p for p in FINETUNE if _task(p) == "text-classification"]
 IMAGES = [p for p in FINETUNE if _task(p) == "image-classification"]
 SFT = [p for p in FINETUNE if _task(p) == "sft"]
@@ -42,6 +42,7 @@ def test_there_are_recipes():
     assert any(p.name == "shakespeare-char.yaml" for p in PRETRAIN)
     assert TEXT and IMAGES and SFT and RECSYS, [p.name for p in FINETUNE]
     assert set(PRETRAIN) | set(FINETUNE) | set(TUNE) == set(RECIPES) and TUNE
+    assert all(_task(p) is not None for p in RECIPES)  # one shape: every recipe names its task
 
 
 @pytest.mark.parametrize("recipe", TUNE, ids=[p.stem for p in TUNE])

@@ -310,6 +310,75 @@ def _unknown_key_message(key: str, candidates: list[str]) -> str:
     return f"unknown config key '{key}'{hint}"
 
 
+# ---------------------------------------------------------------------------------------------
+# One recipe shape: sections
+
+
+RECIPE_ORDER = ("task", "model", "data", "train", "method", "distill", "dist")
+
+
+def recipe_keys(cls: type) -> dict[str, str]:
+    """Each field of a flat config class (a fine-tuning task's) -> its key in a recipe:
+    ``train.lr``, ``method.name``, ``data.source``, ``out_dir``. Classes declare the keys of
+    their fields in a ``RECIPE_KEYS`` class attribute (read along the MRO); a field no class
+    declares is a ``train.`` setting; a nested dataclass field (``privacy``) is its own section.
+    Pretraining's config is nested dataclasses already: its sections are its fields."""
+    declared: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        declared.update(base.__dict__.get("RECIPE_KEYS", {}))
+    hints = _type_hints(cls)
+    return {f.name: f.name if dataclasses.is_dataclass(hints[f.name]) else declared.get(f.name, f"train.{f.name}")
+            for f in dataclasses.fields(cls)}
+
+
+def flatten_recipe(cls: type, data: dict, source: str = "the recipe", notes: bool = True) -> dict:
+    """A sectioned recipe (``train: {lr: ...}``) as the flat field names of ``cls``. A flat key
+    of the old shape still works, with one line naming its new place (``notes``; not for the
+    config.yaml of a run written before, which is read as it is); an unknown key is refused
+    with the closest valid one."""
+    keys = recipe_keys(cls)
+    flat_of = {dotted: name for name, dotted in keys.items()}
+    sections = {dotted.partition(".")[0] for dotted in keys.values() if "." in dotted}
+    out: dict = {}
+    moved: list[str] = []
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict) and keys.get(key) != key:
+            for leaf, v in value.items():
+                dotted = f"{key}.{leaf}"
+                name = flat_of.get(dotted)
+                if name is None:  # an old leaf name (max_iters) gets one line naming the new one
+                    name = flat_of.get(f"{key}.{RENAMED_KEYS.get(leaf, leaf)}")
+                    if name is None:
+                        raise FromzeroError(f"{source}: {_unknown_key_message(dotted, list(flat_of))}")
+                    print(f"note: '{dotted}' is now '{keys[name]}' ({source})", file=sys.stderr)
+                out[name] = v
+        elif key in keys or (key in RENAMED_KEYS and RENAMED_KEYS[key] in keys):
+            name = key if key in keys else RENAMED_KEYS[key]
+            if keys[name] != key:
+                moved.append(f"{key} -> {keys[name]}")
+            out[name] = value
+        else:
+            raise FromzeroError(f"{source}: {_unknown_key_message(key, list(flat_of))}")
+    if moved and notes:  # one line, naming every new place
+        print(f"note: {source} uses keys of the previous flat recipe shape; they still work, their places now: "
+              f"{', '.join(moved)}", file=sys.stderr)
+    return out
+
+
+def section_recipe(cls: type, flat: dict) -> dict:
+    """The flat values of a ``cls`` config as a sectioned recipe (what config.yaml holds)."""
+    keys = recipe_keys(cls)
+    out: dict = {}
+    for name, value in flat.items():
+        section, _, leaf = keys.get(name, name).rpartition(".")
+        if section:
+            out.setdefault(section, {})[leaf] = value
+        else:
+            out[leaf] = value
+    order = {name: i for i, name in enumerate(RECIPE_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -405,11 +474,20 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def pretraining_recipe(data: dict, source: Any) -> dict:
+    """A pretraining recipe without its optional ``task: pretrain`` line (every recipe has the
+    same shape: task, model, data, train, dist); a fine-tuning recipe is sent to its command."""
+    task = data.pop("task", "pretrain")
+    if task != "pretrain":
+        raise FromzeroError(f"{source} is a fine-tuning recipe (task: {task}): run it with fromzero finetune")
+    return data
+
+
 def load_pretrain_config(
     recipe: str | Path | None, overrides: list[str] | dict | None = None
 ) -> PretrainConfig:
     """Recipe YAML (optional) + overrides -> validated PretrainConfig."""
-    data = load_yaml(recipe) if recipe is not None else {}
+    data = pretraining_recipe(load_yaml(recipe), recipe) if recipe is not None else {}
     if recipe is not None and "name" not in data:
         data["name"] = Path(recipe).stem
     if isinstance(overrides, dict):
@@ -462,6 +540,7 @@ def options_help(cls: type, defaults: Any | None = None, prefix: str = "") -> li
     hints = _type_hints(cls)
     docs = field_docs(cls)
     unused = getattr(cls, "UNUSED_KEYS", frozenset())  # inherited keys this config refuses
+    keys = recipe_keys(cls) if hasattr(cls, "RECIPE_KEYS") else {}
     for f in dataclasses.fields(cls):
         if f.name in unused:
             continue
@@ -470,5 +549,17 @@ def options_help(cls: type, defaults: Any | None = None, prefix: str = "") -> li
             lines += options_help(hints[f.name], value, prefix + f.name + ".")
         else:
             shown = "''" if value == "" else value
-            lines.append(f"  --{prefix}{f.name} (default: {shown})  {docs.get(f.name, '')}".rstrip())
-    return lines
+            lines.append(f"  --{prefix}{keys.get(f.name, f.name)} (default: {shown})  {docs.get(f.name, '')}".rstrip())
+    return by_section(lines) if keys else lines
+
+
+def by_section(lines: list[str]) -> list[str]:
+    """Help lines ``  --section.key ...`` grouped by recipe section (model, data, train, ...), in
+    field order within a section (a stable sort)."""
+    order = {name: i for i, name in enumerate(RECIPE_ORDER)}
+
+    def section(line: str) -> int:
+        key = line.split()[0][2:]
+        return order.get(key.partition(".")[0], len(order)) if "." in key else len(order) + 1
+
+    return sorted(lines, key=section)

@@ -141,6 +141,15 @@ def _default(module: str, value: ast.expr | None) -> Any:
 
 
 @functools.cache
+def _recipe_keys(target: str) -> dict[str, str]:
+    """The class's own ``RECIPE_KEYS`` literal (where its fields go in a recipe), or {}."""
+    for stmt in _class_node(target)[1].body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == "RECIPE_KEYS":
+            return ast.literal_eval(stmt.value)
+    return {}
+
+
+@functools.cache
 def _own_fields(target: str) -> tuple[list[_Field], frozenset[str] | None]:
     module, node = _class_node(target)
     fields: list[_Field] = []
@@ -181,6 +190,11 @@ def static_options_help(target: str, prefix: str = "") -> list[str]:
     """Lines ``--section.key (default: X)  doc`` for every leaf field of the config class
     ``target`` ("package.module:Class"), without importing its module."""
     fields, unused = _fields(target)
+    # A flat (fine-tuning) config declares where its fields go in a recipe (RECIPE_KEYS along
+    # the MRO; a field no class declares is a train. setting): as fromzero.config.recipe_keys.
+    declared: dict[str, str] = {}
+    for cls in reversed(_mro(target)):
+        declared.update(_recipe_keys(cls))
     lines = []
     for f in fields:
         if f.name in unused:
@@ -189,5 +203,17 @@ def static_options_help(target: str, prefix: str = "") -> list[str]:
             lines += static_options_help(f.default.target, prefix + f.name + ".")
             continue
         shown = "''" if f.default == "" else f.default
-        lines.append(f"  --{prefix}{f.name} (default: {shown})  {f.doc}".rstrip())
-    return lines
+        key = declared.get(f.name, f"train.{f.name}") if declared else f.name
+        lines.append(f"  --{prefix}{key} (default: {shown})  {f.doc}".rstrip())
+    return _by_section(lines) if declared else lines
+
+
+def _by_section(lines: list[str]) -> list[str]:
+    """As fromzero.config.by_section (which imports torch through its module's imports)."""
+    order = {name: i for i, name in enumerate(("task", "model", "data", "train", "method", "distill", "dist"))}
+
+    def section(line: str) -> int:
+        key = line.split()[0][2:]
+        return order.get(key.partition(".")[0], len(order)) if "." in key else len(order) + 1
+
+    return sorted(lines, key=section)

@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna: ``fromzero tune --config RECIPE --trials N``.
 
 The recipe declares what to search in a ``tune`` section; every other key is an ordinary
-pretraining recipe (``model:``/``train:`` sections) or fine-tuning recipe (``task:`` + flat keys)::
+pretraining or fine-tuning recipe (``task:``, ``model:``, ``data:``, ``train:``, ... sections)::
 
     tune:
       metric: val_loss            # what to optimise (default: val_loss; fine-tuning: the monitor)
@@ -127,19 +127,29 @@ class Search:
         if unknown:
             raise FromzeroError(f"tune: unknown key(s) {unknown} (known: space, metric, direction)")
         self.task = data.get("task")
+        if self.task == "pretrain":  # the optional task line of a pretraining recipe
+            self.task = data.pop("task") and None
+        space = tune.get("space")
         if self.task:
-            from fromzero.finetune.recipe import task_config_class
+            from fromzero.config import flatten_recipe, recipe_keys, section_recipe
+            from fromzero.finetune.recipe import parse_recipe_overrides, task_config_class
 
-            cls = task_config_class(str(self.task))
-            keys = all_keys(cls)
-            self.base = deep_merge(data, parse_overrides(overrides, cls, command="tune"))
-            default_metric = str(self.base.get("monitor") or "val_loss")
+            self.cls = cls = task_config_class(str(self.task))
+            recipe = {k: v for k, v in data.items() if k != "task"}
+            flat = deep_merge(flatten_recipe(cls, recipe, str(self.recipe)),
+                              parse_recipe_overrides(overrides, cls, command="tune"))
+            self.base = {"task": self.task, **section_recipe(cls, flat)}
+            dotted = recipe_keys(cls)
+            keys = [dotted.get(k, k) for k in all_keys(cls)]  # train.lr, method.name, privacy.delta, ...
+            if isinstance(space, dict):  # a flat key of the old shape names the same setting
+                space = {dotted.get(k, k): v for k, v in space.items()}
+            default_metric = str(flat.get("monitor") or "val_loss")
         else:
             keys = all_keys(PretrainConfig)
             self.base = deep_merge(data, parse_overrides(overrides, PretrainConfig, command="tune"))
             self.base.setdefault("name", self.recipe.stem)
             default_metric = "val_loss"
-        self.dimensions = parse_space(tune.get("space"), [k for k in keys if k not in ("out_dir", "force", "progress")])
+        self.dimensions = parse_space(space, [k for k in keys if k not in ("out_dir", "force", "progress")])
         self.metric = str(tune.get("metric") or default_metric)
         if not self.metric.startswith("val_"):
             self.metric = "val_" + self.metric
@@ -173,12 +183,14 @@ class Search:
         if out_dir is not None:
             data["out_dir"] = str(out_dir)
         if self.task:
+            from fromzero.config import flatten_recipe
             from fromzero.finetune.recipe import load_finetune_config
 
             data.pop("task", None)
+            flat = flatten_recipe(self.cls, data, str(self.recipe), notes=False)
             if out_dir is not None:
-                data["progress"] = False
-            return load_finetune_config(None, data, task=str(self.task))[1]
+                flat["progress"] = False
+            return load_finetune_config(None, flat, task=str(self.task))[1]
         from fromzero.config import PretrainConfig, from_dict, validate_pretrain
 
         cfg = from_dict(PretrainConfig, data)

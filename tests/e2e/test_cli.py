@@ -19,6 +19,7 @@ import yaml
 
 from fromzero.cli import main
 from fromzero.config import PretrainConfig, from_dict, load_yaml
+from fromzero.training.pretrain import load_resume_config
 from fromzero.training.optim import lr_at
 
 MAX_ITERS = 40
@@ -93,6 +94,7 @@ def test_pretrain_loss_goes_down(run):
 
 def test_run_dir_config_yaml_is_resolved_and_loadable(run):
     data = load_yaml(run.run_dir / "config.yaml")
+    assert data.pop("task") == "pretrain"  # every recipe and run config names its task
     cfg = from_dict(PretrainConfig, data)
     assert cfg.model.vocab_size == run.meta["vocab_size"]  # 0 in the recipe, resolved from data
     assert cfg.name == "e2e"  # the recipe's file name
@@ -103,7 +105,7 @@ def test_run_dir_config_yaml_is_resolved_and_loadable(run):
 
 
 def test_run_dir_metrics_rows(run):
-    cfg = from_dict(PretrainConfig, load_yaml(run.run_dir / "config.yaml"))
+    cfg = load_resume_config(run.run_dir)
     for row in run.train_rows:
         assert {"step", "loss", "lr", "tokens_per_sec", "elapsed_s"} <= row.keys(), row
         assert row["tokens_per_sec"] > 0 and row["elapsed_s"] >= 0

@@ -418,8 +418,9 @@ def test_bad_rows_are_one_line_errors(cli, one_line_error, chat: SimpleNamespace
     good = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(4)]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows + good)
     recipe = tmp_path / "dpo.yaml"
-    recipe.write_text(yaml.safe_dump({"task": "dpo", "init_from": str(chat.ref), "data": str(data),
-                                      "out_dir": str(tmp_path / "run"), "max_length": 64, "device": "cpu"}))
+    recipe.write_text(yaml.safe_dump({"task": "dpo", "model": {"init_from": str(chat.ref)},
+                                      "data": {"source": str(data), "max_length": 64}, "train": {"device": "cpu"},
+                                      "out_dir": str(tmp_path / "run")}))
     one_line_error(cli("finetune", "--config", recipe), fragment)
     assert not (tmp_path / "run").exists()
 
@@ -427,7 +428,7 @@ def test_bad_rows_are_one_line_errors(cli, one_line_error, chat: SimpleNamespace
 def test_checkpoint_without_chat_template_is_refused(cli, one_line_error, gpt_base: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "hi", "chosen": "yes", "rejected": "no"}] * 4)
     recipe = tmp_path / "dpo.yaml"
-    recipe.write_text(yaml.safe_dump({"task": "dpo", "init_from": str(gpt_base), "data": str(data),
+    recipe.write_text(yaml.safe_dump({"task": "dpo", "model": {"init_from": str(gpt_base)}, "data": {"source": str(data)},
                                       "out_dir": str(tmp_path / "run")}))
     one_line_error(cli("finetune", "--config", recipe), "no chat template")
     assert not (tmp_path / "run").exists()
@@ -438,8 +439,8 @@ def test_checkpoint_without_chat_template_is_refused(cli, one_line_error, gpt_ba
 def test_bad_settings_are_one_line_errors(cli, one_line_error, chat: SimpleNamespace, tmp_path: Path,
                                           override: tuple[str, str], fragment: str) -> None:
     recipe = tmp_path / "dpo.yaml"
-    recipe.write_text(yaml.safe_dump({"task": "dpo", "init_from": str(chat.ref), "data": str(chat.data),
-                                      "out_dir": str(tmp_path / "run")}))
+    recipe.write_text(yaml.safe_dump({"task": "dpo", "model": {"init_from": str(chat.ref)},
+                                      "data": {"source": str(chat.data)}, "out_dir": str(tmp_path / "run")}))
     one_line_error(cli("finetune", "--config", recipe, *override), fragment)
     assert not (tmp_path / "run").exists()
 

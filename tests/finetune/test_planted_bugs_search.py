@@ -217,7 +217,7 @@ def test_crossval_runs_train_and_validate_on_their_own_fold(cli, bert_base: Path
     assert [f["fold"] for f in report["folds"]] == list(range(1, k + 1))
     for row, source in zip(report["folds"], sources):
         config = yaml.safe_load((out / f"fold-{row['fold']}" / "config.yaml").read_text())
-        assert Path(config["data"]).resolve() == source.resolve()
+        assert Path(config["data"]["source"]).resolve() == source.resolve()
         val = evaluate_checkpoint(out / f"fold-{row['fold']}" / "checkpoints" / "best", str(source), "val")
         assert val["n"] == len(read_jsonl(source / "val.jsonl"))
         assert row["val_loss"] == pytest.approx(val["loss"], rel=1e-4, abs=1e-5)

@@ -408,9 +408,9 @@ def test_help_lists_no_option_the_recommendation_task_refuses(capsys) -> None:
         main(["finetune", "--help"])
     text = capsys.readouterr().out
     rec = text.split("task recommendation:")[1].split("\ntask ")[0].split("examples:")[0]
-    for key in ("--method", "--lora_rank", "--unfreeze_top", "--init_from"):
+    for key in ("--method.", "--method.lora_rank", "--method.unfreeze_top", "--model.init_from"):
         assert key not in rec, key
-    assert "--arch" in rec and "--lora_rank" in text.split("task recommendation:")[0]
+    assert "--model.arch" in rec and "--method.lora_rank" in text.split("task recommendation:")[0]
 
 
 def test_resume_continues_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,7 +63,7 @@ def test_run_directory_contents(trained: dict) -> None:
     assert Path(trained["checkpoint"]) == run / "checkpoints" / "best"
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["task"] == "text-classification" and saved["method"] == "full" and saved["lr"] == 1e-3
+    assert saved["task"] == "text-classification" and saved["method"]["name"] == "full" and saved["train"]["lr"] == 1e-3
 
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("val_f1_macro" in r for r in rows) == 15  # one evaluation per epoch
@@ -217,19 +217,21 @@ def test_cli_finetune_existing_run_error_names_only_real_options(cli, bert_base,
 
 def test_cli_finetune_from_a_jsonl_recipe(cli, bert_base, sentiment_jsonl, tmp_path) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"task": "text-classification", "init_from": str(bert_base),
-                                      "data": str(sentiment_jsonl), "epochs": 1, "device": "cpu",
-                                      "dtype": "float32", "out_dir": str(tmp_path / "run")}))
-    result = cli("finetune", "--config", recipe, "--quiet", "--method", "frozen")
+    recipe.write_text(yaml.safe_dump({"task": "text-classification", "model": {"init_from": str(bert_base)},
+                                      "data": {"source": str(sentiment_jsonl)},
+                                      "train": {"epochs": 1, "device": "cpu", "dtype": "float32"},
+                                      "out_dir": str(tmp_path / "run")}))
+    result = cli("finetune", "--config", recipe, "--quiet", "--method.name", "frozen")
     assert result.code == 0, result
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"] == "frozen"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["name"] == "frozen"
 
 
 def test_cli_finetune_typo_suggests_the_option(cli, one_line_error, bert_base, sentiment_csv, tmp_path) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"task": "text-classification", "init_from": str(bert_base),
-                                      "data": str(sentiment_csv), "out_dir": str(tmp_path / "run")}))
+    recipe.write_text(yaml.safe_dump({"task": "text-classification", "model": {"init_from": str(bert_base)},
+                                      "data": {"source": str(sentiment_csv)}, "out_dir": str(tmp_path / "run")}))
     one_line_error(cli("finetune", "--config", recipe, "--lrr", "1"), "did you mean '--lr'")
+    one_line_error(cli("finetune", "--config", recipe, "--train.lrr", "1"), "did you mean '--train.lr'")
     assert not (tmp_path / "run").exists()
 
 

@@ -176,19 +176,17 @@ def _finetune_epilog() -> str:
     from fromzero.options import static_options_help  # reads the source: no torch import for --help
     from fromzero.tasks import finetuning_tasks
 
-    parts = ["recipe options, per task (override any with --key VALUE; built-in defaults shown,\n"
-             "a recipe sets its own):"]
+    parts = ["recipe options, per task, in the recipe sections every recipe has (override any with\n"
+             "--section.key VALUE, or the short --key VALUE; built-in defaults shown, a recipe sets its own):"]
     for name, task in finetuning_tasks().items():
         parts.append(f"\ntask {name}:\n" + "\n".join(static_options_help(task.config)))
-    parts.append("\nexamples:\n  fromzero finetune --config recipes/genre-minilm.yaml --method lora\n"
-                 "  fromzero finetune --config recipes/digits-cnn.yaml --epochs 5\n")
+    parts.append("\nexamples:\n  fromzero finetune --config recipes/genre-minilm.yaml --method.name lora\n"
+                 "  fromzero finetune --config recipes/digits-cnn.yaml --train.epochs 5\n")
     return "\n".join(parts)
 
 
 def _finetune_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
-    # --dist.strategy as in pretraining recipes (fine-tuning recipes are flat: dist_strategy).
-    tokens = ["--dist_strategy" if t == "--dist.strategy" else t for t in overrides]
-    tokens = _bool_flags(tokens, {"--compile", "--packing", "--force"})
+    tokens = _bool_flags(list(overrides), {"--compile", "--train.compile", "--packing", "--data.packing", "--force"})
     if getattr(args, "force", False):
         tokens += ["--force", "true"]
     if getattr(args, "quiet", False):

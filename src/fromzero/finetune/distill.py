@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,11 @@ def layer_layout(model_type: str) -> tuple[str, str]:
 @dataclass
 class DistillOptions:
     """Distillation settings (mixed into the text-classification and sft task configs)."""
+
+    # where each field goes in a recipe (a field not listed is a train. setting)
+    RECIPE_KEYS: ClassVar[dict[str, str]] = {
+        "teacher": "distill.teacher", "student_layers": "distill.student_layers", "student_config":
+        "distill.student_config", "temperature": "distill.temperature", "alpha": "distill.alpha"}
 
     teacher: str = ""
     """Distil from this checkpoint (a fine-tuned classifier for text-classification, a GPT for sft); "" = no distillation. The student replaces init_from."""

@@ -54,7 +54,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -69,6 +69,12 @@ METRICS = ("reward_margin", "reward_chosen", "reward_rejected", "reward_accuracy
 @dataclass
 class DPOConfig(FinetuneConfig):
     """Preference tuning (DPO) of a chat decoder on chosen/rejected reply pairs."""
+
+    # where each field goes in a recipe (a field not listed is a train. setting)
+    RECIPE_KEYS: ClassVar[dict[str, str]] = {
+        "data": "data.source", "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction",
+        "max_examples": "data.max_examples", "max_eval_examples": "data.max_eval_examples", "max_length":
+        "data.max_length", "truncate_prompt": "data.truncate_prompt"}
 
     init_from: str = ""
     """The model to tune: a fromzero-gpt checkpoint with a chat template (a converted chat model), an sft checkpoint, or an sft LoRA adapter directory."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from fromzero.config import TrainSettings
 from fromzero.errors import FromzeroError
@@ -23,6 +23,11 @@ from fromzero.training.trainer import LAST_INFO_FILE, FitResult, on_main_rank
 @dataclass
 class FinetuneConfig(MethodConfig, TrainSettings):
     """Settings every fine-tuning task shares (the task configs add data and model fields)."""
+
+    # where each field goes in a recipe (a field not listed is a train. setting)
+    RECIPE_KEYS: ClassVar[dict[str, str]] = {
+        "init_from": "model.init_from", "dist_strategy": "dist.strategy", "out_dir": "out_dir", "force":
+        "force", "progress": "progress"}
 
     init_from: str = ""
     """The model to start from: a fromzero checkpoint directory (pretraining run: runs/<run>/checkpoints/best)."""
@@ -84,6 +89,7 @@ def start_run_dir(cfg: Any, task: str, ctx: DistContext, resume: bool = False) -
     import yaml
 
     from fromzero.checkpoint import atomic_write_text
+    from fromzero.config import section_recipe
     from fromzero.training.distributed import broadcast_text
     from fromzero.training.trainer import default_run_dir, prepare_run_dir
 
@@ -95,8 +101,8 @@ def start_run_dir(cfg: Any, task: str, ctx: DistContext, resume: bool = False) -
                 raise FromzeroError(f"nothing to resume in {run_dir}: no checkpoints/last with training state")
         else:
             prepare_run_dir(run_dir, cfg.force, resumable=True)
-        saved = dict(dataclasses.asdict(cfg), out_dir=str(run_dir), task=task)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+        saved = section_recipe(type(cfg), dict(dataclasses.asdict(cfg), out_dir=str(run_dir)))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"task": task, **saved}, sort_keys=False))
 
     on_main_rank(ctx, start)
     return run_dir

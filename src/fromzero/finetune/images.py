@@ -59,6 +59,14 @@ SPLITS = ("train", "val", "test")
 class ImageFinetuneConfig(FinetuneConfig):
     """Fine-tuning an image classifier on DATA/{train,val,test}/<class>/<image>."""
 
+    # where each field goes in a recipe (a field not listed is a train. setting)
+    RECIPE_KEYS: ClassVar[dict[str, str]] = {
+        "data_dir": "data.source", "image_size": "data.image_size", "resize_size": "data.resize_size",
+        "channels": "data.channels", "normalize": "data.normalize", "mean": "data.mean", "std": "data.std",
+        "augment": "data.augment", "bad_images": "data.bad_images", "arch": "model.arch", "weights":
+        "model.weights", "vit_patch_size": "model.vit_patch_size", "vit_hidden_size": "model.vit_hidden_size",
+        "vit_layers": "model.vit_layers", "vit_heads": "model.vit_heads"}
+
     # Inherited options images do not use (the model comes from arch + weights): left out of
     # --help, refused by validate() when a recipe sets them.
     UNUSED_KEYS: ClassVar[frozenset[str]] = frozenset({"init_from"})

@@ -18,6 +18,7 @@ Heads and layer stacks per model family::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn as nn
 
@@ -29,6 +30,12 @@ METHODS = ("full", "frozen", "lora")
 @dataclass
 class MethodConfig:
     """How much of the model a fine-tune trains (the fields every fine-tuning task shares)."""
+
+    # where each field goes in a recipe (a field not listed is a train. setting)
+    RECIPE_KEYS: ClassVar[dict[str, str]] = {
+        "method": "method.name", "unfreeze_top": "method.unfreeze_top", "lora_rank": "method.lora_rank",
+        "lora_alpha": "method.lora_alpha", "lora_dropout": "method.lora_dropout", "lora_targets":
+        "method.lora_targets"}
 
     method: str = "full"
     """full (every weight) | frozen (the head, plus unfreeze_top layers) | lora (low-rank adapters + head)."""

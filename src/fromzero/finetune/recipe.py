@@ -1,18 +1,23 @@
-"""Fine-tuning recipes: a YAML file naming the ``task`` plus that task's flat settings.
+"""Fine-tuning recipes: the ``task`` and the sections every recipe has (as pretraining's)::
 
-    task: text-classification        # | sft | dpo | image-classification
-    init_from: all-MiniLM-L6-v2
-    data: shakespeare-genre
-    method: lora
-    lr: 5.0e-4
+    task: text-classification        # | sft | dpo | image-classification | recommendation
+    model: {init_from: all-MiniLM-L6-v2}
+    data: {source: shakespeare-genre}
+    train: {lr: 5.0e-4, epochs: 3}
+    method: {name: lora, lora_rank: 8}
+    dist: {strategy: none}
 
-Any setting can be overridden on the command line (``--lr 1e-4 --method frozen``); unknown keys
-are refused with the closest valid name. The settings of each task are the fields of its
-config dataclass (named in :mod:`fromzero.tasks`); ``fromzero finetune --help`` lists them with
-their defaults.
+Any setting can be overridden on the command line with its dotted key (``--train.lr 1e-4
+--method.name frozen``; the bare field name, ``--lr``, is a short alias); unknown keys are
+refused with the closest valid one. A task's config is one flat dataclass whose fields say
+where they go in a recipe (``RECIPE_KEYS``, :func:`fromzero.config.recipe_keys`); recipes of the
+previous flat shape still load, with one line naming where each key lives now. ``fromzero finetune
+--help`` lists every key with its default.
 """
 
 from __future__ import annotations
+
+import difflib
 
 from pathlib import Path
 from typing import Any
@@ -29,23 +34,48 @@ def task_config_class(task: str) -> type:
 def load_finetune_config(recipe: str | Path | None, overrides: list[str] | dict | None = None,
                          task: str | None = None) -> tuple[str, Any]:
     """Recipe YAML + overrides -> (task, validated task config)."""
-    from fromzero.config import deep_merge, from_dict, load_yaml, parse_overrides
+    from fromzero.config import deep_merge, flatten_recipe, from_dict, load_yaml
 
     data = load_yaml(recipe) if recipe is not None else {}
     task = task or data.pop("task", None)
     data.pop("task", None)
     if not task:
         raise FromzeroError(f"{recipe or 'the recipe'} has no 'task' (tasks: {', '.join(finetuning_tasks())})")
+    if task == "pretrain":
+        raise FromzeroError(f"{recipe or 'the recipe'} is a pretraining recipe (task: pretrain): run it with fromzero pretrain")
     cls = task_config_class(str(task))
-    extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []), cls, command="finetune")
-    cfg = from_dict(cls, deep_merge(data, extra))
+    flat = flatten_recipe(cls, data, str(recipe)) if recipe is not None else {}
+    extra = overrides if isinstance(overrides, dict) else parse_recipe_overrides(list(overrides or []), cls)
+    cfg = from_dict(cls, deep_merge(flat, extra))
     cfg.validate()
     return str(task), cfg
 
 
+def parse_recipe_overrides(tokens: list[str], cls: type, command: str = "finetune") -> dict:
+    """``--train.lr 1e-4 --method.name lora`` (or the short ``--lr 1e-4``) as flat field values of
+    ``cls``; an unknown dotted key is refused with the closest valid one."""
+    from fromzero.config import parse_overrides, recipe_keys
+
+    keys = recipe_keys(cls)
+    flat_of = {dotted: name for name, dotted in keys.items()}
+    sections = {dotted.partition(".")[0] for dotted in keys.values() if "." in dotted} - set(keys)
+    out = []
+    for tok in tokens:
+        key, eq, value = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
+        key = key.replace("-", "_")
+        if key in flat_of:
+            tok = f"--{flat_of[key]}{eq}{value}"
+        elif key.partition(".")[0] in sections:
+            close = difflib.get_close_matches(key, list(flat_of), n=1, cutoff=0.6)
+            hint = f"; did you mean '--{close[0]}'?" if close else ""
+            raise FromzeroError(f"unknown option '--{key}'{hint} (fromzero {command} --help lists them)")
+        out.append(tok)
+    return parse_overrides(out, cls, command=command)
+
+
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[str, Any]:
     """(task, config) of an existing fine-tuning run (its config.yaml) + overrides, for --resume."""
-    from fromzero.config import deep_merge, from_dict, load_yaml, parse_overrides
+    from fromzero.config import deep_merge, flatten_recipe, from_dict, load_yaml
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -56,7 +86,8 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
         raise FromzeroError(f"{run_dir / 'config.yaml'} names no fine-tuning task "
                             f"(tasks: {', '.join(finetuning_tasks())})")
     cls = task_config_class(task)
-    extra = parse_overrides(list(overrides or []), cls, command="finetune")
+    data = flatten_recipe(cls, data, str(run_dir / "config.yaml"), notes=False)
+    extra = parse_recipe_overrides(list(overrides or []), cls)
     for key in ("out_dir", "force"):
         if key in extra:
             raise FromzeroError(f"--{key} cannot change when resuming: the run continues in {run_dir}")

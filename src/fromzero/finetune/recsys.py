@@ -57,6 +57,16 @@ ALS_ALPHAS = (1.0, 5.0, 20.0)
 class RecommendationConfig(FinetuneConfig):
     """Training a recommender on implicit feedback (user-item interactions)."""
 
+    # where each field goes in a recipe (a field not listed is a train. setting)
+    RECIPE_KEYS: ClassVar[dict[str, str]] = {
+        "data": "data.source", "test_data": "data.test_data", "min_rating": "data.min_rating",
+        "synthetic_users": "data.synthetic_users", "synthetic_items": "data.synthetic_items",
+        "synthetic_clusters": "data.synthetic_clusters", "synthetic_per_user": "data.synthetic_per_user",
+        "synthetic_seed": "data.synthetic_seed", "arch": "model.arch", "factors": "model.factors",
+        "mlp_layers": "model.mlp_layers", "dropout": "model.dropout", "buckets": "model.buckets",
+        "pretrained_gmf": "model.pretrained_gmf", "pretrained_mlp": "model.pretrained_mlp",
+        "pretrained_alpha": "model.pretrained_alpha"}
+
     # Inherited options that recommenders refuse (they train from scratch, every weight): left
     # out of --help (validate() still names them when a recipe sets them).
     UNUSED_KEYS: ClassVar[frozenset[str]] = frozenset(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,14 @@ BOUNDARY_CHECK_EXAMPLES = 1000
 @dataclass
 class SFTConfig(FinetuneConfig, DistillOptions):
     """Instruction tuning of a decoder LM on prompt/response pairs or chats."""
+
+    # where each field goes in a recipe (a field not listed is a train. setting)
+    RECIPE_KEYS: ClassVar[dict[str, str]] = {
+        "data": "data.source", "chat_template": "data.chat_template", "system_prompt": "data.system_prompt",
+        "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction", "max_length":
+        "data.max_length", "packing": "data.packing", "user_prefix": "data.user_prefix", "assistant_prefix":
+        "data.assistant_prefix", "system_prefix": "data.system_prefix", "turn_end": "data.turn_end",
+        "max_eval_examples": "data.max_eval_examples", "qlora_group_size": "method.qlora_group_size"}
 
     method: str = "full"
     """full (every weight) | frozen (the head, plus unfreeze_top layers) | lora (low-rank adapters) | qlora (LoRA adapters on a 4-bit base, see qlora_group_size)."""

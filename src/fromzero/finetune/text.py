@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,12 @@ BUILTIN_MODELS = ("all-MiniLM-L6-v2",)
 @dataclass
 class TextClassificationConfig(FinetuneConfig, DistillOptions):
     """Fine-tuning an encoder to label texts."""
+
+    # where each field goes in a recipe (a field not listed is a train. setting)
+    RECIPE_KEYS: ClassVar[dict[str, str]] = {
+        "data": "data.source", "text_column": "data.text_column", "label_column": "data.label_column",
+        "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction", "max_length":
+        "data.max_length", "pad_to_multiple_of": "data.pad_to_multiple_of", "dropout": "model.dropout"}
 
     init_from: str = "all-MiniLM-L6-v2"
     """Encoder to start from: all-MiniLM-L6-v2 (built in) or a fromzero-bert checkpoint directory."""

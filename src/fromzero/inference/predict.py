@@ -19,7 +19,7 @@ import torch
 
 from fromzero.checkpoint import checkpoint_info
 from fromzero.errors import FromzeroError
-from fromzero.tasks import get_task
+from fromzero.tasks import finetuning_tasks, get_task
 
 
 
@@ -34,7 +34,19 @@ def run_config(directory: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    task = data.get("task")
+    if task in finetuning_tasks():  # a fine-tuning run: its settings by field name (data, data_dir, ...)
+        from fromzero.config import flatten_recipe
+        from fromzero.finetune.recipe import task_config_class
+
+        recipe = {k: v for k, v in data.items() if k != "task"}
+        try:
+            return {"task": task, **flatten_recipe(task_config_class(task), recipe, str(path), notes=False)}
+        except FromzeroError:
+            return {}
+    return data
 
 
 class Classifier:

@@ -128,7 +128,7 @@ class PretrainRun:
         if ctx.is_main:
             from fromzero.training.callbacks import MetricsLogger
 
-            save_yaml(to_dict(cfg), self.run_dir / "config.yaml")
+            save_yaml({"task": "pretrain", **to_dict(cfg)}, self.run_dir / "config.yaml")
             self.logger: Any = MetricsLogger(self.run_dir, resume_step=self.resume_step)
         else:
             from fromzero.training.callbacks import NullLogger
@@ -319,12 +319,12 @@ def pretrain(cfg: PretrainConfig, run_dir: Path | None = None, resume: bool = Fa
 def load_resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
     """The config an existing run continues with (``pretrain --resume RUN_DIR``): its resolved
     config.yaml with ``--section.key VALUE`` overrides applied on top, validated."""
-    from fromzero.config import deep_merge, from_dict, load_yaml, parse_overrides
+    from fromzero.config import deep_merge, from_dict, load_yaml, parse_overrides, pretraining_recipe
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FromzeroError(f"{run_dir} is not a run directory (no config.yaml)")
-    data = deep_merge(load_yaml(path), parse_overrides(list(overrides or []), PretrainConfig))
+    data = deep_merge(pretraining_recipe(load_yaml(path), path), parse_overrides(list(overrides or []), PretrainConfig))
     cfg = from_dict(PretrainConfig, data)
     cfg.validate()
     return cfg
