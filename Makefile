@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fromzero-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean clean-all
 
 setup: $(STAMP)
 
@@ -27,5 +27,13 @@ bench: setup
 	$(BIN)/python benchmarks/pretrain.py
 	$(BIN)/python benchmarks/generate.py
 
+# clean: what `make` itself built (the venv, build files); runs/, data/ and the download cache stay.
 clean:
+	@echo "removing the virtual environment and build files: $(VENV) build src/*.egg-info .pytest_cache"
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	@echo "kept: runs/ (your runs), data/ (prepared data), $${FROMZERO_HOME:-~/.cache/fromzero} (downloads); make clean-all removes runs/ and data/ too"
+
+# clean-all: also the runs and prepared data in this checkout (the download cache stays: it is shared).
+clean-all: clean
+	@echo "removing runs/ and data/"
+	rm -rf runs data

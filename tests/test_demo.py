@@ -95,7 +95,8 @@ def test_make_demo_runs_end_to_end_with_a_tiny_override(in_repo_copy, tmp_path) 
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "demo: done. Run directory:" in proc.stdout and "demo: sample from" in proc.stdout
-    runs = [p for p in (in_repo_copy / "runs").iterdir() if (p / "checkpoints" / "best" / "model.safetensors").is_file()]
+    runs = [p for p in (in_repo_copy / "runs").iterdir()
+            if p.name != "latest" and (p / "checkpoints" / "best" / "model.safetensors").is_file()]
     assert len(runs) == 1 and (runs[0] / "metrics.jsonl").is_file()
     bad = subprocess.run([sys.executable, "-m", "fromzero.demo", "--train.max_itres", "10"], cwd=in_repo_copy,
                          env=env, capture_output=True, text=True, timeout=600)

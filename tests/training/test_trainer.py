@@ -383,7 +383,8 @@ def test_default_run_dir_is_named_after_recipe(make_recipe, cli, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     result = cli("pretrain", "--config", recipe, "--quiet")
     assert result.code == 0, result
-    runs = list((tmp_path / "runs").iterdir())
+    runs = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
     assert len(runs) == 1 and re.fullmatch(r"my-recipe-\d{8}-\d{6}", runs[0].name), runs
+    assert (tmp_path / "runs" / "latest").resolve() == runs[0].resolve()  # runs/latest: the run just started
     assert (runs[0] / "checkpoints" / "last" / "model.safetensors").is_file()
     assert f"run directory {runs[0].relative_to(tmp_path)}" in result.out

@@ -79,7 +79,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     xp.add_argument("--target", default="auto", help="ig / gradcam: the class to explain, by name (auto: the predicted one)")
     xp.add_argument("--steps", type=int, default=50, help="ig: integration steps (raise when the delta is large)")
     xp.add_argument("--baseline", default="pad", help="ig: the token replacing every word in the baseline: pad | mask")
-    xp.add_argument("--out", default="explanations", help="output directory")
+    xp.add_argument("--out", default="runs/explanations", help="output directory (under runs/, which git ignores)")
     xp.add_argument("--force", action="store_true", help="overwrite existing output files")
     xp.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     xp.set_defaults(func=_cmd_explain)

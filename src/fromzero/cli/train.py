@@ -257,4 +257,29 @@ def parsers(with_pretrain_help: bool = True, with_finetune_help: bool = True) ->
     return {"pretrain": lambda sub: _add_pretrain(sub, with_pretrain_help),
             **{verb: (lambda sub, verb=verb: _add_finetune_like(sub, verb, with_finetune_help))
                for verb in _FINETUNE_LIKE},
-            "distill": _add_distill, "tune": _add_tune}
+            "distill": _add_distill, "tune": _add_tune, "runs": _add_runs}
+
+
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    rn = _add_parser(sub, "runs", "list the run directories: task, status, best validation metric, age",
+                     description="One row per run under DIR (newest first; tune trials included): its task, "
+                     "whether it finished, was stopped (and at which step: continue it with --resume) or is "
+                     "running, its best value of the monitored validation metric, and when it last wrote. "
+                     "runs/latest links to the run started last.\n\nexample:\n  fromzero runs\n"
+                     "  fromzero generate --checkpoint runs/latest/checkpoints/best --prompt 'ROMEO:'")
+    rn.add_argument("--dir", default="runs", help="folder holding run directories")
+    rn.add_argument("--json", action="store_true", help="print the rows as JSON (for scripts)")
+    rn.set_defaults(func=_cmd_runs)
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from fromzero.evaluation.runs import format_runs, list_runs, runs_json
+
+    rows = list_runs(Path(args.dir))
+    if args.json:
+        print(runs_json(rows))
+    elif rows:
+        print(format_runs(rows))
+    else:
+        print(f"no runs in {args.dir} (pretrain or finetune write them there)")
+    return 0

@@ -49,7 +49,7 @@ from fromzero.errors import FromzeroError, first_line
 from fromzero.evaluation.metrics import to_jsonable  # plain values: what weights_only loading accepts
 from fromzero.training.distributed import DistContext, mean_across_ranks
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "tb", "checkpoints", "plots")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "tb", "checkpoints", "plots", ".running")
 LAST_WEIGHTS_FILE = "training_weights.safetensors"
 LAST_INFO_FILE = "info.json"
 
@@ -87,6 +87,9 @@ def prepare_run_dir(run_dir: Path, force: bool, resumable: bool = True) -> None:
             elif p.exists():
                 p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    from fromzero.evaluation.runs import point_latest
+
+    point_latest(run_dir)  # runs/latest -> the run just started
 
 
 def run_task(body: Callable[..., Any], cfg: Any, resume: bool = False) -> Any:
@@ -573,7 +576,11 @@ class Trainer:
             p.elapsed_s = time.perf_counter() - t0
             self.store.save_last(self, p)
 
-        with StopRequest() as stop, TrainingProgress(total, start=min(p.step, total), enabled=self.show_progress) as bar:
+        from fromzero.evaluation.runs import mark_running
+
+        run_dir = self.last_dir.parent.parent if self.last_dir is not None and self.ctx.is_main else None
+        with mark_running(run_dir), StopRequest() as stop, \
+                TrainingProgress(total, start=min(p.step, total), enabled=self.show_progress) as bar:
             done = False
             if self.resume and (p.step >= total or p.epoch > cfg.epochs):  # resumed with max_steps / epochs at or below
                 bar.print(f"the run already took {p.step} steps (of {total}): finishing it without training")
