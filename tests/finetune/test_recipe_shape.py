@@ -107,3 +107,24 @@ def test_run_config_is_sectioned_and_an_old_flat_one_still_resumes(tmp_path: Pat
     (run_dir / "config.yaml").write_text(yaml.safe_dump(flat))
     _, old = load_run_config(run_dir)
     assert old.lr == cfg.lr and old.data_dir == "digits"
+
+
+def test_tune_searches_a_fine_tuning_recipe_by_its_dotted_keys(tmp_path: Path) -> None:
+    """A tune space over a sectioned fine-tuning recipe names keys as the recipe does (an old flat
+    key names the same setting); each trial's config has the drawn value; best-recipe.yaml keeps
+    the recipe's shape."""
+    from fromzero.tune import Search, set_dotted
+
+    recipe = tmp_path / "tune.yaml"
+    body = yaml.safe_load((RECIPES / "digits-cnn.yaml").read_text())
+    body["tune"] = {"space": {"train.lr": {"log_uniform": [1e-3, 1e-1]}, "batch_size": {"choice": [16, 32]}}}
+    recipe.write_text(yaml.safe_dump(body))
+    search = Search(recipe, ["--train.epochs", "2"])
+    assert sorted(d.key for d in search.dimensions) == ["train.batch_size", "train.lr"]
+    data = search.base
+    set_dotted(data, "train.lr", 0.02)
+    cfg = search.build(data, tmp_path / "trial-000")
+    assert (cfg.lr, cfg.epochs, cfg.out_dir, cfg.progress) == (0.02, 2, str(tmp_path / "trial-000"), False)
+    best = search.best_recipe({"train.lr": 0.03, "train.batch_size": 16})
+    assert best["task"] == "image-classification" and best["train"]["lr"] == 0.03 and best["train"]["batch_size"] == 16
+    assert "lr" not in best and "out_dir" not in best
