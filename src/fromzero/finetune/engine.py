@@ -2,10 +2,11 @@
 
 The loop itself is :class:`fromzero.training.trainer.Trainer` (pretraining uses it too). A
 fine-tuning task (text classification, SFT, DPO, image classification, recommendation;
-distillation is a loss of the first two) extends :class:`FinetuneConfig`, runs in
-:func:`fromzero.training.trainer.run_task`, starts its run directory with :func:`start_run_dir`
-(config.yaml names the task, so ``fromzero finetune --resume RUN_DIR`` can rebuild it) and hands
-the Trainer its model, batches, loss and evaluation.
+distillation is a loss of the first two) extends :class:`FinetuneConfig` and implements
+:class:`fromzero.finetune.task.FinetuneTask`; :func:`run_finetune_task` runs it: in
+:func:`fromzero.training.trainer.run_task`, with its run directory from :func:`start_run_dir`
+(config.yaml names the task, so ``fromzero finetune --resume RUN_DIR`` can rebuild it), the
+metrics logger, the Trainer, the test score and the ranks' endings.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Callable, ClassVar
 from fromzero.config import TrainSettings
 from fromzero.errors import FromzeroError
 from fromzero.finetune.methods import MethodConfig
+from fromzero.finetune.task import FinetuneTask
 from fromzero.training.distributed import DistContext
 from fromzero.training.trainer import LAST_INFO_FILE, FitResult, on_main_rank
 
@@ -78,6 +80,58 @@ class FinetuneConfig(MethodConfig, TrainSettings):
         if self.dist_strategy not in ("none", "ddp"):
             raise FromzeroError(f"dist_strategy {self.dist_strategy!r} is not supported for fine-tuning "
                                 "(none | ddp; fsdp is for pretraining)")
+
+
+def run_finetune_task(task_type: type[FinetuneTask], cfg: Any, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune ``task_type`` with ``cfg``: train, keep the best val weights, score test once,
+    write the run directory (under torchrun with dist_strategy ddp: every rank trains, rank 0
+    writes); resume: continue the run in out_dir from its checkpoints/last. Returns the task's
+    summary (``interrupted_summary`` when Ctrl-C / SIGTERM stopped the fit)."""
+    from fromzero.training.trainer import run_task
+
+    def body(cfg: Any, ctx: DistContext, device: Any, t_start: float, resume: bool) -> dict[str, Any]:
+        return _run(task_type, cfg, ctx, device, t_start, resume)
+
+    return run_task(body, cfg, resume)
+
+
+def _run(task_type: type[FinetuneTask], cfg: Any, ctx: DistContext, device: Any, t_start: float,
+         resume: bool) -> dict[str, Any]:
+    import time
+
+    from fromzero.devices import autocast_context, resolve_dtype
+    from fromzero.training.callbacks import MetricsLogger, NullLogger
+    from fromzero.training.distributed import barrier
+    from fromzero.training.trainer import Trainer
+
+    dtype = resolve_dtype(device, task_type.dtype_setting(cfg))
+    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+    task = task_type(cfg, ctx, device, dtype)  # data and model, all checked before the run directory is touched
+    run_dir = start_run_dir(cfg, task.name, ctx, resume)  # rank 0 alone writes it
+    task.start(run_dir)
+    logger = task.wrap_logger(MetricsLogger(run_dir, resume_step(run_dir) if resume else None)
+                              if ctx.is_main else NullLogger())
+    try:
+        trainer = Trainer(task.model, cfg, device, dtype, task.loss, task.evaluate, task.monitor,
+                          higher_is_better=task.higher_is_better, logger=logger,
+                          trained_modules=task.trained_modules, forward=task.forward, ctx=ctx,
+                          weight_by=task.weight_by, last_dir=run_dir / "checkpoints" / "last", resume=resume,
+                          optimizer=task.optimizer, private=task.private, save_best=task.save_best)
+        fit = trainer.fit(*task.batches())
+        task.end_training(fit)
+        if fit.interrupted:
+            return interrupted_summary(run_dir, fit)
+        test = task.test()
+        logger.log(task.test_row(fit, test))
+    finally:
+        logger.close()
+    if not ctx.is_main:  # rank 0 writes the checkpoint and the report
+        barrier(ctx)
+        return task.worker_summary(run_dir, test)
+    summary = task.finish(fit, test, logger.rows)
+    summary["wall_s"] = time.perf_counter() - t_start
+    barrier(ctx)
+    return summary
 
 
 def start_run_dir(cfg: Any, task: str, ctx: DistContext, resume: bool = False) -> Path:
