@@ -59,11 +59,17 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError, first_line
-from fromzero.finetune.engine import FinetuneConfig
-from fromzero.finetune.task import FinetuneTask
-from fromzero.training.trainer import FitResult
+from fromzero.evaluation.metrics import write_metrics_json
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.lora import base_model
+from fromzero.finetune.methods import count_parameters
+from fromzero.finetune.sft import save_with_template_files
+from fromzero.training.trainer import FitResult, ShuffledEpochs
 
 METRICS = ("reward_margin", "reward_chosen", "reward_rejected", "reward_accuracy")
 
@@ -286,7 +292,6 @@ def _adapter_for_training(directory: Path, model: nn.Module, model_config: dict,
     from safetensors.torch import load_file
 
     from fromzero.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _parts, from_hf_adapter_state, hf_names
-    from fromzero.checkpoint import read_json
 
     adapter = read_json(directory / ADAPTER_CONFIG, "adapter config")
     names, _ = hf_names(model_config)
@@ -439,23 +444,18 @@ def finetune_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Tune on preference pairs, keep the best val loss, score test, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.finetune.engine import run_finetune_task
-
     return run_finetune_task(DPOTask, cfg, resume)
 
 
 class DPOTask(FinetuneTask):
-    """One DPO fine-tune (see :class:`fromzero.finetune.task.FinetuneTask`)."""
+    """One DPO fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
     name = "dpo"
     monitor, higher_is_better = "val_loss", False
 
     def __init__(self, cfg: DPOConfig, ctx: Any, device: torch.device, dtype: str) -> None:
-        from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json
         from fromzero.data.preferences import add_system_prompt, load_preference_pairs, tokenize_preferences
         from fromzero.data.tokenizers import TextTokenizer
-        from fromzero.finetune.lora import base_model
-        from fromzero.finetune.methods import count_parameters
 
         self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
         # --- everything that can be refused, before anything is written ----------------------
@@ -527,16 +527,8 @@ class DPOTask(FinetuneTask):
             **({"qlora": info["qlora"]} if start.adapter_init and isinstance(info.get("qlora"), dict) else {}),
         }
 
-    def autocast(self) -> Any:
-        from fromzero.devices import autocast_context
-
-        return autocast_context(self.device, self.dtype)
-
     def start(self, run_dir: Path) -> None:
-        from torch.utils.data import DataLoader
-
         from fromzero.data.preferences import collate_preferences
-        from fromzero.devices import compile_model
 
         cfg, sets, start = self.cfg, self.sets, self.starting
         self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
@@ -562,8 +554,6 @@ class DPOTask(FinetuneTask):
         return self.logger
 
     def batches(self) -> tuple[Any, int]:
-        from fromzero.training.trainer import ShuffledEpochs
-
         return ShuffledEpochs(self.train_loader, self.generator), len(self.train_loader)
 
     def loss(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
@@ -581,9 +571,7 @@ class DPOTask(FinetuneTask):
 
     def save_best(self, extra: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (the adapter or full weights, + template files)."""
-        from fromzero.checkpoint import TOKENIZER_FILE, save_checkpoint
-        from fromzero.finetune.lora import base_model, save_adapter
-        from fromzero.finetune.sft import save_with_template_files
+        from fromzero.finetune.lora import save_adapter
 
         info_out = {**self.base_info, **extra}
         tokenizer_file = self.init_dir / TOKENIZER_FILE
@@ -598,19 +586,12 @@ class DPOTask(FinetuneTask):
     def test(self) -> dict[str, Any]:
         return self._pair_metrics("test")
 
-    def test_row(self, fit: FitResult, test: dict[str, Any]) -> dict[str, Any]:
-        return {"step": fit.steps, **{f"test_{k}": v for k, v in test.items()}}
-
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-        from fromzero.evaluation.metrics import write_metrics_json
-        from fromzero.training.callbacks import write_plots
-
         before = self.before
         self.save_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
         write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
                             **{f"val_{k}": v for k, v in fit.best_metrics.items()},
                             **{f"before_{k}": v for k, v in before.items()}}, self.run_dir / "metrics.json")
-        write_plots(rows, self.run_dir / "plots")
         print(f"test: loss {test['loss']:.4f}, reward accuracy {test['reward_accuracy']:.3f}, margin "
               f"{test['reward_margin']:.3f}; chosen preferred by log-prob {test['logp_accuracy']:.3f} "
               f"(before: {before['logp_accuracy']:.3f}) (best step {fit.best_step}); checkpoint: {self.best_dir}")

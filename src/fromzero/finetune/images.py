@@ -43,13 +43,17 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
+from fromzero.checkpoint import save_checkpoint
 from fromzero.data.images import AUGMENTS, BAD_IMAGES, build_transforms, default_resize, load_image_folder, normalization
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig
-from fromzero.finetune.task import FinetuneTask
-from fromzero.training.trainer import FitResult
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.lora import apply_lora
+from fromzero.finetune.methods import freeze
 from fromzero.training.privacy import PrivacyConfig
+from fromzero.training.trainer import FitResult, ShuffledEpochs
 
 ARCHS = ("simple", "resnet18", "resnet50", "vit")
 METHODS = ("full", "frozen", "lora")
@@ -312,13 +316,11 @@ def finetune_images(cfg: ImageFinetuneConfig, resume: bool = False) -> dict[str,
         {"run_dir", "checkpoint", "labels", "best_epoch", "epochs_run", "stopped_early",
          "val": best val metrics, "test": test metrics, "train_s", "wall_s"}
     """
-    from fromzero.finetune.engine import run_finetune_task
-
     return run_finetune_task(ImageClassificationTask, cfg, resume)
 
 
 class ImageClassificationTask(FinetuneTask):
-    """One image-classification fine-tune (see :class:`fromzero.finetune.task.FinetuneTask`)."""
+    """One image-classification fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
     name = "image-classification"
     monitor, higher_is_better = "val_f1_macro", True
@@ -328,12 +330,6 @@ class ImageClassificationTask(FinetuneTask):
         return "float32" if cfg.privacy.enabled else cfg.dtype  # DP-SGD: per-example grads in fp32
 
     def __init__(self, cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, dtype: str) -> None:
-        from torch.utils.data import DataLoader
-
-        from fromzero.devices import compile_model
-        from fromzero.finetune.methods import freeze
-        from fromzero.training.trainer import ShuffledEpochs
-
         self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
         data_dir = builtin_image_data(cfg.data_dir)
         for split in SPLITS:
@@ -360,8 +356,6 @@ class ImageClassificationTask(FinetuneTask):
         self.trained_modules = freeze(model, cfg.unfreeze_top) if cfg.method == "frozen" else None
         self.config = model_config(model, cfg, labels)  # before any LoRA wrapper
         if cfg.method == "lora":
-            from fromzero.finetune.lora import apply_lora
-
             model = apply_lora(model, self.config, cfg, modules_to_save=["head"])
         if cfg.privacy.enabled:
             from fromzero.training.privacy import make_compatible
@@ -427,10 +421,7 @@ class ImageClassificationTask(FinetuneTask):
         return self.criterion(net(x).float(), y), x.size(0), 0
 
     def _score(self, loader: Any) -> dict[str, Any]:
-        from fromzero.devices import autocast_context
-
-        autocast = lambda: autocast_context(self.device, self.dtype)  # noqa: E731
-        return _score(*predict_loader(self.model, loader, self.device, autocast), self.labels)
+        return _score(*predict_loader(self.model, loader, self.device, self.autocast), self.labels)
 
     def evaluate(self, _: nn.Module) -> dict[str, Any]:
         val = self._score(self.val_loader)
@@ -438,8 +429,6 @@ class ImageClassificationTask(FinetuneTask):
 
     def write_best(self, extra: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (config.json with the class names)."""
-        from fromzero.checkpoint import save_checkpoint
-
         if self.cfg.method == "lora":
             from fromzero.finetune.lora import save_adapter
 
@@ -468,7 +457,6 @@ class ImageClassificationTask(FinetuneTask):
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         from fromzero.evaluation.metrics import format_report, write_metrics_json
         from fromzero.evaluation.plots import plot_confusion_matrix
-        from fromzero.training.callbacks import write_plots
 
         best_val, privacy = fit.best_metrics, self.privacy_report
         report = {**test, "split": "test", "best_epoch": fit.best_epoch, "best_step": fit.best_step,
@@ -477,9 +465,7 @@ class ImageClassificationTask(FinetuneTask):
         if privacy is not None:
             report["privacy"] = privacy
         write_metrics_json(report, self.run_dir / "metrics.json")
-        plots = self.run_dir / "plots"
-        write_plots(rows, plots)
-        plot_confusion_matrix(test["confusion_matrix"], self.labels, plots / "confusion_matrix.png")
+        plot_confusion_matrix(test["confusion_matrix"], self.labels, self.run_dir / "plots" / "confusion_matrix.png")
         self.write_best({"best_epoch": fit.best_epoch, "best_step": fit.best_step,
                          "val_f1_macro": best_val["f1_macro"], "test_accuracy": test["accuracy"],
                          **({"privacy": privacy} if privacy is not None else {})})

@@ -42,12 +42,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.data.interactions import EvalSet, IdMap, RecData
+from fromzero.data.interactions import EvalSet, IdMap, RecData, training_examples
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig
-from fromzero.finetune.task import FinetuneTask
-from fromzero.training.trainer import FitResult
+from fromzero.evaluation.metrics import write_metrics_json
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.methods import count_parameters
 from fromzero.models.recsys import ARCHES
+from fromzero.training.trainer import FitResult
 
 IDS_FILE = "ids.json"
 ALS_REGS = (0.1, 1.0, 10.0)
@@ -327,19 +329,15 @@ def finetune_recommendation(cfg: RecommendationConfig, resume: bool = False) -> 
         {"run_dir", "checkpoint", "best_step", "best_epoch", "steps", "epochs_run", "stopped_early",
          "val": {"hr@10", "ndcg@10", "loss"}, "test": {...}, "baselines": {name: {"val", "test"}}, ...}
     """
-    from fromzero.finetune.engine import run_finetune_task
-
     return run_finetune_task(RecommendationTask, cfg, resume)
 
 
 class RecommendationTask(FinetuneTask):
-    """One recommender training run (see :class:`fromzero.finetune.task.FinetuneTask`)."""
+    """One recommender training run (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
     name = "recommendation"
 
     def __init__(self, cfg: RecommendationConfig, ctx: Any, device: torch.device, dtype: str) -> None:
-        from fromzero.finetune.methods import count_parameters
-
         self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
         self.monitor, self.higher_is_better = cfg.monitor, cfg.monitor != "val_loss"
         self.k = cfg.top_k
@@ -355,8 +353,6 @@ class RecommendationTask(FinetuneTask):
         self.baselines: dict[str, dict] = {}
 
     def start(self, run_dir: Path) -> None:
-        from fromzero.devices import compile_model
-
         cfg, data = self.cfg, self.data
         self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
         self.forward = compile_model(self.model, "default", self.device) if cfg.compile else self.model
@@ -375,8 +371,6 @@ class RecommendationTask(FinetuneTask):
 
     def epoch_batches(self, epoch: int) -> Any:
         """One epoch: every positive with fresh negatives, shuffled; the same on every rank."""
-        from fromzero.data.interactions import training_examples
-
         cfg, data = self.cfg, self.data
         rng = np.random.default_rng([cfg.seed, epoch])
         users, items, labels = training_examples(data.train, data.ids.num_items, self.train_keys, cfg.negatives, rng)
@@ -390,11 +384,8 @@ class RecommendationTask(FinetuneTask):
         return F.binary_cross_entropy_with_logits(logits.float(), labels), len(labels), 0
 
     def _metrics(self, es: EvalSet) -> dict[str, float]:
-        from fromzero.devices import autocast_context
-
-        autocast = lambda: autocast_context(self.device, self.dtype)  # noqa: E731
         scores = score_eval_set(
-            lambda u, i: predict_scores(self.forward, u, i, self.device, self.cfg.eval_batch_size, autocast), es)
+            lambda u, i: predict_scores(self.forward, u, i, self.device, self.cfg.eval_batch_size, self.autocast), es)
         return evaluate_scores(scores, self.k, logits=True)
 
     def evaluate(self, _: nn.Module) -> dict[str, Any]:
@@ -416,13 +407,11 @@ class RecommendationTask(FinetuneTask):
             self.baselines = run_baselines(self.cfg, self.data, self.val_set, self.test_set)
         return test
 
-    def test_row(self, fit: FitResult, test: dict[str, Any]) -> dict[str, Any]:
-        return {"step": fit.steps, **{f"test_{m}": v for m, v in test.items()}}
-
     def worker_summary(self, run_dir: Path, test: dict[str, Any]) -> dict[str, Any]:
         return {"run_dir": str(run_dir), "test": test}
 
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The final checkpoints/best, metrics.json (test of the model and the baselines), plots and the table."""
         k, cfg, data = self.k, self.cfg, self.data
         val = {m: fit.best_metrics[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}
         self.write_best({"best_step": fit.best_step, "best_epoch": fit.best_epoch,
@@ -434,7 +423,18 @@ class RecommendationTask(FinetuneTask):
                    "num_items": data.ids.num_items, "train_positives": len(data.train), "n_val": len(self.val_set),
                    "n_test": len(self.test_set), "total_params": self.total, "notes": data.notes,
                    "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec}
-        finish_run(self.run_dir, rows, summary, k, cfg.eval_negatives)
+        report = {**test, "split": "test", "arch": cfg.arch, "n": len(self.test_set),
+                  "eval_negatives": cfg.eval_negatives, "best_step": fit.best_step, "epochs_run": fit.epochs_run,
+                  "stopped_early": fit.stopped_early, **{f"val_{m}": v for m, v in val.items()},
+                  "baselines": {name: {**r["test"], **{f"val_{m}": v for m, v in r["val"].items()},
+                                       **({"params": r["params"]} if "params" in r else {})}
+                                for name, r in self.baselines.items()}}
+        write_metrics_json(report, self.run_dir / "metrics.json")
+        plot_ranking(rows, k, self.run_dir / "plots" / "ranking.png")
+        print(f"test: {len(self.test_set)} held-out interactions, each ranked against {cfg.eval_negatives} "
+              "sampled negatives")
+        print(format_table(summary, k))
+        print(f"checkpoint: {self.best_dir}")
         return summary
 
 
@@ -465,27 +465,6 @@ def format_table(summary: dict, k: int) -> str:
         values = [val[f"hr@{k}"], val[f"ndcg@{k}"], test[f"hr@{k}"], test[f"ndcg@{k}"]]
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:>12.4f}" for v in values))
     return "\n".join(lines)
-
-
-def finish_run(run_dir: Path, rows: list[dict], summary: dict, k: int, negatives: int) -> None:
-    """metrics.json (test of the model and the baselines), plots, and the table on stdout."""
-    from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.training.callbacks import write_plots
-
-    test = summary["test"]
-    report = {**test, "split": "test", "arch": summary["arch"], "n": summary["n_test"],
-              "eval_negatives": negatives, "best_step": summary["best_step"], "epochs_run": summary["epochs_run"],
-              "stopped_early": summary["stopped_early"], **{f"val_{m}": v for m, v in summary["val"].items()},
-              "baselines": {name: {**r["test"], **{f"val_{m}": v for m, v in r["val"].items()},
-                                   **({"params": r["params"]} if "params" in r else {})}
-                            for name, r in summary["baselines"].items()}}
-    write_metrics_json(report, run_dir / "metrics.json")
-    plots = run_dir / "plots"
-    write_plots(rows, plots)
-    plot_ranking(rows, k, plots / "ranking.png")
-    print(f"test: {summary['n_test']} held-out interactions, each ranked against {negatives} sampled negatives")
-    print(format_table(summary, k))
-    print(f"checkpoint: {summary['checkpoint']}")
 
 
 def plot_ranking(rows: list[dict], k: int, path: Path) -> None:

@@ -31,12 +31,19 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from fromzero.finetune.distill import DistillOptions
+from fromzero.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig
-from fromzero.finetune.task import FinetuneTask
-from fromzero.training.trainer import FitResult
+from fromzero.evaluation.metrics import write_metrics_json
+from fromzero.finetune.distill import (DistillOptions, build_student, count_params, distillation_loss,
+                                       load_teacher)
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.lora import apply_lora, base_model, load_base
+from fromzero.finetune.methods import count_parameters, freeze
+from fromzero.models import build_model
+from fromzero.training.trainer import FitResult, ShuffledEpochs
 
 CHAT_TEMPLATES = ("auto", "simple")
 # Files of a model's own chat template, carried from init_from into the fine-tuned checkpoint.
@@ -174,26 +181,19 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Train on response tokens, keep the best val loss, score test, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.finetune.engine import run_finetune_task
-
     return run_finetune_task(SFTTask, cfg, resume)
 
 
 class SFTTask(FinetuneTask):
-    """One SFT fine-tune (see :class:`fromzero.finetune.task.FinetuneTask`)."""
+    """One SFT fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
     name = "sft"
     monitor, higher_is_better = "val_loss", False
     weight_by = "tokens"  # the loss is a mean over reply tokens
 
     def __init__(self, cfg: SFTConfig, ctx: Any, device: torch.device, dtype: str) -> None:
-        from fromzero.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json
         from fromzero.data.sft import add_system_prompt, load_sft_examples, pack_sft, segment_mismatches, tokenize_sft
         from fromzero.data.tokenizers import TextTokenizer
-        from fromzero.finetune.distill import build_student, load_teacher
-        from fromzero.finetune.lora import apply_lora, load_base
-        from fromzero.finetune.methods import count_parameters, freeze
-        from fromzero.models import build_model
         from fromzero.models.builtin import resolve_model
 
         self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
@@ -263,11 +263,7 @@ class SFTTask(FinetuneTask):
         self.model = model.to(device)
 
     def start(self, run_dir: Path) -> None:
-        from torch.utils.data import DataLoader
-
         from fromzero.data.sft import collate_sft
-        from fromzero.devices import compile_model
-        from fromzero.finetune.distill import count_params
 
         cfg, sets = self.cfg, self.sets
         self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
@@ -299,13 +295,9 @@ class SFTTask(FinetuneTask):
             **template_info}
 
     def batches(self) -> tuple[Any, int]:
-        from fromzero.training.trainer import ShuffledEpochs
-
         return ShuffledEpochs(self.train_loader, self.generator), len(self.train_loader)
 
     def loss(self, net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        from fromzero.finetune.distill import distillation_loss
-
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
         if self.teacher is None:  # the LM head only where the reply is (see GPT.forward)
             return net(x, y, target_logits_only=True)[1], x.size(0), int((y != -100).sum())
@@ -316,18 +308,14 @@ class SFTTask(FinetuneTask):
         return loss, x.size(0), int((y != -100).sum())
 
     def _response_loss(self, split: str) -> dict[str, float]:
-        from fromzero.devices import autocast_context
-
-        autocast = lambda: autocast_context(self.device, self.dtype)  # noqa: E731
-        return response_loss(self.forward, self.eval_loaders[split], self.device, autocast)
+        return response_loss(self.forward, self.eval_loaders[split], self.device, self.autocast)
 
     def evaluate(self, _: nn.Module) -> dict[str, Any]:
         return self._response_loss("val")
 
     def save_best(self, info: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (full weights or the adapter, + template files)."""
-        from fromzero.checkpoint import TOKENIZER_FILE, save_checkpoint
-        from fromzero.finetune.lora import base_model, save_adapter
+        from fromzero.finetune.lora import save_adapter
 
         info = {**self.base_info, **info}
         tokenizer_file = self.init_dir / TOKENIZER_FILE
@@ -345,14 +333,10 @@ class SFTTask(FinetuneTask):
         return {"step": fit.steps, "test_loss": test["loss"], "test_perplexity": test["perplexity"]}
 
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-        from fromzero.evaluation.metrics import write_metrics_json
-        from fromzero.training.callbacks import write_plots
-
         before = self.before
         self.save_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
         write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
                             **{f"val_{k}": v for k, v in fit.best_metrics.items()}}, self.run_dir / "metrics.json")
-        write_plots(rows, self.run_dir / "plots")
         print(f"test: response loss {test['loss']:.4f}, perplexity {test['perplexity']:.2f} "
               f"(before fine-tuning: {before['loss']:.4f}, {before['perplexity']:.2f}) "
               f"(best step {fit.best_step}); checkpoint: {self.best_dir}")

@@ -26,10 +26,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.finetune.distill import DistillOptions
+from fromzero.checkpoint import CONFIG_FILE, read_json, save_checkpoint
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig
-from fromzero.finetune.task import FinetuneTask
+from fromzero.finetune.distill import (DistillOptions, build_student, count_params, distillation_loss,
+                                       load_teacher)
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.lora import apply_lora, base_model, load_base
+from fromzero.finetune.methods import count_parameters, freeze
+from fromzero.models import build_model
 from fromzero.training.trainer import FitResult
 
 MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
@@ -174,23 +179,16 @@ def finetune_text_classification(cfg: TextClassificationConfig, resume: bool = F
     """Train, pick the best by ``monitor`` on val, score test once, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.finetune.engine import run_finetune_task
-
     return run_finetune_task(TextClassificationTask, cfg, resume)
 
 
 class TextClassificationTask(FinetuneTask):
-    """One text-classification fine-tune (see :class:`fromzero.finetune.task.FinetuneTask`)."""
+    """One text-classification fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
     name = "text-classification"
 
     def __init__(self, cfg: TextClassificationConfig, ctx: Any, device: torch.device, dtype: str) -> None:
-        from fromzero.checkpoint import CONFIG_FILE, read_json
         from fromzero.data.classification import encode_texts, label_names, load_text_classification
-        from fromzero.finetune.distill import build_student, load_teacher
-        from fromzero.finetune.lora import apply_lora, load_base
-        from fromzero.finetune.methods import count_parameters, freeze
-        from fromzero.models import build_model
         from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
 
         self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
@@ -244,9 +242,6 @@ class TextClassificationTask(FinetuneTask):
         self.model = model.to(device)
 
     def start(self, run_dir: Path) -> None:
-        from fromzero.devices import compile_model
-        from fromzero.finetune.distill import count_params
-
         cfg, device, encoded = self.cfg, self.device, self.encoded
         self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
         pad_id = self.bert_config.pad_token_id or 0
@@ -269,8 +264,6 @@ class TextClassificationTask(FinetuneTask):
         return self.train.epoch, len(self.train)  # micro-batches per epoch
 
     def loss(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        from fromzero.finetune.distill import distillation_loss
-
         ids, mask, y = (batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
         logits, _ = net(ids, mask)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
@@ -281,19 +274,15 @@ class TextClassificationTask(FinetuneTask):
         return loss, ids.size(0), int(mask.sum())
 
     def _score(self, split: str) -> dict[str, Any]:
-        from fromzero.devices import autocast_context
-
-        autocast = lambda: autocast_context(self.device, self.dtype)  # noqa: E731
-        return score(predict_logits(self.forward, self.evals[split], self.device, autocast), self.label_ids[split],
-                     self.labels)
+        logits = predict_logits(self.forward, self.evals[split], self.device, self.autocast)
+        return score(logits, self.label_ids[split], self.labels)
 
     def evaluate(self, _: nn.Module) -> dict[str, Any]:
         return _val_summary(self._score("val"))
 
     def write_best(self, info: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (full weights, or the LoRA adapter)."""
-        from fromzero.checkpoint import save_checkpoint
-        from fromzero.finetune.lora import base_model, save_adapter
+        from fromzero.finetune.lora import save_adapter
 
         info = {**self.base_info, **info}
         tokenizer_file = self.init_dir / "tokenizer.json"
@@ -314,29 +303,21 @@ class TextClassificationTask(FinetuneTask):
                 "test_f1_macro": test["f1_macro"]}
 
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-        self.write_best({"best_step": fit.best_step, "val": _val_summary(fit.best_metrics),
-                         "test_f1_macro": test["f1_macro"], "test_accuracy": test["accuracy"]})
-        summary = {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "labels": self.labels,
-                   "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
-                   "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early,
-                   "interrupted": fit.interrupted, "val": _val_summary(fit.best_metrics), "test": test,
-                   "truncated": self.truncated, "trainable_params": self.trainable, "total_params": self.total,
-                   "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec}
-        finish_run(self.run_dir, rows, test, self.labels, summary)
-        return summary
+        """The final checkpoints/best, metrics.json (test), loss/lr plots, the confusion matrix and the report."""
+        from fromzero.evaluation.metrics import format_report, write_metrics_json
+        from fromzero.evaluation.plots import plot_confusion_matrix
 
-
-def finish_run(run_dir: Path, rows: list[dict], test: dict[str, Any], labels: list[str], summary: dict) -> None:
-    """metrics.json (test), loss/lr plots, the confusion matrix and the report on stdout."""
-    from fromzero.evaluation.metrics import format_report, write_metrics_json
-    from fromzero.evaluation.plots import plot_confusion_matrix
-    from fromzero.training.callbacks import write_plots
-
-    report = {**test, "split": "test", "best_step": summary["best_step"], "epochs_run": summary["epochs_run"],
-              "stopped_early": summary["stopped_early"], **{f"val_{k}": v for k, v in summary["val"].items()}}
-    write_metrics_json(report, run_dir / "metrics.json")
-    plots = run_dir / "plots"
-    write_plots(rows, plots)
-    plot_confusion_matrix(test["confusion_matrix"], labels, plots / "confusion_matrix.png")
-    print(f"test (best step {summary['best_step']}):\n{format_report(test)}")
-    print(f"checkpoint: {summary['checkpoint']}")
+        val = _val_summary(fit.best_metrics)
+        self.write_best({"best_step": fit.best_step, "val": val, "test_f1_macro": test["f1_macro"],
+                         "test_accuracy": test["accuracy"]})
+        report = {**test, "split": "test", "best_step": fit.best_step, "epochs_run": fit.epochs_run,
+                  "stopped_early": fit.stopped_early, **{f"val_{k}": v for k, v in val.items()}}
+        write_metrics_json(report, self.run_dir / "metrics.json")
+        plot_confusion_matrix(test["confusion_matrix"], self.labels, self.run_dir / "plots" / "confusion_matrix.png")
+        print(f"test (best step {fit.best_step}):\n{format_report(test)}")
+        print(f"checkpoint: {self.best_dir}")
+        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "labels": self.labels,
+                "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
+                "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
+                "val": val, "test": test, "truncated": self.truncated, "trainable_params": self.trainable,
+                "total_params": self.total, "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec}
