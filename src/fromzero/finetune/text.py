@@ -280,20 +280,17 @@ class TextClassificationTask(FinetuneTask):
     def evaluate(self, _: nn.Module) -> dict[str, Any]:
         return _val_summary(self._score("val"))
 
-    def write_best(self, info: dict[str, Any]) -> None:
+    def save_best(self, info: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (full weights, or the LoRA adapter)."""
         from fromzero.finetune.lora import save_adapter
 
-        info = {**self.base_info, **info}
+        info = {**self.base_info, **info, "val": _val_summary(info["val"])}
         tokenizer_file = self.init_dir / "tokenizer.json"
         if self.cfg.method == "lora":
             save_adapter(self.best_dir, self.model, self.config, self.init_dir, tokenizer_file, info)
         else:
             save_checkpoint(self.best_dir, base_model(self.model), self.config, tokenizer_file=tokenizer_file,
                             info=info)
-
-    def save_best(self, info: dict[str, Any]) -> None:
-        self.write_best({**info, "val": _val_summary(info["val"])})
 
     def test(self) -> dict[str, Any]:
         return self._score("test")
@@ -308,8 +305,8 @@ class TextClassificationTask(FinetuneTask):
         from fromzero.evaluation.plots import plot_confusion_matrix
 
         val = _val_summary(fit.best_metrics)
-        self.write_best({"best_step": fit.best_step, "val": val, "test_f1_macro": test["f1_macro"],
-                         "test_accuracy": test["accuracy"]})
+        self.save_best({"best_step": fit.best_step, "val": val, "test_f1_macro": test["f1_macro"],
+                        "test_accuracy": test["accuracy"]})
         report = {**test, "split": "test", "best_step": fit.best_step, "epochs_run": fit.epochs_run,
                   "stopped_early": fit.stopped_early, **{f"val_{k}": v for k, v in val.items()}}
         write_metrics_json(report, self.run_dir / "metrics.json")
