@@ -59,9 +59,17 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError, first_line
-from fromzero.finetune.engine import FinetuneConfig
+from fromzero.evaluation.metrics import write_metrics_json
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.lora import base_model
+from fromzero.finetune.methods import count_parameters
+from fromzero.finetune.sft import save_with_template_files
+from fromzero.training.trainer import FitResult, ShuffledEpochs
 
 METRICS = ("reward_margin", "reward_chosen", "reward_rejected", "reward_accuracy")
 
@@ -284,7 +292,6 @@ def _adapter_for_training(directory: Path, model: nn.Module, model_config: dict,
     from safetensors.torch import load_file
 
     from fromzero.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _parts, from_hf_adapter_state, hf_names
-    from fromzero.checkpoint import read_json
 
     adapter = read_json(directory / ADAPTER_CONFIG, "adapter config")
     names, _ = hf_names(model_config)
@@ -437,170 +444,163 @@ def finetune_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     """Tune on preference pairs, keep the best val loss, score test, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.training.trainer import run_task
-
-    return run_task(_finetune_dpo, cfg, resume)
+    return run_finetune_task(DPOTask, cfg, resume)
 
 
-def _finetune_dpo(cfg: DPOConfig, ctx: Any, device: torch.device, t_start: float, resume: bool) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
+class DPOTask(FinetuneTask):
+    """One DPO fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
-    from fromzero.data.preferences import add_system_prompt, collate_preferences, load_preference_pairs, \
-        tokenize_preferences
-    from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
-    from fromzero.training.trainer import Trainer, ShuffledEpochs
-    from fromzero.finetune.lora import base_model, save_adapter
-    from fromzero.finetune.methods import count_parameters
-    from fromzero.finetune.sft import save_with_template_files
-    from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
-    from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
-    from fromzero.training.distributed import barrier
-    from fromzero.devices import autocast_context, compile_model, resolve_dtype
+    name = "dpo"
+    monitor, higher_is_better = "val_loss", False
 
-    dtype = resolve_dtype(device, cfg.dtype)
-    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+    def __init__(self, cfg: DPOConfig, ctx: Any, device: torch.device, dtype: str) -> None:
+        from fromzero.data.preferences import add_system_prompt, load_preference_pairs, tokenize_preferences
+        from fromzero.data.tokenizers import TextTokenizer
 
-    def autocast() -> Any:
-        return autocast_context(device, dtype)
+        self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
+        # --- everything that can be refused, before anything is written ----------------------
+        self.init_dir = init_dir = resolve_init(cfg.init_from)
+        config = read_json(init_dir / CONFIG_FILE, "model config")
+        if config.get("model_type") != "fromzero-gpt":
+            raise FromzeroError(f"DPO needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds "
+                                f"{config.get('model_type')!r}")
+        if not (init_dir / TOKENIZER_FILE).is_file():
+            raise FromzeroError(f"{init_dir} has no {TOKENIZER_FILE}: cannot turn text into token ids")
+        info = read_json(init_dir / INFO_FILE, "checkpoint info") if (init_dir / INFO_FILE).is_file() else {}
+        adapter_base = Path(str(info["base_checkpoint"])) if info.get("adapter") == "lora" and \
+            info.get("base_checkpoint") else None
+        template, self.template_dir, fromzero_template = find_chat_template(init_dir, adapter_base)
+        system_prompt = str(info.get("system_prompt") or "")
+        tokenizer = TextTokenizer.load(init_dir / TOKENIZER_FILE)
+        block_size = int(config.get("block_size", 0))
+        max_length = cfg.max_length or block_size
+        if max_length > block_size:
+            raise FromzeroError(f"max_length {max_length} is more than the model's block_size {block_size}")
+        special = config.get("hf_special_tokens") or {}
+        self.pad_id = pad_id = next((int(i) for i in (tokenizer.eos_id, special.get("pad_token_id"),
+                                                      special.get("eos_token_id")) if isinstance(i, int)), 0)
+        eos_id = tokenizer.eos_id if fromzero_template is not None else None
+        splits = load_preference_pairs(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        splits = {s: add_system_prompt(_subset(p, cfg.max_examples if s == "train" else cfg.max_eval_examples,
+                                               cfg.seed), system_prompt) for s, p in splits.items()}
+        self.sets = sets = {}
+        for split, pairs in splits.items():
+            if not pairs:
+                raise FromzeroError(f"the {split} split has no preference pairs")
+            sets[split] = tokenize_preferences(pairs, tokenizer, template, max_length, cfg.truncate_prompt, eos_id,
+                                               what=split)
+            if sets[split].n_truncated:
+                print(f"note: {split}: {sets[split].n_truncated} of {len(pairs)} prompts were cut from the start "
+                      f"to fit max_length {max_length}")
 
-    # --- everything that can be refused, before anything is written --------------------------
-    init_dir = resolve_init(cfg.init_from)
-    config = read_json(init_dir / CONFIG_FILE, "model config")
-    if config.get("model_type") != "fromzero-gpt":
-        raise FromzeroError(f"DPO needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds {config.get('model_type')!r}")
-    if not (init_dir / TOKENIZER_FILE).is_file():
-        raise FromzeroError(f"{init_dir} has no {TOKENIZER_FILE}: cannot turn text into token ids")
-    info = read_json(init_dir / INFO_FILE, "checkpoint info") if (init_dir / INFO_FILE).is_file() else {}
-    adapter_base = Path(str(info["base_checkpoint"])) if info.get("adapter") == "lora" and info.get("base_checkpoint") \
-        else None
-    template, template_dir, fromzero_template = find_chat_template(init_dir, adapter_base)
-    system_prompt = str(info.get("system_prompt") or "")
-    tokenizer = TextTokenizer.load(init_dir / TOKENIZER_FILE)
-    block_size = int(config.get("block_size", 0))
-    max_length = cfg.max_length or block_size
-    if max_length > block_size:
-        raise FromzeroError(f"max_length {max_length} is more than the model's block_size {block_size}")
-    special = config.get("hf_special_tokens") or {}
-    pad_id = next((int(i) for i in (tokenizer.eos_id, special.get("pad_token_id"), special.get("eos_token_id"))
-                   if isinstance(i, int)), 0)
-    eos_id = tokenizer.eos_id if fromzero_template is not None else None
-    splits = load_preference_pairs(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    splits = {s: add_system_prompt(_subset(p, cfg.max_examples if s == "train" else cfg.max_eval_examples, cfg.seed),
-                                   system_prompt) for s, p in splits.items()}
-    sets = {}
-    for split, pairs in splits.items():
-        if not pairs:
-            raise FromzeroError(f"the {split} split has no preference pairs")
-        sets[split] = tokenize_preferences(pairs, tokenizer, template, max_length, cfg.truncate_prompt, eos_id,
-                                           what=split)
-        if sets[split].n_truncated:
-            print(f"note: {split}: {sets[split].n_truncated} of {len(pairs)} prompts were cut from the start to fit "
-                  f"max_length {max_length}")
+        torch.manual_seed(cfg.seed)
+        self.starting = start = build_starting_model(cfg, init_dir, config, info)
+        self.model = model = start.model.to(device)
+        self.config, self.trained_modules = config, start.trained_modules
+        self.trainable, self.total = count_parameters(model)
 
-    torch.manual_seed(cfg.seed)
-    start = build_starting_model(cfg, init_dir, config, info)
-    model = start.model.to(device)
-    trainable, total = count_parameters(model)
+        # --- reference log-probs: val/test always once; train too with precompute_ref --------
+        t_ref = time.perf_counter()
+        for split in ("train", "val", "test") if start.reference_kind == "precomputed" else ("val", "test"):
+            if start.reference_kind == "adapter":  # the base without the (fresh, zero) adapter
+                with model.disable_adapter():  # type: ignore[operator]
+                    refs = reference_logps(model, sets[split], cfg.eval_batch_size, pad_id, device, self.autocast)
+            else:
+                refs = reference_logps(model, sets[split], cfg.eval_batch_size, pad_id, device, self.autocast)
+            sets[split].set_reference(*refs)
+        self.ref_s = time.perf_counter() - t_ref
+        frozen = None
+        if start.reference_kind == "copy":
+            frozen = copy.deepcopy(base_model(model)).eval().requires_grad_(False)
+        self.reference = Reference(start.reference_kind, model, frozen) if start.reference_kind != "precomputed" \
+            else None
+        assert sets["test"].ref_chosen is not None and sets["test"].ref_rejected is not None
+        self.before = before_metrics(sets["test"].ref_chosen, sets["test"].ref_rejected, cfg.beta,
+                                     cfg.label_smoothing)
+        self.base_info: dict[str, Any] = {
+            "task": "dpo", "test_before": self.before,
+            "method": cfg.method, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
+            "reference": start.reference_kind, "init_from": str(init_dir.resolve()),
+            **({"template": fromzero_template} if fromzero_template is not None
+               else {"chat_template": "chat_template.jinja"}),
+            **({"system_prompt": system_prompt} if system_prompt else {}),
+            **({"qlora": info["qlora"]} if start.adapter_init and isinstance(info.get("qlora"), dict) else {}),
+        }
 
-    # --- reference log-probs: val/test always once; train too with precompute_ref ------------
-    t_ref = time.perf_counter()
-    for split in ("train", "val", "test") if start.reference_kind == "precomputed" else ("val", "test"):
-        if start.reference_kind == "adapter":  # the base without the (fresh, zero) adapter
-            with model.disable_adapter():  # type: ignore[operator]
-                refs = reference_logps(model, sets[split], cfg.eval_batch_size, pad_id, device, autocast)
-        else:
-            refs = reference_logps(model, sets[split], cfg.eval_batch_size, pad_id, device, autocast)
-        sets[split].set_reference(*refs)
-    ref_s = time.perf_counter() - t_ref
-    frozen = None
-    if start.reference_kind == "copy":
-        frozen = copy.deepcopy(base_model(model)).eval().requires_grad_(False)
-    reference = Reference(start.reference_kind, model, frozen) if start.reference_kind != "precomputed" else None
-    assert sets["test"].ref_chosen is not None and sets["test"].ref_rejected is not None
-    before = before_metrics(sets["test"].ref_chosen, sets["test"].ref_rejected, cfg.beta, cfg.label_smoothing)
+    def start(self, run_dir: Path) -> None:
+        from fromzero.data.preferences import collate_preferences
 
-    run_dir = start_run_dir(cfg, "dpo", ctx, resume)  # rank 0 alone writes it
+        cfg, sets, start = self.cfg, self.sets, self.starting
+        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
+        collate = lambda batch: collate_preferences(batch, self.pad_id)  # noqa: E731
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.train_loader = DataLoader(sets["train"], batch_size=cfg.batch_size, shuffle=True,
+                                       generator=self.generator, collate_fn=collate, num_workers=cfg.num_workers)
+        self.eval_loaders = {s: DataLoader(sets[s], batch_size=cfg.eval_batch_size, collate_fn=collate)
+                             for s in ("val", "test")}
+        self.forward = compile_model(self.model, "default", self.device) if cfg.compile else self.model
+        train_set = sets["train"]
+        where_ref = {"adapter": "the base with the adapter disabled", "copy": "a frozen copy",
+                     "precomputed": f"precomputed ({self.ref_s:.1f}s)"}[start.reference_kind]
+        print(f"dpo: train/val/test {len(train_set)}/{len(sets['val'])}/{len(sets['test'])} pairs "
+              f"({train_set.n_reply_tokens:,} reply tokens in train, longest sequence {train_set.max_sequence()}); "
+              f"method {cfg.method}{' (continuing the sft adapter)' if start.adapter_init else ''}: trains "
+              f"{self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f}%); "
+              f"reference: {where_ref}; beta {cfg.beta}, label_smoothing {cfg.label_smoothing}; "
+              f"device {self.device}, {self.dtype}")
 
-    collate = lambda batch: collate_preferences(batch, pad_id)  # noqa: E731
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(sets["train"], batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                              collate_fn=collate, num_workers=cfg.num_workers)
-    eval_loaders = {s: DataLoader(sets[s], batch_size=cfg.eval_batch_size, collate_fn=collate) for s in ("val", "test")}
-    forward = compile_model(model, "default", device) if cfg.compile else model
-    logger = StepMetricsLogger(MetricsLogger(run_dir, resume_step(run_dir) if resume else None)
-                               if ctx.is_main else NullLogger(), cfg.grad_accum)
+    def wrap_logger(self, logger: Any) -> Any:
+        self.logger = StepMetricsLogger(logger, self.cfg.grad_accum)  # loss() hands it each batch's stats
+        return self.logger
 
-    def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss, stats = batch_loss(net, batch, reference, cfg.beta, cfg.label_smoothing)
-        logger.add(stats)
+    def batches(self) -> tuple[Any, int]:
+        return ShuffledEpochs(self.train_loader, self.generator), len(self.train_loader)
+
+    def loss(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        loss, stats = batch_loss(net, batch, self.reference, self.cfg.beta, self.cfg.label_smoothing)
+        self.logger.add(stats)
         return loss, batch["x"].size(0) // 2, int((batch["y"] != -100).sum())
 
-    def evaluate(_: nn.Module) -> dict[str, Any]:
-        return evaluate_pairs(forward, eval_loaders["val"], device, autocast, cfg.beta, cfg.label_smoothing)
+    def _pair_metrics(self, split: str) -> dict[str, float]:
+        return evaluate_pairs(self.forward, self.eval_loaders[split], self.device, self.autocast, self.cfg.beta,
+                              self.cfg.label_smoothing)
 
-    train_set = sets["train"]
-    where_ref = {"adapter": "the base with the adapter disabled", "copy": "a frozen copy",
-                 "precomputed": f"precomputed ({ref_s:.1f}s)"}[start.reference_kind]
-    print(f"dpo: train/val/test {len(train_set)}/{len(sets['val'])}/{len(sets['test'])} pairs "
-          f"({train_set.n_reply_tokens:,} reply tokens in train, longest sequence {train_set.max_sequence()}); "
-          f"method {cfg.method}{' (continuing the sft adapter)' if start.adapter_init else ''}: trains "
-          f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); reference: {where_ref}; "
-          f"beta {cfg.beta}, label_smoothing {cfg.label_smoothing}; device {device}, {dtype}")
-    base_info: dict[str, Any] = {
-        "task": "dpo", "test_before": before,
-        "method": cfg.method, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
-        "reference": start.reference_kind, "init_from": str(init_dir.resolve()),
-        **({"template": fromzero_template} if fromzero_template is not None else {"chat_template": "chat_template.jinja"}),
-        **({"system_prompt": system_prompt} if system_prompt else {}),
-        **({"qlora": info["qlora"]} if start.adapter_init and isinstance(info.get("qlora"), dict) else {}),
-    }
-    best_dir = run_dir / "checkpoints" / "best"
-    tokenizer_file = init_dir / TOKENIZER_FILE
+    def evaluate(self, _: nn.Module) -> dict[str, Any]:
+        return self._pair_metrics("val")
 
-    def write_best(extra: dict[str, Any]) -> None:
+    def save_best(self, extra: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (the adapter or full weights, + template files)."""
-        info_out = {**base_info, **extra}
-        if cfg.method == "lora":
-            save_with_template_files(best_dir, lambda d: save_adapter(d, model, config, start.base_dir,
-                                                                      tokenizer_file, info_out), template_dir)
+        from fromzero.finetune.lora import save_adapter
+
+        info_out = {**self.base_info, **extra}
+        tokenizer_file = self.init_dir / TOKENIZER_FILE
+        if self.cfg.method == "lora":
+            write = lambda d: save_adapter(d, self.model, self.config, self.starting.base_dir,  # noqa: E731
+                                           tokenizer_file, info_out)
         else:
-            save_with_template_files(best_dir, lambda d: save_checkpoint(d, base_model(model), config,
-                                                                         tokenizer_file=tokenizer_file,
-                                                                         info=info_out), template_dir)
+            write = lambda d: save_checkpoint(d, base_model(self.model), self.config,  # noqa: E731
+                                              tokenizer_file=tokenizer_file, info=info_out)
+        save_with_template_files(self.best_dir, write, self.template_dir)
 
-    try:
-        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
-                              logger=logger, trained_modules=start.trained_modules, forward=forward, ctx=ctx,
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume, save_best=write_best)
-        fit = trainer.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
-        if fit.interrupted:
-            return interrupted_summary(run_dir, fit)
-        test = evaluate_pairs(forward, eval_loaders["test"], device, autocast, cfg.beta, cfg.label_smoothing)
-        logger.log({"step": fit.steps, **{f"test_{k}": v for k, v in test.items()}})
-    finally:
-        logger.close()
-    if not ctx.is_main:
-        barrier(ctx)
-        return {"run_dir": str(run_dir), "rank": ctx.rank}
+    def test(self) -> dict[str, Any]:
+        return self._pair_metrics("test")
 
-    write_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
-    write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
-                        **{f"val_{k}": v for k, v in fit.best_metrics.items()},
-                        **{f"before_{k}": v for k, v in before.items()}}, run_dir / "metrics.json")
-    write_plots(logger.rows, run_dir / "plots")
-    print(f"test: loss {test['loss']:.4f}, reward accuracy {test['reward_accuracy']:.3f}, margin "
-          f"{test['reward_margin']:.3f}; chosen preferred by log-prob {test['logp_accuracy']:.3f} "
-          f"(before: {before['logp_accuracy']:.3f}) (best step {fit.best_step}); checkpoint: {best_dir}")
-    barrier(ctx)
-    return {"run_dir": str(run_dir), "checkpoint": str(best_dir), "best_step": fit.best_step, "steps": fit.steps,
-            "val": fit.best_metrics, "test": test, "test_before": before, "stopped_early": fit.stopped_early,
-            "interrupted": fit.interrupted,
-            "trainable_params": trainable, "total_params": total, "train_s": fit.train_s, "reference_s": ref_s,
-            "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start,
-            "reference": start.reference_kind}
+    def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        before = self.before
+        self.save_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
+        write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
+                            **{f"val_{k}": v for k, v in fit.best_metrics.items()},
+                            **{f"before_{k}": v for k, v in before.items()}}, self.run_dir / "metrics.json")
+        print(f"test: loss {test['loss']:.4f}, reward accuracy {test['reward_accuracy']:.3f}, margin "
+              f"{test['reward_margin']:.3f}; chosen preferred by log-prob {test['logp_accuracy']:.3f} "
+              f"(before: {before['logp_accuracy']:.3f}) (best step {fit.best_step}); checkpoint: {self.best_dir}")
+        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "best_step": fit.best_step,
+                "steps": fit.steps, "val": fit.best_metrics, "test": test, "test_before": before,
+                "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
+                "trainable_params": self.trainable, "total_params": self.total, "train_s": fit.train_s,
+                "reference_s": self.ref_s, "samples_per_sec": fit.samples_per_sec,
+                "reference": self.starting.reference_kind}
 
 
 __all__ = ["DPOConfig", "finetune_dpo", "dpo_loss", "sequence_logps", "batch_loss", "Reference"]

@@ -1,17 +1,22 @@
-"""What every fine-tuning task shares besides the loop: its settings and its run directory.
+"""What every fine-tuning task shares besides the loop: its settings, the shape of a task, its run.
 
 The loop itself is :class:`fromzero.training.trainer.Trainer` (pretraining uses it too). A
 fine-tuning task (text classification, SFT, DPO, image classification, recommendation;
-distillation is a loss of the first two) extends :class:`FinetuneConfig`, runs in
-:func:`fromzero.training.trainer.run_task`, starts its run directory with :func:`start_run_dir`
-(config.yaml names the task, so ``fromzero finetune --resume RUN_DIR`` can rebuild it) and hands
-the Trainer its model, batches, loss and evaluation.
+distillation is a loss of the first two) extends :class:`FinetuneConfig` and is one class
+implementing :class:`FinetuneTask`: its data, model, loss, metrics and report.
+:func:`run_finetune_task` runs it, the same way for every task: in
+:func:`fromzero.training.trainer.run_task`, with its run directory from :func:`start_run_dir`
+(config.yaml names the task, so ``fromzero finetune --resume RUN_DIR`` can rebuild it), the
+metrics logger, the Trainer, Ctrl-C / SIGTERM, the test score and the ranks' endings.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable, Protocol
+
+import torch
+import torch.nn as nn
 
 from fromzero.config import TrainSettings
 from fromzero.errors import FromzeroError
@@ -80,6 +85,147 @@ class FinetuneConfig(MethodConfig, TrainSettings):
                                 "(none | ddp; fsdp is for pretraining)")
 
 
+class FinetuneTask(Protocol):
+    """One fine-tuning run of a task on this rank. :func:`run_finetune_task` calls, in order:
+
+    1. ``Task(cfg, ctx, device, dtype)``: load the data and build the model (on ``device``),
+       refusing what cannot work *before* the run directory is touched (bad input leaves nothing);
+    2. ``start(run_dir)`` once the run directory exists; ``wrap_logger``; ``batches()``;
+    3. the Trainer calls ``loss``, ``evaluate`` and ``save_best``; ``end_training(fit)`` when the
+       fit returns (an interrupted run ends there: checkpoints/last holds what resuming needs);
+    4. ``test()`` on every rank, its ``test_row`` logged;
+    5. ``finish(...)`` on rank 0, ``worker_summary(...)`` on the others.
+
+    Tasks subclass it explicitly, which gives them the defaults of its optional members.
+    """
+
+    name: ClassVar[str]
+    """config.yaml's task (what ``--resume`` rebuilds) and the default run directory's prefix."""
+    cfg: Any
+    ctx: DistContext
+    device: torch.device
+    dtype: str
+    model: nn.Module
+    """What the Trainer optimises and checkpoints hold."""
+    forward: nn.Module
+    """What the training step calls: ``model`` or its compiled version (set by ``start`` at the latest)."""
+    monitor: str
+    """The val metric that picks the best weights and drives early stopping (``val_<key of evaluate()>``)."""
+    higher_is_better: bool
+    trained_modules: list[nn.Module] | None = None
+    """Method frozen: the modules that train (the rest stays in eval mode); None: the whole model."""
+    weight_by: str = "samples"
+    """What a step's loss is a mean over: samples or tokens (see Trainer)."""
+    optimizer: torch.optim.Optimizer | None = None
+    """The task's own optimizer (DP-SGD's); None: the Trainer builds one from cfg."""
+    private: Any = None
+    """A :class:`fromzero.training.privacy.PrivateTraining` when training with DP-SGD."""
+
+    @classmethod
+    def dtype_setting(cls, cfg: Any) -> str:
+        """The dtype setting resolved for the run, before the task is built."""
+        return str(cfg.dtype)
+
+    def autocast(self) -> Any:
+        """The autocast context of the run's device and dtype."""
+        from fromzero.devices import autocast_context
+
+        return autocast_context(self.device, self.dtype)
+
+    def start(self, run_dir: Path) -> None:
+        """The run directory exists: keep it, build what the loop needs, print the run's description."""
+
+    def wrap_logger(self, logger: Any) -> Any:
+        """The logger the Trainer writes to, made from the run's (DPO adds its step metrics)."""
+        return logger
+
+    def batches(self) -> tuple[Callable[[int], Iterable[Any]], int]:
+        """(epoch -> micro-batches, micro-batches per epoch): depending on the epoch alone (or a
+        ``ShuffledEpochs``), so a resumed run sees the same batches."""
+
+    def loss(self, net: nn.Module, batch: Any) -> tuple[torch.Tensor, int, int]:
+        """(mean loss of the micro-batch, samples, tokens); ``net`` is what the step calls."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Validation metrics (metrics.jsonl's val_* columns)."""
+
+    def save_best(self, info: dict[str, Any]) -> None:
+        """Write checkpoints/best from the model as it is now (rank 0, at each improvement of the
+        monitored metric); info: ``{"best_step", "best_epoch", "val"}``."""
+
+    def end_training(self, fit: FitResult) -> None:
+        """The fit returned (also when interrupted): release what only training needed."""
+
+    def test(self) -> dict[str, Any]:
+        """Score the test split with the best weights (every rank)."""
+
+    def test_row(self, fit: FitResult, test: dict[str, Any]) -> dict[str, Any]:
+        """The metrics.jsonl row of the test score (default: every metric, as test_<name>)."""
+        return {"step": fit.steps, **{f"test_{k}": v for k, v in test.items()}}
+
+    def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rank 0, at the end (the runner has written plots/loss.png and lr.png from ``rows``): the
+        final checkpoints/best, metrics.json, the task's plots and the printed report; returns the
+        run's summary (the runner adds ``wall_s``)."""
+
+    def worker_summary(self, run_dir: Path, test: dict[str, Any]) -> dict[str, Any]:
+        """What a rank other than 0 returns (rank 0 writes the run's files)."""
+        return {"run_dir": str(run_dir), "rank": self.ctx.rank}
+
+
+def run_finetune_task(task_type: type[FinetuneTask], cfg: Any, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune ``task_type`` with ``cfg``: train, keep the best val weights, score test once,
+    write the run directory (under torchrun with dist_strategy ddp: every rank trains, rank 0
+    writes); resume: continue the run in out_dir from its checkpoints/last. Returns the task's
+    summary (a short one, with ``interrupted``, when Ctrl-C / SIGTERM stopped the fit)."""
+    import functools
+
+    from fromzero.training.trainer import run_task
+
+    return run_task(functools.partial(_run, task_type), cfg, resume)
+
+
+def _run(task_type: type[FinetuneTask], cfg: Any, ctx: DistContext, device: Any, t_start: float,
+         resume: bool) -> dict[str, Any]:
+    import time
+
+    from fromzero.devices import autocast_context, resolve_dtype
+    from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
+    from fromzero.training.distributed import barrier
+    from fromzero.training.trainer import Trainer
+
+    dtype = resolve_dtype(device, task_type.dtype_setting(cfg))
+    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+    task = task_type(cfg, ctx, device, dtype)  # data and model, all checked before the run directory is touched
+    run_dir = start_run_dir(cfg, task.name, ctx, resume)  # rank 0 alone writes it
+    task.start(run_dir)
+    logger = task.wrap_logger(MetricsLogger(run_dir, resume_step(run_dir) if resume else None)
+                              if ctx.is_main else NullLogger())
+    try:
+        trainer = Trainer(task.model, cfg, device, dtype, task.loss, task.evaluate, task.monitor,
+                          higher_is_better=task.higher_is_better, logger=logger,
+                          trained_modules=task.trained_modules, forward=task.forward, ctx=ctx,
+                          weight_by=task.weight_by, last_dir=run_dir / "checkpoints" / "last", resume=resume,
+                          optimizer=task.optimizer, private=task.private, save_best=task.save_best)
+        fit = trainer.fit(*task.batches())
+        task.end_training(fit)
+        if fit.interrupted:  # no test score, no final checkpoints/best; checkpoints/last holds what resuming needs
+            return {"run_dir": str(run_dir), "interrupted": True, "steps": fit.steps, "best_step": fit.best_step,
+                    "val": fit.best_metrics, "train_s": fit.train_s}
+        test = task.test()
+        logger.log(task.test_row(fit, test))
+    finally:
+        logger.close()
+    if not ctx.is_main:  # rank 0 writes the checkpoint and the report
+        barrier(ctx)
+        return task.worker_summary(run_dir, test)
+    write_plots(logger.rows, run_dir / "plots")  # loss and lr (finish adds the task's own)
+    summary = task.finish(fit, test, logger.rows)
+    summary["wall_s"] = time.perf_counter() - t_start
+    barrier(ctx)
+    return summary
+
+
 def start_run_dir(cfg: Any, task: str, ctx: DistContext, resume: bool = False) -> Path:
     """The run directory every rank agrees on (rank 0's timestamped default, or out_dir); rank 0
     creates it (refusing a used one unless force) or, to resume, checks it holds
@@ -106,13 +252,6 @@ def start_run_dir(cfg: Any, task: str, ctx: DistContext, resume: bool = False) -
 
     on_main_rank(ctx, start)
     return run_dir
-
-
-def interrupted_summary(run_dir: Path, fit: FitResult) -> dict[str, Any]:
-    """What a task returns when Ctrl-C / SIGTERM stopped its fit: no test score and no best
-    checkpoint yet; checkpoints/last holds everything needed to continue."""
-    return {"run_dir": str(run_dir), "interrupted": True, "steps": fit.steps, "best_step": fit.best_step,
-            "val": fit.best_metrics, "train_s": fit.train_s}
 
 
 def resume_step(run_dir: Path) -> int | None:

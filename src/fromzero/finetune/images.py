@@ -37,18 +37,23 @@ train in full).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
+from fromzero.checkpoint import save_checkpoint
 from fromzero.data.images import AUGMENTS, BAD_IMAGES, build_transforms, default_resize, load_image_folder, normalization
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.lora import apply_lora
+from fromzero.finetune.methods import freeze
 from fromzero.training.privacy import PrivacyConfig
+from fromzero.training.trainer import FitResult, ShuffledEpochs
 
 ARCHS = ("simple", "resnet18", "resnet50", "vit")
 METHODS = ("full", "frozen", "lora")
@@ -311,174 +316,165 @@ def finetune_images(cfg: ImageFinetuneConfig, resume: bool = False) -> dict[str,
         {"run_dir", "checkpoint", "labels", "best_epoch", "epochs_run", "stopped_early",
          "val": best val metrics, "test": test metrics, "train_s", "wall_s"}
     """
-    from fromzero.training.trainer import run_task
-
-    return run_task(_finetune_images, cfg, resume)
+    return run_finetune_task(ImageClassificationTask, cfg, resume)
 
 
-def _finetune_images(cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, t_start: float,
-                     resume: bool) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
+class ImageClassificationTask(FinetuneTask):
+    """One image-classification fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
-    from fromzero.evaluation.metrics import format_report, write_metrics_json
-    from fromzero.evaluation.plots import plot_confusion_matrix
-    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
-    from fromzero.training.trainer import Trainer, ShuffledEpochs
-    from fromzero.finetune.methods import freeze
-    from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
-    from fromzero.checkpoint import save_checkpoint
-    from fromzero.training.distributed import barrier
-    from fromzero.devices import autocast_context, compile_model, resolve_dtype
+    name = "image-classification"
+    monitor, higher_is_better = "val_f1_macro", True
 
-    data_dir = builtin_image_data(cfg.data_dir)
-    for split in SPLITS:
-        if not (data_dir / split).is_dir():
-            raise FromzeroError(f"{data_dir / split} not found: data_dir needs train/, val/ and test/ folders")
-    private_run = cfg.privacy.enabled
-    dtype = resolve_dtype(device, "float32" if private_run else cfg.dtype)  # DP-SGD: per-example grads in fp32
-    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+    @classmethod
+    def dtype_setting(cls, cfg: ImageFinetuneConfig) -> str:
+        return "float32" if cfg.privacy.enabled else cfg.dtype  # DP-SGD: per-example grads in fp32
 
-    # -- data (checked before the run directory is touched: bad input leaves nothing behind)
-    mode = "RGB" if cfg.channels == 3 else "L"
-    tf_args = dict(image_size=cfg.image_size, resize_size=cfg.resize_size or None, channels=cfg.channels,
-                   normalize=cfg.normalize, mean=cfg.mean, std=cfg.std)
-    train_ds = load_image_folder(data_dir / "train", build_transforms(True, augment=cfg.augment, **tf_args),
-                                 mode=mode, bad_images=cfg.bad_images)
-    labels = list(train_ds.classes)
-    if len(labels) < 2:
-        raise FromzeroError(f"{data_dir / 'train'} has {len(labels)} class folder; a classifier needs at least 2")
-    eval_tf = build_transforms(False, **tf_args)
-    val_ds = load_image_folder(data_dir / "val", eval_tf, mode=mode, bad_images=cfg.bad_images, classes=labels)
-    test_ds = load_image_folder(data_dir / "test", eval_tf, mode=mode, bad_images=cfg.bad_images, classes=labels)
-    cfg.privacy.check_dataset(len(train_ds))
+    def __init__(self, cfg: ImageFinetuneConfig, ctx: Any, device: torch.device, dtype: str) -> None:
+        self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
+        data_dir = builtin_image_data(cfg.data_dir)
+        for split in SPLITS:
+            if not (data_dir / split).is_dir():
+                raise FromzeroError(f"{data_dir / split} not found: data_dir needs train/, val/ and test/ folders")
 
-    torch.manual_seed(cfg.seed)
-    model = build_image_model(cfg, len(labels))
-    trained_modules = freeze(model, cfg.unfreeze_top) if cfg.method == "frozen" else None
-    config = model_config(model, cfg, labels)  # before any LoRA wrapper
-    if cfg.method == "lora":
-        from fromzero.finetune.lora import apply_lora
+        # -- data (checked before the run directory is touched: bad input leaves nothing behind)
+        mode = "RGB" if cfg.channels == 3 else "L"
+        tf_args = dict(image_size=cfg.image_size, resize_size=cfg.resize_size or None, channels=cfg.channels,
+                       normalize=cfg.normalize, mean=cfg.mean, std=cfg.std)
+        train_ds = load_image_folder(data_dir / "train", build_transforms(True, augment=cfg.augment, **tf_args),
+                                     mode=mode, bad_images=cfg.bad_images)
+        self.labels = labels = list(train_ds.classes)
+        if len(labels) < 2:
+            raise FromzeroError(f"{data_dir / 'train'} has {len(labels)} class folder; a classifier needs at least 2")
+        eval_tf = build_transforms(False, **tf_args)
+        val_ds = load_image_folder(data_dir / "val", eval_tf, mode=mode, bad_images=cfg.bad_images, classes=labels)
+        test_ds = load_image_folder(data_dir / "test", eval_tf, mode=mode, bad_images=cfg.bad_images, classes=labels)
+        cfg.privacy.check_dataset(len(train_ds))
+        self.sizes = len(train_ds), len(val_ds), len(test_ds)
 
-        model = apply_lora(model, config, cfg, modules_to_save=["head"])
-    if private_run:
-        from fromzero.training.privacy import make_compatible
+        torch.manual_seed(cfg.seed)
+        model = build_image_model(cfg, len(labels))
+        self.trained_modules = freeze(model, cfg.unfreeze_top) if cfg.method == "frozen" else None
+        self.config = model_config(model, cfg, labels)  # before any LoRA wrapper
+        if cfg.method == "lora":
+            model = apply_lora(model, self.config, cfg, modules_to_save=["head"])
+        if cfg.privacy.enabled:
+            from fromzero.training.privacy import make_compatible
 
-        # No fixing (BatchNorm -> GroupNorm): config.json could not describe the fixed network.
-        make_compatible(model, fix=False, why_not="a fromzero-cnn checkpoint cannot hold the GroupNorm layers "
-                        "that would replace them: use method frozen (unfreeze_top 0), arch simple or arch vit")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    model.to(device)
+            # No fixing (BatchNorm -> GroupNorm): config.json could not describe the fixed network.
+            make_compatible(model, fix=False, why_not="a fromzero-cnn checkpoint cannot hold the GroupNorm layers "
+                            "that would replace them: use method frozen (unfreeze_top 0), arch simple or arch vit")
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.model = model.to(device)
 
-    generator = torch.Generator().manual_seed(cfg.seed)
-    pin = device.type == "cuda"
-    loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin,
-                       persistent_workers=cfg.num_workers > 0)
-    # drop_last only when it loses little: a batch of 1 breaks BatchNorm, tiny sets need every image.
-    n_train = len(train_ds)
-    drop_last = n_train > 4 * cfg.batch_size or (n_train > cfg.batch_size and n_train % cfg.batch_size == 1)
-    # DP: Poisson sampling has no partial batch; keeping them all makes the expected batch
-    # n / ceil(n / batch_size) <= batch_size (q = 1 / number of batches).
-    drop_last = drop_last and not private_run
-    train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=generator, **loader_args)
-    val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
-    test_loader = DataLoader(test_ds, shuffle=False, **loader_args)
-    batches = ShuffledEpochs(train_loader, generator)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        pin = device.type == "cuda"
+        loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin,
+                           persistent_workers=cfg.num_workers > 0)
+        # drop_last only when it loses little: a batch of 1 breaks BatchNorm, tiny sets need every image.
+        n_train = len(train_ds)
+        drop_last = n_train > 4 * cfg.batch_size or (n_train > cfg.batch_size and n_train % cfg.batch_size == 1)
+        # DP: Poisson sampling has no partial batch; keeping them all makes the expected batch
+        # n / ceil(n / batch_size) <= batch_size (q = 1 / number of batches).
+        drop_last = drop_last and not cfg.privacy.enabled
+        self.train_loader = DataLoader(train_ds, shuffle=True, drop_last=drop_last, generator=generator,
+                                       **loader_args)
+        self.val_loader = DataLoader(val_ds, shuffle=False, **loader_args)
+        self.test_loader = DataLoader(test_ds, shuffle=False, **loader_args)
+        self.train_batches: Any = ShuffledEpochs(self.train_loader, generator)
 
-    net: nn.Module = compile_model(model, "default", device) if cfg.compile else model  # what the step calls
-    optimizer, private = None, None
-    if private_run:  # checked (and the noise calibrated) before the run directory is touched
-        from fromzero.training.optim import build_optimizer
-        from fromzero.training.privacy import make_private
+        self.forward = compile_model(model, "default", device) if cfg.compile else model  # what the step calls
+        self.privacy_report: dict[str, Any] | None = None  # set when training ends
+        if cfg.privacy.enabled:  # checked (and the noise calibrated) before the run directory is touched
+            from fromzero.training.optim import build_optimizer
+            from fromzero.training.privacy import make_private
 
-        private = make_private(model, build_optimizer(model, cfg, device), train_loader, cfg.privacy, cfg.epochs,
-                               seed=cfg.seed)
-        net, optimizer = private.module, private.optimizer
-        batches = lambda epoch: iter(private.loader)  # noqa: E731 - Poisson-sampled, from Opacus' own generator
-        print(private.describe())
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # also takes MixUp's soft targets
-    mixer = _mixer(cfg, len(labels))
+            private = make_private(model, build_optimizer(model, cfg, device), self.train_loader, cfg.privacy,
+                                   cfg.epochs, seed=cfg.seed)
+            self.private, self.forward, self.optimizer = private, private.module, private.optimizer
+            # Poisson-sampled, from Opacus' own generator
+            self.train_batches = lambda epoch: iter(private.loader)  # noqa: E731
+            print(private.describe())
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # also takes MixUp's soft targets
+        self.mixer = _mixer(cfg, len(labels))
 
-    def autocast() -> Any:
-        return autocast_context(device, dtype)
+    def start(self, run_dir: Path) -> None:
+        cfg = self.cfg
+        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
+        n_train, n_val, n_test = self.sizes
+        print(f"image classification ({cfg.arch}): {len(self.labels)} classes, train/val/test "
+              f"{n_train}/{n_val}/{n_test} images; method {cfg.method}: trains {self.trainable:,} parameters; "
+              f"device {self.device}, {self.dtype}")
+        mean, std = normalization(cfg.channels) if cfg.normalize else (None, None)
+        if cfg.normalize:
+            mean, std = list(cfg.mean or mean), list(cfg.std or std)
+        self.base_info = {"task": "image-classification", "image_size": cfg.image_size,
+                          "resize_size": cfg.resize_size or default_resize(cfg.image_size), "channels": cfg.channels,
+                          "mean": mean, "std": std}
 
-    def loss_fn(step_net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if mixer is not None:
-            x, y = mixer(x, y)  # y becomes (B, K) mixed one-hot targets
-        return criterion(step_net(x).float(), y), x.size(0), 0
+    def batches(self) -> tuple[Any, int]:
+        return self.train_batches, len(self.train_loader)
 
-    def evaluate(_: nn.Module) -> dict[str, Any]:
-        val = _score(*predict_loader(model, val_loader, device, autocast), labels)
+    def loss(self, net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+        x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+        if self.mixer is not None:
+            x, y = self.mixer(x, y)  # y becomes (B, K) mixed one-hot targets
+        return self.criterion(net(x).float(), y), x.size(0), 0
+
+    def _score(self, loader: Any) -> dict[str, Any]:
+        return _score(*predict_loader(self.model, loader, self.device, self.autocast), self.labels)
+
+    def evaluate(self, _: nn.Module) -> dict[str, Any]:
+        val = self._score(self.val_loader)
         return {k: val[k] for k in ("loss", "accuracy", "f1_macro", "f1_weighted")}
 
-    run_dir = start_run_dir(cfg, "image-classification", ctx, resume)  # rank 0 alone writes it
-    print(f"image classification ({cfg.arch}): {len(labels)} classes, train/val/test {len(train_ds)}/"
-          f"{len(val_ds)}/{len(test_ds)} images; method {cfg.method}: trains {trainable:,} parameters; "
-          f"device {device}, {dtype}")
-    ckpt = run_dir / "checkpoints" / "best"
-    mean, std = normalization(cfg.channels) if cfg.normalize else (None, None)
-    if cfg.normalize:
-        mean, std = list(cfg.mean or mean), list(cfg.std or std)
-    base_info = {"task": "image-classification", "image_size": cfg.image_size,
-                 "resize_size": cfg.resize_size or default_resize(cfg.image_size), "channels": cfg.channels,
-                 "mean": mean, "std": std}
-
-    def write_best(extra: dict[str, Any]) -> None:
+    def write_best(self, extra: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (config.json with the class names)."""
-        if cfg.method == "lora":
+        if self.cfg.method == "lora":
             from fromzero.finetune.lora import save_adapter
 
-            save_adapter(ckpt, model, config, Path(str(cfg.weights)), None, {**base_info, **extra})
+            save_adapter(self.best_dir, self.model, self.config, Path(str(self.cfg.weights)), None,
+                         {**self.base_info, **extra})
         else:
-            save_checkpoint(ckpt, model, config, info={**base_info, **extra})
+            save_checkpoint(self.best_dir, self.model, self.config, info={**self.base_info, **extra})
 
-    def write_best_so_far(progress: dict[str, Any]) -> None:
-        write_best({"best_epoch": progress["best_epoch"], "best_step": progress["best_step"],
-                    "val_f1_macro": progress["val"]["f1_macro"]})
+    def save_best(self, info: dict[str, Any]) -> None:
+        if self.private is None:  # a private run's checkpoint is written once, with its privacy guarantee
+            self.write_best({"best_epoch": info["best_epoch"], "best_step": info["best_step"],
+                             "val_f1_macro": info["val"]["f1_macro"]})
 
-    logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
-    try:
-        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, "val_f1_macro", higher_is_better=True,
-                              logger=logger, trained_modules=trained_modules, forward=net, ctx=ctx,
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume, optimizer=optimizer,
-                              private=private,
-                              # a private run's checkpoint is written once, with its privacy guarantee
-                              save_best=write_best_so_far if private is None else None)
-        fit = trainer.fit(batches, len(train_loader))
-        privacy = None
-        if private is not None:  # the guarantee covers every step taken, whichever epoch is kept
-            privacy = private.report()
-            private.close()  # hooks off: the model is a plain module again
-        if fit.interrupted:
-            return interrupted_summary(run_dir, fit)
-        test = _score(*predict_loader(model, test_loader, device, autocast), labels)
-        logger.log({"step": fit.steps, "epoch": fit.best_epoch, "test_loss": test["loss"],
-                    "test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"]})
-    finally:
-        logger.close()
-    if not ctx.is_main:  # rank 0 writes the checkpoint and the report
-        barrier(ctx)
-        return {"run_dir": str(run_dir), "rank": ctx.rank}
+    def end_training(self, fit: FitResult) -> None:
+        if self.private is not None:  # the guarantee covers every step taken, whichever epoch is kept
+            self.privacy_report = self.private.report()
+            self.private.close()  # hooks off: the model is a plain module again
 
-    best_val = fit.best_metrics
-    report = {**test, "split": "test", "best_epoch": fit.best_epoch, "best_step": fit.best_step,
-              "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early,
-              "val_f1_macro": best_val["f1_macro"], "val_accuracy": best_val["accuracy"]}
-    if privacy is not None:
-        report["privacy"] = privacy
-    write_metrics_json(report, run_dir / "metrics.json")
-    plots = run_dir / "plots"
-    write_plots(logger.rows, plots)
-    plot_confusion_matrix(test["confusion_matrix"], labels, plots / "confusion_matrix.png")
-    write_best({"best_epoch": fit.best_epoch, "best_step": fit.best_step, "val_f1_macro": best_val["f1_macro"],
-                "test_accuracy": test["accuracy"], **({"privacy": privacy} if privacy is not None else {})})
-    print(f"test ({len(test_ds)} images, best epoch {fit.best_epoch}):\n{format_report(test)}")
-    if privacy is not None:
-        print(f"privacy: ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP for the training split "
-              f"({privacy['steps']} steps, noise multiplier {privacy['noise_multiplier']:.4g})")
-    barrier(ctx)
-    return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "labels": labels, "best_epoch": fit.best_epoch,
-            "best_step": fit.best_step, "steps": fit.steps, "epochs_run": fit.epochs_run,
-            "stopped_early": fit.stopped_early, "interrupted": False, "val": best_val, "test": test,
-            "privacy": privacy, "trainable_params": trainable, "train_s": fit.train_s,
-            "wall_s": time.perf_counter() - t_start}
+    def test(self) -> dict[str, Any]:
+        return self._score(self.test_loader)
+
+    def test_row(self, fit: FitResult, test: dict[str, Any]) -> dict[str, Any]:
+        return {"step": fit.steps, "epoch": fit.best_epoch, "test_loss": test["loss"],
+                "test_accuracy": test["accuracy"], "test_f1_macro": test["f1_macro"]}
+
+    def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        from fromzero.evaluation.metrics import format_report, write_metrics_json
+        from fromzero.evaluation.plots import plot_confusion_matrix
+
+        best_val, privacy = fit.best_metrics, self.privacy_report
+        report = {**test, "split": "test", "best_epoch": fit.best_epoch, "best_step": fit.best_step,
+                  "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early,
+                  "val_f1_macro": best_val["f1_macro"], "val_accuracy": best_val["accuracy"]}
+        if privacy is not None:
+            report["privacy"] = privacy
+        write_metrics_json(report, self.run_dir / "metrics.json")
+        plot_confusion_matrix(test["confusion_matrix"], self.labels, self.run_dir / "plots" / "confusion_matrix.png")
+        self.write_best({"best_epoch": fit.best_epoch, "best_step": fit.best_step,
+                         "val_f1_macro": best_val["f1_macro"], "test_accuracy": test["accuracy"],
+                         **({"privacy": privacy} if privacy is not None else {})})
+        print(f"test ({self.sizes[2]} images, best epoch {fit.best_epoch}):\n{format_report(test)}")
+        if privacy is not None:
+            print(f"privacy: ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP for the training split "
+                  f"({privacy['steps']} steps, noise multiplier {privacy['noise_multiplier']:.4g})")
+        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "labels": self.labels,
+                "best_epoch": fit.best_epoch, "best_step": fit.best_step, "steps": fit.steps,
+                "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": False,
+                "val": best_val, "test": test, "privacy": privacy, "trainable_params": self.trainable,
+                "train_s": fit.train_s}

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -43,10 +42,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.data.interactions import EvalSet, IdMap, RecData
+from fromzero.data.interactions import EvalSet, IdMap, RecData, training_examples
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig
+from fromzero.evaluation.metrics import write_metrics_json
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.methods import count_parameters
 from fromzero.models.recsys import ARCHES
+from fromzero.training.trainer import FitResult
 
 IDS_FILE = "ids.json"
 ALS_REGS = (0.1, 1.0, 10.0)
@@ -326,114 +329,113 @@ def finetune_recommendation(cfg: RecommendationConfig, resume: bool = False) -> 
         {"run_dir", "checkpoint", "best_step", "best_epoch", "steps", "epochs_run", "stopped_early",
          "val": {"hr@10", "ndcg@10", "loss"}, "test": {...}, "baselines": {name: {"val", "test"}}, ...}
     """
-    from fromzero.training.trainer import run_task
-
-    return run_task(_finetune_recommendation, cfg, resume)
+    return run_finetune_task(RecommendationTask, cfg, resume)
 
 
-def _finetune_recommendation(cfg: RecommendationConfig, ctx: Any, device: torch.device, t_start: float,
-                             resume: bool) -> dict:
-    from fromzero.data.interactions import training_examples
-    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
-    from fromzero.training.trainer import Trainer
-    from fromzero.finetune.methods import count_parameters
-    from fromzero.training.callbacks import MetricsLogger, NullLogger
-    from fromzero.training.distributed import barrier
-    from fromzero.devices import autocast_context, compile_model, resolve_dtype
+class RecommendationTask(FinetuneTask):
+    """One recommender training run (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
-    dtype = resolve_dtype(device, cfg.dtype)
-    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+    name = "recommendation"
 
-    # -- data and model, all checked before the run directory is touched
-    data = load_recommendation_data(cfg)
-    for note in data.notes:
-        print(f"note: {note}")
-    val_set = data.eval_set("val", cfg.eval_negatives, cfg.eval_seed)
-    test_set = data.eval_set("test", cfg.eval_negatives, cfg.eval_seed)
-    torch.manual_seed(cfg.seed)
-    model = build_recommender(cfg, data)
-    _, total = count_parameters(model)
-    model.to(device)
+    def __init__(self, cfg: RecommendationConfig, ctx: Any, device: torch.device, dtype: str) -> None:
+        self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
+        self.monitor, self.higher_is_better = cfg.monitor, cfg.monitor != "val_loss"
+        self.k = cfg.top_k
+        self.data = data = load_recommendation_data(cfg)
+        for note in data.notes:
+            print(f"note: {note}")
+        self.val_set = data.eval_set("val", cfg.eval_negatives, cfg.eval_seed)
+        self.test_set = data.eval_set("test", cfg.eval_negatives, cfg.eval_seed)
+        torch.manual_seed(cfg.seed)
+        model = build_recommender(cfg, data)
+        _, self.total = count_parameters(model)
+        self.model = model.to(device)
+        self.baselines: dict[str, dict] = {}
 
-    run_dir = start_run_dir(cfg, "recommendation", ctx, resume)  # rank 0 alone writes it
+    def start(self, run_dir: Path) -> None:
+        cfg, data = self.cfg, self.data
+        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
+        self.forward = compile_model(self.model, "default", self.device) if cfg.compile else self.model
+        self.train_keys = data.train_keys()
+        print(f"recommendation ({cfg.arch}): {data.ids.num_users} users, {data.ids.num_items} items, "
+              f"{len(data.train)} training positives x (1 + {cfg.negatives} negatives), val/test "
+              f"{len(self.val_set)}/{len(self.test_set)} held out vs {cfg.eval_negatives} negatives; "
+              f"{self.total:,} parameters; device {self.device}, {self.dtype}")
+        self.base_info = {"task": "recommendation", "arch": cfg.arch, "top_k": self.k,
+                          "eval_negatives": cfg.eval_negatives, "min_rating": cfg.min_rating,
+                          "data": cfg.data if cfg.data == "synthetic" else str(Path(cfg.data).resolve())}
 
-    forward = compile_model(model, "default", device) if cfg.compile else model
-    train_keys = data.train_keys()
-    n_examples = len(data.train) * (1 + cfg.negatives)
-    micro_batches = math.ceil(n_examples / cfg.batch_size)
-    k = cfg.top_k
+    def batches(self) -> tuple[Any, int]:
+        n_examples = len(self.data.train) * (1 + self.cfg.negatives)
+        return self.epoch_batches, math.ceil(n_examples / self.cfg.batch_size)
 
-    def autocast() -> Any:
-        return autocast_context(device, dtype)
-
-    def batches(epoch: int) -> Any:
+    def epoch_batches(self, epoch: int) -> Any:
         """One epoch: every positive with fresh negatives, shuffled; the same on every rank."""
+        cfg, data = self.cfg, self.data
         rng = np.random.default_rng([cfg.seed, epoch])
-        users, items, labels = training_examples(data.train, data.ids.num_items, train_keys, cfg.negatives, rng)
+        users, items, labels = training_examples(data.train, data.ids.num_items, self.train_keys, cfg.negatives, rng)
         users, items, labels = torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(labels)
         for s in range(0, len(users), cfg.batch_size):
             yield users[s:s + cfg.batch_size], items[s:s + cfg.batch_size], labels[s:s + cfg.batch_size]
 
-    def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int, int]:
-        users, items, labels = (t.to(device, non_blocking=True) for t in batch)
+    def loss(self, net: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int, int]:
+        users, items, labels = (t.to(self.device, non_blocking=True) for t in batch)
         logits = net(users, items)  # (B,)
         return F.binary_cross_entropy_with_logits(logits.float(), labels), len(labels), 0
 
-    def model_scores(es: EvalSet) -> np.ndarray:
-        return score_eval_set(lambda u, i: predict_scores(forward, u, i, device, cfg.eval_batch_size, autocast), es)
+    def _metrics(self, es: EvalSet) -> dict[str, float]:
+        scores = score_eval_set(
+            lambda u, i: predict_scores(self.forward, u, i, self.device, self.cfg.eval_batch_size, self.autocast), es)
+        return evaluate_scores(scores, self.k, logits=True)
 
-    def evaluate(_: nn.Module) -> dict[str, Any]:
-        return evaluate_scores(model_scores(val_set), k, logits=True)
+    def evaluate(self, _: nn.Module) -> dict[str, Any]:
+        return self._metrics(self.val_set)
 
-    print(f"recommendation ({cfg.arch}): {data.ids.num_users} users, {data.ids.num_items} items, "
-          f"{len(data.train)} training positives x (1 + {cfg.negatives} negatives), val/test "
-          f"{len(val_set)}/{len(test_set)} held out vs {cfg.eval_negatives} negatives; {total:,} parameters; "
-          f"device {device}, {dtype}")
-    best_dir = run_dir / "checkpoints" / "best"
-    base_info = {"task": "recommendation", "arch": cfg.arch, "top_k": k, "eval_negatives": cfg.eval_negatives,
-                 "min_rating": cfg.min_rating,
-                 "data": cfg.data if cfg.data == "synthetic" else str(Path(cfg.data).resolve())}
-
-    def write_best(extra: dict[str, Any]) -> None:
+    def write_best(self, extra: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (with the user / item ids)."""
-        save_recommender(best_dir, model, data.ids, {**base_info, **extra})
+        save_recommender(self.best_dir, self.model, self.data.ids, {**self.base_info, **extra})
 
-    def write_best_so_far(progress: dict[str, Any]) -> None:
-        val = progress["val"]
-        write_best({"best_step": progress["best_step"], "best_epoch": progress["best_epoch"],
-                    **{f"val_{m}": val[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}})
+    def save_best(self, info: dict[str, Any]) -> None:
+        val, k = info["val"], self.k
+        self.write_best({"best_step": info["best_step"], "best_epoch": info["best_epoch"],
+                         **{f"val_{m}": val[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}})
 
-    logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
-    try:
-        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
-                              higher_is_better=cfg.monitor != "val_loss", logger=logger, forward=forward, ctx=ctx,
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume,
-                              save_best=write_best_so_far)
-        fit = trainer.fit(batches, micro_batches)
-        if fit.interrupted:
-            return interrupted_summary(run_dir, fit)
-        test = evaluate_scores(model_scores(test_set), k, logits=True)
-        baselines = run_baselines(cfg, data, val_set, test_set) if cfg.baselines and ctx.is_main else {}
-        logger.log({"step": fit.steps, **{f"test_{m}": v for m, v in test.items()}})
-    finally:
-        logger.close()
-    if not ctx.is_main:
-        barrier(ctx)
+    def test(self) -> dict[str, Any]:
+        """The model's test metrics; rank 0 also scores the baselines (for the report)."""
+        test = self._metrics(self.test_set)
+        if self.cfg.baselines and self.ctx.is_main:
+            self.baselines = run_baselines(self.cfg, self.data, self.val_set, self.test_set)
+        return test
+
+    def worker_summary(self, run_dir: Path, test: dict[str, Any]) -> dict[str, Any]:
         return {"run_dir": str(run_dir), "test": test}
 
-    val = {m: fit.best_metrics[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}
-    write_best({"best_step": fit.best_step, "best_epoch": fit.best_epoch, **{f"val_{m}": v for m, v in val.items()},
-                **{f"test_{m}": v for m, v in test.items()}})
-    summary = {"run_dir": str(run_dir), "checkpoint": str(best_dir), "arch": cfg.arch, "best_step": fit.best_step,
-               "best_epoch": fit.best_epoch, "steps": fit.steps, "epochs_run": fit.epochs_run,
-               "stopped_early": fit.stopped_early, "interrupted": fit.interrupted, "val": val, "test": test,
-               "baselines": baselines, "num_users": data.ids.num_users, "num_items": data.ids.num_items,
-               "train_positives": len(data.train), "n_val": len(val_set), "n_test": len(test_set),
-               "total_params": total, "notes": data.notes, "train_s": fit.train_s,
-               "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start}
-    finish_run(run_dir, logger.rows, summary, k, cfg.eval_negatives)
-    barrier(ctx)
-    return summary
+    def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The final checkpoints/best, metrics.json (test of the model and the baselines), plots and the table."""
+        k, cfg, data = self.k, self.cfg, self.data
+        val = {m: fit.best_metrics[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}
+        self.write_best({"best_step": fit.best_step, "best_epoch": fit.best_epoch,
+                         **{f"val_{m}": v for m, v in val.items()}, **{f"test_{m}": v for m, v in test.items()}})
+        summary = {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "arch": cfg.arch,
+                   "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
+                   "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
+                   "val": val, "test": test, "baselines": self.baselines, "num_users": data.ids.num_users,
+                   "num_items": data.ids.num_items, "train_positives": len(data.train), "n_val": len(self.val_set),
+                   "n_test": len(self.test_set), "total_params": self.total, "notes": data.notes,
+                   "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec}
+        report = {**test, "split": "test", "arch": cfg.arch, "n": len(self.test_set),
+                  "eval_negatives": cfg.eval_negatives, "best_step": fit.best_step, "epochs_run": fit.epochs_run,
+                  "stopped_early": fit.stopped_early, **{f"val_{m}": v for m, v in val.items()},
+                  "baselines": {name: {**r["test"], **{f"val_{m}": v for m, v in r["val"].items()},
+                                       **({"params": r["params"]} if "params" in r else {})}
+                                for name, r in self.baselines.items()}}
+        write_metrics_json(report, self.run_dir / "metrics.json")
+        plot_ranking(rows, k, self.run_dir / "plots" / "ranking.png")
+        print(f"test: {len(self.test_set)} held-out interactions, each ranked against {cfg.eval_negatives} "
+              "sampled negatives")
+        print(format_table(summary, k))
+        print(f"checkpoint: {self.best_dir}")
+        return summary
 
 
 def save_recommender(directory: Path, model: nn.Module, ids: IdMap, info: dict) -> None:
@@ -463,27 +465,6 @@ def format_table(summary: dict, k: int) -> str:
         values = [val[f"hr@{k}"], val[f"ndcg@{k}"], test[f"hr@{k}"], test[f"ndcg@{k}"]]
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:>12.4f}" for v in values))
     return "\n".join(lines)
-
-
-def finish_run(run_dir: Path, rows: list[dict], summary: dict, k: int, negatives: int) -> None:
-    """metrics.json (test of the model and the baselines), plots, and the table on stdout."""
-    from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.training.callbacks import write_plots
-
-    test = summary["test"]
-    report = {**test, "split": "test", "arch": summary["arch"], "n": summary["n_test"],
-              "eval_negatives": negatives, "best_step": summary["best_step"], "epochs_run": summary["epochs_run"],
-              "stopped_early": summary["stopped_early"], **{f"val_{m}": v for m, v in summary["val"].items()},
-              "baselines": {name: {**r["test"], **{f"val_{m}": v for m, v in r["val"].items()},
-                                   **({"params": r["params"]} if "params" in r else {})}
-                            for name, r in summary["baselines"].items()}}
-    write_metrics_json(report, run_dir / "metrics.json")
-    plots = run_dir / "plots"
-    write_plots(rows, plots)
-    plot_ranking(rows, k, plots / "ranking.png")
-    print(f"test: {summary['n_test']} held-out interactions, each ranked against {negatives} sampled negatives")
-    print(format_table(summary, k))
-    print(f"checkpoint: {summary['checkpoint']}")
 
 
 def plot_ranking(rows: list[dict], k: int, path: Path) -> None:

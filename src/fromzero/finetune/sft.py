@@ -25,17 +25,25 @@ split is scored once at the end. ``packing`` concatenates examples into full row
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from fromzero.finetune.distill import DistillOptions
+from fromzero.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json, save_checkpoint
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig
+from fromzero.evaluation.metrics import write_metrics_json
+from fromzero.finetune.distill import (DistillOptions, build_student, count_params, distillation_loss,
+                                       load_teacher)
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.lora import apply_lora, base_model, load_base
+from fromzero.finetune.methods import count_parameters, freeze
+from fromzero.models import build_model
+from fromzero.training.trainer import FitResult, ShuffledEpochs
 
 CHAT_TEMPLATES = ("auto", "simple")
 # Files of a model's own chat template, carried from init_from into the fine-tuned checkpoint.
@@ -173,176 +181,166 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Train on response tokens, keep the best val loss, score test, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.training.trainer import run_task
-
-    return run_task(_finetune_sft, cfg, resume)
+    return run_finetune_task(SFTTask, cfg, resume)
 
 
-def _finetune_sft(cfg: SFTConfig, ctx: Any, device: torch.device, t_start: float, resume: bool) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
+class SFTTask(FinetuneTask):
+    """One SFT fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
-    from fromzero.data.sft import (add_system_prompt, collate_sft, load_sft_examples, pack_sft,
-                                   segment_mismatches, tokenize_sft)
-    from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.evaluation.metrics import write_metrics_json
-    from fromzero.finetune.distill import build_student, count_params, distillation_loss, load_teacher
-    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
-    from fromzero.training.trainer import Trainer, ShuffledEpochs
-    from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
-    from fromzero.finetune.methods import count_parameters, freeze
-    from fromzero.models import build_model
-    from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
-    from fromzero.training.distributed import barrier
-    from fromzero.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json, save_checkpoint
-    from fromzero.devices import autocast_context, compile_model, resolve_dtype
+    name = "sft"
+    monitor, higher_is_better = "val_loss", False
+    weight_by = "tokens"  # the loss is a mean over reply tokens
 
-    dtype = resolve_dtype(device, cfg.dtype)
-    autocast_context(device, dtype)
+    def __init__(self, cfg: SFTConfig, ctx: Any, device: torch.device, dtype: str) -> None:
+        from fromzero.data.sft import add_system_prompt, load_sft_examples, pack_sft, segment_mismatches, tokenize_sft
+        from fromzero.data.tokenizers import TextTokenizer
+        from fromzero.models.builtin import resolve_model
 
-    from fromzero.models.builtin import resolve_model
+        self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
+        self.init_dir = init_dir = resolve_model(cfg.teacher or cfg.init_from)  # distillation: the teacher's tokenizer
+        config = read_json(init_dir / CONFIG_FILE, "model config")
+        if config.get("model_type") != "fromzero-gpt":
+            raise FromzeroError(f"SFT needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds "
+                                f"{config.get('model_type')!r}")
+        if not (init_dir / TOKENIZER_FILE).is_file():
+            raise FromzeroError(f"{init_dir} has no {TOKENIZER_FILE}: cannot turn text into token ids")
+        tokenizer = TextTokenizer.load(init_dir / TOKENIZER_FILE)
+        block_size = int(config.get("block_size", 0))
+        max_length = cfg.max_length or block_size
+        if max_length > block_size:
+            raise FromzeroError(f"max_length {max_length} is more than the model's block_size {block_size}")
+        template, self.template_dir = choose_template(cfg, init_dir)
+        splits = load_sft_examples(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        splits = {split: add_system_prompt(examples, cfg.system_prompt) for split, examples in splits.items()}
+        if cfg.max_eval_examples:
+            splits.update({s: splits[s][: cfg.max_eval_examples] for s in ("val", "test")})
+        if self.template_dir is not None:  # the model's own template: do pieces tokenize as the whole text?
+            checked = splits["train"][:BOUNDARY_CHECK_EXAMPLES]
+            bad = segment_mismatches(checked, tokenizer, template)
+            if bad:
+                print(f"note: for {len(bad)} of {len(checked)} training examples the reply-by-reply tokenization "
+                      f"differs from the tokenization of the whole chat (a token merges across a template "
+                      f"boundary): training sees slightly different ids than inference would")
+        self.sets = sets = {}
+        for split, examples in splits.items():
+            sets[split] = tokenize_sft(examples, tokenizer, template, max_length)
+            if sets[split].n_truncated or sets[split].n_dropped:
+                print(f"note: {split}: {sets[split].n_truncated} of {len(examples)} examples longer than "
+                      f"{max_length} tokens were truncated; {sets[split].n_dropped} left without a response token "
+                      f"were dropped")
+            if len(sets[split]) == 0:
+                raise FromzeroError(f"the {split} split has no usable example (all dropped)")
+        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        self.train_set = pack_sft(sets["train"], max_length, self.pad_id) if cfg.packing else sets["train"]
 
-    init_dir = resolve_model(cfg.teacher or cfg.init_from)  # distillation: the teacher's tokenizer
-    config = read_json(init_dir / CONFIG_FILE, "model config")
-    if config.get("model_type") != "fromzero-gpt":
-        raise FromzeroError(f"SFT needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds {config.get('model_type')!r}")
-    if not (init_dir / TOKENIZER_FILE).is_file():
-        raise FromzeroError(f"{init_dir} has no {TOKENIZER_FILE}: cannot turn text into token ids")
-    tokenizer = TextTokenizer.load(init_dir / TOKENIZER_FILE)
-    block_size = int(config.get("block_size", 0))
-    max_length = cfg.max_length or block_size
-    if max_length > block_size:
-        raise FromzeroError(f"max_length {max_length} is more than the model's block_size {block_size}")
-    template, template_dir = choose_template(cfg, init_dir)
-    splits = load_sft_examples(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    splits = {split: add_system_prompt(examples, cfg.system_prompt) for split, examples in splits.items()}
-    if cfg.max_eval_examples:
-        splits.update({s: splits[s][: cfg.max_eval_examples] for s in ("val", "test")})
-    if template_dir is not None:  # the model's own template: do pieces tokenize as the whole text?
-        checked = splits["train"][:BOUNDARY_CHECK_EXAMPLES]
-        bad = segment_mismatches(checked, tokenizer, template)
-        if bad:
-            print(f"note: for {len(bad)} of {len(checked)} training examples the reply-by-reply tokenization differs "
-                  f"from the tokenization of the whole chat (a token merges across a template boundary): training "
-                  f"sees slightly different ids than inference would")
-    sets = {}
-    for split, examples in splits.items():
-        sets[split] = tokenize_sft(examples, tokenizer, template, max_length)
-        if sets[split].n_truncated or sets[split].n_dropped:
-            print(f"note: {split}: {sets[split].n_truncated} of {len(examples)} examples longer than {max_length} "
-                  f"tokens were truncated; {sets[split].n_dropped} left without a response token were dropped")
-        if len(sets[split]) == 0:
-            raise FromzeroError(f"the {split} split has no usable example (all dropped)")
-    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    train_set = pack_sft(sets["train"], max_length, pad_id) if cfg.packing else sets["train"]
+        torch.manual_seed(cfg.seed)
+        self.teacher = None
+        if cfg.teacher:  # distillation: the student starts from the teacher's layers
+            self.teacher, config, _ = load_teacher(init_dir, device)
+            model, config, described = build_student(cfg, config, self.teacher)
+            print(f"distillation from {cfg.teacher} (T {cfg.temperature}, alpha {cfg.alpha}): {described}")
+        else:
+            model = build_model(config)
+            load_base(model, init_dir)
+        self.base_bytes: dict[str, int] = {}
+        if cfg.method == "frozen":
+            self.trained_modules = freeze(model, cfg.unfreeze_top)
+        elif cfg.method == "lora":
+            model = apply_lora(model, config, cfg, modules_to_save=[])
+        elif cfg.method == "qlora":
+            from fromzero.finetune.qlora import apply_qlora, linear_weight_bytes
 
-    torch.manual_seed(cfg.seed)
-    teacher = None
-    if cfg.teacher:  # distillation: the student starts from the teacher's layers
-        teacher, config, _ = load_teacher(init_dir, device)
-        model, config, described = build_student(cfg, config, teacher)
-        print(f"distillation from {cfg.teacher} (T {cfg.temperature}, alpha {cfg.alpha}): {described}")
-    else:
-        model = build_model(config)
-        load_base(model, init_dir)
-    trained_modules = None
-    if cfg.method == "frozen":
-        trained_modules = freeze(model, cfg.unfreeze_top)
-    elif cfg.method == "lora":
-        model = apply_lora(model, config, cfg, modules_to_save=[])
-    elif cfg.method == "qlora":
-        from fromzero.finetune.qlora import apply_qlora, linear_weight_bytes
+            float_params = count_parameters(model)[1]  # the 4-bit base packs two weights per stored element
+            model = apply_qlora(model, config, cfg, cfg.qlora_group_size)
+            self.base_bytes = linear_weight_bytes(model)
+            print(f"qlora: the base's Linear weights take {self.base_bytes['stored_bytes']:,} bytes in 4 bits "
+                  f"({100 * self.base_bytes['stored_bytes'] / self.base_bytes['bf16_bytes']:.1f}% of bf16; group "
+                  f"{cfg.qlora_group_size}, fp16 scales and minimums); the tied embedding/head stays float")
+        self.config = config
+        self.trainable, self.total = count_parameters(model)
+        if cfg.method == "qlora":
+            self.total = float_params + self.trainable
+        self.model = model.to(device)
 
-        float_params = count_parameters(model)[1]  # the 4-bit base packs two weights per stored element
-        model = apply_qlora(model, config, cfg, cfg.qlora_group_size)
-        base_bytes = linear_weight_bytes(model)
-        print(f"qlora: the base's Linear weights take {base_bytes['stored_bytes']:,} bytes in 4 bits "
-              f"({100 * base_bytes['stored_bytes'] / base_bytes['bf16_bytes']:.1f}% of bf16; group "
-              f"{cfg.qlora_group_size}, fp16 scales and minimums); the tied embedding/head stays float")
-    trainable, total = count_parameters(model)
-    if cfg.method == "qlora":
-        total = float_params + trainable
-    model.to(device)
+    def start(self, run_dir: Path) -> None:
+        from fromzero.data.sft import collate_sft
 
-    run_dir = start_run_dir(cfg, "sft", ctx, resume)  # rank 0 alone writes it
+        cfg, sets = self.cfg, self.sets
+        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
+        collate = lambda batch: collate_sft(batch, self.pad_id)  # noqa: E731
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                                       collate_fn=collate, num_workers=cfg.num_workers)
+        self.generator = generator
+        self.eval_loaders = {s: DataLoader(sets[s], batch_size=cfg.eval_batch_size, collate_fn=collate)
+                             for s in ("val", "test")}
+        self.forward = compile_model(self.model, "default", self.device) if cfg.compile else self.model
+        print(f"sft: train/val/test {len(sets['train'])}/{len(sets['val'])}/{len(sets['test'])} examples "
+              f"({sets['train'].n_target_tokens:,} response tokens in train); method {cfg.method}: trains "
+              f"{self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f}%); "
+              f"device {self.device}, {self.dtype}")
+        self.before = self._response_loss("test")  # the base model's, for comparison
+        # A model's own template travels as its files (chat_template.jinja, ...); fromzero's as fields.
+        template_info = ({"chat_template": "chat_template.jinja"} if self.template_dir is not None else
+                         {"template": {"system_prefix": cfg.system_prefix, "user_prefix": cfg.user_prefix,
+                                       "assistant_prefix": cfg.assistant_prefix, "turn_end": cfg.turn_end}})
+        teacher = self.teacher
+        self.base_info = {
+            "task": "sft", "test_before": self.before, "method": cfg.method, "data": cfg.data,
+            **({"distilled_from": str(self.init_dir.resolve()), "temperature": cfg.temperature, "alpha": cfg.alpha,
+                "teacher_params": count_params(teacher), "student_params": self.total} if teacher is not None else {}),
+            **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
+            **({"qlora": {"group_size": cfg.qlora_group_size, "scale_dtype": "float16",
+                          "base_linear_bytes": self.base_bytes}} if cfg.method == "qlora" else {}),
+            **template_info}
 
-    collate = lambda batch: collate_sft(batch, pad_id)  # noqa: E731
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                              collate_fn=collate, num_workers=cfg.num_workers)
-    eval_loaders = {s: DataLoader(sets[s], batch_size=cfg.eval_batch_size, collate_fn=collate) for s in ("val", "test")}
-    forward = compile_model(model, "default", device) if cfg.compile else model
+    def batches(self) -> tuple[Any, int]:
+        return ShuffledEpochs(self.train_loader, self.generator), len(self.train_loader)
 
-    def autocast() -> Any:
-        return autocast_context(device, dtype)
-
-    def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        if teacher is None:  # the LM head only where the reply is (see GPT.forward)
+    def loss(self, net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        if self.teacher is None:  # the LM head only where the reply is (see GPT.forward)
             return net(x, y, target_logits_only=True)[1], x.size(0), int((y != -100).sum())
         logits, loss = net(x, y)
-        if teacher is not None:  # match the teacher's next-token distribution on response tokens
-            with torch.no_grad():
-                teacher_logits, _ = teacher(x, y)
-            loss = distillation_loss(logits, teacher_logits, loss, cfg.temperature, cfg.alpha, mask=y != -100)
+        with torch.no_grad():  # match the teacher's next-token distribution on response tokens
+            teacher_logits, _ = self.teacher(x, y)
+        loss = distillation_loss(logits, teacher_logits, loss, self.cfg.temperature, self.cfg.alpha, mask=y != -100)
         return loss, x.size(0), int((y != -100).sum())
 
-    def evaluate(_: nn.Module) -> dict[str, Any]:
-        return response_loss(forward, eval_loaders["val"], device, autocast)
+    def _response_loss(self, split: str) -> dict[str, float]:
+        return response_loss(self.forward, self.eval_loaders[split], self.device, self.autocast)
 
-    print(f"sft: train/val/test {len(sets['train'])}/{len(sets['val'])}/{len(sets['test'])} examples "
-          f"({sets['train'].n_target_tokens:,} response tokens in train); method {cfg.method}: trains "
-          f"{trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
-    before = response_loss(forward, eval_loaders["test"], device, autocast)  # the base model's, for comparison
-    # A model's own template travels as its files (chat_template.jinja, ...); fromzero's as fields.
-    template_info = ({"chat_template": "chat_template.jinja"} if template_dir is not None else
-                     {"template": {"system_prefix": cfg.system_prefix, "user_prefix": cfg.user_prefix,
-                                   "assistant_prefix": cfg.assistant_prefix, "turn_end": cfg.turn_end}})
-    base_info = {"task": "sft", "test_before": before, "method": cfg.method, "data": cfg.data,
-                 **({"distilled_from": str(init_dir.resolve()), "temperature": cfg.temperature, "alpha": cfg.alpha,
-                     "teacher_params": count_params(teacher), "student_params": total} if teacher is not None else {}),
-                 **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
-                 **({"qlora": {"group_size": cfg.qlora_group_size, "scale_dtype": "float16",
-                               "base_linear_bytes": base_bytes}} if cfg.method == "qlora" else {}),
-                 **template_info}
-    best_dir = run_dir / "checkpoints" / "best"
+    def evaluate(self, _: nn.Module) -> dict[str, Any]:
+        return self._response_loss("val")
 
-    def write_best(info: dict[str, Any]) -> None:
+    def save_best(self, info: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (full weights or the adapter, + template files)."""
-        info = {**base_info, **info}
-        if cfg.method in ("lora", "qlora"):
-            write = lambda d: save_adapter(d, model, config, init_dir, init_dir / TOKENIZER_FILE, info)  # noqa: E731
+        from fromzero.finetune.lora import save_adapter
+
+        info = {**self.base_info, **info}
+        tokenizer_file = self.init_dir / TOKENIZER_FILE
+        if self.cfg.method in ("lora", "qlora"):
+            write = lambda d: save_adapter(d, self.model, self.config, self.init_dir, tokenizer_file, info)  # noqa: E731
         else:
-            write = lambda d: save_checkpoint(d, base_model(model), config,  # noqa: E731
-                                              tokenizer_file=init_dir / TOKENIZER_FILE, info=info)
-        save_with_template_files(best_dir, write, template_dir)
+            write = lambda d: save_checkpoint(d, base_model(self.model), self.config,  # noqa: E731
+                                              tokenizer_file=tokenizer_file, info=info)
+        save_with_template_files(self.best_dir, write, self.template_dir)
 
-    logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
-    try:
-        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, "val_loss", higher_is_better=False,
-                              logger=logger, trained_modules=trained_modules, forward=forward, ctx=ctx,
-                              weight_by="tokens",  # the loss is a mean over reply tokens
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume, save_best=write_best)
-        fit = trainer.fit(ShuffledEpochs(train_loader, generator), len(train_loader))
-        if fit.interrupted:
-            return interrupted_summary(run_dir, fit)
-        test = response_loss(forward, eval_loaders["test"], device, autocast)
-        logger.log({"step": fit.steps, "test_loss": test["loss"], "test_perplexity": test["perplexity"]})
-    finally:
-        logger.close()
-    if not ctx.is_main:  # rank 0 writes the checkpoint and the report
-        barrier(ctx)
-        return {"run_dir": str(run_dir), "rank": ctx.rank}
+    def test(self) -> dict[str, Any]:
+        return self._response_loss("test")
 
-    write_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
-    write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
-                        **{f"val_{k}": v for k, v in fit.best_metrics.items()}}, run_dir / "metrics.json")
-    write_plots(logger.rows, run_dir / "plots")
-    print(f"test: response loss {test['loss']:.4f}, perplexity {test['perplexity']:.2f} "
-          f"(before fine-tuning: {before['loss']:.4f}, {before['perplexity']:.2f}) "
-          f"(best step {fit.best_step}); checkpoint: {best_dir}")
-    barrier(ctx)
-    return {"run_dir": str(run_dir), "checkpoint": str(best_dir), "best_step": fit.best_step, "steps": fit.steps,
-            "val": fit.best_metrics, "test": test, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
-            "trainable_params": trainable, "total_params": total, "train_s": fit.train_s,
-            "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start,
-            "test_before": before}
+    def test_row(self, fit: FitResult, test: dict[str, Any]) -> dict[str, Any]:
+        return {"step": fit.steps, "test_loss": test["loss"], "test_perplexity": test["perplexity"]}
+
+    def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        before = self.before
+        self.save_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
+        write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
+                            **{f"val_{k}": v for k, v in fit.best_metrics.items()}}, self.run_dir / "metrics.json")
+        print(f"test: response loss {test['loss']:.4f}, perplexity {test['perplexity']:.2f} "
+              f"(before fine-tuning: {before['loss']:.4f}, {before['perplexity']:.2f}) "
+              f"(best step {fit.best_step}); checkpoint: {self.best_dir}")
+        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "best_step": fit.best_step,
+                "steps": fit.steps, "val": fit.best_metrics, "test": test, "stopped_early": fit.stopped_early,
+                "interrupted": fit.interrupted, "trainable_params": self.trainable, "total_params": self.total,
+                "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec, "test_before": before}

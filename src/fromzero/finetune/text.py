@@ -18,7 +18,6 @@ confusion_matrix), checkpoints/best/ (full weights, or a PEFT adapter for method
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,9 +26,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.finetune.distill import DistillOptions
+from fromzero.checkpoint import CONFIG_FILE, read_json, save_checkpoint
+from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
-from fromzero.finetune.engine import FinetuneConfig
+from fromzero.finetune.distill import (DistillOptions, build_student, count_params, distillation_loss,
+                                       load_teacher)
+from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.finetune.lora import apply_lora, base_model, load_base
+from fromzero.finetune.methods import count_parameters, freeze
+from fromzero.models import build_model
+from fromzero.training.trainer import FitResult
 
 MONITORS = ("val_f1_macro", "val_accuracy", "val_loss")
 BUILTIN_MODELS = ("all-MiniLM-L6-v2",)
@@ -173,163 +179,142 @@ def finetune_text_classification(cfg: TextClassificationConfig, resume: bool = F
     """Train, pick the best by ``monitor`` on val, score test once, write the run directory
     (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
     the run in out_dir from its checkpoints/last."""
-    from fromzero.training.trainer import run_task
-
-    return run_task(_finetune_text_classification, cfg, resume)
+    return run_finetune_task(TextClassificationTask, cfg, resume)
 
 
-def _finetune_text_classification(cfg: TextClassificationConfig, ctx: Any, device: torch.device,
-                                  t_start: float, resume: bool) -> dict[str, Any]:
-    from fromzero.data.classification import encode_texts, label_names, load_text_classification
-    from fromzero.finetune.distill import build_student, count_params, distillation_loss, load_teacher
-    from fromzero.finetune.engine import interrupted_summary, resume_step, start_run_dir
-    from fromzero.training.trainer import Trainer
-    from fromzero.finetune.lora import apply_lora, base_model, load_base, save_adapter
-    from fromzero.finetune.methods import count_parameters, freeze
-    from fromzero.models import build_model
-    from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
-    from fromzero.training.callbacks import MetricsLogger, NullLogger
-    from fromzero.checkpoint import CONFIG_FILE, read_json, save_checkpoint
-    from fromzero.training.distributed import barrier
-    from fromzero.devices import autocast_context, compile_model, resolve_dtype
+class TextClassificationTask(FinetuneTask):
+    """One text-classification fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
-    dtype = resolve_dtype(device, cfg.dtype)
-    autocast_context(device, dtype)  # refuses float16 off CUDA before any work
+    name = "text-classification"
 
-    # -- data and model, all checked before the run directory is touched
-    splits = load_text_classification(cfg.data, cfg.text_column, cfg.label_column, cfg.val_fraction,
-                                      cfg.test_fraction, cfg.seed)
-    labels = label_names(splits["train"])
-    teacher = None
-    if cfg.teacher:  # distillation: the student starts from the teacher's layers, not init_from
-        teacher, base_config, teacher_info = load_teacher(cfg.teacher, device)
-        init_dir = Path(cfg.teacher).expanduser()
-        if teacher_info.get("task") != "text-classification" or base_config.get("labels") != labels:
-            raise FromzeroError(f"teacher {cfg.teacher} must be a text classifier of this data's labels {labels} "
-                                f"(it is a {teacher_info.get('task')} model with labels {base_config.get('labels')})")
-    else:
-        init_dir = resolve_checkpoint(cfg.init_from)
-        base_config = read_json(init_dir / CONFIG_FILE, "model config")
-    config = classifier_config(base_config, labels, cfg.dropout)
-    bert_config = BertConfig.from_dict(config)
-    max_length = min(cfg.max_length, encoder_limit(init_dir, bert_config))
-    if max_length < cfg.max_length:
-        print(f"note: max_length {cfg.max_length} lowered to the model's limit of {max_length} tokens")
-    tokenizer = load_encoder_tokenizer(init_dir, bert_config)
-    encoded, truncated = {}, {}
-    for split, rows in splits.items():
-        encoded[split], truncated[split] = encode_texts(tokenizer, [t for t, _ in rows], max_length)
-        if truncated[split]:
-            print(f"note: {truncated[split]} of {len(rows)} {split} texts are longer than {max_length} "
-                  "tokens and were truncated")
-    index = {name: i for i, name in enumerate(labels)}
-    label_ids = {split: [index[lab] for _, lab in rows] for split, rows in splits.items()}
+    def __init__(self, cfg: TextClassificationConfig, ctx: Any, device: torch.device, dtype: str) -> None:
+        from fromzero.data.classification import encode_texts, label_names, load_text_classification
+        from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
 
-    torch.manual_seed(cfg.seed)
-    if teacher is not None:
-        model, config, described = build_student(cfg, base_config, teacher,
-                                                 adjust=lambda c: classifier_config(c, labels, cfg.dropout))
-        print(f"distillation from {cfg.teacher} (T {cfg.temperature}, alpha {cfg.alpha}): {described}")
-        new_tensors = ["classifier.weight", "classifier.bias"]  # LoRA: train the head fully, as from a base
-    else:
-        model = build_model(config)
-        new_tensors = load_base(model, init_dir)
-    trained_modules = None
-    if cfg.method == "frozen":
-        trained_modules = freeze(model, cfg.unfreeze_top)
-    elif cfg.method == "lora":
-        head = ["classifier"] + (["pooler.dense"] if any(n.startswith("pooler.") for n in new_tensors) else [])
-        model = apply_lora(model, config, cfg, modules_to_save=head)
-    trainable, total = count_parameters(model)
-    model.to(device)
+        self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
+        self.monitor, self.higher_is_better = cfg.monitor, cfg.monitor != "val_loss"
+        splits = load_text_classification(cfg.data, cfg.text_column, cfg.label_column, cfg.val_fraction,
+                                          cfg.test_fraction, cfg.seed)
+        self.labels = labels = label_names(splits["train"])
+        self.teacher = None
+        if cfg.teacher:  # distillation: the student starts from the teacher's layers, not init_from
+            self.teacher, base_config, teacher_info = load_teacher(cfg.teacher, device)
+            init_dir = Path(cfg.teacher).expanduser()
+            if teacher_info.get("task") != "text-classification" or base_config.get("labels") != labels:
+                raise FromzeroError(f"teacher {cfg.teacher} must be a text classifier of this data's labels {labels} "
+                                    f"(it is a {teacher_info.get('task')} model with labels "
+                                    f"{base_config.get('labels')})")
+        else:
+            init_dir = resolve_checkpoint(cfg.init_from)
+            base_config = read_json(init_dir / CONFIG_FILE, "model config")
+        self.init_dir = init_dir
+        config = classifier_config(base_config, labels, cfg.dropout)
+        self.bert_config = BertConfig.from_dict(config)
+        self.max_length = max_length = min(cfg.max_length, encoder_limit(init_dir, self.bert_config))
+        if max_length < cfg.max_length:
+            print(f"note: max_length {cfg.max_length} lowered to the model's limit of {max_length} tokens")
+        tokenizer = load_encoder_tokenizer(init_dir, self.bert_config)
+        self.encoded, self.truncated = {}, {}
+        for split, rows in splits.items():
+            self.encoded[split], self.truncated[split] = encode_texts(tokenizer, [t for t, _ in rows], max_length)
+            if self.truncated[split]:
+                print(f"note: {self.truncated[split]} of {len(rows)} {split} texts are longer than {max_length} "
+                      "tokens and were truncated")
+        index = {name: i for i, name in enumerate(labels)}
+        self.label_ids = {split: [index[lab] for _, lab in rows] for split, rows in splits.items()}
 
-    run_dir = start_run_dir(cfg, "text-classification", ctx, resume)  # rank 0 alone writes it
+        torch.manual_seed(cfg.seed)
+        if self.teacher is not None:
+            model, config, described = build_student(cfg, base_config, self.teacher,
+                                                     adjust=lambda c: classifier_config(c, labels, cfg.dropout))
+            print(f"distillation from {cfg.teacher} (T {cfg.temperature}, alpha {cfg.alpha}): {described}")
+            new_tensors = ["classifier.weight", "classifier.bias"]  # LoRA: train the head fully, as from a base
+        else:
+            model = build_model(config)
+            new_tensors = load_base(model, init_dir)
+        if cfg.method == "frozen":
+            self.trained_modules = freeze(model, cfg.unfreeze_top)
+        elif cfg.method == "lora":
+            head = ["classifier"] + (["pooler.dense"] if any(n.startswith("pooler.") for n in new_tensors) else [])
+            model = apply_lora(model, config, cfg, modules_to_save=head)
+        self.config = config
+        self.trainable, self.total = count_parameters(model)
+        self.model = model.to(device)
 
-    pad_id = bert_config.pad_token_id or 0
-    train = TextBatches(encoded["train"], label_ids["train"], cfg.batch_size, True, cfg.seed, pad_id,
-                        cfg.pad_to_multiple_of, cfg.num_workers)
-    evals = {split: TextBatches(encoded[split], label_ids[split], cfg.eval_batch_size, False, 0, pad_id,
-                                cfg.pad_to_multiple_of) for split in ("val", "test")}
-    forward = compile_model(model, "default", device) if cfg.compile else model
+    def start(self, run_dir: Path) -> None:
+        cfg, device, encoded = self.cfg, self.device, self.encoded
+        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
+        pad_id = self.bert_config.pad_token_id or 0
+        self.train = TextBatches(encoded["train"], self.label_ids["train"], cfg.batch_size, True, cfg.seed, pad_id,
+                                 cfg.pad_to_multiple_of, cfg.num_workers)
+        self.evals = {split: TextBatches(encoded[split], self.label_ids[split], cfg.eval_batch_size, False, 0,
+                                         pad_id, cfg.pad_to_multiple_of) for split in ("val", "test")}
+        self.forward = compile_model(self.model, "default", device) if cfg.compile else self.model
+        print(f"text classification: {len(self.labels)} classes, train/val/test {len(encoded['train'])}/"
+              f"{len(encoded['val'])}/{len(encoded['test'])}; method {cfg.method}: trains {self.trainable:,} of "
+              f"{self.total:,} parameters ({100 * self.trainable / self.total:.2f}%); device {device}, {self.dtype}")
+        self.base_info = {"task": "text-classification", "max_length": self.max_length, "method": cfg.method,
+                          "trainable_params": self.trainable}
+        if self.teacher is not None:
+            self.base_info.update(distilled_from=str(Path(cfg.teacher).resolve()), temperature=cfg.temperature,
+                                  alpha=cfg.alpha, teacher_params=count_params(self.teacher),
+                                  student_params=self.total)
 
-    def autocast() -> Any:
-        return autocast_context(device, dtype)
+    def batches(self) -> tuple[Any, int]:
+        return self.train.epoch, len(self.train)  # micro-batches per epoch
 
-    def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-        ids, mask, y = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
+    def loss(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+        ids, mask, y = (batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
         logits, _ = net(ids, mask)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        if teacher is not None:
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits, _ = teacher(ids, mask)
-            loss = distillation_loss(logits, teacher_logits, loss, cfg.temperature, cfg.alpha)
+                teacher_logits, _ = self.teacher(ids, mask)
+            loss = distillation_loss(logits, teacher_logits, loss, self.cfg.temperature, self.cfg.alpha)
         return loss, ids.size(0), int(mask.sum())
 
-    def evaluate(_: nn.Module) -> dict[str, Any]:
-        return _val_summary(score(predict_logits(forward, evals["val"], device, autocast), label_ids["val"], labels))
+    def _score(self, split: str) -> dict[str, Any]:
+        logits = predict_logits(self.forward, self.evals[split], self.device, self.autocast)
+        return score(logits, self.label_ids[split], self.labels)
 
-    print(f"text classification: {len(labels)} classes, train/val/test {len(encoded['train'])}/"
-          f"{len(encoded['val'])}/{len(encoded['test'])}; method {cfg.method}: trains {trainable:,} of "
-          f"{total:,} parameters ({100 * trainable / total:.2f}%); device {device}, {dtype}")
-    best_dir = run_dir / "checkpoints" / "best"
-    base_info = {"task": "text-classification", "max_length": max_length, "method": cfg.method,
-                 "trainable_params": trainable}
-    if teacher is not None:
-        base_info.update(distilled_from=str(Path(cfg.teacher).resolve()), temperature=cfg.temperature,
-                         alpha=cfg.alpha, teacher_params=count_params(teacher), student_params=total)
+    def evaluate(self, _: nn.Module) -> dict[str, Any]:
+        return _val_summary(self._score("val"))
 
-    def write_best(info: dict[str, Any]) -> None:
+    def save_best(self, info: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (full weights, or the LoRA adapter)."""
-        info = {**base_info, **info}
-        tokenizer_file = init_dir / "tokenizer.json"
-        if cfg.method == "lora":
-            save_adapter(best_dir, model, config, init_dir, tokenizer_file, info)
+        from fromzero.finetune.lora import save_adapter
+
+        info = {**self.base_info, **info, "val": _val_summary(info["val"])}
+        tokenizer_file = self.init_dir / "tokenizer.json"
+        if self.cfg.method == "lora":
+            save_adapter(self.best_dir, self.model, self.config, self.init_dir, tokenizer_file, info)
         else:
-            save_checkpoint(best_dir, base_model(model), config, tokenizer_file=tokenizer_file, info=info)
+            save_checkpoint(self.best_dir, base_model(self.model), self.config, tokenizer_file=tokenizer_file,
+                            info=info)
 
-    logger = MetricsLogger(run_dir, resume_step(run_dir) if resume else None) if ctx.is_main else NullLogger()
-    try:
-        trainer = Trainer(model, cfg, device, dtype, loss_fn, evaluate, cfg.monitor,
-                              higher_is_better=cfg.monitor != "val_loss", logger=logger,
-                              trained_modules=trained_modules, forward=forward, ctx=ctx,
-                              last_dir=run_dir / "checkpoints" / "last", resume=resume,
-                              save_best=lambda info: write_best({**info, "val": _val_summary(info["val"])}))
-        fit = trainer.fit(train.epoch, len(train))  # micro-batches per epoch
-        if fit.interrupted:
-            return interrupted_summary(run_dir, fit)
-        test = score(predict_logits(forward, evals["test"], device, autocast), label_ids["test"], labels)
-        logger.log({"step": fit.steps, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                    "test_f1_macro": test["f1_macro"]})
-    finally:
-        logger.close()
-    if not ctx.is_main:  # rank 0 writes the checkpoint and the report
-        barrier(ctx)
-        return {"run_dir": str(run_dir), "rank": ctx.rank}
+    def test(self) -> dict[str, Any]:
+        return self._score("test")
 
-    write_best({"best_step": fit.best_step, "val": _val_summary(fit.best_metrics),
-                "test_f1_macro": test["f1_macro"], "test_accuracy": test["accuracy"]})
-    summary = {"run_dir": str(run_dir), "checkpoint": str(best_dir), "labels": labels,
-               "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
-               "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
-               "val": _val_summary(fit.best_metrics), "test": test, "truncated": truncated,
-               "trainable_params": trainable, "total_params": total, "train_s": fit.train_s,
-               "samples_per_sec": fit.samples_per_sec, "wall_s": time.perf_counter() - t_start}
-    finish_run(run_dir, logger.rows, test, labels, summary)
-    barrier(ctx)
-    return summary
+    def test_row(self, fit: FitResult, test: dict[str, Any]) -> dict[str, Any]:
+        return {"step": fit.steps, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                "test_f1_macro": test["f1_macro"]}
 
+    def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The final checkpoints/best, metrics.json (test), loss/lr plots, the confusion matrix and the report."""
+        from fromzero.evaluation.metrics import format_report, write_metrics_json
+        from fromzero.evaluation.plots import plot_confusion_matrix
 
-def finish_run(run_dir: Path, rows: list[dict], test: dict[str, Any], labels: list[str], summary: dict) -> None:
-    """metrics.json (test), loss/lr plots, the confusion matrix and the report on stdout."""
-    from fromzero.evaluation.metrics import format_report, write_metrics_json
-    from fromzero.evaluation.plots import plot_confusion_matrix
-    from fromzero.training.callbacks import write_plots
-
-    report = {**test, "split": "test", "best_step": summary["best_step"], "epochs_run": summary["epochs_run"],
-              "stopped_early": summary["stopped_early"], **{f"val_{k}": v for k, v in summary["val"].items()}}
-    write_metrics_json(report, run_dir / "metrics.json")
-    plots = run_dir / "plots"
-    write_plots(rows, plots)
-    plot_confusion_matrix(test["confusion_matrix"], labels, plots / "confusion_matrix.png")
-    print(f"test (best step {summary['best_step']}):\n{format_report(test)}")
-    print(f"checkpoint: {summary['checkpoint']}")
+        val = _val_summary(fit.best_metrics)
+        self.save_best({"best_step": fit.best_step, "val": val, "test_f1_macro": test["f1_macro"],
+                        "test_accuracy": test["accuracy"]})
+        report = {**test, "split": "test", "best_step": fit.best_step, "epochs_run": fit.epochs_run,
+                  "stopped_early": fit.stopped_early, **{f"val_{k}": v for k, v in val.items()}}
+        write_metrics_json(report, self.run_dir / "metrics.json")
+        plot_confusion_matrix(test["confusion_matrix"], self.labels, self.run_dir / "plots" / "confusion_matrix.png")
+        print(f"test (best step {fit.best_step}):\n{format_report(test)}")
+        print(f"checkpoint: {self.best_dir}")
+        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "labels": self.labels,
+                "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
+                "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
+                "val": val, "test": test, "truncated": self.truncated, "trainable_params": self.trainable,
+                "total_params": self.total, "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec}
