@@ -12,7 +12,7 @@ from fromzero.errors import FromzeroError
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = _add_parser(sub, "generate", "sample text from a checkpoint",
                       description="Sample a continuation of a prompt.\n\nexample:\n  fromzero generate "
-                      "--checkpoint runs/RUN/checkpoints/best --prompt 'ROMEO:' --max-new-tokens 300")
+                      "--checkpoint runs/latest/checkpoints/best --prompt 'ROMEO:' --max-new-tokens 300")
     gen.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json), "
                      "a .gguf file, or a built-in model: smollm2-135m-instruct (fetched and converted once; "
                      "every --checkpoint takes these)")

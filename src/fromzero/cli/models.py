@@ -23,9 +23,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "smollm2-135m-instruct)\n  -> one .gguf file for llama.cpp / ollama: llama.cpp tensor names, "
         "byte-level BPE tokenizer, special ids, chat template.\n\n"
         "examples:\n  fromzero convert from-hf ./all-MiniLM-L6-v2 checkpoints/minilm\n"
-        "  fromzero convert to-hf runs/RUN/checkpoints/best exported/\n"
+        "  fromzero convert to-hf runs/latest/checkpoints/best exported/\n"
         "  fromzero convert from-gguf SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2\n"
-        "  fromzero convert to-gguf runs/RUN/checkpoints/best model.gguf --type q8_0",
+        "  fromzero convert to-gguf runs/latest/checkpoints/best model.gguf --type q8_0",
     )
     conv.add_argument("direction", choices=("from-hf", "to-hf", "from-gguf", "to-gguf"), help="conversion direction")
     conv.add_argument("src", help="source directory (from-hf: or a hub id; from-gguf: a .gguf file; to-hf / to-gguf: "
@@ -44,7 +44,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _add_merge_lora(sub: argparse._SubParsersAction) -> None:
     ml = _add_parser(sub, "merge-lora", "fold a LoRA adapter into its base weights",
                      description="Write base + adapter (W + alpha/r * B @ A) as a plain checkpoint directory.\n\n"
-                     "example:\n  fromzero merge-lora --checkpoint runs/RUN/checkpoints/best --out merged/")
+                     "example:\n  fromzero merge-lora --checkpoint runs/latest/checkpoints/best --out merged/")
     ml.add_argument("--checkpoint", required=True, help="adapter checkpoint directory (adapter_config.json)")
     ml.add_argument("--out", required=True, help="output checkpoint directory")
     ml.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -58,7 +58,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                      "Batch and sequence axes are dynamic. Writes FILE and FILE.json (input / output names\n"
                      "and shapes, labels, tokenizer). The file is checked with onnx.checker and, with --verify,\n"
                      "run in onnxruntime and compared with PyTorch; nothing is written if they differ.\n\n"
-                     "example:\n  fromzero export --checkpoint runs/RUN/checkpoints/best --format onnx --out model.onnx")
+                     "example:\n  fromzero export --checkpoint runs/latest/checkpoints/best --format onnx --out model.onnx")
     ex.add_argument("--checkpoint", required=True, help="checkpoint directory (LoRA adapters export merged)")
     ex.add_argument("--format", default="onnx", help="output format: onnx")
     ex.add_argument("--out", required=True, help="output file, e.g. model.onnx (a description goes to FILE.json)")
@@ -76,9 +76,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                      description="magnitude: zero the smallest weights of every Linear/Conv layer (same size and "
                      "speed with dense kernels).\nstructured: remove the least important attention heads and MLP "
                      "channels of every layer (BERT, GPT): a smaller, faster checkpoint.\nWrites a checkpoint "
-                     "directory + pruning.json.\n\nexamples:\n  fromzero prune --checkpoint runs/RUN/checkpoints/best "
+                     "directory + pruning.json.\n\nexamples:\n  fromzero prune --checkpoint runs/latest/checkpoints/best "
                      "--method structured --sparsity 0.5 --out pruned/ --recover-steps 200 --eval\n"
-                     "  fromzero prune --checkpoint runs/final/checkpoints/best --method magnitude --sparsity 0.5 "
+                     "  fromzero prune --checkpoint runs/latest/checkpoints/best --method magnitude --sparsity 0.5 "
                      "--out sparse/ --data data/shakespeare-char --eval")
     pn.add_argument("--checkpoint", required=True, help="checkpoint directory to prune (left unchanged)")
     pn.add_argument("--sparsity", type=float, required=True,
@@ -112,7 +112,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                      "tables are stored int8 per row (a tied GPT head reads the same table) unless --skip-embeddings; "
                      "convolutions stay float. Writes a checkpoint directory (+ quantization.json) that generate, "
                      "predict, evaluate, embed and serve load as any other.\n\nexample:\n  fromzero quantize "
-                     "--checkpoint runs/RUN/checkpoints/best --method int8-dynamic --out q8/ --eval")
+                     "--checkpoint runs/latest/checkpoints/best --method int8-dynamic --out q8/ --eval")
     qz.add_argument("--checkpoint", required=True, help="float checkpoint directory (or LoRA adapter) to quantize (left unchanged)")
     qz.add_argument("--method", required=True, help="int8-dynamic | int8-weight | int4-weight")
     qz.add_argument("--out", required=True, help="output checkpoint directory")

@@ -32,7 +32,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                      "chat model or an sft checkpoint) with --data rotten-tomatoes: asked for each review's "
                      "sentiment; accuracy / macro-F1 of its greedy reply (and how many replies name no label) "
                      "and of its first-token logits.\n\nexamples:\n"
-                     "  fromzero evaluate --checkpoint runs/RUN/checkpoints/best --split test --out eval.json\n"
+                     "  fromzero evaluate --checkpoint runs/latest/checkpoints/best --split test --out eval.json\n"
                      "  fromzero evaluate --checkpoint smollm2-135m-instruct --data rotten-tomatoes --limit 200")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (a fine-tuned one, or a pretrained GPT)")
     ev.add_argument("--data", help="data source (default: the data of the run that made the checkpoint); "
@@ -49,7 +49,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = _add_parser(sub, "predict", "label texts or images with a classifier (JSON lines on stdout)",
                      description="One JSON object per input: the label and every class's probability.\n\n"
-                     "examples:\n  fromzero predict --checkpoint runs/RUN/checkpoints/best --text 'Exeunt.'\n"
+                     "examples:\n  fromzero predict --checkpoint runs/latest/checkpoints/best --text 'Exeunt.'\n"
                      "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png")
     pr.add_argument("--checkpoint", required=True, help="text- or image-classification checkpoint directory")
     pr.add_argument("--text", action="append", help="a text to label (repeat for several)")
@@ -66,9 +66,9 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                      "gradcam: Grad-CAM heat map over the image of a CNN / ResNet / ViT classifier (PNG + JSON).\n"
                      "attention: attention maps per layer and head of a BERT, ViT or GPT (PNG grid + JSON).\n"
                      "Files go to --out as NNN.METHOD.{html,png,json}, one set per input.\n\n"
-                     "examples:\n  fromzero explain --checkpoint runs/RUN/checkpoints/best --text 'the film was good'\n"
+                     "examples:\n  fromzero explain --checkpoint runs/latest/checkpoints/best --text 'the film was good'\n"
                      "  fromzero explain --checkpoint runs/DIGITS/checkpoints/best --image 3.png --method gradcam\n"
-                     "  fromzero explain --checkpoint runs/final/checkpoints/best --text 'ROMEO:' --method attention")
+                     "  fromzero explain --checkpoint runs/latest/checkpoints/best --text 'ROMEO:' --method attention")
     xp.add_argument("--checkpoint", required=True, help="checkpoint directory (classifier, LoRA adapter, BERT, ViT, GPT)")
     xp.add_argument("--text", action="append", help="a text to explain (repeat for several)")
     xp.add_argument("--image", action="append", help="an image file to explain (repeat for several)")

@@ -17,7 +17,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "encoder), /v1/classify (text classifier); GET /v1/models, /health, /metrics (Prometheus).\n"
         "Concurrent generation requests are decoded together in one batch (continuous batching); a full "
         "queue answers 503 with Retry-After. SIGTERM finishes the requests in flight, then exits 0.\n\n"
-        "examples:\n  fromzero serve --checkpoint runs/final/checkpoints/best --port 8000\n"
+        "examples:\n  fromzero serve --checkpoint runs/latest/checkpoints/best --port 8000\n"
         "  curl localhost:8000/v1/completions -H 'Content-Type: application/json' "
         "-d '{\"prompt\": \"ROMEO:\", \"max_tokens\": 40}'",
     )

@@ -19,7 +19,7 @@ model runs in float32 (gradients of bf16 models are too coarse for a path integr
 
     fromzero explain --checkpoint runs/genre/checkpoints/best --text "Exeunt all but Falstaff."
     fromzero explain --checkpoint runs/digits/checkpoints/best --image 3.png --method gradcam
-    fromzero explain --checkpoint runs/final/checkpoints/best --text "ROMEO:" --method attention
+    fromzero explain --checkpoint runs/latest/checkpoints/best --text "ROMEO:" --method attention
 
 Files are named by the input's position (001, 002, ... in --input order) in ``--out`` (default
 ``explanations/``); existing files are refused unless ``force``; each is written atomically.

@@ -6,7 +6,7 @@ user message in the checkpoint's chat template (as ``fromzero chat`` renders a c
 independent samples in one batch, seeded, so the same seed gives the same text, and stop each
 sample at its first end-of-text (or end-of-turn) token::
 
-    fromzero generate --checkpoint runs/RUN/checkpoints/best --prompt 'ROMEO:' --max-new-tokens 300
+    fromzero generate --checkpoint runs/latest/checkpoints/best --prompt 'ROMEO:' --max-new-tokens 300
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The family converter of :mod:`fromzero.models.hf` (see its docstring for the pro
 
     fromzero convert from-hf ./gpt2 checkpoints/gpt2             # GPT2LMHeadModel directory
     fromzero convert from-hf ./TinyLlama checkpoints/tinyllama   # LlamaForCausalLM
-    fromzero convert to-hf runs/RUN/checkpoints/best exported/   # -> GPT-2 or LLaMA layout
+    fromzero convert to-hf runs/latest/checkpoints/best exported/   # -> GPT-2 or LLaMA layout
 
 Both directions map names and layouts only; the maths is the same, so logits agree to float
 rounding (the parity tests check it):

@@ -3,7 +3,7 @@
 ::
 
     fromzero convert from-gguf SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2
-    fromzero convert to-gguf runs/RUN/checkpoints/best model.gguf --type q8_0
+    fromzero convert to-gguf runs/latest/checkpoints/best model.gguf --type q8_0
     ollama create mymodel -f Modelfile     # Modelfile: FROM ./model.gguf
 
 **Reading** (:func:`convert_from_gguf`). A GGUF holds the weights under llama.cpp's names

@@ -11,7 +11,7 @@
 
 Try it::
 
-    fromzero serve --checkpoint runs/final/checkpoints/best --port 8000
+    fromzero serve --checkpoint runs/latest/checkpoints/best --port 8000
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"prompt": "ROMEO:", "max_tokens": 40, "temperature": 0}'
 
