@@ -52,10 +52,10 @@ def test_first_hour_block_runs_in_order_in_a_fresh_folder(tmp_path: Path) -> Non
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    for made in ("data/shakespeare-char/train.bin", "runs/shakespeare/checkpoints/best/model.safetensors",
+    for made in ("data/shakespeare-char/train.bin", "runs/shakespeare-char/checkpoints/best/model.safetensors",
                  "runs/genre/checkpoints/best/model.safetensors", "runs/genre-lora/checkpoints/best",
                  "runs/genre/test.json", "runs/genre-int8", "runs/genre.onnx", "runs/genre-explained"):
         assert (tmp_path / made).exists(), made
     assert '"choices"' in proc.stdout  # the server answered the client call
-    listing = [line.split()[:3] for line in proc.stdout.splitlines() if line.startswith(("shakespeare ", "genre "))]
-    assert ["shakespeare", "pretrain", "finished"] in listing and ["genre", "text-classification", "finished"] in listing
+    listing = [line.split()[:3] for line in proc.stdout.splitlines() if line.startswith(("shakespeare-char ", "genre "))]
+    assert ["shakespeare-char", "pretrain", "finished"] in listing and ["genre", "text-classification", "finished"] in listing
