@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar
 import yaml
 
 from fromzero.errors import FromzeroError, first_line
+from fromzero.options import RECIPE_ORDER, by_section
 from fromzero.models.gpt import GPTConfig
 from fromzero.training.distributed import DistConfig
 
@@ -314,9 +315,6 @@ def _unknown_key_message(key: str, candidates: list[str]) -> str:
 # One recipe shape: sections
 
 
-RECIPE_ORDER = ("task", "model", "data", "train", "method", "distill", "dist")
-
-
 def recipe_keys(cls: type) -> dict[str, str]:
     """Each field of a flat config class (a fine-tuning task's) -> its key in a recipe:
     ``train.lr``, ``method.name``, ``data.source``, ``out_dir``. Classes declare the keys of
@@ -551,15 +549,3 @@ def options_help(cls: type, defaults: Any | None = None, prefix: str = "") -> li
             shown = "''" if value == "" else value
             lines.append(f"  --{prefix}{keys.get(f.name, f.name)} (default: {shown})  {docs.get(f.name, '')}".rstrip())
     return by_section(lines) if keys else lines
-
-
-def by_section(lines: list[str]) -> list[str]:
-    """Help lines ``  --section.key ...`` grouped by recipe section (model, data, train, ...), in
-    field order within a section (a stable sort)."""
-    order = {name: i for i, name in enumerate(RECIPE_ORDER)}
-
-    def section(line: str) -> int:
-        key = line.split()[0][2:]
-        return order.get(key.partition(".")[0], len(order)) if "." in key else len(order) + 1
-
-    return sorted(lines, key=section)

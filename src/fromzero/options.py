@@ -205,12 +205,17 @@ def static_options_help(target: str, prefix: str = "") -> list[str]:
         shown = "''" if f.default == "" else f.default
         key = declared.get(f.name, f"train.{f.name}") if declared else f.name
         lines.append(f"  --{prefix}{key} (default: {shown})  {f.doc}".rstrip())
-    return _by_section(lines) if declared else lines
+    return by_section(lines) if declared else lines
 
 
-def _by_section(lines: list[str]) -> list[str]:
-    """As fromzero.config.by_section (which imports torch through its module's imports)."""
-    order = {name: i for i, name in enumerate(("task", "model", "data", "train", "method", "distill", "dist"))}
+# The order of a recipe's sections (config.yaml and --help list them so).
+RECIPE_ORDER = ("task", "model", "data", "train", "method", "distill", "dist")
+
+
+def by_section(lines: list[str]) -> list[str]:
+    """Help lines ``  --section.key ...`` grouped by recipe section (model, data, train, ...), in
+    field order within a section (a stable sort)."""
+    order = {name: i for i, name in enumerate(RECIPE_ORDER)}
 
     def section(line: str) -> int:
         key = line.split()[0][2:]

@@ -128,7 +128,8 @@ class Search:
             raise FromzeroError(f"tune: unknown key(s) {unknown} (known: space, metric, direction)")
         self.task = data.get("task")
         if self.task == "pretrain":  # the optional task line of a pretraining recipe
-            self.task = data.pop("task") and None
+            del data["task"]
+            self.task = None
         space = tune.get("space")
         if self.task:
             from fromzero.config import flatten_recipe, recipe_keys, section_recipe

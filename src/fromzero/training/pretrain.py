@@ -151,9 +151,10 @@ class PretrainRun:
 
     def loss(self, net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         x, y = batch
-        if self.device.type == "cuda":
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        _, loss = net(x.to(self.device), y.to(self.device))
+        if self.device.type == "cuda":  # pinned host memory: the copy overlaps the GPU's work
+            x, y = x.pin_memory(), y.pin_memory()
+        non_blocking = self.device.type == "cuda"
+        _, loss = net(x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking))
         return loss, x.size(0), x.numel()
 
     @torch.no_grad()
