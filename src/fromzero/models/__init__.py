@@ -23,6 +23,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "fromzero-vit": "fromzero.models.vit",
     "fromzero-cnn": "fromzero.models.cnn",
     "fromzero-recsys": "fromzero.models.recsys",
+    "fromzero-seq2seq": "fromzero.models.seq2seq",
 }
 
 

@@ -37,6 +37,7 @@ CONVERTER_MODULES: tuple[str, ...] = (
     "fromzero.models.convert_gpt",
     "fromzero.models.convert_bert",
     "fromzero.models.convert_vit",
+    "fromzero.models.convert_seq2seq",
 )
 
 # Files that make a tokenizer usable by `tokenizers` / `transformers`; carried across.
