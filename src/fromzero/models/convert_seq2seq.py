@@ -36,7 +36,8 @@ def _layer_pairs(cfg: Seq2SeqConfig) -> list[tuple[str, str]]:
 
 
 def _config_from_hf(hf: dict) -> Seq2SeqConfig:
-    for ours, theirs in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+    for ours, theirs in (("encoder_attention_heads", "decoder_attention_heads"),
+                         ("encoder_ffn_dim", "decoder_ffn_dim")):
         if hf.get(ours) != hf.get(theirs):
             raise FromzeroError(f"Marian config: {ours} ({hf.get(ours)}) != {theirs} ({hf.get(theirs)}); "
                                 "fromzero's seq2seq uses one value for both sides")
