@@ -1,4 +1,4 @@
-"""Metrics for classifiers and language models, cross-validation summaries, metrics.json.
+"""Metrics for classifiers, language models and pronunciations (G2P), cross-validation summaries, metrics.json.
 
 scikit-learn does the counting (``precision_recall_fscore_support``, ``confusion_matrix``,
 ``log_loss``); this module decides class order and names, checks the input and shapes the
@@ -40,6 +40,8 @@ from fromzero.checkpoint import atomic_write_text
 __all__ = [
     "classification_metrics",
     "language_model_metrics",
+    "edit_distance",
+    "pronunciation_error_rates",
     "aggregate_folds",
     "write_metrics_json",
     "to_jsonable",
@@ -222,6 +224,37 @@ def language_model_metrics(mean_loss: float) -> dict[str, float]:
     except OverflowError:
         ppl = math.inf
     return {"loss": loss, "perplexity": ppl}
+
+
+def edit_distance(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions turning ``a``
+    into ``b`` (one row of the dynamic-programming table at a time)."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def pronunciation_error_rates(predictions: Sequence[Sequence[str]],
+                              references: Sequence[Sequence[Sequence[str]]]) -> dict[str, float]:
+    """Word and phoneme error rates of grapheme-to-phoneme output, as the G2P literature counts
+    them: a word is right if its prediction equals any of its reference pronunciations (WER);
+    phoneme errors are the edit distance to the closest reference, summed over words and divided
+    by the summed length of those references (PER). Each prediction is a list of phonemes; each
+    word's references a list of such lists."""
+    if len(predictions) != len(references) or not predictions:
+        raise FromzeroError(f"need one or more predictions, one per word: got {len(predictions)} predictions "
+                            f"for {len(references)} words")
+    wrong_words = errors = length = 0
+    for predicted, options in zip(predictions, references):
+        distance, closest = min((edit_distance(predicted, ref), len(ref)) for ref in options)
+        wrong_words += distance > 0
+        errors += distance
+        length += closest
+    return {"wer": wrong_words / len(predictions), "per": errors / max(length, 1), "words": len(predictions)}
 
 
 def _is_scalar_number(v: Any) -> bool:
