@@ -27,7 +27,7 @@ class Task:
 
     name: str
     kind: str
-    """classifier | generator (a causal LM: sft, dpo, pretraining) | recommender."""
+    """classifier | generator (a causal LM: sft, dpo, pretraining) | recommender | translator (seq2seq)."""
     inputs: str = ""
     """What ``predict`` feeds a classifier: text | image ("" for other kinds)."""
     config: str = ""
@@ -83,6 +83,8 @@ for _task in (
          data_key="data_dir"),
     Task("recommendation", "recommender", config="fromzero.finetune.recsys:RecommendationConfig",
          run="fromzero.finetune.recsys:finetune_recommendation"),
+    Task("translation", "translator", config="fromzero.finetune.translation:TranslationConfig",
+         run="fromzero.finetune.translation:finetune_translation"),
     Task("language-model", "generator", eval_split="val", distill_as="sft"),  # pretraining (fromzero pretrain)
 ):
     register_task(_task)

@@ -148,6 +148,47 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_translate(sub: argparse._SubParsersAction) -> None:
+    tr = _add_parser(sub, "translate", "translate texts with a seq2seq checkpoint (JSON lines on stdout)",
+                     description="One JSON object per input: the source and its translation, decoded by beam "
+                     "search (the width the run was trained with, unless --beams).\n\nexamples:\n"
+                     "  fromzero translate --checkpoint runs/g2p/checkpoints/best --text table --text fromzero\n"
+                     "  fromzero translate --checkpoint runs/g2p/checkpoints/best --input words.txt --beams 1")
+    tr.add_argument("--checkpoint", required=True, help="translation checkpoint directory (fromzero finetune, "
+                    "task translation)")
+    tr.add_argument("--text", action="append", help="a text to translate (repeat for several)")
+    tr.add_argument("--input", help="UTF-8 file with one text per line")
+    tr.add_argument("--beams", type=int, default=0, help="beam width; 1 = greedy (0: the checkpoint's num_beams)")
+    tr.add_argument("--length-penalty", type=float, default=None,
+                    help="beam search: score = sum log p / length ** this (default: the checkpoint's)")
+    tr.add_argument("--max-new-tokens", type=int, default=0,
+                    help="longest output in tokens (0: the checkpoint's, a little more than its longest training target)")
+    tr.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
+    tr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    tr.set_defaults(func=_cmd_translate)
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from fromzero.devices import resolve_device
+    from fromzero.finetune.translation import load_translator, translate_batch
+    from fromzero.inference.predict import read_inputs, to_json_line
+
+    if bool(args.text) + bool(args.input) != 1:
+        raise FromzeroError("give exactly one of --text or --input")
+    if args.beams < 0 or args.max_new_tokens < 0 or args.batch_size < 1:
+        raise FromzeroError("--beams and --max-new-tokens must be >= 0 and --batch-size >= 1")
+    device = resolve_device(args.device)
+    model, vocab, info = load_translator(args.checkpoint, device)
+    texts = list(args.text) if args.text else read_inputs(Path(args.input))
+    beams = args.beams or int(info.get("num_beams", 1))
+    penalty = args.length_penalty if args.length_penalty is not None else float(info.get("length_penalty", 1.0))
+    outputs = translate_batch(model, vocab, texts, device, beams, penalty, args.batch_size,
+                              args.max_new_tokens or info.get("max_new_tokens"))
+    for text, output in zip(texts, outputs):
+        print(to_json_line({"input": text, "translation": output}))
+    return 0
+
+
 def _image_inputs(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"))
@@ -179,4 +220,5 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 # verb -> the function that adds its parser (cli.build_parser calls them in --help order)
-PARSERS = {"embed": _add_embed, "evaluate": _add_evaluate, "predict": _add_predict, "explain": _add_explain}
+PARSERS = {"embed": _add_embed, "evaluate": _add_evaluate, "predict": _add_predict, "translate": _add_translate,
+           "explain": _add_explain}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -270,10 +270,12 @@ class Seq2Seq(nn.Module):
         return torch.cat([start, tgt[:, :-1]], 1)
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+             label_smoothing: float = 0.0, forward: Callable[..., torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy of the target tokens (``tgt`` ends with eos, padded with pad_id,
-        which is ignored) and the number of target tokens it averages over."""
-        logits = self(src, self.shift_right(tgt), src_mask)
+        which is ignored) and the number of target tokens it averages over. ``forward``: what
+        computes the logits instead of the model itself (its compiled version)."""
+        logits = (forward or self)(src, self.shift_right(tgt), src_mask)
         targets = tgt.masked_fill(tgt == self.config.pad_id, -100)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                label_smoothing=label_smoothing)
