@@ -1,37 +1,19 @@
 """The generation scheduler: one background thread decodes every running request as one batch.
 
 Requests (:class:`Sequence`) enter a bounded waiting queue (:meth:`GenerationEngine.submit`
-raises :class:`QueueFull` instead of growing a backlog). One worker thread loops:
+raises :class:`QueueFull` rather than grow a backlog). The worker loops: **admit** waiting
+sequences into free rows of a :class:`~fromzero.models.layers.RaggedKVCache` (each prompt
+prefilled alone into its row, its first token sampled); **decode** one token for every running
+row in one forward pass, each at its own position; **retire** finished, cancelled and timed-out
+sequences, whose rows are free for the next step (continuous batching). Past the context (only
+with ``sliding_window``) a sequence continues as ``GPT.generate`` does: each step recomputes its
+last ``block_size`` tokens without a cache.
 
-1. **admit** waiting sequences while the batch has free rows (``max_batch_size``): each new
-   prompt is prefilled with the ordinary one-sequence path, writing its keys and values straight
-   into its own row of a :class:`~fromzero.models.layers.RaggedKVCache`, and its first token is
-   sampled;
-2. **decode** one token for every running sequence in one forward pass: rows of different lengths
-   each continue at their own positions (``GPT.forward`` with the ragged cache);
-3. **retire** sequences that finished (a stop token or stop string, ``max_tokens``), were
-   cancelled (client gone, per-request timeout) or ran out of time; their rows are freed at once,
-   so a new request joins the batch on the next step (continuous batching).
-
-Sequences longer than the model's context (only with ``sliding_window``) continue exactly as
-``GPT.generate`` does: from then on each step recomputes the last ``block_size`` tokens without a
-cache (those rows are batched together too: they all have exactly ``block_size`` tokens).
-
-Log-probabilities (``SamplingParams.logprobs`` / ``prompt_logprobs``, what ``/v1/completions``
-returns for ``logprobs`` and ``echo``) are the fp32 ``log_softmax`` of the very logits the worker
-samples from: the prompt's come from its prefill (one sequence, so a batch cannot change them), each
-generated token's from the decoding step that produced it. ``max_tokens=0`` scores the prompt and
-generates nothing.
-
-Greedy decoding of a prompt gives the same tokens in a batch as alone (the attention mask hides
-other rows and stale cache columns; only float rounding of the batched matmuls differs). Each
-sampled sequence draws from its own ``torch.Generator`` (seeded by the request's ``seed``), so a
-seeded request gives the same text however it was batched.
-
-The worker emits :class:`Event`\\ s through each sequence's ``on_event`` callback (called on the
-worker thread; the HTTP layer hops them onto its event loop): text deltas as they become final
-(text that may still turn out to begin a stop string is held back), then one event with the
-finish reason.
+Log-probabilities are the fp32 ``log_softmax`` of the very logits the worker samples from (a
+prompt's from its lone prefill, so batching cannot change them). Greedy decoding gives the same
+tokens batched as alone (up to float rounding); each sampled sequence draws from its own seeded
+``torch.Generator``. Events go out through each sequence's ``on_event`` (on the worker thread):
+text deltas once final (text that may begin a stop string is held back), then the finish reason.
 """
 
 from __future__ import annotations
@@ -46,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from fromzero.inference.chat import _first_stop, _holdback  # stop strings as `fromzero chat` cuts them
+from fromzero.inference.chat import _settle  # stop strings as `fromzero chat` cuts them
 from fromzero.models.gpt import GPT, sample_next_token
 
 log = logging.getLogger("fromzero.serving")
@@ -193,20 +175,12 @@ class Sequence:
             if self.n_generated >= self.params.max_tokens:
                 self._finish("length")
             return
-        text = self.decode(self.tokens)
-        cut = _first_stop(text, self.params.stop)
-        if cut is not None:
-            self.text = text[:cut]
-            self._finish("stop", decoded=True)
-        elif self.n_generated >= self.params.max_tokens:
-            self.text = text
-            self._finish("length", decoded=True)
-        else:
-            self.text = text
-            safe = len(text) - _holdback(text, self.params.stop)
-            if self.stream and safe > self.sent:
-                delta, self.sent = text[self.sent : safe], safe
-                self._emit(Event(delta, None, self.n_generated))
+        self.text, final, stopped = _settle(self.decode(self.tokens), self.params.stop)
+        if stopped or self.n_generated >= self.params.max_tokens:
+            self._finish("stop" if stopped else "length", decoded=True)
+        elif self.stream and final > self.sent:
+            delta, self.sent = self.text[self.sent : final], final
+            self._emit(Event(delta, None, self.n_generated))
 
     def _finish(self, reason: str, decoded: bool = False) -> None:
         if not decoded:
