@@ -8,10 +8,6 @@ rotary positions and grouped-query head sharing for LLaMA-style GPTs). The model
 untouched and the forward pass itself is unchanged; ``tests/inference/test_explain.py`` checks
 the recomputed probabilities against Hugging Face's ``output_attentions`` for BERT, ViT, GPT-2
 and LLaMA, so a change in a model's attention that the hooks do not follow fails a test.
-
-    maps = attention_maps(model, input_ids)     # (L, H, T, T) float32, rows sum to 1
-    figure = attention_figure(maps, tokens)     # L rows x H columns of T x T heat maps
-
 Shapes: L = layers, H = heads, T = tokens (queries x keys), D = head size.
 """
 

@@ -22,7 +22,6 @@ from fromzero.errors import FromzeroError
 from fromzero.tasks import finetuning_tasks, get_task
 
 
-
 def run_config(directory: Path) -> dict[str, Any]:
     """The config.yaml of the run a checkpoint came from (runs/<run>/checkpoints/best), or {}."""
     import yaml
@@ -101,21 +100,10 @@ class Classifier:
 
     def image_logits(self, paths: list[Path]) -> torch.Tensor:
         """(N, K) logits of image files (converted to the model's channels, eval transforms)."""
-        from PIL import Image, UnidentifiedImageError
-
         if self.inputs != "image":
             raise FromzeroError(f"{self.directory} labels {self.inputs}s, not images (use --{self.inputs})")
-        transform = self.image_transform()
-        mode = "RGB" if int(self.info.get("channels", 3)) == 3 else "L"
-        tensors = []
-        for path in paths:
-            try:
-                with Image.open(path) as image:
-                    tensors.append(transform(image.convert(mode)))
-            except FileNotFoundError:
-                raise FromzeroError(f"image not found: {path}") from None
-            except (UnidentifiedImageError, OSError) as e:
-                raise FromzeroError(f"cannot read image {path}: {e}") from None
+        transform, channels = self.image_transform(), int(self.info.get("channels", 3))
+        tensors = [open_image(path, transform, channels) for path in paths]
         self.model.eval()
         with torch.no_grad(), self._autocast():
             return self.model(torch.stack(tensors).to(self.device)).float().cpu()
@@ -125,6 +113,21 @@ class Classifier:
         probs = torch.softmax(logits, dim=-1)
         return [{"label": self.labels[int(p.argmax())],
                  "probabilities": {name: round(float(v), 6) for name, v in zip(self.labels, p)}} for p in probs]
+
+
+def open_image(path: Path, transform: Any, channels: int) -> torch.Tensor:
+    """The image file ``path`` in ``channels`` (3: RGB, else grey), transformed; one-line errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return transform(image.convert("RGB" if channels == 3 else "L"))
+    except FileNotFoundError:
+        raise FromzeroError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise FromzeroError(f"{path} is a directory, not an image (use --input DIR for a folder)") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise FromzeroError(f"cannot read image {path}: {e}") from None
 
 
 def read_inputs(path: Path) -> list[str]:
