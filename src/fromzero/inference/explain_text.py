@@ -70,8 +70,8 @@ def check_ids(ids: list[int], vocab: int) -> None:
     if not ids:
         raise FromzeroError("the tokenizer turned the text into no tokens")
     if vocab and max(ids) >= vocab:
-        raise FromzeroError(f"the tokenizer produces token id {max(ids)}, but the model's vocabulary has {vocab} "
-                            "entries: tokenizer and weights do not belong together")
+        raise FromzeroError(f"the tokenizer produces token id {max(ids)}, but the model's vocabulary has "
+                            f"{vocab} entries: tokenizer and weights do not belong together")
 
 
 def _baseline_id(tokenizer: Any, pad_id: int, baseline: str) -> int:
