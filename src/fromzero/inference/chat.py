@@ -19,6 +19,7 @@ context and :func:`run_repl` is the command's read-reply loop.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import secrets
 import sys
@@ -99,12 +100,7 @@ class ChatFormat:
 
     def reply_text(self, ids: Iterable[int]) -> str:
         """The reply in generated ``ids``: up to the first stop token, cut at a stop string."""
-        stop = set(self.stop_ids)
-        kept: list[int] = []
-        for t in ids:
-            if int(t) in stop:
-                break
-            kept.append(int(t))
+        kept = list(itertools.takewhile(lambda t: t not in self.stop_ids, map(int, ids)))
         return _settle(self.tokenizer.decode(kept), self.stop_strings)[0]
 
 
@@ -264,12 +260,8 @@ class DecodeState:
             self.ids = []
             x = torch.tensor([list(ids[-block:])], dtype=torch.long, device=device)
             return model(x, last_only=True)[0][:, -1, :]
-        reuse = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, len(ids) - 1)  # at least one token runs: its logits are needed
+        same = next((i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b), min(len(self.ids), len(ids)))
+        reuse = min(same, len(ids) - 1)  # at least one token runs: its logits are needed
         needed = min(block, len(ids) + reserve)
         if self.cache is None or self.cache.max_len < needed:
             self._grow(model, max(needed, min(block, 2 * self.cache.max_len) if self.cache else needed), reuse)
