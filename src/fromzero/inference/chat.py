@@ -260,7 +260,8 @@ class DecodeState:
             self.ids = []
             x = torch.tensor([list(ids[-block:])], dtype=torch.long, device=device)
             return model(x, last_only=True)[0][:, -1, :]
-        same = next((i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b), min(len(self.ids), len(ids)))
+        common = min(len(self.ids), len(ids))
+        same = next((i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b), common)
         reuse = min(same, len(ids) - 1)  # at least one token runs: its logits are needed
         needed = min(block, len(ids) + reserve)
         if self.cache is None or self.cache.max_len < needed:
