@@ -49,20 +49,13 @@ class QueueFull(Exception):
 class SamplingParams:
     """How one sequence is decoded."""
 
-    max_tokens: int
-    """Most tokens to generate (a stop token counts)."""
-    temperature: float = 1.0
-    """0 = greedy (argmax)."""
+    max_tokens: int  # a stop token counts
+    temperature: float = 1.0  # 0 = greedy (argmax)
     top_p: float | None = None
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int | None = None
-    """Keep only the k most likely tokens (None: all)."""
-    seed: int | None = None
-    """Seed of this sequence's own random generator (None: a random one)."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: the text ends before the first occurrence of any (not included)."""
-    stop_ids: frozenset[int] = frozenset()
-    """Token ids that end the text (an end-of-text token; not included in the text)."""
+    seed: int | None = None  # of this sequence's own random generator (None: a random one)
+    stop: tuple[str, ...] = ()  # the text ends before the first occurrence of any (not included)
+    stop_ids: frozenset[int] = frozenset()  # token ids that end the text (not included in it)
     logprobs: int | None = None
     """Record each generated token's log-probability and this many most likely alternatives
     (None: record nothing; 0: the token's own only). Of the model's distribution, before
@@ -78,24 +71,18 @@ class TokenLogprob:
     """One token of a sequence with its log-probability (fp32 log-softmax of the model's logits)."""
 
     token: int
-    logprob: float | None
-    """log p(token | the tokens before it); None for a prompt's first token (nothing before it)."""
-    top: tuple[tuple[int, float], ...] = ()
-    """The most likely tokens at this position, most likely first, as (token id, logprob)."""
+    logprob: float | None  # log p(token | the tokens before it); None for a prompt's first token
+    top: tuple[tuple[int, float], ...] = ()  # the most likely (token id, logprob) here, most likely first
 
 
 @dataclass
 class Event:
     """What the worker tells a request: new text, and at the end why it finished."""
 
-    text: str = ""
-    """Newly final text since the previous event."""
-    finish_reason: str | None = None
-    """None while running; stop | length when done; error | timeout | shutdown when dropped."""
-    completion_tokens: int = 0
-    """Tokens generated so far."""
-    error: str | None = None
-    """For finish_reason error/timeout/shutdown: what went wrong."""
+    text: str = ""  # newly final text since the previous event
+    finish_reason: str | None = None  # stop | length when done; error | timeout | shutdown when dropped
+    completion_tokens: int = 0  # tokens generated so far
+    error: str | None = None  # for error / timeout / shutdown: what went wrong
 
 
 class Sequence:
@@ -107,15 +94,9 @@ class Sequence:
     its own too, e.g. when the request handler is gone.
     """
 
-    def __init__(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        on_event: Callable[[Event], Any],
-        decode: Callable[[list[int]], str],
-        deadline: float | None = None,
-        stream: bool = True,
-    ) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], Any],
+                 decode: Callable[[list[int]], str], deadline: float | None = None,
+                 stream: bool = True) -> None:
         if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.prompt_ids = list(prompt_ids)
@@ -206,22 +187,14 @@ class EngineStats:
 class GenerationEngine:
     """Batches concurrent generation requests for one GPT on one background thread."""
 
-    def __init__(
-        self,
-        model: GPT,
-        *,
-        max_batch_size: int = 8,
-        max_queue: int = 64,
-        sliding_window: bool = False,
-        stats: EngineStats | None = None,
-    ) -> None:
+    def __init__(self, model: GPT, *, max_batch_size: int = 8, max_queue: int = 64,
+                 sliding_window: bool = False, stats: EngineStats | None = None) -> None:
         if max_batch_size <= 0 or max_queue < 0:
             raise ValueError("max_batch_size must be positive and max_queue >= 0")
         self.model = model.eval()
         self.device = model.transformer.ln_f.weight.device  # (wte may be a quantized tensor)
         if self.device.type == "cpu":
-            # fp32 one-token steps of 1 or 8 rows read column-major weights faster on CPU (SmolLM2
-            # on a 2-core Xeon: 46 vs 51 ms per step for 1 row, 100 vs 122 ms for 8; see
+            # fp32 one-token steps of 1 or 8 rows read column-major weights faster on CPU (see
             # GPT.use_decode_layout).
             model.use_decode_layout(True)
         self.block_size = model.config.block_size
