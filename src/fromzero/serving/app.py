@@ -199,7 +199,7 @@ class ServingMiddleware:
                 await too_big.response()(scope, receive, send)  # not worth reading
                 return
             chunks, size, more = [], 0, True
-            while more:
+            while more and size <= 64 * limit:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return
@@ -207,20 +207,13 @@ class ServingMiddleware:
                 if size <= limit:
                     chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
-                if size > 64 * limit:
-                    break
             if size > limit:
                 await too_big.response()(scope, receive, send)
                 return
-            body = b"".join(chunks)
-            replayed = False
+            pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
             async def replay() -> dict:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+                return pending.pop() if pending else await receive()
 
             await self.app(scope, replay, send)
             return
@@ -536,15 +529,11 @@ def _install_routes(app: FastAPI) -> None:
             raise APIError(400, f"this model's embeddings have {dim} dimensions; dimensions={body.dimensions} "
                                 "is not supported", param="dimensions")
         vectors, n_tokens = await _encoder_call(state, emb.embed, texts)
-        data = []
-        for i, vector in enumerate(vectors):
-            if body.encoding_format == "base64":
-                import numpy as np
+        if body.encoding_format == "base64":
+            import numpy as np
 
-                value: Any = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-            else:
-                value = vector
-            data.append({"object": "embedding", "index": i, "embedding": value})
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": emb.name,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
@@ -785,13 +774,7 @@ def _completion_logprobs(seq: Sequence, tokenizer: Any, echo: str) -> dict[str, 
     """
     if seq.params.logprobs is None:
         return None
-    pieces: dict[int, str] = {}
-
-    def piece(token: int) -> str:
-        if token not in pieces:
-            pieces[token] = tokenizer.decode([token])
-        return pieces[token]
-
+    piece = functools.cache(lambda token: tokenizer.decode([token]))  # a token's text, decoded once
     entries, offsets = [], []
     if seq.prompt_logprobs is not None:
         entries += seq.prompt_logprobs
