@@ -210,8 +210,7 @@ def evaluate_chat(
     from fromzero.data import rotten_tomatoes
     from fromzero.data.sft import checkpoint_chat_template
     from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.checkpoint import checkpoint_info
-    from fromzero.checkpoint import TOKENIZER_FILE, load_model
+    from fromzero.checkpoint import TOKENIZER_FILE, checkpoint_info, load_model
     from fromzero.devices import autocast_context, resolve_device, resolve_dtype
 
     checkpoint = Path(checkpoint)

@@ -59,15 +59,13 @@ class Explanation:
 
 
 def model_kind(config: dict, info: dict) -> str:
-    """text-classifier | encoder | gpt | image-classifier-cnn | vit-classifier | vit | other."""
+    """text-classifier | encoder | gpt | cnn | vit-classifier | vit | other."""
     model_type, task = config.get("model_type"), get_task(info.get("task"))
     classifier = task is not None and task.is_classifier
     if model_type == "fromzero-bert":
         return "text-classifier" if classifier and config.get("head") == "classification" else "encoder"
-    if model_type == "fromzero-gpt":
-        return "gpt"
-    if model_type == "fromzero-cnn":
-        return "cnn"
+    if model_type in ("fromzero-gpt", "fromzero-cnn"):
+        return model_type.removeprefix("fromzero-")
     if model_type == "fromzero-vit":
         return "vit-classifier" if classifier and config.get("num_labels", 0) > 0 else "vit"
     return "other"
@@ -116,8 +114,7 @@ class Explainer:
     """A loaded checkpoint that explains one text or image at a time with ``cfg.method``."""
 
     def __init__(self, cfg: ExplainConfig) -> None:
-        from fromzero.checkpoint import checkpoint_info
-        from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
+        from fromzero.checkpoint import CONFIG_FILE, checkpoint_info, load_model, read_json
         from fromzero.devices import resolve_device
 
         if cfg.steps <= 0:

@@ -93,8 +93,7 @@ def load_backend(checkpoint: str | Path, device: torch.device, name: str = "",
 
     ``chat_template``: a Jinja chat template file for /v1/chat/completions (default: the
     checkpoint's own)."""
-    from fromzero.checkpoint import checkpoint_info
-    from fromzero.checkpoint import CONFIG_FILE, read_json
+    from fromzero.checkpoint import CONFIG_FILE, checkpoint_info, read_json
 
     directory = Path(checkpoint)
     info = checkpoint_info(directory)  # raises for a missing directory / config.json
