@@ -1,6 +1,6 @@
 """``fromzero explain``: why did a checkpoint decide as it did? Attributions, heat maps, attention maps.
 
-Three methods (:data:`KIND_METHODS` says which applies to which model): ``ig``, Integrated
+Three methods (:data:`KINDS` says which applies to which model): ``ig``, Integrated
 Gradients on a text classifier's word embeddings (:mod:`~fromzero.inference.explain_text`, an
 HTML page); ``gradcam``, Grad-CAM of an image classifier (:mod:`~fromzero.inference.explain_image`,
 a heat map PNG); ``attention``, every layer's and head's attention of a transformer
@@ -71,22 +71,15 @@ def model_kind(config: dict, info: dict) -> str:
     return "other"
 
 
-KIND_METHODS: dict[str, tuple[str, ...]] = {
-    "text-classifier": ("ig", "attention"),
-    "encoder": ("attention",),
-    "gpt": ("attention",),
-    "cnn": ("gradcam",),
-    "vit-classifier": ("gradcam", "attention"),
-    "vit": ("attention",),
-    "other": (),
-}
-KIND_NAMES = {
-    "text-classifier": "a text classifier (fromzero-bert)",
-    "encoder": "a BERT encoder without a text-classification head",
-    "gpt": "a GPT language model",
-    "cnn": "a CNN image classifier",
-    "vit-classifier": "a ViT image classifier",
-    "vit": "a ViT that is not a fine-tuned image classifier (no image-classification info.json)",
+# Per kind: what it is (for messages) and the methods that apply to it (the first is auto's).
+KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "text-classifier": ("a text classifier (fromzero-bert)", ("ig", "attention")),
+    "encoder": ("a BERT encoder without a text-classification head", ("attention",)),
+    "gpt": ("a GPT language model", ("attention",)),
+    "cnn": ("a CNN image classifier", ("gradcam",)),
+    "vit-classifier": ("a ViT image classifier", ("gradcam", "attention")),
+    "vit": ("a ViT that is not a fine-tuned image classifier (no image-classification info.json)",
+            ("attention",)),
 }
 IMAGE_KINDS = ("cnn", "vit-classifier", "vit")
 
@@ -95,14 +88,13 @@ def choose_method(kind: str, method: str, model_type: Any = None) -> str:
     """The method to run: ``method`` checked against what ``kind`` supports, or its first for auto."""
     if method != "auto" and method not in METHODS:
         raise FromzeroError(f"unknown --method {method!r} (choose from {', '.join(METHODS)} or auto)")
-    works = KIND_METHODS[kind]
-    if not works:
+    if kind not in KINDS:
         raise FromzeroError(f"explain supports BERT, GPT, CNN and ViT checkpoints, not a {model_type!r} model")
+    name, works = KINDS[kind]
     if method == "auto":
         return works[0]
     if method not in works:
-        raise FromzeroError(f"--method {method} does not apply to {KIND_NAMES[kind]}; "
-                            f"use {' or '.join(works)}")
+        raise FromzeroError(f"--method {method} does not apply to {name}; use {' or '.join(works)}")
     return method
 
 
@@ -161,7 +153,7 @@ class Explainer:
         """Refuse texts for an image model and images for a text model."""
         if images != self.takes_images:
             give = "--image FILE or --input FOLDER" if self.takes_images else "--text TEXT or --input FILE"
-            raise FromzeroError(f"{self.directory} is {KIND_NAMES[self.kind]}: give {give}")
+            raise FromzeroError(f"{self.directory} is {KINDS[self.kind][0]}: give {give}")
 
     # -- inputs ----------------------------------------------------------------------------------
 
