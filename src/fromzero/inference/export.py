@@ -147,18 +147,16 @@ def _text_notes(directory: Path, info: dict[str, Any], encoder: bool = False) ->
     # An encoder's tokenizer.json may pad every text to a fixed length (MiniLM's pads to 128):
     # its attention_mask must be fed with the ids, or the padding is attended to.
     recipe = ("enc = tokenizers.Tokenizer.from_file(tokenizer).encode(text) (encode_batch for several); "
-              "feed input_ids = enc.ids and attention_mask = enc.attention_mask"
-              + (" (and token_type_ids = enc.type_ids where the model takes them)" if encoder else "")
-              + " as int64 arrays of shape (batch, sequence). This tokenizer may pad to a fixed length: always "
-              "feed its attention_mask, never a mask of ones. The ONNX file holds only the network"
-              if encoder else
+              "feed input_ids = enc.ids and attention_mask = enc.attention_mask (and token_type_ids = "
+              "enc.type_ids where the model takes them) as int64 arrays of shape (batch, sequence). This "
+              "tokenizer may pad to a fixed length: always feed its attention_mask, never a mask of ones. "
+              "The ONNX file holds only the network" if encoder else
               "turn text into input_ids with this tokenizer.json (Hugging Face `tokenizers`: "
               "Tokenizer.from_file(path).encode(text).ids); the ONNX file holds only the network")
     return {
         "tokenizer": str(tokenizer.resolve()) if tokenizer.is_file() else None,
-        "tokenizer_note": (recipe
-                           if tokenizer.is_file() else
-                           "the checkpoint has no tokenizer.json: token ids must come from the tokenizer it was trained with"),
+        "tokenizer_note": recipe if tokenizer.is_file() else
+        "the checkpoint has no tokenizer.json: token ids must come from the tokenizer it was trained with",
         **({"max_length": info["max_length"]} if "max_length" in info else {}),
     }
 
