@@ -156,7 +156,7 @@ def end_of_turn_ids(template: JinjaChatTemplate, tokenizer: TextTokenizer) -> li
         text = ""
     if _PROBE in text:
         tail = text[text.rindex(_PROBE) + len(_PROBE):]
-        found = sorted((tail.find(s), -len(s), s) for s in specials if s and s in tail)
+        found = [(tail.find(s), -len(s), s) for s in specials if s and s in tail]
     else:
         found = [(template.source.find(s), 0, s) for s in KNOWN_TURN_ENDS if s in template.source and s in specials]
     for _, _, s in sorted(found):
