@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from fromzero.data.tokenizers import TextTokenizer
-from fromzero.serving.engine import Event, GenerationEngine, QueueFull, SamplingParams, Sequence, _holdback
+from fromzero.inference.chat import _holdback
+from fromzero.serving.engine import Event, GenerationEngine, QueueFull, SamplingParams, Sequence
 from fromzero.checkpoint import load_model
 
 PROMPTS = ["hello", "a", "The cat sat on the mat.", "Who is there?", "xy", "Nay, answer me: stand"]

@@ -1,42 +1,28 @@
 """Chatting with a checkpoint: one prompt builder and one token streamer for every consumer.
 
-``fromzero chat`` (the REPL), ``fromzero generate --chat`` and ``serve``'s /v1/chat/completions
-all turn a list of ``{"role", "content"}`` messages into prompt ids and stop tokens with
-:func:`load_chat_format` / :meth:`ChatFormat.prompt_ids`, so a model sees exactly the same text
-whichever way it is asked.
+``fromzero chat``, ``fromzero generate --chat`` and ``serve``'s /v1/chat/completions all turn
+``{"role", "content"}`` messages into prompt ids and stop tokens with :func:`load_chat_format` /
+:meth:`ChatFormat.prompt_ids`, so a model sees the same text whichever way it is asked.
 
-Which template (:func:`load_chat_format`):
+The template: ``--chat-template FILE`` if given, else the checkpoint's own Jinja template
+(``chat_template.jinja`` or ``tokenizer_config.json``), else fromzero's SFT template in
+``info.json``, else an error. Stop tokens: the eos id(s) plus the template's end-of-turn token,
+found by rendering a probe conversation (fromzero's SFT template ends a turn with a stop *string*).
+The prompt is tokenized without special tokens (as transformers' ``apply_chat_template``), and a
+BOS is prepended only when the tokenizer asks for one and the text does not already start with it.
 
-1. ``--chat-template FILE`` when the user gives one (a Jinja template; the explicit choice wins);
-2. the checkpoint's own Jinja template (``chat_template.jinja`` or ``tokenizer_config.json``:
-   what a converted Hugging Face / GGUF chat model carries);
-3. fromzero's own SFT template stored in ``info.json`` by ``fromzero finetune --task sft``;
-4. none: ``<ckpt> has no chat template; pass --chat-template FILE (a Jinja template)``.
-
-Stop tokens (:attr:`ChatFormat.stop_ids`): the eos id(s) (the tokenizer's ``<|endoftext|>``,
-config.json ``hf_special_tokens.eos_token_id``, which may be a list) plus the template's
-end-of-turn token: the first special token the template writes after an assistant reply
-(``<|im_end|>``, ``<|eot_id|>``, ``<|end|>``, ``<end_of_turn>``, ...), found by rendering a probe
-conversation. fromzero's SFT template ends a turn with text (``turn_end``), a stop *string*.
-
-BOS: the prompt text is tokenized without adding special tokens (as transformers'
-``apply_chat_template`` does), so a template that writes ``bos_token`` itself gets exactly one;
-a tokenizer that asks for a BOS (``add_bos_token: true``, as GGUF models may) gets one prepended
-only when the rendered text does not already start with it.
-
-Generation (:func:`stream_tokens`): prefill the prompt into a KV cache, then one token per step;
-a :class:`DecodeState` keeps the cache between calls so that the next turn of a conversation,
-whose prompt extends the previous one, prefills only its new tokens. :class:`ChatSession` keeps
-the history within the context and :func:`run_repl` is the command's read-reply loop.
+:func:`stream_tokens` generates with a KV cache that a :class:`DecodeState` keeps between turns,
+so the next turn prefills only its new tokens; :class:`ChatSession` keeps the history within the
+context and :func:`run_repl` is the command's read-reply loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import secrets
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,15 +100,8 @@ class ChatFormat:
 
     def reply_text(self, ids: Iterable[int]) -> str:
         """The reply in generated ``ids``: up to the first stop token, cut at a stop string."""
-        stop = set(self.stop_ids)
-        kept: list[int] = []
-        for t in ids:
-            if int(t) in stop:
-                break
-            kept.append(int(t))
-        text = self.tokenizer.decode(kept)
-        cut = _first_stop(text, self.stop_strings)
-        return text if cut is None else text[:cut]
+        kept = list(itertools.takewhile(lambda t: t not in self.stop_ids, map(int, ids)))
+        return _settle(self.tokenizer.decode(kept), self.stop_strings)[0]
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -177,7 +156,7 @@ def end_of_turn_ids(template: JinjaChatTemplate, tokenizer: TextTokenizer) -> li
         text = ""
     if _PROBE in text:
         tail = text[text.rindex(_PROBE) + len(_PROBE):]
-        found = sorted((tail.find(s), -len(s), s) for s in specials if s and s in tail)
+        found = [(tail.find(s), -len(s), s) for s in specials if s and s in tail]
     else:
         found = [(template.source.find(s), 0, s) for s in KNOWN_TURN_ENDS if s in template.source and s in specials]
     for _, _, s in sorted(found):
@@ -281,12 +260,9 @@ class DecodeState:
             self.ids = []
             x = torch.tensor([list(ids[-block:])], dtype=torch.long, device=device)
             return model(x, last_only=True)[0][:, -1, :]
-        reuse = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, len(ids) - 1)  # at least one token runs: its logits are needed
+        common = min(len(self.ids), len(ids))
+        same = next((i for i, (a, b) in enumerate(zip(self.ids, ids)) if a != b), common)
+        reuse = min(same, len(ids) - 1)  # at least one token runs: its logits are needed
         needed = min(block, len(ids) + reserve)
         if self.cache is None or self.cache.max_len < needed:
             self._grow(model, max(needed, min(block, 2 * self.cache.max_len) if self.cache else needed), reuse)
@@ -348,10 +324,13 @@ def stream_tokens(
 # Incremental detokenization
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Index of the earliest occurrence of any stop string in ``text`` (None: none)."""
+def _settle(text: str, stops: Sequence[str]) -> tuple[str, int, bool]:
+    """(``text`` cut before its first stop string, how many of its characters are final, whether a
+    stop string appeared); without one, :func:`_holdback` characters at the end are not final yet."""
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None
+    if found:
+        return text[:min(found)], min(found), True
+    return text, len(text) - _holdback(text, stops), False
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:
@@ -386,13 +365,8 @@ class StreamDetokenizer:
         if self.stopped:
             return ""
         self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids)
-        cut = _first_stop(text, self.stop_strings)
-        if cut is not None:
-            self.text, self.stopped = text[:cut], True
-            return self._take(len(self.text))
-        self.text = text
-        return self._take(len(text) - _holdback(text, self.stop_strings))
+        self.text, final, self.stopped = _settle(self.tokenizer.decode(self.ids), self.stop_strings)
+        return self._take(final)
 
     def finish(self) -> str:
         return self._take(len(self.text))
@@ -410,17 +384,10 @@ class StreamDetokenizer:
 
 @dataclass
 class ReplyStats:
-    """What the last reply took: prompt tokens, new tokens (a final stop token included), seconds."""
+    """What the last reply took: prompt tokens, new tokens (a final stop token included)."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decoding speed after the first token (prefill excluded)."""
-        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
 
 
 @dataclass
@@ -498,19 +465,14 @@ class ChatSession:
         self.history = kept
         detok = StreamDetokenizer(self.chat.tokenizer, self.chat.stop_strings)
         stop = set(self.chat.stop_ids)
-        self.stats = stats = ReplyStats(prompt_tokens=len(ids))
-        start = time.perf_counter()
+        self.stats = ReplyStats(prompt_tokens=len(ids))
         done = False
         try:
             tokens = stream_tokens(self.model, ids, self.max_new_tokens, temperature=self.temperature,
                                    top_k=self.top_k, top_p=self.top_p, stop_ids=stop, generator=self.generator,
                                    state=self.state)
             for token in tokens:
-                now = time.perf_counter()
-                if stats.new_tokens == 0:
-                    stats.prefill_s = now - start
-                stats.new_tokens += 1
-                stats.decode_s = now - start - stats.prefill_s
+                self.stats.new_tokens += 1
                 if token in stop:
                     break
                 delta = detok.push(token)
@@ -586,10 +548,7 @@ def run_repl(session: ChatSession, stdin: IO[str] | None = None, stdout: IO[str]
                 line = stdin.readline()
                 if not line:
                     return 0  # end of input
-        except EOFError:
-            print(file=stdout, flush=True)
-            return 0
-        except KeyboardInterrupt:
+        except (EOFError, KeyboardInterrupt):
             print(file=stdout, flush=True)
             return 0
         text = line.rstrip("\r\n")
@@ -605,13 +564,10 @@ def run_repl(session: ChatSession, stdin: IO[str] | None = None, stdout: IO[str]
         try:
             with contextlib.closing(session.ask(text)) as reply:
                 for delta in reply:
-                    stdout.write(delta)
-                    stdout.flush()
-            stdout.write("\n")
-            stdout.flush()
+                    print(delta, end="", file=stdout, flush=True)
+            print(file=stdout, flush=True)
         except KeyboardInterrupt:
-            stdout.write("\n")
-            stdout.flush()
+            print(file=stdout, flush=True)
             print("(reply interrupted)", file=stderr, flush=True)
         except FromzeroError as e:
             print(f"error: {e}", file=stderr, flush=True)

@@ -1,28 +1,19 @@
 """Score a chat model on a classification task by asking it: reply parsing and first-token logits.
 
-``fromzero evaluate --checkpoint CKPT --data rotten-tomatoes --split test`` on a chat model (a
-converted chat checkpoint with its own template, e.g. ``smollm2-135m-instruct``, or an sft run's
-checkpoint, LoRA / QLoRA adapters included) asks, for every review, the question of
-:func:`fromzero.data.rotten_tomatoes.user_message` in the model's chat template (with the system
-prompt the sft run used, if any) and reports two scores:
+``fromzero evaluate --data rotten-tomatoes`` on a chat checkpoint (a converted chat model, or an
+sft run's, adapters included) asks the question of :func:`fromzero.data.rotten_tomatoes.user_message`
+for every review in the model's chat template (with the sft run's system prompt, if any) and
+reports two scores:
 
-* **generated reply** -- greedy decoding of up to ``max_new_tokens`` tokens (stopping at the end of
-  the turn), parsed by :func:`parse_reply`: lower-cased, the first word (a run of letters) decides
-  if it is ``positive`` or ``negative``; otherwise the reply decides if it contains exactly one of
-  the two words (as words: "not negative" counts as negative, "positively" does not count);
-  otherwise (both or neither) it is *unparseable* and counted as wrong. Accuracy, macro-F1 over
-  the two classes (an unparseable reply is a miss for its true class and a false positive for
-  neither) and the number of unparseable replies.
-* **first token** -- from the same forward pass, the next-token logits right after the
-  generation prompt: the class whose answer's first token scores higher wins, so a model that
-  knows the answer but phrases it badly ("Positive!", "The review is positive") is not hidden by
-  the format. A class's score is the log-sum-exp of the logits of the distinct first tokens of
-  its spellings ``positive`` / ``Positive`` (and ``negative`` / ``Negative``): a chat model
-  usually capitalises its first word.
+* **generated reply** -- greedy decoding up to the end of the turn, parsed by :func:`parse_reply`
+  (:data:`PARSE_RULE`); an unparseable reply counts as wrong.
+* **first token** -- the next-token logits right after the generation prompt: the class whose
+  answer's first tokens (log-sum-exp over ``positive`` / ``Positive``) score higher wins, so a
+  model that knows the answer but phrases it badly ("The review is positive") is not hidden by
+  the format.
 
-Batching: prompts are grouped by their exact token count, so a batch needs no padding and no
-attention mask (each row is computed exactly as it would be alone); groups are cut into batches
-of ``batch_size`` and decoded with a KV cache. The ~1.3k test reviews make ~60 groups.
+Prompts are grouped by their exact token count, so a batch needs no padding and no attention
+mask (each row is computed exactly as it would be alone), and decoded with a KV cache.
 """
 
 from __future__ import annotations
@@ -51,7 +42,7 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def parse_reply(reply: str, labels: Sequence[str] = LABELS) -> str | None:
-    """The label a reply states, or None (see the module docstring for the rule)."""
+    """The label a reply states, or None (the rule: :data:`PARSE_RULE`)."""
     words = _WORD.findall(reply.lower())
     if not words:
         return None
@@ -195,21 +186,15 @@ def _decode_batch(model: Any, batch: list[list[int]], rows: list[int], max_new_t
 
 
 def stop_token_ids(directory: Path, tokenizer: Any, template: Any) -> list[int]:
-    """Ids that end the assistant's turn: the template's end-of-turn token (ChatML: <|im_end|>),
-    the eos ids a converted model declared (config.json hf_special_tokens), the tokenizer's eos."""
-    from fromzero.checkpoint import CONFIG_FILE, read_json
+    """Ids that end the assistant's turn: the checkpoint's eos ids (:func:`fromzero.inference.chat.eos_ids`)
+    and the template's eos token (ChatML: <|im_end|>)."""
+    from fromzero.inference.chat import eos_ids
 
-    ids: set[int] = set()
-    if tokenizer.eos_id is not None:
-        ids.add(int(tokenizer.eos_id))
+    ids = set(eos_ids(directory, tokenizer))
     eos_text = getattr(template, "eos_token", None)
-    if eos_text:
-        found = tokenizer.backend.token_to_id(eos_text)
-        if found is not None:
-            ids.add(int(found))
-    special = read_json(Path(directory) / CONFIG_FILE, "model config").get("hf_special_tokens") or {}
-    eos = special.get("eos_token_id")
-    ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int))
+    found = tokenizer.backend.token_to_id(eos_text) if eos_text else None
+    if found is not None:
+        ids.add(int(found))
     if not ids:
         raise FromzeroError(f"{directory}: no end-of-turn token known (no eos in tokenizer, template or config)")
     return sorted(ids)
@@ -225,8 +210,7 @@ def evaluate_chat(
     from fromzero.data import rotten_tomatoes
     from fromzero.data.sft import checkpoint_chat_template
     from fromzero.data.tokenizers import TextTokenizer
-    from fromzero.checkpoint import checkpoint_info
-    from fromzero.checkpoint import TOKENIZER_FILE, load_model
+    from fromzero.checkpoint import TOKENIZER_FILE, checkpoint_info, load_model
     from fromzero.devices import autocast_context, resolve_device, resolve_dtype
 
     checkpoint = Path(checkpoint)

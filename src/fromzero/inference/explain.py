@@ -1,28 +1,13 @@
 """``fromzero explain``: why did a checkpoint decide as it did? Attributions, heat maps, attention maps.
 
-Three methods, each for the models it applies to:
-
-=========  ==========================================  ==============================================
-method     models                                      output per input
-=========  ==========================================  ==============================================
-ig         text classifiers (fromzero-bert, LoRA too)  NNN.ig.html (tokens highlighted) + NNN.ig.json
-gradcam    image classifiers (CNN, ResNet, ViT)        NNN.gradcam.png (heat map overlay) + .json
-attention  transformers (BERT, ViT, GPT)               NNN.attention.png (layers x heads grid) + .json
-=========  ==========================================  ==============================================
-
-``ig`` is Integrated Gradients on the word embeddings (:mod:`fromzero.inference.explain_text`),
-``gradcam`` Grad-CAM on the last convolutional stage or the ViT's last-block tokens
-(:mod:`fromzero.inference.explain_image`), ``attention`` the attention probabilities of every
-layer and head (:mod:`fromzero.inference.explain_attention`). Inputs are preprocessed exactly as
-``fromzero predict`` does (the checkpoint's tokenizer and max_length; its image transforms). The
-model runs in float32 (gradients of bf16 models are too coarse for a path integral). Try it::
-
-    fromzero explain --checkpoint runs/genre/checkpoints/best --text "Exeunt all but Falstaff."
-    fromzero explain --checkpoint runs/digits/checkpoints/best --image 3.png --method gradcam
-    fromzero explain --checkpoint runs/latest/checkpoints/best --text "ROMEO:" --method attention
-
-Files are named by the input's position (001, 002, ... in --input order) in ``--out`` (default
-``explanations/``); existing files are refused unless ``force``; each is written atomically.
+Three methods (:data:`KINDS` says which applies to which model): ``ig``, Integrated
+Gradients on a text classifier's word embeddings (:mod:`~fromzero.inference.explain_text`, an
+HTML page); ``gradcam``, Grad-CAM of an image classifier (:mod:`~fromzero.inference.explain_image`,
+a heat map PNG); ``attention``, every layer's and head's attention of a transformer
+(:mod:`~fromzero.inference.explain_attention`, a PNG grid); each with a JSON file. Inputs are
+preprocessed exactly as ``fromzero predict`` does; the model runs in float32 (gradients of bf16
+models are too coarse for a path integral). Files are named by the input's position
+(``001.ig.html``, ...) in ``--out``; existing files are refused unless ``force``.
 """
 
 from __future__ import annotations
@@ -50,22 +35,14 @@ VIT_DEFAULT_MEAN_STD = 0.5
 class ExplainConfig:
     """What ``fromzero explain`` does (its command-line options)."""
 
-    checkpoint: str
-    """Checkpoint directory: a text or image classifier, a BERT encoder or a GPT."""
-    method: str = "auto"
-    """ig | gradcam | attention | auto (the first the model supports: ig, gradcam, attention)."""
-    target: str = "auto"
-    """ig / gradcam: the class to explain, by name; auto = the predicted class."""
-    steps: int = 50
-    """ig: integration steps (more: smaller convergence delta, slower)."""
-    baseline: str = "pad"
-    """ig: the token that replaces every non-special token in the baseline: pad | mask."""
+    checkpoint: str  # a text or image classifier, a BERT encoder or a GPT
+    method: str = "auto"  # ig | gradcam | attention | auto (the first the model supports)
+    target: str = "auto"  # ig / gradcam: the class to explain, by name; auto = the predicted class
+    steps: int = 50  # ig: integration steps (more: smaller convergence delta, slower)
+    baseline: str = "pad"  # ig: the token that replaces every non-special token in the baseline: pad | mask
     out: str = "explanations"
-    """Output directory."""
-    force: bool = False
-    """Overwrite existing output files."""
+    force: bool = False  # overwrite existing output files
     device: str = "auto"
-    """auto | cpu | cuda | mps."""
 
 
 @dataclass
@@ -82,36 +59,27 @@ class Explanation:
 
 
 def model_kind(config: dict, info: dict) -> str:
-    """text-classifier | encoder | gpt | image-classifier-cnn | vit-classifier | vit | other."""
+    """text-classifier | encoder | gpt | cnn | vit-classifier | vit | other."""
     model_type, task = config.get("model_type"), get_task(info.get("task"))
     classifier = task is not None and task.is_classifier
     if model_type == "fromzero-bert":
         return "text-classifier" if classifier and config.get("head") == "classification" else "encoder"
-    if model_type == "fromzero-gpt":
-        return "gpt"
-    if model_type == "fromzero-cnn":
-        return "cnn"
+    if model_type in ("fromzero-gpt", "fromzero-cnn"):
+        return model_type.removeprefix("fromzero-")
     if model_type == "fromzero-vit":
         return "vit-classifier" if classifier and config.get("num_labels", 0) > 0 else "vit"
     return "other"
 
 
-KIND_METHODS: dict[str, tuple[str, ...]] = {
-    "text-classifier": ("ig", "attention"),
-    "encoder": ("attention",),
-    "gpt": ("attention",),
-    "cnn": ("gradcam",),
-    "vit-classifier": ("gradcam", "attention"),
-    "vit": ("attention",),
-    "other": (),
-}
-KIND_NAMES = {
-    "text-classifier": "a text classifier (fromzero-bert)",
-    "encoder": "a BERT encoder without a text-classification head",
-    "gpt": "a GPT language model",
-    "cnn": "a CNN image classifier",
-    "vit-classifier": "a ViT image classifier",
-    "vit": "a ViT that is not a fine-tuned image classifier (no image-classification info.json)",
+# Per kind: what it is (for messages) and the methods that apply to it (the first is auto's).
+KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "text-classifier": ("a text classifier (fromzero-bert)", ("ig", "attention")),
+    "encoder": ("a BERT encoder without a text-classification head", ("attention",)),
+    "gpt": ("a GPT language model", ("attention",)),
+    "cnn": ("a CNN image classifier", ("gradcam",)),
+    "vit-classifier": ("a ViT image classifier", ("gradcam", "attention")),
+    "vit": ("a ViT that is not a fine-tuned image classifier (no image-classification info.json)",
+            ("attention",)),
 }
 IMAGE_KINDS = ("cnn", "vit-classifier", "vit")
 
@@ -120,14 +88,13 @@ def choose_method(kind: str, method: str, model_type: Any = None) -> str:
     """The method to run: ``method`` checked against what ``kind`` supports, or its first for auto."""
     if method != "auto" and method not in METHODS:
         raise FromzeroError(f"unknown --method {method!r} (choose from {', '.join(METHODS)} or auto)")
-    works = KIND_METHODS[kind]
-    if not works:
+    if kind not in KINDS:
         raise FromzeroError(f"explain supports BERT, GPT, CNN and ViT checkpoints, not a {model_type!r} model")
+    name, works = KINDS[kind]
     if method == "auto":
         return works[0]
     if method not in works:
-        raise FromzeroError(f"--method {method} does not apply to {KIND_NAMES[kind]}; "
-                            f"use {' or '.join(works)}")
+        raise FromzeroError(f"--method {method} does not apply to {name}; use {' or '.join(works)}")
     return method
 
 
@@ -139,8 +106,7 @@ class Explainer:
     """A loaded checkpoint that explains one text or image at a time with ``cfg.method``."""
 
     def __init__(self, cfg: ExplainConfig) -> None:
-        from fromzero.checkpoint import checkpoint_info
-        from fromzero.checkpoint import CONFIG_FILE, load_model, read_json
+        from fromzero.checkpoint import CONFIG_FILE, checkpoint_info, load_model, read_json
         from fromzero.devices import resolve_device
 
         if cfg.steps <= 0:
@@ -183,6 +149,12 @@ class Explainer:
     def takes_images(self) -> bool:
         return self.kind in IMAGE_KINDS
 
+    def check_inputs(self, images: bool) -> None:
+        """Refuse texts for an image model and images for a text model."""
+        if images != self.takes_images:
+            give = "--image FILE or --input FOLDER" if self.takes_images else "--text TEXT or --input FILE"
+            raise FromzeroError(f"{self.directory} is {KINDS[self.kind][0]}: give {give}")
+
     # -- inputs ----------------------------------------------------------------------------------
 
     def _text_tokenizer(self) -> Any:
@@ -210,9 +182,8 @@ class Explainer:
 
     def image_tensor(self, path: Path) -> torch.Tensor:
         """The preprocessed image (1, Ch, H, W): the checkpoint's eval transforms, as predict uses."""
-        from PIL import Image, UnidentifiedImageError
-
         from fromzero.data.images import build_transforms
+        from fromzero.inference.predict import open_image
 
         info = self.info
         if "image_size" in info:
@@ -230,19 +201,12 @@ class Explainer:
             mean, std = self._image_mean_std()
             self._transform = build_transforms(False, image_size=size, resize_size=resize, channels=channels,
                                                normalize=mean is not None, mean=mean, std=std)
-        try:
-            with Image.open(path) as image:
-                pixels = self._transform(image.convert("RGB" if channels == 3 else "L"))
-        except FileNotFoundError:
-            raise FromzeroError(f"image not found: {path}") from None
-        except IsADirectoryError:
-            raise FromzeroError(f"{path} is a directory, not an image (use --input DIR for a folder)") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise FromzeroError(f"cannot read image {path}: {e}") from None
-        return pixels[None].to(self.device)
+        return open_image(path, self._transform, channels)[None].to(self.device)
 
     def _text_ids(self, text: str) -> tuple[torch.Tensor, list[str], bool]:
         """(ids (1, T), token strings, truncated) for attention maps of a text model."""
+        from fromzero.inference.explain_text import check_ids
+
         if not text.strip():
             raise FromzeroError("cannot explain an empty text")
         tokenizer = self._text_tokenizer()
@@ -256,27 +220,20 @@ class Explainer:
             tokenizer.enable_truncation(max_length=self._max_length())
             encoding = tokenizer.encode(text, add_special_tokens=True)
             ids, tokens, truncated = list(encoding.ids), list(encoding.tokens), bool(encoding.overflowing)
-        if not ids:
-            raise FromzeroError("the tokenizer turned the text into no tokens")
-        vocab = int(self.config.get("vocab_size", 0))
-        if vocab and max(ids) >= vocab:
-            raise FromzeroError(f"the tokenizer produces token id {max(ids)}, but the model's vocabulary has {vocab} "
-                                "entries: tokenizer and weights do not belong together")
+        check_ids(ids, int(self.config.get("vocab_size", 0)))
         return torch.tensor([ids], dtype=torch.long, device=self.device), tokens, truncated
 
     # -- methods ---------------------------------------------------------------------------------
 
     def explain_text(self, text: str) -> Explanation:
-        if self.takes_images:
-            raise FromzeroError(f"{self.directory} is {KIND_NAMES[self.kind]}: give --image FILE or --input FOLDER")
+        self.check_inputs(images=False)
         if self.method == "ig":
             return self._integrated_gradients(text)
         ids, tokens, truncated = self._text_ids(text)
         return self._attention(ids, tokens, {"input": text, "truncated": truncated})
 
     def explain_image(self, path: Path) -> Explanation:
-        if not self.takes_images:
-            raise FromzeroError(f"{self.directory} is {KIND_NAMES[self.kind]}: give --text TEXT or --input FILE")
+        self.check_inputs(images=True)
         pixels = self.image_tensor(path)
         if self.method == "gradcam":
             return self._grad_cam(pixels, str(path))
@@ -381,10 +338,7 @@ def write_explanations(explainer: Explainer, texts: list[str] | None = None, ima
     if bool(texts) == bool(images):
         raise FromzeroError("give texts or images to explain (one kind)")
     items: list[Any] = list(texts or images or [])
-    if images and not explainer.takes_images:
-        raise FromzeroError(f"{explainer.directory} is {KIND_NAMES[explainer.kind]}: give --text TEXT or --input FILE")
-    if texts and explainer.takes_images:
-        raise FromzeroError(f"{explainer.directory} is {KIND_NAMES[explainer.kind]}: give --image FILE or --input FOLDER")
+    explainer.check_inputs(images=bool(images))
     for item in items:  # before any work: a bad input found half-way would leave half the files
         if images and not Path(item).is_file():
             raise FromzeroError(f"image not found: {item}")

@@ -8,15 +8,12 @@ rotary positions and grouped-query head sharing for LLaMA-style GPTs). The model
 untouched and the forward pass itself is unchanged; ``tests/inference/test_explain.py`` checks
 the recomputed probabilities against Hugging Face's ``output_attentions`` for BERT, ViT, GPT-2
 and LLaMA, so a change in a model's attention that the hooks do not follow fails a test.
-
-    maps = attention_maps(model, input_ids)     # (L, H, T, T) float32, rows sum to 1
-    figure = attention_figure(maps, tokens)     # L rows x H columns of T x T heat maps
-
 Shapes: L = layers, H = heads, T = tokens (queries x keys), D = head size.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -98,18 +95,20 @@ def _gpt_hook(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return _probabilities(q, k, causal=True)
 
 
-def _attention_modules(model: nn.Module) -> list[tuple[nn.Module, Callable[..., torch.Tensor]]]:
-    """The attention module of every layer, in order, each with the hook that reads it."""
+def _attention_modules(model: nn.Module) -> tuple[list[tuple[nn.Module, Callable]], Callable]:
+    """The attention module of every layer, in order, each with the hook that reads it; and the
+    forward pass that runs them all (BERT's encoder over every token, not just [CLS])."""
     from fromzero.models.bert import Bert
     from fromzero.models.gpt import GPT
     from fromzero.models.vit import ViT
 
     if isinstance(model, Bert):
-        return [(layer.attn, _bert_hook) for layer in model.layers]
+        run = functools.partial(model.encode, skip_padding=False, first_token_only=False)
+        return [(layer.attn, _bert_hook) for layer in model.layers], run
     if isinstance(model, ViT):
-        return [(block.attn, _vit_hook) for block in model.blocks]
+        return [(block.attn, _vit_hook) for block in model.blocks], model.encode
     if isinstance(model, GPT):
-        return [(block.attn, _gpt_hook) for block in model.transformer.h]
+        return [(block.attn, _gpt_hook) for block in model.transformer.h], model
     raise FromzeroError(f"attention maps need a transformer (BERT, ViT or GPT), not a {type(model).__name__}")
 
 
@@ -121,14 +120,12 @@ def attention_maps(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     encoder over every token (not the classifier's [CLS]-only last layer); GPT is causal, so
     row i of each map has zeros beyond column i. Every row sums to 1.
     """
-    from fromzero.models.bert import Bert
-    from fromzero.models.gpt import GPT
-
     if inputs.size(0) != 1:
         raise ValueError(f"attention maps are drawn for one input at a time, got a batch of {inputs.size(0)}")
     recorded: list[torch.Tensor] = []
     handles = []
-    for module, compute in _attention_modules(model):
+    modules, run = _attention_modules(model)
+    for module, compute in modules:
         def hook(mod: nn.Module, args: tuple, kwargs: dict, compute=compute) -> None:
             recorded.append(compute(mod, args, kwargs)[0].cpu())  # (H, T, T)
 
@@ -136,12 +133,7 @@ def attention_maps(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, Bert):
-            model.encode(inputs, None, None, skip_padding=False, first_token_only=False)
-        elif isinstance(model, GPT):
-            model(inputs)
-        else:
-            model.encode(inputs)
+        run(inputs)
     finally:
         for handle in handles:
             handle.remove()

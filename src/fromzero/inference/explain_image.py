@@ -1,22 +1,13 @@
 """Grad-CAM heat maps of image classifiers (the simple CNN, torchvision ResNets, ViT) and their overlay PNG.
 
-Grad-CAM (Selvaraju et al., 2017) asks which places of a late feature map drive one class's
-score: each channel k of the feature map A (K, h, w) is weighted by the mean gradient of the
-class logit over the map, and the map is ``relu(sum_k w_k A_k)`` (h, w), upsampled (bilinear)
-to the input size. Where the CAM is hot, the features that raise the class's score fire.
-
-* CNNs: captum's ``LayerGradCam`` on the last convolutional stage: ``conv2`` of the simple CNN
-  (full resolution: it is padded, unstrided), ``layer4`` of a ResNet (1/32 of the input side,
-  so a 224 image gives a 7 x 7 map; tiny images give 1 x 1, which says nothing about *where*).
-* ViT: the same formula on the patch tokens that *enter* the last encoder block, reshaped to the
-  patch grid (channels = the hidden width). Not the last block's own output: the classifier
-  reads only the class token after the last block, so the gradient reaching the other tokens of
-  that output is zero. The tokens entering the last block reach the class token through its
-  attention, which is what "where did the model look" means for a ViT. (Attention rollout would
-  be the class-agnostic alternative; Grad-CAM answers for the target class, as for CNNs.)
-
-    cam = grad_cam(model, pixels, target=3)   # GradCam: low-res map, upsampled map, layer name
-    png = overlay_png(image, cam.heatmap, "cat (p=0.91)")
+Grad-CAM (Selvaraju et al., 2017): each channel k of a late feature map A (K, h, w) is weighted
+by the mean gradient of the class logit over the map; the map ``relu(sum_k w_k A_k)`` (h, w) is
+upsampled (bilinear) to the input size. CNNs: captum's ``LayerGradCam`` on the last
+convolutional stage (``conv2`` of the simple CNN; ``layer4`` of a ResNet, 1/32 of the input
+side). ViT: the same formula on the patch tokens that *enter* the last block, on the patch grid:
+the classifier reads only the class token after the last block, so the gradient reaching that
+block's other output tokens is zero, while the tokens entering it reach the class token through
+its attention ("where did the model look", for the target class).
 """
 
 from __future__ import annotations

@@ -1,22 +1,13 @@
 """Token attributions of a text classifier with Integrated Gradients, and their HTML page.
 
-Integrated Gradients (Sundararajan et al., 2017) attributes the difference between the model's
-output on the input and on a *baseline* input to the input's features: the gradient of the output
-is averaged along the straight path from the baseline to the input and multiplied by
-(input - baseline). The attributions of all features sum to F(input) - F(baseline) (the
-"completeness" axiom); the gap left by the numerical path integral is the *convergence delta*,
-reported so a user can raise ``--steps`` when it is large.
-
-Here the features are the word embeddings of the tokens (captum's ``LayerIntegratedGradients``
-on ``embeddings.word``), one number per token after summing over the hidden dimension. The
-baseline keeps [CLS] and [SEP] (and any other special token) and replaces every other token by
-[PAD] (whose embedding row is zero in BERT) or [MASK]; positions and segments are the same in
-both, so only "which words are there" is attributed. F is the target class's *logit*, not its
-probability: a softmax saturates near 0 and 1, where gradients vanish and IG needs many more steps.
-
-    result = integrated_gradients(model, tokenizer, "the film was good", labels=["neg", "pos"])
-    result.tokens, result.attributions, result.delta
-    html = render_html(result)
+Integrated Gradients (Sundararajan et al., 2017) averages the gradient of the output along the
+straight path from a *baseline* input to the input, times (input - baseline): the attributions
+sum to F(input) - F(baseline) up to the *convergence delta* of the numerical integral (reported,
+so a user can raise ``--steps``). Here the features are the tokens' word embeddings (captum's
+``LayerIntegratedGradients`` on ``embeddings.word``, summed over the hidden dimension). The
+baseline keeps the special tokens and replaces every other by [PAD] (a zero embedding row in
+BERT) or [MASK], with the same positions and segments, so only "which words are there" is
+attributed. F is the target class's *logit*: a softmax saturates, where gradients vanish.
 """
 
 from __future__ import annotations
@@ -74,6 +65,15 @@ class TokenAttribution:
         return sorted(scored, key=lambda ta: ta[1], reverse=True)[:n]
 
 
+def check_ids(ids: list[int], vocab: int) -> None:
+    """One-line errors for a text of no tokens, or of ids beyond the model's vocabulary (0: unknown)."""
+    if not ids:
+        raise FromzeroError("the tokenizer turned the text into no tokens")
+    if vocab and max(ids) >= vocab:
+        raise FromzeroError(f"the tokenizer produces token id {max(ids)}, but the model's vocabulary has "
+                            f"{vocab} entries: tokenizer and weights do not belong together")
+
+
 def _baseline_id(tokenizer: Any, pad_id: int, baseline: str) -> int:
     if baseline not in BASELINES:
         raise FromzeroError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
@@ -105,12 +105,7 @@ def integrated_gradients(model: nn.Module, tokenizer: Any, text: str, labels: li
         tokenizer.enable_truncation(max_length=max_length)  # [SEP] is kept, as in training
     tokenizer.no_padding()
     encoding = tokenizer.encode(text, add_special_tokens=True)
-    if len(encoding.ids) == 0:
-        raise FromzeroError("the tokenizer turned the text into no tokens")
-    vocab = model.config.vocab_size
-    if max(encoding.ids) >= vocab:
-        raise FromzeroError(f"the tokenizer produces token id {max(encoding.ids)}, but the model's vocabulary has "
-                            f"{vocab} entries: tokenizer and weights do not belong together")
+    check_ids(encoding.ids, model.config.vocab_size)
     special = [bool(s) for s in encoding.special_tokens_mask]
     fill = _baseline_id(tokenizer, model.config.pad_token_id or 0, baseline)
     ids = torch.tensor([encoding.ids], dtype=torch.long, device=device)  # (1, T)

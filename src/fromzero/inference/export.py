@@ -1,36 +1,22 @@
 """Export a checkpoint to ONNX, so that programs without PyTorch (onnxruntime, in any language) run it.
 
-Every checkpoint :func:`fromzero.checkpoint.load_model` reads exports, LoRA adapter
-checkpoints included (base + adapter, merged)::
+Every checkpoint :func:`fromzero.checkpoint.load_model` reads exports (LoRA adapters merged)::
 
     fromzero-gpt   input_ids (batch, sequence) int64                      -> logits (batch, sequence, vocab)
     fromzero-bert  input_ids, attention_mask [, token_type_ids] (batch, sequence) int64
-                   -> logits (batch, classes)              head classification
-                   -> logits (batch, sequence, vocab)      head mlm
-                   -> sentence_embedding (batch, hidden)   head embedding (pooled, normalised as in `embed`)
-                   -> last_hidden_state (batch, sequence, hidden)   head none
+                   -> logits | sentence_embedding | last_hidden_state   (by the model's head)
     fromzero-cnn   pixel_values (batch, channels, height, width) float32 -> logits (batch, classes)
-    fromzero-vit   pixel_values (batch, channels, H, W) float32 (H, W fixed by the config)
-                   -> logits (batch, classes), or last_hidden_state without a head
+    fromzero-vit   pixel_values (batch, channels, H, W) float32 (H, W fixed by the config) -> logits
 
-Batch and sequence axes are dynamic (sequences up to the model's context length), as are a
-CNN's height and width (global pooling takes any size). Try it::
+Batch and sequence axes are dynamic, as are a CNN's height and width. How:
+``torch.onnx.export(..., dynamo=True)`` of the model (plain tensors in, one tensor out), on the
+CPU in fp32, in eval mode. Under torch.export ``torch.compiler.is_compiling()`` is true, which
+keeps the models' data-dependent eager fast paths (BERT's padding packing) out of the graph;
+GPT's column-major decode layout is switched off first.
 
-    fromzero export --checkpoint runs/genre/checkpoints/best --format onnx --out genre.onnx
-
-How: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript, PyTorch's recommended
-exporter; the TorchScript one is deprecated) of a small wrapper per family that takes and
-returns plain tensors, on the CPU in fp32, in eval mode. Under torch.export
-``torch.compiler.is_compiling()`` is true, which is what keeps the models' eager-only fast
-paths out of the graph: BERT's padding packing and its "no padding: drop the mask" shortcut
-are data-dependent and would otherwise be baked in for the sample input; GPT's column-major
-decode layout is switched off first. The graph is the plain general path.
-
-The file is checked with ``onnx.checker``, run in onnxruntime on an input of another shape than
-the one traced (so the dynamic axes are exercised) and compared with PyTorch, all in a temporary
-directory next to ``--out``; only then is it renamed into place, with a sidecar ``FILE.json``
-that says how to call it (input / output names and shapes, labels, where the tokenizer is).
-A graph that differs from PyTorch by more than ``atol`` is not written.
+The file is checked with ``onnx.checker`` and, in onnxruntime, against PyTorch on an input of
+another shape than the one traced, in a temporary directory next to ``--out``; only then is it
+renamed into place, with a sidecar ``FILE.json`` that says how to call it.
 """
 
 from __future__ import annotations
@@ -132,52 +118,24 @@ class ExportResult:
         return line + f"; how to call it: {self.sidecar}"
 
 
-def _human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} GB"
 
 
-# ---------------------------------------------------------------------------------------------
-# Wrappers: plain tensors in, one tensor out (the models' forward also returns a loss, or None)
-
-
-class DecoderLogits(nn.Module):
-    """GPT: input ids (B, T) -> next-token logits at every position (B, T, V); no KV cache."""
+class FirstOutput(nn.Module):
+    """The model with plain tensors in and one tensor out (GPT and BERT also return a loss, or None)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.model(input_ids)
-        return logits
-
-
-class EncoderOutput(nn.Module):
-    """BERT: ids, attention mask [, token types] (B, T) -> the head's output (see module docstring)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        out, _ = self.model(input_ids, attention_mask, token_type_ids)
-        return out
-
-
-class ImageOutput(nn.Module):
-    """CNN / ViT: images (B, Ch, H, W) -> logits (B, K) (a ViT without head: hidden states)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(*inputs)
+        return out[0] if isinstance(out, tuple) else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,18 +147,16 @@ def _text_notes(directory: Path, info: dict[str, Any], encoder: bool = False) ->
     # An encoder's tokenizer.json may pad every text to a fixed length (MiniLM's pads to 128):
     # its attention_mask must be fed with the ids, or the padding is attended to.
     recipe = ("enc = tokenizers.Tokenizer.from_file(tokenizer).encode(text) (encode_batch for several); "
-              "feed input_ids = enc.ids and attention_mask = enc.attention_mask"
-              + (" (and token_type_ids = enc.type_ids where the model takes them)" if encoder else "")
-              + " as int64 arrays of shape (batch, sequence). This tokenizer may pad to a fixed length: always "
-              "feed its attention_mask, never a mask of ones. The ONNX file holds only the network"
-              if encoder else
+              "feed input_ids = enc.ids and attention_mask = enc.attention_mask (and token_type_ids = "
+              "enc.type_ids where the model takes them) as int64 arrays of shape (batch, sequence). This "
+              "tokenizer may pad to a fixed length: always feed its attention_mask, never a mask of ones. "
+              "The ONNX file holds only the network" if encoder else
               "turn text into input_ids with this tokenizer.json (Hugging Face `tokenizers`: "
               "Tokenizer.from_file(path).encode(text).ids); the ONNX file holds only the network")
     return {
         "tokenizer": str(tokenizer.resolve()) if tokenizer.is_file() else None,
-        "tokenizer_note": (recipe
-                           if tokenizer.is_file() else
-                           "the checkpoint has no tokenizer.json: token ids must come from the tokenizer it was trained with"),
+        "tokenizer_note": recipe if tokenizer.is_file() else
+        "the checkpoint has no tokenizer.json: token ids must come from the tokenizer it was trained with",
         **({"max_length": info["max_length"]} if "max_length" in info else {}),
     }
 
@@ -215,7 +171,7 @@ def _gpt_plan(model: nn.Module, directory: Path, info: dict[str, Any]) -> Export
         return (torch.randint(0, V, (sizes["batch"], sizes["sequence"]), generator=gen),)
 
     return ExportPlan(
-        module=DecoderLogits(model),
+        module=FirstOutput(model),
         inputs=[TensorSpec("input_ids", "int64", ["batch", "sequence"])],
         output_names=["logits"],
         make_inputs=make_inputs,
@@ -258,7 +214,7 @@ def _bert_plan(model: nn.Module, directory: Path, info: dict[str, Any]) -> Expor
         notes["output_note"] = (f"{config.pooling} pooling" + (", L2-normalised" if config.normalize else "")
                                 + ", as `fromzero embed`")
     return ExportPlan(
-        module=EncoderOutput(model), inputs=inputs, output_names=[output], make_inputs=make_inputs,
+        module=FirstOutput(model), inputs=inputs, output_names=[output], make_inputs=make_inputs,
         axes={"batch": (1, 1 << 20), "sequence": (1, limit)},
         trace_sizes=_clamp(_TRACE, limit), verify_sizes=_clamp(_VERIFY, limit), notes=notes,
     )
@@ -294,7 +250,7 @@ def _image_plan(model: nn.Module, raw_config: dict[str, Any], info: dict[str, An
         **({"preprocessing": preprocessing} if preprocessing else {}),
     }
     return ExportPlan(
-        module=ImageOutput(model), inputs=[TensorSpec("pixel_values", "float32", shape)],
+        module=FirstOutput(model), inputs=[TensorSpec("pixel_values", "float32", shape)],
         output_names=[output], make_inputs=make_inputs, axes=axes,
         trace_sizes={"batch": _TRACE["batch"], "height": height, "width": width},
         verify_sizes={"batch": _VERIFY["batch"], "height": height, "width": width}, notes=notes,
@@ -321,8 +277,9 @@ def export_plan(model: nn.Module, raw_config: dict[str, Any], directory: Path, i
 # Export
 
 
-def _dynamic_shapes(plan: ExportPlan) -> dict[str, dict[int, Any]]:
-    """torch.export's dynamic_shapes: one shared Dim per axis name (so all inputs agree on it)."""
+def _dynamic_shapes(plan: ExportPlan) -> dict[str, tuple[dict[int, Any], ...]]:
+    """torch.export's dynamic_shapes of FirstOutput's ``*inputs``: one shared Dim per axis name (so all
+    inputs agree on it)."""
     from torch.export import Dim
 
     dims = {}
@@ -330,8 +287,8 @@ def _dynamic_shapes(plan: ExportPlan) -> dict[str, dict[int, Any]]:
         if high < 2:  # a 1-long axis cannot be dynamic (torch.export specialises it): keep it static
             continue
         dims[name] = Dim(name, min=low, max=high)
-    return {spec.name: {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str) and d in dims}
-            for spec in plan.inputs}
+    return {"inputs": tuple({i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str) and d in dims}
+                            for spec in plan.inputs)}
 
 
 def _trace_to_onnx(plan: ExportPlan, opset: int) -> Any:

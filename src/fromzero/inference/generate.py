@@ -1,12 +1,6 @@
-"""Sample continuations of a prompt from a GPT checkpoint (``fromzero generate``).
-
-:func:`generate_text` continues the prompt's text; :func:`generate_chat_replies` sends it as a
-user message in the checkpoint's chat template (as ``fromzero chat`` renders a conversation, see
-:mod:`fromzero.inference.chat`) and returns the replies only. Both draw ``num_samples``
-independent samples in one batch, seeded, so the same seed gives the same text, and stop each
-sample at its first end-of-text (or end-of-turn) token::
-
-    fromzero generate --checkpoint runs/latest/checkpoints/best --prompt 'ROMEO:' --max-new-tokens 300
+"""Sample continuations of a prompt from a GPT checkpoint (``fromzero generate``): the prompt's text
+continued (:func:`generate_text`), or replies to it as a chat message (:func:`generate_chat_replies`),
+``num_samples`` seeded samples in one batch, each ending at its first end-of-text (or end-of-turn) token.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from fromzero.errors import FromzeroError
 from fromzero.tasks import finetuning_tasks, get_task
 
 
-
 def run_config(directory: Path) -> dict[str, Any]:
     """The config.yaml of the run a checkpoint came from (runs/<run>/checkpoints/best), or {}."""
     import yaml
@@ -101,21 +100,10 @@ class Classifier:
 
     def image_logits(self, paths: list[Path]) -> torch.Tensor:
         """(N, K) logits of image files (converted to the model's channels, eval transforms)."""
-        from PIL import Image, UnidentifiedImageError
-
         if self.inputs != "image":
             raise FromzeroError(f"{self.directory} labels {self.inputs}s, not images (use --{self.inputs})")
-        transform = self.image_transform()
-        mode = "RGB" if int(self.info.get("channels", 3)) == 3 else "L"
-        tensors = []
-        for path in paths:
-            try:
-                with Image.open(path) as image:
-                    tensors.append(transform(image.convert(mode)))
-            except FileNotFoundError:
-                raise FromzeroError(f"image not found: {path}") from None
-            except (UnidentifiedImageError, OSError) as e:
-                raise FromzeroError(f"cannot read image {path}: {e}") from None
+        transform, channels = self.image_transform(), int(self.info.get("channels", 3))
+        tensors = [open_image(path, transform, channels) for path in paths]
         self.model.eval()
         with torch.no_grad(), self._autocast():
             return self.model(torch.stack(tensors).to(self.device)).float().cpu()
@@ -125,6 +113,21 @@ class Classifier:
         probs = torch.softmax(logits, dim=-1)
         return [{"label": self.labels[int(p.argmax())],
                  "probabilities": {name: round(float(v), 6) for name, v in zip(self.labels, p)}} for p in probs]
+
+
+def open_image(path: Path, transform: Any, channels: int) -> torch.Tensor:
+    """The image file ``path`` in ``channels`` (3: RGB, else grey), transformed; one-line errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return transform(image.convert("RGB" if channels == 3 else "L"))
+    except FileNotFoundError:
+        raise FromzeroError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise FromzeroError(f"{path} is a directory, not an image (use --input DIR for a folder)") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise FromzeroError(f"cannot read image {path}: {e}") from None
 
 
 def read_inputs(path: Path) -> list[str]:
@@ -202,12 +205,6 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
 _EVALUATE_AS_LANGUAGE_MODEL = ("sft", "language-model")
 
 
-def _check_known(labels: list[str], known: list[str], where: str) -> None:
-    unknown = sorted(set(labels) - set(known))
-    if unknown:
-        raise FromzeroError(f"{where} has label {unknown[0]!r} that the model does not know ({', '.join(known)})")
-
-
 def _evaluate_text(directory: Path, data: str, split: str, batch_size: int, device: str,
                    limit: int = 0) -> dict[str, Any]:
     from fromzero.data.classification import load_text_classification
@@ -218,7 +215,10 @@ def _evaluate_text(directory: Path, data: str, split: str, batch_size: int, devi
     rows = load_text_classification(data, cfg.get("text_column", "text"), cfg.get("label_column", "label"),
                                     cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.1), cfg.get("seed", 0))[split]
     rows = rows[:limit] if limit else rows
-    _check_known([label for _, label in rows], classifier.labels, f"{data} ({split})")
+    unknown = sorted({label for _, label in rows} - set(classifier.labels))
+    if unknown:
+        raise FromzeroError(f"{data} ({split}) has label {unknown[0]!r} that the model does not know "
+                            f"({', '.join(classifier.labels)})")
     logits = classifier.text_logits([t for t, _ in rows], batch_size)
     index = {name: i for i, name in enumerate(classifier.labels)}
     return {**score(logits, [index[label] for _, label in rows], classifier.labels), "split": split}
@@ -256,15 +256,14 @@ def _evaluate_lm(directory: Path, data: str, split: str, batch_size: int, device
         return {**_prepared_split_loss(model, Path(data), split, batch_size, dev, autocast), "split": split}
     from torch.utils.data import DataLoader
 
-    from fromzero.data.sft import ChatTemplate, checkpoint_chat_template, collate_sft, load_sft_examples, tokenize_sft
+    from fromzero.data.sft import (ChatTemplate, add_system_prompt, checkpoint_chat_template, collate_sft,
+                                   load_sft_examples, tokenize_sft)
     from fromzero.finetune.sft import response_loss
 
     cfg = run_config(directory)
     template = checkpoint_chat_template(directory) or ChatTemplate()
     tokenizer = TextTokenizer.load(directory / TOKENIZER_FILE)
     examples = load_sft_examples(data, cfg.get("val_fraction", 0.1), cfg.get("test_fraction", 0.1), cfg.get("seed", 0))
-    from fromzero.data.sft import add_system_prompt
-
     rows = add_system_prompt(examples[split], str(checkpoint_info(directory).get("system_prompt") or ""))
     sft_set = tokenize_sft(rows, tokenizer, template, model.config.block_size)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0

@@ -1,47 +1,27 @@
 """The HTTP server: an OpenAI-compatible API over one checkpoint (FastAPI + uvicorn).
 
-Routes (see ``backends.py`` for which checkpoint serves which)::
-
-    POST /v1/completions        text completion; "stream": true -> server-sent events
-    POST /v1/chat/completions   chat: messages rendered as `fromzero chat` renders them (inference/chat.py)
-    POST /v1/embeddings         sentence embeddings of a BERT encoder
-    POST /v1/classify           labels + probabilities of a text classifier (fromzero's own)
-    GET  /v1/models             the served model
-    GET  /health                liveness (never needs the API key)
-    GET  /metrics               Prometheus text (see metrics.py; no API key either)
+Routes: POST /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/classify (fromzero's
+own); GET /v1/models, /health and /metrics (these two never need the API key). ``backends.py``
+says which checkpoint serves which.
 
 Generation requests go through a bounded queue to one background worker that decodes all running
-requests as one batch (``engine.py``). The limits, all answered with an OpenAI-style JSON error
-``{"error": {"message", "type", "param", "code"}}``:
+requests as one batch (``engine.py``). Every refusal is an OpenAI-style JSON error
+``{"error": {"message", "type", "param", "code"}}``: 503 + ``Retry-After`` for a full queue, 504
+past ``request_timeout`` (its batch row is freed, as when a streaming client disconnects), 413,
+401, 404; 422 naming the field for wrong types, unknown fields and out-of-range values; 400 for
+malformed JSON, prompt / max_tokens / logprobs limits and a checkpoint of the wrong kind.
 
-* queue full -> 503 with ``Retry-After``; a request still unfinished after ``request_timeout``
-  -> 504, and its batch row is freed (also when a streaming client disconnects);
-* body over ``max_body_bytes`` -> 413; wrong API key -> 401; unknown route -> 404;
-* malformed JSON -> 400; wrong types, unknown fields, out-of-range values -> 422 naming the field;
-* empty prompt, a prompt longer than the context (or than ``max_prompt_tokens``), ``max_tokens``
-  <= 0 (0 is allowed with ``echo``: score the prompt only) or above ``max_tokens_cap``,
-  ``logprobs`` above 20 or with ``stream``, a checkpoint of the wrong kind for the route -> 400.
-
-Completions' ``logprobs`` (N) and ``echo`` follow OpenAI's legacy API: ``choices[i].logprobs`` is
-``{tokens, token_logprobs, top_logprobs, text_offset}``, one entry per token of the returned text
-(with ``echo``: the prompt's tokens first, the first one's logprob null), ``top_logprobs`` the N
-most likely tokens at each position plus the chosen one. The numbers are the fp32 log-softmax of
-the logits the server decodes with, before temperature / top-k / top-p (see ``engine.py``); this is
-what lm-evaluation-harness's ``local-completions`` model reads for loglikelihood tasks.
-
-Context: by default (as OpenAI) prompt + max_tokens must fit the model's context (block_size).
-With ``sliding_window`` only the prompt must; generation then continues past the context the way
-``fromzero generate`` does, each new token seeing the last block_size tokens.
-
-SIGTERM (uvicorn's graceful shutdown): stop accepting connections, finish the requests in
-flight, stop the worker, exit 0.
+Completions' ``logprobs`` and ``echo`` follow OpenAI's legacy API (what lm-evaluation-harness's
+``local-completions`` reads): fp32 log-softmax of the logits the server decodes with, before
+temperature / top-k / top-p. By default (as OpenAI) prompt + max_tokens must fit the context;
+with ``sliding_window`` only the prompt must (generation continues as ``fromzero generate``).
+SIGTERM finishes the requests in flight, stops the worker and exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import functools
 import json
 import logging
@@ -92,39 +72,23 @@ MAX_LOGPROBS = 20  # alternatives per token at most (vLLM's default cap; OpenAI'
 
 @dataclass
 class ServeConfig:
-    """Options of ``fromzero serve`` (each is a command-line flag of the same name)."""
+    """Options of ``fromzero serve``: each is the command-line flag of the same name."""
 
     checkpoint: str
-    """Checkpoint directory to serve."""
     host: str = "127.0.0.1"
-    """Address to listen on (0.0.0.0: every interface)."""
-    port: int = 8000
-    """TCP port (0: any free port; the chosen one is printed)."""
-    api_key: str | None = None
-    """Require ``Authorization: Bearer KEY`` on /v1/* (None: no key)."""
+    port: int = 8000  # 0: any free port (the chosen one is printed)
+    api_key: str | None = None  # require ``Authorization: Bearer KEY`` on /v1/* (None: no key)
     max_batch_size: int = 8
-    """Sequences decoded together at most."""
-    max_queue: int = 64
-    """Requests waiting for a batch slot at most; beyond it: 503 + Retry-After."""
-    max_tokens_cap: int = 0
-    """Largest max_tokens a request may ask for (0: the model's context length)."""
-    max_prompt_tokens: int = 0
-    """Longest prompt in tokens (0: the model's context length)."""
-    request_timeout: float = 60.0
-    """Seconds a request may take, queueing included; then 504 and its slot is freed."""
-    max_body_bytes: int = 1 << 20
-    """Largest request body; beyond it: 413."""
+    max_queue: int = 64  # requests waiting for a batch slot; beyond: 503 + Retry-After
+    max_tokens_cap: int = 0  # 0: the model's context length
+    max_prompt_tokens: int = 0  # 0: the model's context length
+    request_timeout: float = 60.0  # seconds, queueing included; then 504 and its slot is freed
+    max_body_bytes: int = 1 << 20  # beyond: 413
     device: str = "auto"
-    """auto | cpu | cuda | cuda:N | mps."""
-    sliding_window: bool = False
-    """Generate past the context (each token sees the last block_size tokens) instead of
-    requiring prompt + max_tokens to fit it."""
-    model_name: str = ""
-    """Model id clients use ('' : the checkpoint path as given)."""
-    chat_template: str | None = None
-    """A Jinja chat template file for /v1/chat/completions (None: the checkpoint's own)."""
-    log_level: str = "info"
-    """uvicorn log level: critical | error | warning | info | debug."""
+    sliding_window: bool = False  # generate past the context (else prompt + max_tokens must fit it)
+    model_name: str = ""  # the model id clients use ('': the checkpoint path as given)
+    chat_template: str | None = None  # a Jinja template file for chat (None: the checkpoint's own)
+    log_level: str = "info"  # uvicorn's
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -235,7 +199,7 @@ class ServingMiddleware:
                 await too_big.response()(scope, receive, send)  # not worth reading
                 return
             chunks, size, more = [], 0, True
-            while more:
+            while more and size <= 64 * limit:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return
@@ -243,20 +207,13 @@ class ServingMiddleware:
                 if size <= limit:
                     chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
-                if size > 64 * limit:
-                    break
             if size > limit:
                 await too_big.response()(scope, receive, send)
                 return
-            body = b"".join(chunks)
-            replayed = False
+            pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
             async def replay() -> dict:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+                return pending.pop() if pending else await receive()
 
             await self.app(scope, replay, send)
             return
@@ -473,18 +430,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_routes(app: FastAPI) -> None:
     state = app.state
 
-    def backend_for(kind: str, route: str, needs: str) -> Any:
+    def backend_for(kind: str, route: str, needs: str, requested: str | None) -> Any:
+        """The backend, if it is of ``kind`` and the request's model (if any) is the one served."""
         backend: Backend = state.backend
         if backend.kind != kind:
             raise APIError(400, f"{route} needs {needs}, but this server serves {backend.name!r}: "
                                 f"{backend.description}; its endpoints: {', '.join(backend.endpoints)}",
                            code="wrong_model_kind")
-        return backend
-
-    def check_model(requested: str | None) -> None:
-        if requested is not None and requested != state.backend.name:
-            raise APIError(404, f"model {requested!r} does not exist: this server serves {state.backend.name!r} "
+        if requested is not None and requested != backend.name:
+            raise APIError(404, f"model {requested!r} does not exist: this server serves {backend.name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
+        return backend
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -507,8 +463,8 @@ def _install_routes(app: FastAPI) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        gen: GeneratorBackend = backend_for("generate", "/v1/completions", "a GPT language model")
-        check_model(body.model)
+        gen: GeneratorBackend = backend_for("generate", "/v1/completions", "a GPT language model",
+                                            body.model)
         _refuse_unsupported(body)
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of is not supported (leave it out or equal to n)", param="best_of")
@@ -524,8 +480,8 @@ def _install_routes(app: FastAPI) -> None:
         prompts, texts = _completion_prompts(body.prompt, gen)
         stops = _stop_strings(body.stop)
         scores = {"logprobs": body.logprobs, "prompt_logprobs": body.logprobs if body.echo else None}
-        params = [dataclasses.replace(_sampling(body, len(ids), gen, state.config, DEFAULT_COMPLETION_TOKENS, stops,
-                                                body.max_tokens, j, allow_zero=body.echo), **scores)
+        params = [_sampling(body, len(ids), gen, state.config, body.max_tokens, stops, gen.stop_ids, j,
+                            default=DEFAULT_COMPLETION_TOKENS, allow_zero=body.echo, **scores)
                   for ids in prompts for j in range(body.n)]
         seeds = [ids for ids in prompts for _ in range(body.n)]
         echo = [texts[i // body.n] if body.echo else "" for i in range(len(seeds))]
@@ -534,8 +490,8 @@ def _install_routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        gen: GeneratorBackend = backend_for("generate", "/v1/chat/completions", "an instruction-tuned GPT")
-        check_model(body.model)
+        gen: GeneratorBackend = backend_for("generate", "/v1/chat/completions", "an instruction-tuned GPT",
+                                              body.model)
         _refuse_unsupported(body)
         if body.logprobs or body.top_logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
@@ -557,38 +513,34 @@ def _install_routes(app: FastAPI) -> None:
         stops = _stop_strings(body.stop)
         stops += tuple(s for s in gen.chat.stop_strings if s not in stops)  # a template's text turn end
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = [_sampling(body, len(ids), gen, state.config, None, stops, limit, j) for j in range(body.n)]
-        if not body.ignore_eos:  # end of text and the template's end-of-turn token
-            params = [dataclasses.replace(p, stop_ids=frozenset(gen.chat.stop_ids)) for p in params]
+        # stop tokens: end of text and the template's end-of-turn token
+        params = [_sampling(body, len(ids), gen, state.config, limit, stops, gen.chat.stop_ids, j)
+                  for j in range(body.n)]
         job = GenerationJob(state, [ids] * body.n, params, body.stream)
         return await _respond(job, request, body, "chat", [""] * body.n)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
-        emb: EmbeddingBackend = backend_for("embed", "/v1/embeddings", "a BERT encoder checkpoint")
-        check_model(body.model)
+        emb: EmbeddingBackend = backend_for("embed", "/v1/embeddings", "a BERT encoder checkpoint",
+                                            body.model)
         texts = _texts(body.input, "input")
         dim = emb.config.hidden_size
         if body.dimensions is not None and body.dimensions != dim:
             raise APIError(400, f"this model's embeddings have {dim} dimensions; dimensions={body.dimensions} "
                                 "is not supported", param="dimensions")
         vectors, n_tokens = await _encoder_call(state, emb.embed, texts)
-        data = []
-        for i, vector in enumerate(vectors):
-            if body.encoding_format == "base64":
-                import numpy as np
+        if body.encoding_format == "base64":
+            import numpy as np
 
-                value: Any = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-            else:
-                value = vector
-            data.append({"object": "embedding", "index": i, "embedding": value})
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": emb.name,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict[str, Any]:
-        clf: ClassifierBackend = backend_for("classify", "/v1/classify", "a text-classification checkpoint")
-        check_model(body.model)
+        clf: ClassifierBackend = backend_for("classify", "/v1/classify", "a text-classification checkpoint",
+                                                 body.model)
         texts = _texts(body.input, "input")
         results = await _encoder_call(state, clf.classify, texts)
         return {"object": "list", "model": clf.name,
@@ -607,13 +559,6 @@ def _refuse_unsupported(body: Any) -> None:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
 
 
-def _encode(gen: GeneratorBackend, text: str, param: str) -> list[int]:
-    try:
-        return gen.tokenizer.encode(text)
-    except FromzeroError as e:
-        raise APIError(400, f"{param}: {e}", param=param) from None
-
-
 def _completion_prompts(prompt: Any, gen: GeneratorBackend) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of every prompt of a completions request (str, [str], [int], [[int]])."""
     if isinstance(prompt, str):
@@ -627,13 +572,14 @@ def _completion_prompts(prompt: Any, gen: GeneratorBackend) -> tuple[list[list[i
     ids_list, texts = [], []
     for i, p in enumerate(prompt):
         where = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+        if not p:
+            raise APIError(400, f"{where} is empty", param="prompt")
         if isinstance(p, str):
-            if not p:
-                raise APIError(400, f"{where} is empty", param="prompt")
-            ids = _encode(gen, p, where)
+            try:
+                ids = gen.tokenizer.encode(p)
+            except FromzeroError as e:
+                raise APIError(400, f"{where}: {e}", param=where) from None
         else:
-            if not p:
-                raise APIError(400, f"{where} is empty", param="prompt")
             bad = [t for t in p if not 0 <= t < gen.vocab_size]
             if bad:
                 raise APIError(400, f"{where} has token id {bad[0]}, outside the vocabulary of {gen.vocab_size}",
@@ -657,15 +603,16 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _sampling(body: Any, prompt_len: int, gen: GeneratorBackend, config: ServeConfig, default: int | None,
-              stops: tuple[str, ...], requested: int | None, choice: int = 0,
-              allow_zero: bool = False) -> SamplingParams:
+def _sampling(body: Any, prompt_len: int, gen: GeneratorBackend, config: ServeConfig, requested: int | None,
+              stops: tuple[str, ...], stop_ids: Any, choice: int, default: int | None = None,
+              allow_zero: bool = False, **scores: int | None) -> SamplingParams:
     """The SamplingParams of one prompt, after checking the prompt and max_tokens limits.
 
     ``requested``: the request's max_tokens (None: ``default``, or with no default as many as
-    the context and the cap allow). ``choice``: which of the n choices (choice j of a seeded
-    request draws with seed + j, so the n choices differ and each is reproducible).
-    ``allow_zero``: max_tokens 0 is valid (completions with echo: score the prompt only)."""
+    the context and the cap allow). ``stop_ids``: unless the body says ignore_eos. ``choice``:
+    which of the n choices (choice j of a seeded request draws with seed + j, so the n choices
+    differ and each is reproducible). ``allow_zero``: max_tokens 0 is valid (completions with
+    echo: score the prompt only). ``scores``: logprobs / prompt_logprobs."""
     block = gen.block_size
     max_prompt = config.max_prompt_tokens or block
     if prompt_len > block:
@@ -700,16 +647,12 @@ def _sampling(body: Any, prompt_len: int, gen: GeneratorBackend, config: ServeCo
     return SamplingParams(
         max_tokens=limit, temperature=temperature, top_p=body.top_p, top_k=top_k,
         seed=None if body.seed is None else body.seed + choice, stop=stops,
-        stop_ids=frozenset() if body.ignore_eos else frozenset(gen.stop_ids),
+        stop_ids=frozenset() if body.ignore_eos else frozenset(stop_ids), **scores,
     )
 
 
 def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.text for part in content)
+    return content if isinstance(content, str) else "".join(part.text for part in content or ())
 
 
 def _texts(value: Any, param: str) -> list[str]:
@@ -831,13 +774,7 @@ def _completion_logprobs(seq: Sequence, tokenizer: Any, echo: str) -> dict[str, 
     """
     if seq.params.logprobs is None:
         return None
-    pieces: dict[int, str] = {}
-
-    def piece(token: int) -> str:
-        if token not in pieces:
-            pieces[token] = tokenizer.decode([token])
-        return pieces[token]
-
+    piece = functools.cache(lambda token: tokenizer.decode([token]))  # a token's text, decoded once
     entries, offsets = [], []
     if seq.prompt_logprobs is not None:
         entries += seq.prompt_logprobs

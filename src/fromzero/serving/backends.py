@@ -1,21 +1,11 @@
 """What a served checkpoint can do: load it once, then generate, embed or classify.
 
-A server serves one checkpoint; its kind decides the endpoints (:func:`load_backend`):
-
-=====================  ==========================================  ============================
-checkpoint             what it is                                  endpoints
-=====================  ==========================================  ============================
-fromzero-gpt + chat    a chat template: its own (chat_template     completions, chat/completions
-                       .jinja), an SFT run's, or --chat-template
-fromzero-gpt           pretrained language model                   completions
-text-classification    BERT classifier (fine-tuned)                classify
-fromzero-bert          encoder (e.g. converted all-MiniLM-L6-v2)   embeddings
-=====================  ==========================================  ============================
-
-Chat renders messages with :func:`fromzero.inference.chat.load_chat_format` (as ``fromzero chat``
-and ``generate --chat`` do): the ``--chat-template`` file, else the checkpoint's own Jinja template,
-else its SFT template. A plain pretrained GPT has none, so chat is refused for it (HTTP 400 saying
-so) rather than guessing a format the model never saw.
+A server serves one checkpoint; its kind decides the endpoints (:func:`load_backend`): a GPT
+serves completions, and chat too when it has a chat template (its own, an SFT run's, or
+``--chat-template``); a BERT text classifier serves classify; another BERT encoder, embeddings.
+Chat renders messages as ``fromzero chat`` does (:func:`fromzero.inference.chat.load_chat_format`);
+a plain pretrained GPT has no template, so chat is refused for it (HTTP 400 saying so) rather
+than guessing a format the model never saw.
 """
 
 from __future__ import annotations
@@ -103,8 +93,7 @@ def load_backend(checkpoint: str | Path, device: torch.device, name: str = "",
 
     ``chat_template``: a Jinja chat template file for /v1/chat/completions (default: the
     checkpoint's own)."""
-    from fromzero.checkpoint import checkpoint_info
-    from fromzero.checkpoint import CONFIG_FILE, read_json
+    from fromzero.checkpoint import CONFIG_FILE, checkpoint_info, read_json
 
     directory = Path(checkpoint)
     info = checkpoint_info(directory)  # raises for a missing directory / config.json

@@ -1,37 +1,19 @@
 """The generation scheduler: one background thread decodes every running request as one batch.
 
 Requests (:class:`Sequence`) enter a bounded waiting queue (:meth:`GenerationEngine.submit`
-raises :class:`QueueFull` instead of growing a backlog). One worker thread loops:
+raises :class:`QueueFull` rather than grow a backlog). The worker loops: **admit** waiting
+sequences into free rows of a :class:`~fromzero.models.layers.RaggedKVCache` (each prompt
+prefilled alone into its row, its first token sampled); **decode** one token for every running
+row in one forward pass, each at its own position; **retire** finished, cancelled and timed-out
+sequences, whose rows are free for the next step (continuous batching). Past the context (only
+with ``sliding_window``) a sequence continues as ``GPT.generate`` does: each step recomputes its
+last ``block_size`` tokens without a cache.
 
-1. **admit** waiting sequences while the batch has free rows (``max_batch_size``): each new
-   prompt is prefilled with the ordinary one-sequence path, writing its keys and values straight
-   into its own row of a :class:`~fromzero.models.layers.RaggedKVCache`, and its first token is
-   sampled;
-2. **decode** one token for every running sequence in one forward pass: rows of different lengths
-   each continue at their own positions (``GPT.forward`` with the ragged cache);
-3. **retire** sequences that finished (a stop token or stop string, ``max_tokens``), were
-   cancelled (client gone, per-request timeout) or ran out of time; their rows are freed at once,
-   so a new request joins the batch on the next step (continuous batching).
-
-Sequences longer than the model's context (only with ``sliding_window``) continue exactly as
-``GPT.generate`` does: from then on each step recomputes the last ``block_size`` tokens without a
-cache (those rows are batched together too: they all have exactly ``block_size`` tokens).
-
-Log-probabilities (``SamplingParams.logprobs`` / ``prompt_logprobs``, what ``/v1/completions``
-returns for ``logprobs`` and ``echo``) are the fp32 ``log_softmax`` of the very logits the worker
-samples from: the prompt's come from its prefill (one sequence, so a batch cannot change them), each
-generated token's from the decoding step that produced it. ``max_tokens=0`` scores the prompt and
-generates nothing.
-
-Greedy decoding of a prompt gives the same tokens in a batch as alone (the attention mask hides
-other rows and stale cache columns; only float rounding of the batched matmuls differs). Each
-sampled sequence draws from its own ``torch.Generator`` (seeded by the request's ``seed``), so a
-seeded request gives the same text however it was batched.
-
-The worker emits :class:`Event`\\ s through each sequence's ``on_event`` callback (called on the
-worker thread; the HTTP layer hops them onto its event loop): text deltas as they become final
-(text that may still turn out to begin a stop string is held back), then one event with the
-finish reason.
+Log-probabilities are the fp32 ``log_softmax`` of the very logits the worker samples from (a
+prompt's from its lone prefill, so batching cannot change them). Greedy decoding gives the same
+tokens batched as alone (up to float rounding); each sampled sequence draws from its own seeded
+``torch.Generator``. Events go out through each sequence's ``on_event`` (on the worker thread):
+text deltas once final (text that may begin a stop string is held back), then the finish reason.
 """
 
 from __future__ import annotations
@@ -46,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from fromzero.inference.chat import _first_stop, _holdback  # stop strings as `fromzero chat` cuts them
+from fromzero.inference.chat import _settle  # stop strings as `fromzero chat` cuts them
 from fromzero.models.gpt import GPT, sample_next_token
 
 log = logging.getLogger("fromzero.serving")
@@ -67,20 +49,13 @@ class QueueFull(Exception):
 class SamplingParams:
     """How one sequence is decoded."""
 
-    max_tokens: int
-    """Most tokens to generate (a stop token counts)."""
-    temperature: float = 1.0
-    """0 = greedy (argmax)."""
+    max_tokens: int  # a stop token counts
+    temperature: float = 1.0  # 0 = greedy (argmax)
     top_p: float | None = None
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int | None = None
-    """Keep only the k most likely tokens (None: all)."""
-    seed: int | None = None
-    """Seed of this sequence's own random generator (None: a random one)."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: the text ends before the first occurrence of any (not included)."""
-    stop_ids: frozenset[int] = frozenset()
-    """Token ids that end the text (an end-of-text token; not included in the text)."""
+    seed: int | None = None  # of this sequence's own random generator (None: a random one)
+    stop: tuple[str, ...] = ()  # the text ends before the first occurrence of any (not included)
+    stop_ids: frozenset[int] = frozenset()  # token ids that end the text (not included in it)
     logprobs: int | None = None
     """Record each generated token's log-probability and this many most likely alternatives
     (None: record nothing; 0: the token's own only). Of the model's distribution, before
@@ -96,24 +71,18 @@ class TokenLogprob:
     """One token of a sequence with its log-probability (fp32 log-softmax of the model's logits)."""
 
     token: int
-    logprob: float | None
-    """log p(token | the tokens before it); None for a prompt's first token (nothing before it)."""
-    top: tuple[tuple[int, float], ...] = ()
-    """The most likely tokens at this position, most likely first, as (token id, logprob)."""
+    logprob: float | None  # log p(token | the tokens before it); None for a prompt's first token
+    top: tuple[tuple[int, float], ...] = ()  # the most likely (token id, logprob) here, most likely first
 
 
 @dataclass
 class Event:
     """What the worker tells a request: new text, and at the end why it finished."""
 
-    text: str = ""
-    """Newly final text since the previous event."""
-    finish_reason: str | None = None
-    """None while running; stop | length when done; error | timeout | shutdown when dropped."""
-    completion_tokens: int = 0
-    """Tokens generated so far."""
-    error: str | None = None
-    """For finish_reason error/timeout/shutdown: what went wrong."""
+    text: str = ""  # newly final text since the previous event
+    finish_reason: str | None = None  # stop | length when done; error | timeout | shutdown when dropped
+    completion_tokens: int = 0  # tokens generated so far
+    error: str | None = None  # for error / timeout / shutdown: what went wrong
 
 
 class Sequence:
@@ -125,15 +94,9 @@ class Sequence:
     its own too, e.g. when the request handler is gone.
     """
 
-    def __init__(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        on_event: Callable[[Event], Any],
-        decode: Callable[[list[int]], str],
-        deadline: float | None = None,
-        stream: bool = True,
-    ) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], Any],
+                 decode: Callable[[list[int]], str], deadline: float | None = None,
+                 stream: bool = True) -> None:
         if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.prompt_ids = list(prompt_ids)
@@ -193,20 +156,12 @@ class Sequence:
             if self.n_generated >= self.params.max_tokens:
                 self._finish("length")
             return
-        text = self.decode(self.tokens)
-        cut = _first_stop(text, self.params.stop)
-        if cut is not None:
-            self.text = text[:cut]
-            self._finish("stop", decoded=True)
-        elif self.n_generated >= self.params.max_tokens:
-            self.text = text
-            self._finish("length", decoded=True)
-        else:
-            self.text = text
-            safe = len(text) - _holdback(text, self.params.stop)
-            if self.stream and safe > self.sent:
-                delta, self.sent = text[self.sent : safe], safe
-                self._emit(Event(delta, None, self.n_generated))
+        self.text, final, stopped = _settle(self.decode(self.tokens), self.params.stop)
+        if stopped or self.n_generated >= self.params.max_tokens:
+            self._finish("stop" if stopped else "length", decoded=True)
+        elif self.stream and final > self.sent:
+            delta, self.sent = self.text[self.sent : final], final
+            self._emit(Event(delta, None, self.n_generated))
 
     def _finish(self, reason: str, decoded: bool = False) -> None:
         if not decoded:
@@ -232,22 +187,14 @@ class EngineStats:
 class GenerationEngine:
     """Batches concurrent generation requests for one GPT on one background thread."""
 
-    def __init__(
-        self,
-        model: GPT,
-        *,
-        max_batch_size: int = 8,
-        max_queue: int = 64,
-        sliding_window: bool = False,
-        stats: EngineStats | None = None,
-    ) -> None:
+    def __init__(self, model: GPT, *, max_batch_size: int = 8, max_queue: int = 64,
+                 sliding_window: bool = False, stats: EngineStats | None = None) -> None:
         if max_batch_size <= 0 or max_queue < 0:
             raise ValueError("max_batch_size must be positive and max_queue >= 0")
         self.model = model.eval()
         self.device = model.transformer.ln_f.weight.device  # (wte may be a quantized tensor)
         if self.device.type == "cpu":
-            # fp32 one-token steps of 1 or 8 rows read column-major weights faster on CPU (SmolLM2
-            # on a 2-core Xeon: 46 vs 51 ms per step for 1 row, 100 vs 122 ms for 8; see
+            # fp32 one-token steps of 1 or 8 rows read column-major weights faster on CPU (see
             # GPT.use_decode_layout).
             model.use_decode_layout(True)
         self.block_size = model.config.block_size

@@ -1,17 +1,4 @@
-"""Prometheus metrics of one server (GET /metrics), in a registry of its own.
-
-==========================================  =========  ===============================================
-metric                                      type       meaning
-==========================================  =========  ===============================================
-fromzero_requests_total{route,status}       counter    HTTP requests by route and status code
-fromzero_request_latency_seconds{route}     histogram  time to the end of the response (streams too)
-fromzero_generated_tokens_total             counter    tokens generated
-fromzero_prompt_tokens_total                counter    prompt tokens accepted for generation
-fromzero_batch_size                         histogram  sequences decoded together per decoding step
-fromzero_queue_depth                        gauge      requests waiting for a batch slot
-fromzero_running_sequences                  gauge      sequences being generated
-fromzero_rejected_requests_total{reason}    counter    queue_full (503), timeout (504)
-==========================================  =========  ===============================================
+"""Prometheus metrics of one server (GET /metrics), in a registry of its own (:class:`ServerMetrics`).
 
 Routes outside the API are counted under ``route="other"`` (so unknown paths cannot blow up the
 number of series).

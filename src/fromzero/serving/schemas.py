@@ -2,12 +2,9 @@
 
 Every model forbids unknown fields (as OpenAI does: a misspelt ``max_token`` is an error that
 names it, not a silently ignored option) and checks types strictly (``"5"`` is not an integer).
-OpenAI fields that fromzero does not implement are accepted only at their neutral value
-(chat ``logprobs`` off, penalties 0, no ``logit_bias``); anything else is a 400 that says so (see
-``app.py``). Completions implement ``logprobs`` and ``echo`` as OpenAI's legacy API does (what
-lm-evaluation-harness's ``local-completions`` model uses to score answers). Extras, as in vLLM: ``top_k`` and ``ignore_eos``.
-
-Responses are plain dicts built in ``app.py`` (the shapes of OpenAI's API reference).
+OpenAI fields that fromzero does not implement are accepted only at their neutral value (``app.py``
+answers anything else with a 400 that says so). Extras, as in vLLM: ``top_k`` and ``ignore_eos``.
+Responses are plain dicts built in ``app.py``.
 """
 
 from __future__ import annotations
@@ -31,8 +28,7 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
-    """Send a last chunk with token usage (and no choices) before ``data: [DONE]``."""
+    include_usage: bool = False  # a last chunk with token usage (and no choices) before ``data: [DONE]``
 
 
 Stop = Union[str, list[str], None]
@@ -42,31 +38,21 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 class _Sampling(_Body):
     """Fields shared by completions and chat completions."""
 
-    model: str | None = None
-    """The served model's id (GET /v1/models); optional, since one server serves one model."""
-    max_tokens: int | None = None
-    """Tokens to generate at most (default: completions 16; chat as many as fit the context)."""
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    """Sampling temperature, 0 = greedy; default 1."""
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    """Nucleus sampling; default 1 (off)."""
-    top_k: int | None = Field(default=None, ge=-1)
-    """Sample among the k most likely tokens only; 0 or -1 = off (extra, as in vLLM)."""
-    n: int = Field(default=1, ge=1, le=16)
-    """Completions per prompt."""
-    stream: bool = False
-    """Send server-sent events as tokens are generated."""
+    model: str | None = None  # optional: one server serves one model
+    max_tokens: int | None = None  # default: completions 16; chat as many as fit the context
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # 0 = greedy; default 1
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)  # default 1 (off)
+    top_k: int | None = Field(default=None, ge=-1)  # 0 or -1 = off
+    n: int = Field(default=1, ge=1, le=16)  # completions per prompt
+    stream: bool = False  # server-sent events as tokens are generated
     stream_options: StreamOptions | None = None
-    stop: Stop = None
-    """Up to 4 strings that end the text (not included in it)."""
-    seed: int | None = None
-    """Same seed, same text (also when batched with other requests)."""
+    stop: Stop = None  # up to 4 strings that end the text (not included in it)
+    seed: int | None = None  # same seed, same text (also when batched with other requests)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    ignore_eos: bool = False
-    """Do not stop at the end-of-text token (extra, as in vLLM; for benchmarks)."""
+    ignore_eos: bool = False  # do not stop at the end-of-text token (for benchmarks)
 
 
 class CompletionRequest(_Sampling):
@@ -100,10 +86,8 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage]
-    """At least one (an empty list is a 400, as OpenAI answers it)."""
-    max_completion_tokens: int | None = None
-    """Newer name of max_tokens (give one of them)."""
+    messages: list[ChatMessage]  # at least one (an empty list is a 400, as OpenAI answers it)
+    max_completion_tokens: int | None = None  # newer name of max_tokens (give one of them)
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
