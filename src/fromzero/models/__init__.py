@@ -7,7 +7,7 @@ modules, kept next to the model instead of in every consumer (:func:`family_fact
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -45,6 +45,20 @@ class FamilyFacts:
     """(layers in order, modules after the last one): what ``unfreeze_top`` unfreezes from the top."""
     head_modules: Callable[[Any], list] = lambda model: []
     """The task head: what a frozen fine-tune trains."""
+
+
+class ConfigDict:
+    """``to_dict`` / ``from_dict`` of a family's config dataclass: config.json holds its fields and
+    ``model_type`` (the class's MODEL_TYPE); reading ignores keys that are not fields."""
+
+    MODEL_TYPE = ""
+
+    def to_dict(self) -> dict:
+        return {"model_type": self.MODEL_TYPE, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Any:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def family_facts(model_or_type: Any) -> FamilyFacts:

@@ -14,14 +14,7 @@ token. On top sit optional pieces:
       tied to the word embedding plus a per-token bias (HF BertForMaskedLM);
     - ``"none"``: the last hidden states themselves.
 
-Parameter names map one to one onto Hugging Face's (see ``convert_bert.HF_NAMES``)::
-
-    embeddings.word / position / token_type / norm  <- embeddings.{word,position,token_type}_embeddings, LayerNorm
-    layers.{i}.attn.query / key / value / out       <- encoder.layer.{i}.attention.self.* / .output.dense
-    layers.{i}.attn_norm                            <- encoder.layer.{i}.attention.output.LayerNorm
-    layers.{i}.mlp.fc / proj                        <- encoder.layer.{i}.intermediate.dense / output.dense
-    layers.{i}.mlp_norm                             <- encoder.layer.{i}.output.LayerNorm
-    pooler.dense, classifier, mlm_head.*            <- pooler.dense, classifier, cls.predictions.*
+Parameter names map one to one onto Hugging Face's (see ``convert_bert.HF_NAMES``).
 
 Try it::
 
@@ -43,7 +36,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromzero.errors import FromzeroError, first_line
-from fromzero.models import FamilyFacts
-from fromzero.models.layers import HF_ACTIVATIONS, attention
+from fromzero.models import ConfigDict, FamilyFacts
+from fromzero.models.layers import HF_ACTIVATIONS, attention, init_normal
 
 HEADS = ("embedding", "classification", "mlm", "none")
 POOLINGS = ("mean", "cls")
@@ -62,12 +55,14 @@ ACTIVATIONS = tuple(HF_ACTIVATIONS)
 
 
 @dataclass
-class BertConfig:
+class BertConfig(ConfigDict):
     """Architecture of a BERT encoder: everything needed to rebuild it (saved as config.json).
 
     The first block of fields has Hugging Face's names and meanings (so a HF ``config.json`` reads
     across); the rest choose what sits on top of the encoder.
     """
+
+    MODEL_TYPE = "fromzero-bert"
 
     vocab_size: int = 30522
     """Number of token ids."""
@@ -164,22 +159,10 @@ class BertConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def to_dict(self) -> dict:
-        d = {"model_type": "fromzero-bert", **asdict(self)}
+        d = super().to_dict()
         if not d["head_dim"]:
             del d["head_dim"]  # the default: config.json stays as it was (and as HF's BERT has it)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        fields = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in fields})
-
-
-def activation(name: str):
-    """The feed-forward non-linearity named by a HF ``hidden_act``."""
-    if name not in HF_ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
-    return HF_ACTIVATIONS[name]
 
 
 class BertEmbeddings(nn.Module):
@@ -256,10 +239,8 @@ class SelfAttention(nn.Module):
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         return F.linear(x, weight, bias).chunk(3, dim=-1)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
-        first_query_only: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
+                first_query_only: bool = False) -> torch.Tensor:
         """x: (B, T, C), or (N, C) real tokens only when ``packing`` says where they sit.
 
         mask: (B, 1, 1, T) bool, True = may be attended to (None = all).
@@ -289,7 +270,7 @@ class FeedForward(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = activation(config.hidden_act)
+        self.act = HF_ACTIVATIONS[config.hidden_act]
         self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,10 +288,8 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
-        first_token_only: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
+                first_token_only: bool = False) -> torch.Tensor:
         """x (B, T, C) or packed (N, C) -> the same shape; (B, 1, C) with ``first_token_only``."""
         # BERT normalises *after* adding the branch (post-LN): the residual stream is renormalised
         # twice per layer, which is why BERT needs warmup where pre-LN GPTs need less.
@@ -343,7 +322,7 @@ class MaskedLMHead(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.act = activation(config.hidden_act)
+        self.act = HF_ACTIVATIONS[config.hidden_act]
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
 
@@ -382,26 +361,11 @@ class Bert(nn.Module):
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         elif config.head == "mlm":
             self.mlm_head = MaskedLMHead(config)
-        self.apply(self._init_weights)
+        self.apply(lambda module: init_normal(module, config.initializer_range))
         if self.mlm_head is not None:
             # Weight tying: predicting a token reuses its input embedding (BERT does this; the
             # checkpoint stores the matrix once).
             self.mlm_head.decoder.weight = self.embeddings.word.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
         """Parameter count (the tied MLM decoder counted once)."""
@@ -409,15 +373,9 @@ class Bert(nn.Module):
 
     # -- the encoder ---------------------------------------------------------------------------
 
-    def encode(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        skip_padding: bool = False,
-        first_token_only: bool = False,
-        layers: nn.ModuleList | None = None,
-    ) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None, skip_padding: bool = False,
+               first_token_only: bool = False, layers: nn.ModuleList | None = None) -> torch.Tensor:
         """Last hidden states (B, T, C) of ``input_ids`` (B, T).
 
         attention_mask: (B, T), 1 for real tokens, 0 for padding (on the right); None = no padding.
@@ -474,9 +432,8 @@ class Bert(nn.Module):
             raise ValueError("this model has no pooler (config.pooler is false)")
         return self.pooler(hidden)
 
-    def sentence_embedding(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, normalize: bool | None = None
-    ) -> torch.Tensor:
+    def sentence_embedding(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                           normalize: bool | None = None) -> torch.Tensor:
         """Sentence vectors (B, C), fp32: mean over the mask or the [CLS] state, optionally L2-normalised."""
         if self.config.pooling == "cls":
             emb = hidden[:, 0].float()
@@ -488,13 +445,9 @@ class Bert(nn.Module):
 
     # -- heads ---------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The head's output and, given ``labels``, its loss.
 
         head embedding:      (B, C) sentence vectors (no loss)
@@ -581,13 +534,8 @@ def load_encoder_tokenizer(directory: Path, config: BertConfig):
 
 
 @torch.inference_mode()
-def embed_checkpoint(
-    directory: Path,
-    texts: list[str],
-    normalize: bool = True,
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
-) -> list[list[float]]:
+def embed_checkpoint(directory: Path, texts: list[str], normalize: bool = True, batch_size: int = 32,
+                     device: torch.device | str = "cpu") -> list[list[float]]:
     """Sentence embeddings of ``texts`` from an encoder checkpoint, in input order.
 
     Mean-pooled over the attention mask (or the [CLS] state if the checkpoint's config says

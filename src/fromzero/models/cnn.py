@@ -26,7 +26,7 @@ Shapes: B = batch, Ch = channels, H x W = image size, K = num_classes.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromzero.errors import FromzeroError, first_line
-from fromzero.models import FamilyFacts
+from fromzero.models import ConfigDict, FamilyFacts
 
 # ResNets that build_cnn offers: torchvision builder name == arch name.
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -79,8 +79,10 @@ class SimpleCNN(nn.Module):
 
 
 @dataclass
-class CNNConfig:
+class CNNConfig(ConfigDict):
     """A CNN checkpoint's architecture (its config.json): which network, how many classes."""
+
+    MODEL_TYPE = "fromzero-cnn"
 
     arch: str = "simple"
     """Network: "simple" or a torchvision ResNet ("resnet18", "resnet34", "resnet50", ...)."""
@@ -99,14 +101,6 @@ class CNNConfig:
             raise ValueError(
                 f"model.labels has {len(self.labels)} names but model.num_classes is {self.num_classes}"
             )
-
-    def to_dict(self) -> dict:
-        return {"model_type": "fromzero-cnn", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CNNConfig":
-        fields = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in fields})
 
 
 def _check_positive(**values: int) -> None:
@@ -135,10 +129,6 @@ def _fresh(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
-def _input_conv(model: nn.Module) -> nn.Conv2d:
-    return model.conv1  # both SimpleCNN and torchvision ResNets call it conv1
-
-
 def _head_name(model: nn.Module) -> str:
     return "fc2" if isinstance(model, SimpleCNN) else "fc"
 
@@ -164,7 +154,7 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     RGB filters are repeated cyclically and scaled by 3 / in_channels, keeping activations at
     the scale the rest of the network was trained with (as timm does).
     """
-    old = _input_conv(model)
+    old = model.conv1  # both SimpleCNN and torchvision ResNets call it conv1
     if old.in_channels == in_channels:
         return model
     new = nn.Conv2d(in_channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
@@ -256,22 +246,9 @@ def _read_local(path: Path) -> dict[str, torch.Tensor]:
         path = path / "model.safetensors"
     if not path.is_file():
         raise FromzeroError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    from fromzero.models.hf import _load_bin, _load_safetensors
 
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FromzeroError(f"cannot read weights {path}: {first_line(e)}") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - corrupt file, or a pickle that is not plain weights
-            raise FromzeroError(
-                f"cannot read weights {path} (loaded with weights_only=True): {first_line(e)}"
-            ) from None
-    return _plain_state(state, str(path))
+    return _plain_state((_load_safetensors if path.suffix == ".safetensors" else _load_bin)(path), str(path))
 
 
 def _plain_state(state: object, source: str) -> dict[str, torch.Tensor]:
@@ -286,7 +263,6 @@ def _plain_state(state: object, source: str) -> dict[str, torch.Tensor]:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
-
 
 
 def _download(arch: str, name: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -357,7 +333,7 @@ def _cnn_layers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
 
 def _cnn_head(model: nn.Module) -> list[nn.Module]:
     """The last Linear layer, the one replaced for new classes: fc2 (simple CNN) or fc (ResNet)."""
-    head = getattr(model, "fc2" if isinstance(model, SimpleCNN) else "fc", None)
+    head = getattr(model, _head_name(model), None)
     return [head] if isinstance(head, nn.Linear) else []
 
 

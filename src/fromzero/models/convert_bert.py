@@ -30,38 +30,34 @@ from fromzero.models.hf import check_keys
 HF_MODEL_TYPES = ("bert",)
 FROMZERO_MODEL_TYPE = "fromzero-bert"
 
+
+def _weight_and_bias(*modules: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple((f"{fz}.{kind}", f"{hf}.{kind}") for fz, hf in modules for kind in ("weight", "bias"))
+
+
 # fromzero name <-> HF BertModel name ("{i}" = layer index). Heads are outside BertModel.
 HF_NAMES: tuple[tuple[str, str], ...] = (
     ("embeddings.word.weight", "embeddings.word_embeddings.weight"),
     ("embeddings.position.weight", "embeddings.position_embeddings.weight"),
     ("embeddings.token_type.weight", "embeddings.token_type_embeddings.weight"),
-    ("embeddings.norm.weight", "embeddings.LayerNorm.weight"),
-    ("embeddings.norm.bias", "embeddings.LayerNorm.bias"),
-    ("layers.{i}.attn.query.weight", "encoder.layer.{i}.attention.self.query.weight"),
-    ("layers.{i}.attn.query.bias", "encoder.layer.{i}.attention.self.query.bias"),
-    ("layers.{i}.attn.key.weight", "encoder.layer.{i}.attention.self.key.weight"),
-    ("layers.{i}.attn.key.bias", "encoder.layer.{i}.attention.self.key.bias"),
-    ("layers.{i}.attn.value.weight", "encoder.layer.{i}.attention.self.value.weight"),
-    ("layers.{i}.attn.value.bias", "encoder.layer.{i}.attention.self.value.bias"),
-    ("layers.{i}.attn.out.weight", "encoder.layer.{i}.attention.output.dense.weight"),
-    ("layers.{i}.attn.out.bias", "encoder.layer.{i}.attention.output.dense.bias"),
-    ("layers.{i}.attn_norm.weight", "encoder.layer.{i}.attention.output.LayerNorm.weight"),
-    ("layers.{i}.attn_norm.bias", "encoder.layer.{i}.attention.output.LayerNorm.bias"),
-    ("layers.{i}.mlp.fc.weight", "encoder.layer.{i}.intermediate.dense.weight"),
-    ("layers.{i}.mlp.fc.bias", "encoder.layer.{i}.intermediate.dense.bias"),
-    ("layers.{i}.mlp.proj.weight", "encoder.layer.{i}.output.dense.weight"),
-    ("layers.{i}.mlp.proj.bias", "encoder.layer.{i}.output.dense.bias"),
-    ("layers.{i}.mlp_norm.weight", "encoder.layer.{i}.output.LayerNorm.weight"),
-    ("layers.{i}.mlp_norm.bias", "encoder.layer.{i}.output.LayerNorm.bias"),
+    *_weight_and_bias(
+        ("embeddings.norm", "embeddings.LayerNorm"),
+        ("layers.{i}.attn.query", "encoder.layer.{i}.attention.self.query"),
+        ("layers.{i}.attn.key", "encoder.layer.{i}.attention.self.key"),
+        ("layers.{i}.attn.value", "encoder.layer.{i}.attention.self.value"),
+        ("layers.{i}.attn.out", "encoder.layer.{i}.attention.output.dense"),
+        ("layers.{i}.attn_norm", "encoder.layer.{i}.attention.output.LayerNorm"),
+        ("layers.{i}.mlp.fc", "encoder.layer.{i}.intermediate.dense"),
+        ("layers.{i}.mlp.proj", "encoder.layer.{i}.output.dense"),
+        ("layers.{i}.mlp_norm", "encoder.layer.{i}.output.LayerNorm"),
+    ),
 )
-POOLER_NAMES = (("pooler.dense.weight", "pooler.dense.weight"), ("pooler.dense.bias", "pooler.dense.bias"))
+POOLER_NAMES = _weight_and_bias(("pooler.dense", "pooler.dense"))
 # Head names are given as the full HF key (outside the "bert." base model).
-CLASSIFIER_NAMES = (("classifier.weight", "classifier.weight"), ("classifier.bias", "classifier.bias"))
+CLASSIFIER_NAMES = _weight_and_bias(("classifier", "classifier"))
 MLM_NAMES = (
-    ("mlm_head.dense.weight", "cls.predictions.transform.dense.weight"),
-    ("mlm_head.dense.bias", "cls.predictions.transform.dense.bias"),
-    ("mlm_head.norm.weight", "cls.predictions.transform.LayerNorm.weight"),
-    ("mlm_head.norm.bias", "cls.predictions.transform.LayerNorm.bias"),
+    *_weight_and_bias(("mlm_head.dense", "cls.predictions.transform.dense"),
+                      ("mlm_head.norm", "cls.predictions.transform.LayerNorm")),
     ("mlm_head.decoder.bias", "cls.predictions.bias"),  # decoder.weight is the word embedding
 )
 

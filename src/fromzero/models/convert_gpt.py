@@ -84,6 +84,15 @@ _SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Key under which a converted config.json keeps the HF special token ids (for the way back).
 SPECIAL_TOKENS_KEY = "hf_special_tokens"
 
+# Modules of our LLaMA-style block -> the HF modules they hold (q/k/v and gate/up are fused in ours,
+# their rows stacked in this order).
+_LLAMA_MODULES: dict[str, tuple[str, ...]] = {
+    "ln_1": ("input_layernorm",), "ln_2": ("post_attention_layernorm",),
+    "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.c_proj": ("self_attn.o_proj",),
+    "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"), "mlp.c_proj": ("mlp.down_proj",),
+}
+
 # Buffers that some HF versions saved with the weights: never parameters, dropped on reading.
 _IGNORED_HF_KEYS = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
 
@@ -124,9 +133,7 @@ class _Config:
     def activation(self, key: str) -> str:
         name = self.d.get(key)
         if name not in _HF_ACTIVATIONS:
-            raise self.fail(
-                f"unsupported {key} {name!r} (supported: {', '.join(sorted(_HF_ACTIVATIONS))})"
-            )
+            raise self.fail(f"unsupported {key} {name!r} (supported: {', '.join(sorted(_HF_ACTIVATIONS))})")
         return _HF_ACTIVATIONS[name]
 
     def special_tokens(self) -> dict:
@@ -343,27 +350,14 @@ def _llama_from_hf(cfg: _Config, hf_state: dict[str, Tensor]) -> tuple[dict, dic
         raise cfg.fail("tie_word_embeddings is false but the weights have no lm_head (a base model)")
     _check(cfg, state, shapes, optional)
 
-    def w(name: str) -> Tensor:
-        return state[prefix + name]
-
-    out: dict[str, Tensor] = {"transformer.wte.weight": w("embed_tokens.weight"),
-                              "transformer.ln_f.weight": w("norm.weight")}
+    out: dict[str, Tensor] = {"transformer.wte.weight": state[prefix + "embed_tokens.weight"],
+                              "transformer.ln_f.weight": state[prefix + "norm.weight"]}
     for i in range(L):
-        src, dst = f"layers.{i}.", f"transformer.h.{i}."
-        out[dst + "ln_1.weight"] = w(src + "input_layernorm.weight")
-        out[dst + "ln_2.weight"] = w(src + "post_attention_layernorm.weight")
-        qkv = [f"{src}self_attn.{n}_proj" for n in "qkv"]
-        out[dst + "attn.c_attn.weight"] = torch.cat([w(n + ".weight") for n in qkv])
-        if bias or qkv_bias:
-            out[dst + "attn.c_attn.bias"] = torch.cat([w(n + ".bias") for n in qkv])
-        out[dst + "attn.c_proj.weight"] = w(src + "self_attn.o_proj.weight")
-        gate_up = [f"{src}mlp.gate_proj", f"{src}mlp.up_proj"]
-        out[dst + "mlp.c_fc.weight"] = torch.cat([w(n + ".weight") for n in gate_up])
-        out[dst + "mlp.c_proj.weight"] = w(src + "mlp.down_proj.weight")
-        if bias:
-            out[dst + "attn.c_proj.bias"] = w(src + "self_attn.o_proj.bias")
-            out[dst + "mlp.c_fc.bias"] = torch.cat([w(n + ".bias") for n in gate_up])
-            out[dst + "mlp.c_proj.bias"] = w(src + "mlp.down_proj.bias")
+        for ours, theirs in _LLAMA_MODULES.items():
+            for kind in ("weight", "bias"):  # the tensors present are the expected ones (checked above)
+                parts = [state.get(f"{prefix}layers.{i}.{name}.{kind}") for name in theirs]
+                if parts[0] is not None:
+                    out[f"transformer.h.{i}.{ours}.{kind}"] = torch.cat(parts) if len(parts) > 1 else parts[0]
     if not tied:
         out["lm_head.weight"] = state["lm_head.weight"]
     return {**config.to_dict(), **cfg.special_tokens()}, out
@@ -477,26 +471,23 @@ def _llama_to_hf(cfg: GPTConfig, state: dict[str, Tensor], special: dict) -> tup
 
     out = {"model.embed_tokens.weight": state["transformer.wte.weight"].clone(),
            "model.norm.weight": state["transformer.ln_f.weight"].clone()}
+    rows = _llama_rows(cfg)
     for i in range(cfg.n_layer):
-        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = state[src + "ln_1.weight"].clone()
-        out[dst + "post_attention_layernorm.weight"] = state[src + "ln_2.weight"].clone()
-        for kind in ("weight", "bias"):
-            qkv = state.get(f"{src}attn.c_attn.{kind}")
-            if qkv is not None:
-                for name, part in zip("qkv", qkv.split((H * D, G * D, G * D))):
-                    out[f"{dst}self_attn.{name}_proj.{kind}"] = part.clone()
-            gate_up = state.get(f"{src}mlp.c_fc.{kind}")
-            if gate_up is not None:
-                gate, up = gate_up.split(I)
-                out[f"{dst}mlp.gate_proj.{kind}"], out[f"{dst}mlp.up_proj.{kind}"] = gate.clone(), up.clone()
-            for ours, theirs in (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_proj", "mlp.down_proj")):
-                t = state.get(f"{src}{ours}.{kind}")
+        for ours, theirs in _LLAMA_MODULES.items():
+            for kind in ("weight", "bias"):
+                t = state.get(f"transformer.h.{i}.{ours}.{kind}")
                 if t is not None:
-                    out[f"{dst}{theirs}.{kind}"] = t.clone()
+                    for name, part in zip(theirs, t.split(rows[ours]) if ours in rows else (t,)):
+                        out[f"model.layers.{i}.{name}.{kind}"] = part.clone()
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"].clone()
     return hf_config, out
+
+
+def _llama_rows(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Output rows of each HF module in our fused ones (see _LLAMA_MODULES)."""
+    H, G, D, I = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.intermediate_size or 4 * cfg.n_embd
+    return {"attn.c_attn": (H * D, G * D, G * D), "mlp.c_fc": (I, I)}
 
 
 def _dtype_name(state: dict[str, Tensor]) -> str:
@@ -521,17 +512,10 @@ def hf_module_names(config: dict) -> tuple[dict[str, Any], dict]:
         return names, {"fan_in_fan_out": True}
     if (cfg.pos_embedding, cfg.norm, cfg.mlp) != ("rope", "rmsnorm", "swiglu"):
         raise _export_error(cfg, "its adapters have no Hugging Face counterpart")
-    H, G, D = cfg.n_head, cfg.kv_heads, cfg.head_size
-    I = cfg.intermediate_size or 4 * cfg.n_embd
+    rows = _llama_rows(cfg)
     names = {"transformer.wte": "model.embed_tokens", "transformer.ln_f": "model.norm", "lm_head": "lm_head"}
     for i in range(cfg.n_layer):
-        ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
-        names.update({
-            ours + "ln_1": hf + "input_layernorm", ours + "ln_2": hf + "post_attention_layernorm",
-            ours + "attn.c_attn": [(hf + "self_attn.q_proj", H * D), (hf + "self_attn.k_proj", G * D),
-                                   (hf + "self_attn.v_proj", G * D)],
-            ours + "attn.c_proj": hf + "self_attn.o_proj",
-            ours + "mlp.c_fc": [(hf + "mlp.gate_proj", I), (hf + "mlp.up_proj", I)],
-            ours + "mlp.c_proj": hf + "mlp.down_proj",
-        })
+        for ours, theirs in _LLAMA_MODULES.items():
+            hf = [f"model.layers.{i}.{name}" for name in theirs]
+            names[f"transformer.h.{i}.{ours}"] = list(zip(hf, rows[ours])) if ours in rows else hf[0]
     return names, {}

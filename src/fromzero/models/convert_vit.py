@@ -4,24 +4,8 @@ Reads ``ViTModel`` checkpoints (bare keys, pooler optional) and ``ViTForImageCla
 checkpoints (``vit.`` prefix + ``classifier.*``), in the layout ``save_pretrained`` writes and
 the hub holds (``encoder.layer.0.attention.attention.query``, ...) or in transformers 5's
 in-memory layout (``layers.0.attention.q_proj``, ...). Writes the former, which every
-transformers version loads.
-
-Name map (per block i; HF legacy name -> fromzero):
-
-    embeddings.patch_embeddings.projection       -> patch_embed
-    embeddings.cls_token                         -> cls_token
-    embeddings.position_embeddings               -> pos_embed
-    encoder.layer.i.layernorm_before             -> blocks.i.ln_1
-    encoder.layer.i.attention.attention.query    \\
-    encoder.layer.i.attention.attention.key       > blocks.i.attn.qkv  (stacked q, k, v rows)
-    encoder.layer.i.attention.attention.value    /
-    encoder.layer.i.attention.output.dense       -> blocks.i.attn.proj
-    encoder.layer.i.layernorm_after              -> blocks.i.ln_2
-    encoder.layer.i.intermediate.dense           -> blocks.i.mlp.fc1
-    encoder.layer.i.output.dense                 -> blocks.i.mlp.fc2
-    layernorm                                    -> ln_f
-    pooler.dense                                 -> pooler
-    classifier                                   -> head
+transformers version loads. The name map is :func:`_name_pairs`; HF's separate query / key /
+value are stacked (rows q, k, v) into our ``blocks.i.attn.qkv``.
 """
 
 from __future__ import annotations
@@ -130,39 +114,36 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tuple[dict, d
     for name, shape in expected.items():
         check_shape(name, hf_state[name], shape, where)
 
-    def get(name: str) -> torch.Tensor:  # the HF tensor of a prefix-less name
-        return hf_state[hf_name(name)]
-
-    out: dict[str, torch.Tensor] = {
-        "patch_embed.weight": get("embeddings.patch_embeddings.projection.weight"),
-        "patch_embed.bias": get("embeddings.patch_embeddings.projection.bias"),
-        "cls_token": get("embeddings.cls_token"),
-        "pos_embed": get("embeddings.position_embeddings"),
-        "ln_f.weight": get("layernorm.weight"),
-        "ln_f.bias": get("layernorm.bias"),
-    }
-    for i in range(config.num_hidden_layers):
-        b = f"{_BLOCK_PREFIX[layout]}.{i}."
-        n = {ours: b + names[layout] for ours, names in _BLOCK_NAMES.items()}
-        ours = f"blocks.{i}."
-        # q, k and v are stacked row-wise into one (3D, D) projection.
-        out[ours + "attn.qkv.weight"] = torch.cat(
-            [get(n["attn.q"] + ".weight"), get(n["attn.k"] + ".weight"), get(n["attn.v"] + ".weight")], dim=0
-        )
-        if config.qkv_bias:
-            out[ours + "attn.qkv.bias"] = torch.cat(
-                [get(n["attn.q"] + ".bias"), get(n["attn.k"] + ".bias"), get(n["attn.v"] + ".bias")], dim=0
-            )
-        for name in ("ln_1", "attn.proj", "ln_2", "mlp.fc1", "mlp.fc2"):
-            out[ours + name + ".weight"] = get(n[name] + ".weight")
-            out[ours + name + ".bias"] = get(n[name] + ".bias")
-    if config.pooler:
-        out["pooler.weight"] = get("pooler.dense.weight")
-        out["pooler.bias"] = get("pooler.dense.bias")
-    if num_labels:
-        out["head.weight"] = get("classifier.weight")
-        out["head.bias"] = get("classifier.bias")
+    out = {ours: hf_state[hf_name(name)] for ours, name in _name_pairs(config, layout)}
+    for i, qkv, kinds in _qkv_names(config, layout):
+        for kind in kinds:  # q, k and v are stacked row-wise into one (3D, D) projection
+            parts = [hf_state[hf_name(f"{name}.{kind}")] for name in qkv]
+            out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
     return config.to_dict(), out
+
+
+def _name_pairs(config: ViTConfig, layout: int) -> list[tuple[str, str]]:
+    """(our name, HF name without the ``vit.`` prefix) of every tensor but the fused q/k/v."""
+    pairs = [("patch_embed.weight", "embeddings.patch_embeddings.projection.weight"),
+             ("patch_embed.bias", "embeddings.patch_embeddings.projection.bias"),
+             ("cls_token", "embeddings.cls_token"), ("pos_embed", "embeddings.position_embeddings"),
+             ("ln_f.weight", "layernorm.weight"), ("ln_f.bias", "layernorm.bias")]
+    for i in range(config.num_hidden_layers):
+        for ours in ("ln_1", "attn.proj", "ln_2", "mlp.fc1", "mlp.fc2"):
+            hf = f"{_BLOCK_PREFIX[layout]}.{i}.{_BLOCK_NAMES[ours][layout]}"
+            pairs += [(f"blocks.{i}.{ours}.{kind}", f"{hf}.{kind}") for kind in ("weight", "bias")]
+    if config.pooler:
+        pairs += [("pooler.weight", "pooler.dense.weight"), ("pooler.bias", "pooler.dense.bias")]
+    if config.num_labels:
+        pairs += [("head.weight", "classifier.weight"), ("head.bias", "classifier.bias")]
+    return pairs
+
+
+def _qkv_names(config: ViTConfig, layout: int) -> list[tuple[int, list[str], tuple[str, ...]]]:
+    """(block, HF query / key / value module names, stored kinds) of every block."""
+    kinds = ("weight", "bias") if config.qkv_bias else ("weight",)
+    return [(i, [f"{_BLOCK_PREFIX[layout]}.{i}.{_BLOCK_NAMES[f'attn.{x}'][layout]}" for x in "qkv"], kinds)
+            for i in range(config.num_hidden_layers)]
 
 
 def _hf_shapes(config: ViTConfig, layout: int) -> dict[str, tuple[int, ...]]:
@@ -239,37 +220,14 @@ def to_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str,
         hf_config["id2label"] = {str(i): name for i, name in enumerate(names)}
         hf_config["label2id"] = {name: i for i, name in enumerate(names)}
 
-    def put(hf_name: str, tensor: torch.Tensor) -> None:
-        out[prefix + hf_name] = tensor.detach().contiguous()
+    def hf_name(name: str) -> str:  # the classifier sits outside the "vit." encoder
+        return name if name.startswith("classifier.") else prefix + name
 
-    out: dict[str, torch.Tensor] = {}
-    put("embeddings.patch_embeddings.projection.weight", state["patch_embed.weight"])
-    put("embeddings.patch_embeddings.projection.bias", state["patch_embed.bias"])
-    put("embeddings.cls_token", state["cls_token"])
-    put("embeddings.position_embeddings", state["pos_embed"])
-    for i in range(cfg.num_hidden_layers):
-        b, ours = f"encoder.layer.{i}.", f"blocks.{i}."
-        n = {k: b + legacy for k, (legacy, _) in _BLOCK_NAMES.items()}
-        q, k, v = state[ours + "attn.qkv.weight"].split(D, dim=0)
-        put(n["attn.q"] + ".weight", q)
-        put(n["attn.k"] + ".weight", k)
-        put(n["attn.v"] + ".weight", v)
-        if cfg.qkv_bias:
-            qb, kb, vb = state[ours + "attn.qkv.bias"].split(D, dim=0)
-            put(n["attn.q"] + ".bias", qb)
-            put(n["attn.k"] + ".bias", kb)
-            put(n["attn.v"] + ".bias", vb)
-        for name in ("ln_1", "attn.proj", "ln_2", "mlp.fc1", "mlp.fc2"):
-            put(n[name] + ".weight", state[ours + name + ".weight"])
-            put(n[name] + ".bias", state[ours + name + ".bias"])
-    put("layernorm.weight", state["ln_f.weight"])
-    put("layernorm.bias", state["ln_f.bias"])
-    if cfg.pooler:
-        put("pooler.dense.weight", state["pooler.weight"])
-        put("pooler.dense.bias", state["pooler.bias"])
-    if classify:
-        out["classifier.weight"] = state["head.weight"].detach().contiguous()
-        out["classifier.bias"] = state["head.bias"].detach().contiguous()
+    out = {hf_name(name): state[ours].detach().contiguous() for ours, name in _name_pairs(cfg, 0)}
+    for i, qkv, kinds in _qkv_names(cfg, 0):
+        for kind in kinds:
+            for name, part in zip(qkv, state[f"blocks.{i}.attn.qkv.{kind}"].split(D, dim=0)):
+                out[f"{prefix}{name}.{kind}"] = part.detach().contiguous()
     return hf_config, out
 
 

@@ -4,46 +4,34 @@
 
     fromzero convert from-gguf SmolLM2-135M-Instruct.Q4_1.gguf checkpoints/smollm2
     fromzero convert to-gguf runs/latest/checkpoints/best model.gguf --type q8_0
-    ollama create mymodel -f Modelfile     # Modelfile: FROM ./model.gguf
 
 **Reading** (:func:`convert_from_gguf`). A GGUF holds the weights under llama.cpp's names
-(``token_embd``, ``blk.N.attn_q``, ..., ``output_norm``, ``output``), possibly quantized in
-blocks, and the config and tokenizer as metadata. We
+(``token_embd``, ``blk.N.attn_q``, ...), possibly quantized in blocks, and the config and
+tokenizer as metadata. We
 
-1. read it with the ``gguf`` package (the reader maintained with llama.cpp) and dequantize every
-   tensor to float32 with ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
-   Q5_1, Q2_K..Q6_K; quantization is lossy once, when the file was made: the float weights we
-   get are exactly the ones llama.cpp computes with);
-2. rename the tensors to Hugging Face names and build a HF config dict from the metadata, then
-   hand both to :func:`fromzero.models.convert_gpt.from_hf`, so there is one mapping into
-   :class:`~fromzero.models.gpt.GPT`;
+1. read it with the ``gguf`` package and dequantize every tensor to float32 (quantization was
+   lossy once, when the file was made: we get exactly the weights llama.cpp computes with);
+2. rename the tensors to Hugging Face names, build a HF config from the metadata and hand both
+   to :func:`fromzero.models.convert_gpt.from_hf`: one mapping into :class:`~fromzero.models.gpt.GPT`;
 3. undo llama.cpp's rotary permutation: llama.cpp rotates adjacent pairs of query/key features
    (GPT-J style) while HF LLaMA rotates the two halves of each head (``rotate_half``), so
-   ``convert_hf_to_gguf.py`` reorders the rows of q_proj/k_proj of every LLaMA head from
-   ``[x0..x(d/2-1), x(d/2)..x(d-1)]`` to ``[x0, x(d/2), x1, x(d/2+1), ...]``. Qwen2 (NEOX rope in
-   llama.cpp) and GPT-2 (no rope) are stored unpermuted;
-4. rebuild a standard ``tokenizer.json`` from ``tokenizer.ggml.*``: byte-level BPE
-   (``tokenizer.ggml.model == "gpt2"``: vocabulary, merges, the pre-tokenizer that
-   ``tokenizer.ggml.pre`` names, control tokens as special added tokens) or SentencePiece-style
-   BPE with byte fallback (``"llama"``: TinyLlama, Mistral, Llama 2); plus
-   ``tokenizer_config.json`` (bos/eos/pad/unk strings, ``PreTrainedTokenizerFast``) and the chat
-   template as ``chat_template.jinja``, so ``TextTokenizer.load``, ``load_jinja_template`` and
+   ``convert_hf_to_gguf.py`` interleaves the rows of q_proj/k_proj of every LLaMA head. Qwen2
+   (NEOX rope in llama.cpp) and GPT-2 (no rope) are stored unpermuted;
+4. rebuild a standard ``tokenizer.json`` from ``tokenizer.ggml.*`` (byte-level BPE with the
+   pre-tokenizer ``tokenizer.ggml.pre`` names, or SentencePiece-style BPE with byte fallback),
+   plus ``tokenizer_config.json`` and ``chat_template.jinja``, so our tokenizer and chat code and
    ``transformers.AutoTokenizer`` all read the checkpoint.
 
 **Writing** (:func:`convert_to_gguf`) runs the same steps backwards for GPT-2-style and
-LLaMA/Qwen2-style fromzero checkpoints (fine-tuned, LoRA-merged: any checkpoint ``load_model``
-reads), quantizing 2-D weight matrices to f16, bf16, q8_0 or q4_0 (norms, biases and GPT-2's
-position table stay F32, as llama.cpp keeps them). Byte-level BPE tokenizers are written with
-their llama.cpp pre-tokenizer name (gpt-2, smollm, qwen2, llama-bpe), special tokens, BOS/EOS/pad
-ids and the chat template (a fromzero SFT checkpoint's plain-text template is written as the
-equivalent Jinja), so llama.cpp and ollama can chat with the file.
+LLaMA/Qwen2-style checkpoints, quantizing 2-D weights to f16, bf16, q8_0 or q4_0 (norms, biases
+and positions stay F32, as llama.cpp keeps them), with the byte-level BPE tokenizer, its special
+tokens and the chat template (a fromzero SFT template is written as the equivalent Jinja), so
+llama.cpp and ollama can chat with the file.
 
-Refused, each with one line: encoders and vision models (GGUF has no runner for them here), a
-structurally pruned GPT-2 (llama.cpp's gpt2 graph needs n_head * head_dim == n_embd), fromzero's
-char tokenizer (GGUF tokenizers are byte-level BPE or SentencePiece: a character vocabulary has
-neither byte fallback nor merges for multi-byte characters, so llama.cpp could not encode text
-outside it; retrain with ``--tokenizer bpe:N``), a WordPiece/unigram tokenizer, RoPE types
-llama.cpp stores as extra tensors (Llama 3.1 ``rope_freqs``).
+Refused, each with one line: encoders and vision models, a structurally pruned GPT-2 (llama.cpp's
+gpt2 graph needs n_head * head_dim == n_embd), fromzero's char tokenizer (no byte fallback or
+merges: llama.cpp could not encode text outside its characters), WordPiece/unigram tokenizers,
+RoPE types llama.cpp stores as extra tensors (Llama 3.1 ``rope_freqs``).
 """
 
 from __future__ import annotations
@@ -51,6 +39,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +86,15 @@ _GPT2_BLOCK = {  # GGUF block tensor -> HF GPT-2 module (the matrices are Conv1D
     "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
 }
 _GPT2_CONV1D = ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+# Per architecture: GGUF tensors outside the blocks -> HF names, the block map, HF's block prefix.
+_LLAMA_LAYOUT = ({"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}, _LLAMA_BLOCK, "model.layers")
+_LAYOUTS = {
+    "gpt2": ({"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+              "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+              "output.weight": "lm_head.weight"}, _GPT2_BLOCK, "transformer.h"),
+    "llama": _LLAMA_LAYOUT, "qwen2": _LLAMA_LAYOUT,
+}
 
 
 def _gguf():
@@ -124,6 +123,35 @@ def unpermute_rotary(w: Tensor, n_head: int) -> Tensor:
     """The inverse of :func:`permute_rotary`: llama.cpp -> HF row order."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_names(arch: str, n_layer: int) -> Iterator[str]:
+    """Every tensor name an ``arch`` file may hold, in the order llama.cpp's converter writes them."""
+    top, block, _ = _LAYOUTS[arch]
+    yield from top
+    for i in range(n_layer):
+        for part in block:
+            yield f"blk.{i}.{part}.weight"
+            yield f"blk.{i}.{part}.bias"
+
+
+def _hf_name(arch: str, name: str) -> str:
+    """The HF name of a GGUF tensor: ``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    top, block, prefix = _LAYOUTS[arch]
+    if name in top:
+        return top[name]
+    _, i, part, kind = name.split(".")
+    return f"{prefix}.{i}.{block[part]}.{kind}"
+
+
+def _relayout(arch: str, name: str, t: Tensor, n_head: int, n_kv_head: int, to_gguf: bool) -> Tensor:
+    """GPT-2's Conv1D matrices are transposed; llama q/k rows are (un)permuted for llama.cpp's rope."""
+    part = name.split(".")[-2]
+    if arch == "gpt2" and part in _GPT2_CONV1D and name.endswith(".weight"):
+        return t.t().contiguous()  # HF GPT-2's Conv1D stores (in, out)
+    if arch == "llama" and part in ("attn_q", "attn_k"):  # GPT-J-style (adjacent-pair) rope in llama.cpp
+        return (permute_rotary if to_gguf else unpermute_rotary)(t, n_head if part == "attn_q" else n_kv_head)
+    return t
 
 
 def byte_alphabet() -> dict[int, str]:
@@ -185,11 +213,7 @@ def read_gguf(path: str | Path) -> GGUFContents:
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(path)
-        metadata = {}
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            metadata[key] = f.contents()
+        metadata = {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
         tensors = {t.name: t for t in reader.tensors}
     except FromzeroError:
         raise
@@ -365,20 +389,6 @@ def _llama_to_hf(c: GGUFContents) -> tuple[dict, dict[str, Tensor]]:
                            p + "ffn_down.bias": (C,)})
     _check_tensors(c, shapes, optional)
     tied = _tied(c)
-
-    permuted = arch == "llama"  # llama.cpp stores LLaMA q/k rows for GPT-J-style (adjacent-pair) rope
-    state: dict[str, Tensor] = {"model.embed_tokens.weight": dequantize(c, "token_embd.weight"),
-                                "model.norm.weight": dequantize(c, "output_norm.weight")}
-    if not tied:
-        state["lm_head.weight"] = dequantize(c, "output.weight")
-    for name in shapes:
-        if not name.startswith("blk.") or name not in c.tensors:
-            continue
-        _, i, part, kind = name.split(".")
-        tensor = dequantize(c, name)
-        if permuted and part in ("attn_q", "attn_k"):
-            tensor = unpermute_rotary(tensor, H if part == "attn_q" else G)
-        state[f"model.layers.{i}.{_LLAMA_BLOCK[part]}.{kind}"] = tensor
     config: dict[str, Any] = {
         "model_type": model_type, "vocab_size": V, "hidden_size": C, "intermediate_size": I,
         "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": G, "head_dim": D,
@@ -390,7 +400,15 @@ def _llama_to_hf(c: GGUFContents) -> tuple[dict, dict[str, Tensor]]:
         config.update(attention_bias=all_bias, mlp_bias=all_bias)
     else:
         config.update(use_sliding_window=False)
-    return config, state
+    return config, _read_state(c, shapes, tied, H, G)
+
+
+def _read_state(c: GGUFContents, shapes: dict[str, tuple[int, ...]], tied: bool, n_head: int,
+                n_kv_head: int) -> dict[str, Tensor]:
+    """The file's (checked) tensors under HF names, dequantized and in HF's layout."""
+    return {_hf_name(c.architecture, name): _relayout(c.architecture, name, dequantize(c, name), n_head,
+                                                      n_kv_head, to_gguf=False)
+            for name in shapes if name in c.tensors and not (tied and name == "output.weight")}
 
 
 def _gpt2_to_hf(c: GGUFContents) -> tuple[dict, dict[str, Tensor]]:
@@ -417,27 +435,13 @@ def _gpt2_to_hf(c: GGUFContents) -> tuple[dict, dict[str, Tensor]]:
             shapes[f"{p}{part}.bias"] = (rows,)
     _check_tensors(c, shapes, {"output.weight"})
     tied = _tied(c)
-    state = {"transformer.wte.weight": dequantize(c, "token_embd.weight"),
-             "transformer.wpe.weight": dequantize(c, "position_embd.weight"),
-             "transformer.ln_f.weight": dequantize(c, "output_norm.weight"),
-             "transformer.ln_f.bias": dequantize(c, "output_norm.bias")}
-    if not tied:
-        state["lm_head.weight"] = dequantize(c, "output.weight")
-    for name in shapes:
-        if not name.startswith("blk."):
-            continue
-        _, i, part, kind = name.split(".")
-        tensor = dequantize(c, name)
-        if part in _GPT2_CONV1D and kind == "weight":
-            tensor = tensor.t().contiguous()  # HF GPT-2's Conv1D stores (in, out)
-        state[f"transformer.h.{i}.{_GPT2_BLOCK[part]}.{kind}"] = tensor
     config = {
         "model_type": "gpt2", "vocab_size": V, "n_positions": P, "n_embd": C, "n_layer": L, "n_head": H,
         "n_inner": I, "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "layer_norm_epsilon": _float(c, "attention.layer_norm_epsilon", 1e-5), "tie_word_embeddings": tied,
         **_special_ids(c),
     }
-    return config, state
+    return config, _read_state(c, shapes, tied, H, H)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,9 +628,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def convert_from_gguf(src: str | Path, out: Path, force: bool = False, dtype: str = "float32",
                       extra_files: dict[str, str] | None = None) -> dict:
     """A .gguf file -> a fromzero checkpoint directory (written atomically). Returns the config."""
-    from fromzero.models import build_model
     from fromzero.models.convert_gpt import from_hf
-    from fromzero.models.hf import _prepare_out, _write_dir, check_keys, check_shape
+    from fromzero.models.hf import _prepare_out, _write_dir, check_fits
 
     if dtype not in DTYPES:
         raise FromzeroError(f"unsupported --dtype {dtype!r} (supported: {', '.join(DTYPES)})")
@@ -643,19 +646,12 @@ def convert_from_gguf(src: str | Path, out: Path, force: bool = False, dtype: st
     except FromzeroError as e:
         raise contents.fail(str(e)) from None
     del hf_state
-    with torch.device("meta"):  # prove the result fits our model before anything is written
-        model = build_model(config)
-    own = model.state_dict()
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    check_keys(set(own) - tied, set(state), contents.path.name)
-    for name, tensor in state.items():
-        check_shape(name, tensor, tuple(own[name].shape), contents.path.name)
-    del model, own
+    check_fits(config, state, contents.path.name)
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     config["converted_from"] = {
         "format": "gguf", "file": contents.path.name, "architecture": contents.architecture,
         "name": contents.metadata.get("general.name"),
-        "tensor_types": dict(sorted(_count(contents.types.values()).items())),
+        "tensor_types": dict(sorted(Counter(contents.types.values()).items())),
     }
     files = {"tokenizer.json": backend.to_str(pretty=True),
              "tokenizer_config.json": json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"}
@@ -664,13 +660,6 @@ def convert_from_gguf(src: str | Path, out: Path, force: bool = False, dtype: st
     files.update(extra_files or {})
     _write_dir(out, config, state, None, files)
     return config
-
-
-def _count(values: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -770,11 +759,8 @@ def convert_to_gguf(src: str | Path, out: str | Path, qtype: str = "f16", force:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb+") as f:  # mode 0666 & ~umask already (temp_file_beside)
             os.fsync(f.fileno())
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -788,36 +774,10 @@ def convert_to_gguf(src: str | Path, out: str | Path, qtype: str = "f16", force:
 
 def _hf_to_gguf_tensors(arch: str, cfg: Any, hf: dict[str, Tensor]) -> dict[str, Tensor]:
     """HF-named state (from convert_gpt.to_hf) -> llama.cpp-named tensors, q/k permuted for llama."""
-    out: dict[str, Tensor] = {}
-    if arch == "gpt2":
-        out["token_embd.weight"] = hf["transformer.wte.weight"]
-        out["position_embd.weight"] = hf["transformer.wpe.weight"]
-        out["output_norm.weight"] = hf["transformer.ln_f.weight"]
-        out["output_norm.bias"] = hf["transformer.ln_f.bias"]
-        # llama.cpp's own converter writes GPT-2's tied head as an output tensor too
-        out["output.weight"] = hf.get("lm_head.weight", hf["transformer.wte.weight"])
-        for i in range(cfg.n_layer):
-            for part, module in _GPT2_BLOCK.items():
-                for kind in ("weight", "bias"):
-                    t = hf[f"transformer.h.{i}.{module}.{kind}"]
-                    if part in _GPT2_CONV1D and kind == "weight":
-                        t = t.t().contiguous()  # Conv1D (in, out) -> (out, in)
-                    out[f"blk.{i}.{part}.{kind}"] = t
-        return out
-    out["token_embd.weight"] = hf["model.embed_tokens.weight"]
-    out["output_norm.weight"] = hf["model.norm.weight"]
-    if "lm_head.weight" in hf:
-        out["output.weight"] = hf["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        for part, module in _LLAMA_BLOCK.items():
-            for kind in ("weight", "bias"):
-                t = hf.get(f"model.layers.{i}.{module}.{kind}")
-                if t is None:
-                    continue
-                if arch == "llama" and part in ("attn_q", "attn_k"):
-                    t = permute_rotary(t, cfg.n_head if part == "attn_q" else cfg.kv_heads)
-                out[f"blk.{i}.{part}.{kind}"] = t
-    return out
+    if arch == "gpt2":  # llama.cpp's own converter writes GPT-2's tied head as an output tensor too
+        hf = {"lm_head.weight": hf["transformer.wte.weight"], **hf}
+    return {name: _relayout(arch, name, hf[_hf_name(arch, name)], cfg.n_head, cfg.kv_heads, to_gguf=True)
+            for name in _gguf_names(arch, cfg.n_layer) if _hf_name(arch, name) in hf}
 
 
 def _encode(gguf: Any, name: str, tensor: Tensor, ggml_type: str, qtype: str) -> tuple[np.ndarray, str]:

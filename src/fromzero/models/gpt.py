@@ -27,20 +27,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.models import FamilyFacts
+from fromzero.models import ConfigDict, FamilyFacts
 from fromzero.models.layers import (
     Block,
     KVCache,
     Linear,
     RaggedKVCache,
     RotaryEmbedding,
+    init_normal,
     make_norm,
     rope_inverse_frequencies,
     set_linear_weight_layout,
@@ -58,11 +60,13 @@ LLAMA_STYLE = dict(norm="rmsnorm", pos_embedding="rope", mlp="swiglu", bias=Fals
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ConfigDict):
     """Architecture of a GPT model: everything needed to rebuild it (saved as config.json).
 
     The defaults are GPT-2; see LLAMA_STYLE for the fields that make a LLaMA-style model.
     """
+
+    MODEL_TYPE = "fromzero-gpt"
 
     vocab_size: int = 50304
     """Number of token ids. 0 means: take it from the prepared data's meta.json."""
@@ -124,9 +128,7 @@ class GPTConfig:
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
             )
         if self.n_kv_head and (self.n_kv_head > self.n_head or self.n_head % self.n_kv_head):
-            raise ValueError(
-                f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})"
-            )
+            raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must divide model.n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         choices = {"norm": NORMS, "pos_embedding": POS_EMBEDDINGS, "mlp": MLPS,
@@ -169,9 +171,9 @@ class GPTConfig:
         """config.json's contents. ``rope_scaling`` is stored as ``rope_scaling_type``:
         transformers reads a checkpoint folder's config.json (``AutoTokenizer.from_pretrained``
         does too) and takes a ``rope_scaling`` key for its own dict of RoPE parameters."""
-        d = asdict(self)
+        d = super().to_dict()
         d["rope_scaling_type"] = d.pop("rope_scaling")
-        return {"model_type": "fromzero-gpt", **d}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -179,8 +181,7 @@ class GPTConfig:
         d = dict(d)
         if "rope_scaling_type" in d:
             d["rope_scaling"] = d.pop("rope_scaling_type")
-        fields = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        return super().from_dict(d)
 
 
 class GPT(nn.Module):
@@ -221,21 +222,12 @@ class GPT(nn.Module):
             # Weight tying: the output projection reuses the token embedding (fewer parameters,
             # and what GPT-2 does, so its checkpoints have no separate lm_head).
             self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
+        self.apply(init_normal)
         # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer),
         # since every block adds two of them to the stream.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def train(self, mode: bool = True) -> "GPT":
         if mode and self._decode_layout:
@@ -266,22 +258,15 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        kv_cache: KVCache | RaggedKVCache | None = None,
-        last_only: bool = False,
-        target_logits_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | RaggedKVCache | None = None, last_only: bool = False,
+                target_logits_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position (or only the last), and the mean cross-entropy loss.
 
         idx: (B, T) token ids. targets: (B, T) next-token ids, -100 = ignore.
         target_logits_only: with targets, apply the LM head only where targets != -100 and return
         those logits as (N, V), N = the number of such positions. The loss is the same; for chat
-        SFT, where only the reply (a few % of the tokens) carries loss, it skips most of the
-        head's (vocab x width) matmul and its (B, T, V) activations: on SmolLM2 with a 49k
-        vocabulary, 16% of a LoRA step's time and ~600 MiB.
+        SFT, where only the reply carries loss, it skips most of the head's matmul and memory.
         kv_cache: when given, idx continues the cached sequence (positions start at its length).
         A :class:`RaggedKVCache` (batched serving) holds B sequences of different lengths:
         row b's tokens then take positions ``lengths[b] ..`` of its own (see new_ragged_cache).
@@ -335,9 +320,7 @@ class GPT(nn.Module):
             return logits, F.cross_entropy(logits, targets[keep])
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-            )
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
             return logits, loss
         if last_only:
             # Generation needs only the next-token distribution: skip the head elsewhere.
@@ -346,34 +329,23 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache for ``max_len`` positions (default block_size) of every layer."""
-        p = self.transformer.ln_f.weight  # the compute device + dtype (float even when wte is int8-quantized)
-        c = self.config
-        return KVCache(
-            c.n_layer, batch_size, c.kv_heads, max_len or c.block_size, c.head_size, p.device, p.dtype
-        )
+        return self._new_cache(KVCache, batch_size, max_len)
 
     def new_ragged_cache(self, max_rows: int, max_len: int | None = None) -> RaggedKVCache:
         """An empty cache for up to ``max_rows`` sequences of different lengths, each up to
         ``max_len`` positions (default block_size): the batch of a serving engine."""
+        return self._new_cache(RaggedKVCache, max_rows, max_len)
+
+    def _new_cache(self, cls: type, rows: int, max_len: int | None) -> Any:
         p = self.transformer.ln_f.weight  # the compute device + dtype (float even when wte is int8-quantized)
         c = self.config
-        return RaggedKVCache(
-            c.n_layer, max_rows, c.kv_heads, max_len or c.block_size, c.head_size, p.device, p.dtype
-        )
+        return cls(c.n_layer, rows, c.kv_heads, max_len or c.block_size, c.head_size, p.device, p.dtype)
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | Sequence[int] | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        lookup_tokens: int | None = None,
-    ) -> torch.Tensor:
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 eos_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True, lookup_tokens: int | None = None) -> torch.Tensor:
         """Continue each row of ``idx`` (B, T) by up to ``max_new_tokens`` sampled tokens.
 
         temperature 0 means greedy decoding. top_k keeps the k most likely tokens; top_p keeps
@@ -382,22 +354,17 @@ class GPT(nn.Module):
         and is padded with the (first) eos id; generation ends early once every row has stopped.
 
         With ``use_cache`` keys and values of past positions are kept, so each step runs the
-        model on one new token. Once the sequence is longer than block_size, the context is
-        cropped to the last block_size tokens exactly as the uncached path does; since
-        positions then shift (learned embeddings and rotary angles alike), cached keys go
-        stale, so from there on each step recomputes the cropped window, exactly as the
-        uncached path does (both paths always produce the same tokens; the cache speeds up
-        generation inside the window).
+        model on one new token. Past block_size the context is cropped to the last block_size
+        tokens; positions then shift, cached keys go stale, and each step recomputes the cropped
+        window, as the uncached path does (both paths produce the same tokens).
 
         ``lookup_tokens`` (greedy decoding of one row with the cache; default
         :data:`DEFAULT_LOOKUP_TOKENS`, 0 turns it off): prompt-lookup speculation. When the
-        last few tokens occurred before in the sequence, the tokens that followed them then are
-        proposed as a draft and checked in one forward pass; every draft token the model would
-        have picked itself is kept, plus the model's own next token. In fp32 the tokens are
-        the ones one-token greedy steps give (tested); in bf16/fp16 a pass over several
-        positions rounds differently from one-token passes, so a near-tie may flip. A pass over
-        a handful of positions reads the weights once, as a one-token step does, so on
-        memory-bound hardware each accepted draft token is almost free. See :class:`NgramIndex`.
+        last few tokens occurred before, the tokens that followed them are proposed as a draft
+        and checked in one forward pass, which reads the weights once, as a one-token step does;
+        every draft token the model would have picked itself is kept, plus its own next token.
+        In fp32 the tokens are those of one-token greedy steps; in bf16/fp16 a near-tie may flip
+        (a pass over several positions rounds differently). See :class:`NgramIndex`.
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError("idx must be a non-empty (batch, time) tensor of token ids")
@@ -443,9 +410,8 @@ class GPT(nn.Module):
         return idx
 
     @torch.no_grad()
-    def _generate_lookup(
-        self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | Sequence[int] | None, lookup_tokens: int
-    ) -> torch.Tensor:
+    def _generate_lookup(self, idx: torch.Tensor, max_new_tokens: int, eos_id: int | Sequence[int] | None,
+                         lookup_tokens: int) -> torch.Tensor:
         """Greedy decoding of one row with prompt-lookup drafts (see :meth:`generate`).
 
         Each pass feeds the last accepted token plus a draft of up to ``lookup_tokens`` tokens
@@ -536,13 +502,8 @@ def build_from_config(config: dict) -> GPT:
     return GPT(GPTConfig.from_dict(config))
 
 
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token id for each row of ``logits`` (B, V). Returns (B,) int64."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

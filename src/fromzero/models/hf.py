@@ -160,7 +160,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         first = first_line(e)
         raise FromzeroError(f"cannot read weights {path} (loaded with weights_only=True): {first}") from None
     if not isinstance(state, dict):
-        raise FromzeroError(f"{path} does not hold a state dict")
+        raise FromzeroError(f"{path} does not hold a state dict (names -> tensors)")
     return state
 
 
@@ -210,6 +210,21 @@ def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: 
         )
 
 
+def check_fits(config: dict, state: dict[str, torch.Tensor], where: str) -> None:
+    """Prove that converted weights load into the model ``config`` builds, before anything is written
+    (the model is built on the meta device: no memory, no init)."""
+    from fromzero.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    own = model.state_dict()
+    tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+            - {n for n, _ in model.named_parameters()})
+    check_keys(set(own) - tied, set(state), where)
+    for name, tensor in state.items():
+        check_shape(name, tensor, tuple(own[name].shape), where)
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -251,8 +266,6 @@ def _write_dir(out: Path, config: dict, state: dict[str, torch.Tensor], tokenize
 
 def convert_from_hf(src: str, out: Path, force: bool = False) -> dict:
     """HF directory or hub id -> fromzero checkpoint directory. Returns the fromzero config."""
-    from fromzero.models import build_model
-
     out = Path(out)
     _prepare_out(out, force)
     directory = resolve_source(src)
@@ -260,13 +273,7 @@ def convert_from_hf(src: str, out: Path, force: bool = False) -> dict:
     converter = converter_for_hf(str(hf_config["model_type"]))
     state = read_hf_state(directory)
     config, fz_state = converter.from_hf(hf_config, state)
-    # Prove the result loads into our model before anything is written.
-    model = build_model(config)
-    own = model.state_dict()
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    check_keys(set(own) - tied, set(fz_state), f"{src} ({hf_config['model_type']})")
-    for name, tensor in fz_state.items():
-        check_shape(name, tensor, tuple(own[name].shape), str(src))
+    check_fits(config, fz_state, f"{src} ({hf_config['model_type']})")
     _write_dir(out, config, fz_state, directory)
     return config
 

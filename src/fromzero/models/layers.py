@@ -44,23 +44,13 @@ class KVCache:
     number of key/value heads (G, fewer than the query heads with grouped-query attention).
     """
 
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_head: int,
-        max_len: int,
-        head_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.keys, self.values = kv_buffers(n_layer, (batch_size, n_head, max_len, head_size), device, dtype)
         self.max_len = max_len
         self.length = 0
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k, v`` (B, G, T, D) at the current position; return all keys/values so far."""
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
@@ -101,16 +91,8 @@ class RaggedKVCache:
     contiguous and every step works on plain slices of the buffers.
     """
 
-    def __init__(
-        self,
-        n_layer: int,
-        max_rows: int,
-        n_head: int,
-        max_len: int,
-        head_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
+    def __init__(self, n_layer: int, max_rows: int, n_head: int, max_len: int, head_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.keys, self.values = kv_buffers(n_layer, (max_rows, n_head, max_len, head_size), device, dtype)
         self.max_rows, self.max_len = max_rows, max_len
         self.device = torch.device(device)
@@ -174,9 +156,7 @@ class RaggedKVCache:
         self._span = end
         return pos
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k, v`` (R, G, T, D) at each row's own next columns; return the (R, G, S, D)
         keys/values the step attends over (S = the longest row after this step)."""
         R = self.rows
@@ -195,31 +175,18 @@ class RaggedKVCache:
 CPU_MATH_ATTENTION_MAX_LEN = 256
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v for (B, H, T, D) tensors, via F.scaled_dot_product_attention.
 
     ``k`` and ``v`` may have fewer heads than ``q`` (grouped-query attention, (B, G, S, D)):
     query head h then reads key/value head h // (H / G), as in LLaMA's ``repeat_kv``.
 
-    On GPUs PyTorch picks its flash / memory-efficient kernels. On CPUs two measured facts
-    (torch 2.14, 2 cores, T = 64) decide the path:
-    1. the CPU flash kernel's backward is ~6x slower in bf16 than in fp32, so the attention core
-       runs in fp32 (the bf16 projections around it keep their speed);
-    2. under torch.compile the math backend (matmuls + softmax, fused by inductor) beats the
-       flash kernel for short sequences: the whole Shakespeare training step got ~1.2x faster.
-    3. with attention dropout (BERT fine-tuning) PyTorch uses the math backend anyway; there bf16
-       is faster than fp32 (B16 H12 T128 D32, forward + backward: 40 vs 47 ms), so the core
-       keeps the inputs' dtype and the casts are skipped.
-    4. with no gradient to compute (generation, evaluation) fact 1 does not apply, and the casts
-       only cost: a bf16 decoding step's attention (one query, 356 cached keys) takes 22 us in
-       bf16 vs 50 us through fp32 (1 thread), so the inputs' dtype is kept there too.
+    On GPUs PyTorch picks its flash / memory-efficient kernels. On CPUs (measured, torch 2.14):
+    when training, the core runs in fp32, since the CPU flash kernel's backward is ~6x slower in
+    bf16; under torch.compile short sequences take the math backend, which inductor fuses
+    (faster than flash there). With attention dropout (math backend anyway) or without
+    gradients (generation, evaluation) the inputs' dtype is kept: the casts would only cost.
     """
     # SDPA maps each group of query heads to its key/value head itself (enable_gqa).
     gqa = {"enable_gqa": True} if k.size(-3) != q.size(-3) else {}
@@ -248,15 +215,9 @@ def attention(
 # Rotary position embeddings (RoPE)
 
 
-def rope_inverse_frequencies(
-    head_size: int,
-    theta: float = 10000.0,
-    scaling: str = "none",
-    factor: float = 1.0,
-    low_freq_factor: float = 1.0,
-    high_freq_factor: float = 4.0,
-    original_max_len: int = 0,
-) -> torch.Tensor:
+def rope_inverse_frequencies(head_size: int, theta: float = 10000.0, scaling: str = "none",
+                             factor: float = 1.0, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                             original_max_len: int = 0) -> torch.Tensor:
     """The D/2 rotation speeds of RoPE: theta^(-2i/D), optionally rescaled. Returns fp32 (D/2,).
 
     scaling: ``none``; ``linear`` (position interpolation: every speed divided by ``factor``);
@@ -363,12 +324,9 @@ def make_norm(kind: str, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.M
 class Linear(nn.Linear):
     """``nn.Linear`` that multiplies a single bf16/fp16 row as a matrix-vector product on CPU.
 
-    Decoding one token of one sequence multiplies every weight by a single row: the speed is
-    how fast the weights stream from memory. For fp32, PyTorch's matrix product does that at
-    memory speed. For bf16 it does not: on a 2-core Xeon (torch 2.14, AVX-512 + AMX) one decoding
-    step of a 135M LLaMA spends 39 ms (1 thread) in ``F.linear``'s bf16 products but 27 ms in
-    ``torch.mv`` over the same row-major weights (its reduced-precision kernel reads each weight
-    row once with fp32 accumulation). Same parameters and names as ``nn.Linear`` (LoRA,
+    Decoding one token streams every weight from memory for one row: ``F.linear``'s bf16 product
+    does not run at memory speed on CPU, ``torch.mv`` over the same weights does (measured: a
+    135M LLaMA's decoding step 39 -> 27 ms). Same parameters and names as ``nn.Linear`` (LoRA,
     quantization and checkpoints see an ``nn.Linear``); every other case is ``F.linear``.
     """
 
@@ -395,17 +353,8 @@ class CausalSelfAttention(nn.Module):
     shrinks the KV cache H/G times. ``rope`` (cos, sin) rotates queries and keys by position.
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        dropout: float,
-        bias: bool,
-        *,
-        n_kv_head: int = 0,
-        head_size: int = 0,
-        qkv_bias: bool = False,
-    ) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, *, n_kv_head: int = 0,
+                 head_size: int = 0, qkv_bias: bool = False) -> None:
         super().__init__()
         if head_size == 0 and n_embd % n_head != 0:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
@@ -422,13 +371,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        kv_cache: KVCache | RaggedKVCache | None = None,
-        layer: int = 0,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | RaggedKVCache | None = None, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_size
         # (B, T, (H + 2G) * D) -> (B, H + 2G, T, D): every head attends independently.
@@ -471,10 +415,8 @@ class CausalSelfAttention(nn.Module):
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU with GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    Under torch.compile it is written as x * sigmoid(2z), the same function
-    (0.5 (1 + tanh(z)) = sigmoid(2z)), because the CPU code generator vectorises sigmoid far
-    better than tanh (forward + backward ~2x faster, measured); eager mode keeps PyTorch's
-    fused kernel.
+    Under torch.compile it is written as x * sigmoid(2z), the same function, because the CPU
+    code generator vectorises sigmoid far better than tanh; eager mode keeps PyTorch's kernel.
     """
     if torch.compiler.is_compiling():
         return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
@@ -523,10 +465,8 @@ class MLP(nn.Module):
     default, so its weights match.
     """
 
-    def __init__(
-        self, n_embd: int, dropout: float, bias: bool, *, hidden: int = 0,
-        activation: str = "gelu_tanh",
-    ) -> None:
+    def __init__(self, n_embd: int, dropout: float, bias: bool, *, hidden: int = 0,
+                 activation: str = "gelu_tanh") -> None:
         super().__init__()
         hidden = hidden or 4 * n_embd
         self.c_fc = Linear(n_embd, hidden, bias=bias)
@@ -546,9 +486,8 @@ class GatedMLP(nn.Module):
     ``c_proj`` is ``down_proj``.
     """
 
-    def __init__(
-        self, n_embd: int, dropout: float, bias: bool, *, hidden: int = 0, activation: str = "silu"
-    ) -> None:
+    def __init__(self, n_embd: int, dropout: float, bias: bool, *, hidden: int = 0,
+                 activation: str = "silu") -> None:
         super().__init__()
         self.hidden = hidden or 4 * n_embd
         self.c_fc = Linear(n_embd, 2 * self.hidden, bias=bias)
@@ -561,6 +500,18 @@ class GatedMLP(nn.Module):
         return self.dropout(self.c_proj(self.act(gate) * up))
 
 
+def init_normal(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2's, BERT's and ViT's initialisation (for ``model.apply``): normal(0, std) weights of
+    Linear, Conv2d and Embedding layers, an embedding's padding row zero, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+        if getattr(module, "padding_idx", None) is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+
 # ---------------------------------------------------------------------------------------------
 # Weight memory layout for decoding
 
@@ -569,14 +520,10 @@ def set_linear_weight_layout(module: nn.Module, column_major: bool) -> None:
     """Store the weight of every ``nn.Linear`` in ``module`` column- or row-major, in place.
 
     Values, shapes, parameter names and tying stay the same; only the order in memory changes.
-    Column-major is the (in, out) layout of GPT-2's ``Conv1D`` (the weight's transpose is
-    contiguous). Why it matters, measured on CPU (torch 2.14 with MKL, 2-core AMD EPYC,
-    GPT-2-small shapes, weights streamed from DRAM): a matmul with one or two rows, as in
-    one-token decoding, reads a column-major weight ~1.25x (block matrices) to ~1.7x
-    (50k-vocabulary head) faster; with 4 or more rows (batched decoding, evaluation) row-major
-    is faster again, and for training-size batches ~2x faster. Hence row-major (PyTorch's
-    default) everywhere, and :meth:`fromzero.models.gpt.GPT.generate` switching to
-    column-major for small-batch decoding on CPU.
+    Column-major is the (in, out) layout of GPT-2's ``Conv1D``. On CPU (measured) a matmul with
+    one or two rows, as in one-token decoding, reads it ~1.25-1.7x faster; with 4 or more rows
+    row-major is faster, ~2x for training batches. Hence row-major everywhere, and
+    :meth:`fromzero.models.gpt.GPT.generate` switching to column-major for small-batch CPU decoding.
     """
     for m in module.modules():
         if isinstance(m, nn.Linear) and m.weight.dim() == 2:
@@ -598,22 +545,9 @@ class Block(nn.Module):
     to forward) is LLaMA's.
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        dropout: float,
-        bias: bool,
-        *,
-        norm: str = "layernorm",
-        norm_eps: float = 1e-5,
-        mlp: str = "gelu",
-        activation: str = "",
-        intermediate_size: int = 0,
-        n_kv_head: int = 0,
-        head_size: int = 0,
-        qkv_bias: bool = False,
-    ) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, *, norm: str = "layernorm",
+                 norm_eps: float = 1e-5, mlp: str = "gelu", activation: str = "", intermediate_size: int = 0,
+                 n_kv_head: int = 0, head_size: int = 0, qkv_bias: bool = False) -> None:
         super().__init__()
         self.ln_1 = make_norm(norm, n_embd, norm_eps, bias)
         self.attn = CausalSelfAttention(
@@ -627,13 +561,8 @@ class Block(nn.Module):
         else:
             raise ValueError(f"unknown mlp {mlp!r} (gelu or swiglu)")
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        kv_cache: KVCache | RaggedKVCache | None = None,
-        layer: int = 0,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | RaggedKVCache | None = None, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)  # the residual stream carries x
         x = x + self.mlp(self.ln_2(x))
         return x

@@ -128,23 +128,51 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-class _Int8RowsLinear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What the int8 and int4 Linear layers share: sizes, a float bias, and ``_kernel``: the
+    weights in a kernel's own layout, built on first use and never saved (dropped by ``.to()``
+    and copies, then rebuilt)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._kernel: Any = None
+
+    def _set_bias(self, bias: bool) -> None:  # registered after the weights: the state dict keeps its order
+        self.bias = _frozen(torch.zeros(self.out_features)) if bias else None
+
+    def _copy_bias(self, linear: nn.Linear) -> None:
+        if linear.bias is not None:
+            self.bias.data = linear.bias.detach().float().clone()
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the kernel copy is rebuilt from the weights
+        self._kernel = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: rebuilt lazily
+        state = self.__dict__.copy()
+        state["_kernel"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class _Int8RowsLinear(_QuantizedLinear):
     """A Linear layer holding int8 weights (out, in) with one fp32 scale per output channel."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features)
         self.qweight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))
         self.scale = _frozen(torch.ones(out_features))
-        self.bias = _frozen(torch.zeros(out_features)) if bias else None
+        self._set_bias(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "_Int8RowsLinear":
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q, scale = quantize_int8_rows(linear.weight)
-        module.qweight.data, module.scale.data = q, scale
-        if linear.bias is not None:
-            module.bias.data = linear.bias.detach().float().clone()
+        module.qweight.data, module.scale.data = quantize_int8_rows(linear.weight)
+        module._copy_bias(linear)
         return module
 
     def share_table(self, embedding: "Int8Embedding") -> None:
@@ -156,9 +184,6 @@ class _Int8RowsLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The (out, in) fp32 weight these int8 values stand for."""
         return dequantize_int8_rows(self.qweight, self.scale)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Int8WeightLinear(_Int8RowsLinear):
@@ -190,18 +215,12 @@ class Int8DynamicLinear(_Int8RowsLinear):
     int32 accumulation and returns float. x of another dtype (bf16 under autocast) is computed
     in fp32 and cast back.
 
-    One scale for the whole activation tensor is where the error comes from: transformers have a
-    few outlier features (MiniLM: one hidden feature ~40x the others' RMS, one GELU unit ~100x)
-    that stretch the range, so ordinary values get few int8 levels (a fine-tuned MiniLM
-    classifier still keeps its test accuracy; see benchmarks/quantize.py).
+    One scale for the whole activation tensor is where the error comes from: a few outlier
+    features of transformers stretch the range, so ordinary values get few int8 levels.
 
     ``reduce_range``: activations in 7 bits, as torch.ao's dynamic Linear does on x86 for CPUs
     without AVX-512 VNNI, whose int16 pair sums could saturate; with VNNI, the full 8 bits.
     """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__(in_features, out_features, bias)
-        self._packed: Any = None
 
     def prepare(self) -> None:
         """(Re)pack the int8 weight for the CPU kernel; call after changing qweight/scale/bias."""
@@ -215,24 +234,15 @@ class Int8DynamicLinear(_Int8RowsLinear):
             qw = torch._make_per_channel_quantized_tensor(self.qweight.detach(), self.scale.detach().double(),
                                                           zero_points, 0)
             bias = self.bias.detach().float() if self.bias is not None else None
-            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+            self._kernel = torch.ops.quantized.linear_prepack(qw, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise FromzeroError(_CPU_ONLY)
-        if self._packed is None:
+        if self._kernel is None:
             self.prepare()
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, _reduce_range())
+        y = torch.ops.quantized.linear_dynamic(x.float(), self._kernel, _reduce_range())
         return y.to(x.dtype)
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the packed copy follows the weights
-        self._packed = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the packed copy is rebuilt lazily
-        state = self.__dict__.copy()
-        state["_packed"] = None
-        return state
 
 
 _VNNI: bool | None = None
@@ -254,10 +264,8 @@ _CPU_ONLY = ("int8-dynamic runs on CPU only (PyTorch's quantized int8 kernels ha
              "use --device cpu, or quantize with --method int8-weight for a GPU")
 
 
-# Measured on a 2-core Xeon (torch 2.14, 1 thread, a 1536 x 576 weight, bf16 activations): the
-# packed CPU kernels below beat "dequantize, then matmul" up to about these many rows of x
-# (int8: 54 vs 146 us for one row, even with 12 rows; int4: 87 vs 2,900 us for one row, still
-# faster at 64). Decoding (1 row, or a few with prompt-lookup drafts) is where they matter.
+# Measured (bf16 activations, 1 thread): the packed CPU kernels below beat "dequantize, then
+# matmul" up to about these many rows of x. Decoding (1 row, or a few drafts) is where they matter.
 INT8_KERNEL_MAX_ROWS = 12
 INT4_KERNEL_MAX_ROWS = 64
 
@@ -269,7 +277,7 @@ def _packed_kernel_fits(x: torch.Tensor, max_rows: int) -> bool:
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
-class Int4WeightLinear(nn.Module):
+class Int4WeightLinear(_QuantizedLinear):
     """Group-wise int4 weights (see :func:`quantize_int4_groups`), dequantised on every call.
 
     On CPU with bf16 activations and few rows (decoding) the product runs in PyTorch's int4
@@ -280,23 +288,22 @@ class Int4WeightLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features)
         if in_features % group_size or group_size % 2:
             raise ValueError(f"in_features {in_features} is not a multiple of the (even) group size {group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.group_size = group_size
         groups = in_features // group_size
         self.qweight = _frozen(torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.scale = _frozen(torch.ones(out_features, groups))
         self.offset = _frozen(torch.zeros(out_features, groups))
-        self.bias = _frozen(torch.zeros(out_features)) if bias else None
+        self._set_bias(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4WeightLinear":
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
         packed, scale, offset = quantize_int4_groups(linear.weight, group_size)
         module.qweight.data, module.scale.data, module.offset.data = packed, scale, offset
-        if linear.bias is not None:
-            module.bias.data = linear.bias.detach().float().clone()
+        module._copy_bias(linear)
         return module
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -306,9 +313,9 @@ class Int4WeightLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         if (_packed_kernel_fits(x, INT4_KERNEL_MAX_ROWS) and self.group_size in (32, 64, 128, 256)
                 and self.out_features % 16 == 0):  # the kernel packs output channels in 16s
-            packed = getattr(self, "_kernel_weight", None)
+            packed = self._kernel
             if packed is None or packed[1].dtype != x.dtype:
-                packed = self._kernel_weight = self._pack_for_kernel(x.dtype)
+                packed = self._kernel = self._pack_for_kernel(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed[0],
                                                            self.group_size, packed[1])
             y = y.view(*x.shape[:-1], self.out_features)
@@ -322,18 +329,8 @@ class Int4WeightLinear(nn.Module):
         scale_zero = torch.stack([scale.t(), (offset + 8 * scale).t()], dim=-1).to(dtype).contiguous()  # (in/G, out, 2)
         return weight, scale_zero
 
-    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the kernel copy is rebuilt from qweight
-        self._kernel_weight = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: rebuilt lazily
-        state = self.__dict__.copy()
-        state["_kernel_weight"] = None
-        return state
-
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 class Int8Embedding(nn.Module):
@@ -461,8 +458,7 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]], from_weights: 
                     if not isinstance(table, Int8Embedding):
                         raise FromzeroError(f"quantization plan: {name!r} is tied to {tied_to!r}, which is not an int8 table")
                     new = cls(old.in_features, old.out_features, old.bias is not None)
-                    if old.bias is not None:
-                        new.bias.data = old.bias.detach().float().clone()
+                    new._copy_bias(old)
                     new.share_table(table)
                 elif from_weights:
                     new = cls.from_linear(old)

@@ -34,21 +34,23 @@ Shapes: B = batch of (user, item) pairs, F = GMF factors, L_k = width of MLP lay
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from fromzero.errors import FromzeroError
-from fromzero.models import FamilyFacts
+from fromzero.models import ConfigDict, FamilyFacts
 
 ARCHES = ("gmf", "mlp", "neumf", "widedeep")
 
 
 @dataclass
-class RecsysConfig:
+class RecsysConfig(ConfigDict):
     """Architecture of a recommender (what config.json stores to rebuild it)."""
+
+    MODEL_TYPE = "fromzero-recsys"
 
     arch: str = "neumf"
     """gmf | mlp | neumf | widedeep."""
@@ -83,14 +85,6 @@ class RecsysConfig:
             raise FromzeroError(f"mlp_layers[0] must be even (user and item embeddings of half its size), got {layers[0]}")
         if not 0.0 <= self.dropout < 1.0:
             raise FromzeroError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return {"model_type": "fromzero-recsys", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "RecsysConfig":
-        fields = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
-        return cls(**fields)
 
 
 def _init_embedding(embedding: nn.Embedding) -> None:

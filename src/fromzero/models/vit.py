@@ -29,14 +29,14 @@ Shapes: B = batch, Ch = image channels, Hi x Wi = image size, N = patches, T = 1
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.models import FamilyFacts
-from fromzero.models.layers import HF_ACTIVATIONS, attention
+from fromzero.models import ConfigDict, FamilyFacts
+from fromzero.models.layers import HF_ACTIVATIONS, attention, init_normal
 
 # Activations by their Hugging Face names (``hidden_act`` / ``pooler_act`` in a HF config).
 ACTIVATIONS = HF_ACTIVATIONS
@@ -56,11 +56,13 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(ConfigDict):
     """Architecture of a ViT: everything needed to rebuild it (saved as config.json).
 
     The defaults are ViT-Base/16 at 224 x 224 (Hugging Face's ``ViTConfig`` defaults).
     """
+
+    MODEL_TYPE = "fromzero-vit"
 
     image_size: int | list[int] = 224
     """Input image size in pixels: an int for square images, or [height, width]."""
@@ -158,14 +160,6 @@ class ViTConfig:
                 f"model.labels has {len(self.labels)} names but model.num_labels is {self.num_labels}"
             )
 
-    def to_dict(self) -> dict:
-        return {"model_type": "fromzero-vit", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
-        fields = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in fields})
-
 
 class ViTSelfAttention(nn.Module):
     """Bidirectional multi-head self-attention: every token attends to every token.
@@ -246,25 +240,13 @@ class ViT(nn.Module):
         self.drop = nn.Dropout(config.hidden_dropout_prob)
         self.blocks = nn.ModuleList(ViTBlock(config) for _ in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(D, eps=config.layer_norm_eps)
-        self.pooler = (
-            nn.Linear(D, config.pooler_output_size or D) if config.pooler else None
-        )
+        self.pooler = nn.Linear(D, config.pooler_output_size or D) if config.pooler else None
         self.pooler_act = ACTIVATIONS[config.pooler_act]
         self.head = nn.Linear(D, config.num_labels) if config.num_labels > 0 else None
-        self.apply(self._init_weights)
+        self.apply(init_normal)
         # As HF: truncated normal for the class token and position embeddings.
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def position_embeddings(self, height: int, width: int, interpolate: bool) -> torch.Tensor:
         """Position embeddings (1, T, D) for an image of height x width pixels.
