@@ -65,15 +65,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from fromzero.data.corpora import fetch_shakespeare, shakespeare_files
-from fromzero.data.datasets import SPLIT_PLAYS, play_genres, strip_header
+from fromzero.data.datasets import folio_plays
 from fromzero.data.tokenizers import TextTokenizer
 from fromzero.errors import FromzeroError
 
@@ -98,6 +98,7 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -114,6 +115,19 @@ def load_sft_examples(
         from fromzero.data.rotten_tomatoes import sft_splits
 
         return sft_splits()
+    return load_jsonl_splits(
+        source, lambda obj, where: {"messages": _normalise(obj, where)}, "SFT", "examples",
+        "shakespeare-dialogue, rotten-tomatoes, a .jsonl file or a folder with train.jsonl",
+        val_fraction, test_fraction, seed,
+    )
+
+
+def load_jsonl_splits(source: str, parse: Callable[[Any, str], T], what: str, noun: str, expected: str,
+                      val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[T]]:
+    """``parse(row, "file:line")`` of the rows of a ``.jsonl`` file or of a folder's ``train.jsonl``
+    (+ optional ``val.jsonl``, ``test.jsonl``); a missing split is carved out of train:
+    ``val_fraction`` / ``test_fraction`` of it, chosen by ``seed``, file order kept. ``what`` and
+    ``noun`` name the data and its rows in errors; ``expected`` lists the sources a bad one could be."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise FromzeroError(
             f"val_fraction and test_fraction must be >= 0 and sum to < 1 "
@@ -122,32 +136,28 @@ def load_sft_examples(
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "train.jsonl").is_file():
-            raise FromzeroError(f"SFT data folder {path} has no train.jsonl")
+            raise FromzeroError(f"{what} data folder {path} has no train.jsonl")
         files = {s: path / f"{s}.jsonl" for s in SPLITS}
-        splits = {s: _read_jsonl(f) for s, f in files.items() if f.is_file()}
+        splits = {s: _read_jsonl(f, parse, what, noun) for s, f in files.items() if f.is_file()}
     elif path.is_file() and path.suffix == ".jsonl":
-        splits = {"train": _read_jsonl(path)}
+        splits = {"train": _read_jsonl(path, parse, what, noun)}
     elif path.exists():
-        raise FromzeroError(f"SFT data {path} must be a .jsonl file or a folder with train.jsonl")
+        raise FromzeroError(f"{what} data {path} must be a .jsonl file or a folder with train.jsonl")
     else:
-        raise FromzeroError(
-            f"SFT data {source!r} not found: expected shakespeare-dialogue, rotten-tomatoes, a .jsonl "
-            "file or a folder with train.jsonl"
-        )
+        raise FromzeroError(f"{what} data {source!r} not found: expected {expected}")
     train = splits["train"]
     fractions = {"val": val_fraction, "test": test_fraction}
     carve = {s: int(round(len(train) * fractions[s])) for s in ("val", "test") if s not in splits}
     order = np.random.default_rng(seed).permutation(len(train))
     start = 0
     for s, n in carve.items():
-        picked = sorted(order[start : start + n].tolist())
-        splits[s] = [train[i] for i in picked]
+        splits[s] = [train[i] for i in sorted(order[start : start + n].tolist())]
         start += n
     if start:
         taken = set(order[:start].tolist())
-        splits["train"] = [ex for i, ex in enumerate(train) if i not in taken]
+        splits["train"] = [row for i, row in enumerate(train) if i not in taken]
     if not splits["train"]:
-        raise FromzeroError(f"SFT data {source!r}: no training examples left after the split")
+        raise FromzeroError(f"{what} data {source!r}: no training {noun} left after the split")
     return {s: splits[s] for s in SPLITS}
 
 
@@ -165,19 +175,15 @@ def add_system_prompt(examples: list[dict], system_prompt: str) -> list[dict]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, parse: Callable[[Any, str], T], what: str, noun: str) -> list[T]:
+    """``parse`` of each non-blank line of a JSONL file, decoded; errors name ``file:line``."""
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FromzeroError(f"cannot read SFT file {path}: {e}") from None
-    examples = [{"messages": _normalise(obj, where)} for obj, where in jsonl_objects(text, path)]
-    if not examples:
-        raise FromzeroError(f"SFT file {path} holds no examples")
-    return examples
-
-
-def jsonl_objects(text: str, path: Path) -> Iterator[tuple[Any, str]]:
-    """Each non-blank line of a JSONL file's ``text``, decoded, with its ``file:line`` for errors."""
+    except UnicodeDecodeError:
+        raise FromzeroError(f"{what} file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise FromzeroError(f"cannot read {what} file {path}: {e.strerror or e}") from None
+    rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -186,7 +192,10 @@ def jsonl_objects(text: str, path: Path) -> Iterator[tuple[Any, str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise FromzeroError(f"{where}: not valid JSON ({e.msg})") from None
-        yield obj, where
+        rows.append(parse(obj, where))
+    if not rows:
+        raise FromzeroError(f"{what} file {path} holds no {noun}")
+    return rows
 
 
 def message_list(raw: Any, where: str) -> list[dict]:
@@ -321,22 +330,15 @@ def shakespeare_dialogue(
     Deterministic: plays in file-name order, pairs in text order. With the defaults:
     train 13,407, val 3,824, test 2,279 examples (19,510 in all).
     """
-    files = shakespeare_files(fetch_shakespeare())
-    genres = play_genres(files)
-    split_of = {play: split for split, plays in SPLIT_PLAYS.items() for play in plays}
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for path in files:
-        play = path.name[: -len("_gut.txt")]
-        if play not in genres:
-            continue
-        rows = out[split_of.get(play, "train")]
-        for scene in _speeches(strip_header(path.read_text(encoding="utf-8"), play)):
+    for play, split, lines in folio_plays():
+        for scene in _speeches(lines):
             for (a, prompt), (b, reply) in zip(scene, scene[1:]):
                 if a == b or not all(min_chars <= len(t) <= max_chars for t in (prompt, reply)):
                     continue
-                rows.append({"messages": [{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": reply}],
-                             "play": play})
+                out[split].append({"messages": [{"role": "user", "content": prompt},
+                                                {"role": "assistant", "content": reply}],
+                                   "play": play})
     return out
 
 
@@ -524,10 +526,5 @@ def collate_sft(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(x, y)`` pairs into ``(B, T)`` tensors, right-padding x with ``pad_id`` and
     y with -100 (padding never contributes to the loss)."""
-    T = max(len(x) for x, _ in batch)
-    X = torch.full((len(batch), T), pad_id, dtype=torch.int64)
-    Y = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.int64)
-    for b, (x, y) in enumerate(batch):
-        X[b, : len(x)] = x
-        Y[b, : len(y)] = y
-    return X, Y
+    return (pad_sequence([x for x, _ in batch], batch_first=True, padding_value=pad_id),
+            pad_sequence([y for _, y in batch], batch_first=True, padding_value=IGNORE_INDEX))
