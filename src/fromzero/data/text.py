@@ -36,8 +36,9 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import torch
 
-from fromzero.files import temp_dir_beside
 from fromzero import __version__
+from fromzero.checkpoint import atomic_write_text
+from fromzero.files import temp_dir_beside
 from fromzero.data.corpora import DEFAULT_CHUNK_CHARS, Corpus, iter_file_chunks, resolve_corpus
 from fromzero.data.datasets import move_into_place
 from fromzero.data.tokenizers import TOKENIZER_FILE, TextTokenizer, build_tokenizer
@@ -166,7 +167,7 @@ def prepare_dataset(
                 "fromzero_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            _write_json(tmp / META_FILE, meta)
+            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
             _check_out_dir(out_dir, force)  # again: something may have appeared meanwhile
             move_into_place(tmp, out_dir)
         except BaseException:
@@ -192,14 +193,6 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
             f"{out_dir} exists and is not a fromzero data folder (no {META_FILE}); "
             "refusing to replace it even with --force: choose another folder or delete it"
         )
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _short(name: str, limit: int = 40) -> str:
@@ -400,14 +393,8 @@ def _progress_bars(enabled: bool) -> Iterator[_Bars]:
         yield _Bars(None)
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     from rich.text import Text
 
     class CountColumn(ProgressColumn):

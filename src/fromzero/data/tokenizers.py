@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fromzero.files import temp_file_beside
 from fromzero.errors import FromzeroError, first_line
 
 if TYPE_CHECKING:
@@ -155,21 +154,12 @@ class TextTokenizer:
 
         ``path`` is the file to write; an existing folder means ``folder/tokenizer.json``.
         """
+        from fromzero.checkpoint import atomic_write_text  # torch-heavy: only when saving
+
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.backend.to_str(pretty=True)
-        fd, tmp = temp_file_beside(path, f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.backend.to_str(pretty=True))
         return path
 
     @classmethod
