@@ -206,14 +206,15 @@ def _sort_key(p: str | Path) -> tuple[str, ...]:
     return Path(p).parts
 
 
-def _files_under(root: Path) -> list[Path]:
-    """Every regular file below ``root`` (recursively), hidden files and folders skipped."""
+def _files_under(root: Path, skip_dirs: frozenset[str] = frozenset(), suffix: str = "") -> list[Path]:
+    """Every regular file below ``root`` (recursively) whose name ends with ``suffix``, sorted;
+    hidden files and folders, and folders named in ``skip_dirs``, skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
         for name in filenames:
             p = Path(dirpath) / name
-            if not name.startswith(".") and p.is_file():
+            if name.endswith(suffix) and not name.startswith(".") and p.is_file():
                 found.append(p)
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
@@ -231,23 +232,18 @@ def python_stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise FromzeroError(f"the Python standard library folder {root} does not exist")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [
-            d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS and not d.startswith(".")
-        ]
-        for name in filenames:
-            if not name.endswith(".py") or name.startswith("."):
-                continue
-            p = Path(dirpath) / name
-            try:
-                p.read_bytes().decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue  # a few stdlib files are deliberately not UTF-8, or unreadable
-            found.append(p)
+    found = [p for p in _files_under(root, _STDLIB_EXCLUDED_DIRS, ".py") if _is_utf8(p)]
     if not found:
         raise FromzeroError(f"no readable .py files found in the standard library at {root}")
-    return sorted(found, key=lambda p: p.relative_to(root).parts)
+    return found
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False  # a few stdlib files are deliberately not UTF-8, or unreadable
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
