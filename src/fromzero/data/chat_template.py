@@ -30,6 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
+
 from fromzero.errors import FromzeroError
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -50,49 +56,39 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _make_extensions() -> tuple[type, type]:
-    from jinja2 import nodes
-    from jinja2.exceptions import SecurityError
-    from jinja2.ext import Extension
-    from jinja2.utils import Namespace
+class _GenerationBlock(Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it):
+    rendered as its body; :meth:`JinjaChatTemplate.render` finds replies by prefixes instead."""
 
-    class GenerationBlock(Extension):
-        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it):
-        rendered as its body; :meth:`JinjaChatTemplate.render` finds replies by prefixes instead."""
+    tags = {"generation"}
 
-        tags = {"generation"}
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller: Any) -> str:
-            return caller()
-
-    class TemplateNamespace(Namespace):
-        """``namespace()`` that refuses underscore names (no way to reach Python internals)."""
-
-        def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's own signature trick
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check(name)
-            Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name: str, value: Any) -> None:
-            TemplateNamespace._check(name)
-            Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name: Any) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise SecurityError(f"a chat template cannot store {name!r} on a namespace")
-
-    return GenerationBlock, TemplateNamespace
+    def _body(self, caller: Any) -> str:
+        return caller()
 
 
-_GenerationBlock, _Namespace = _make_extensions()
+class _Namespace(Namespace):
+    """``namespace()`` that refuses underscore names (no way to reach Python internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's own signature trick
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"a chat template cannot store {name!r} on a namespace")
 
 
 @dataclass
@@ -105,9 +101,6 @@ class JinjaChatTemplate:
     extra_context: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message: str) -> None:
             raise FromzeroError(f"chat template: {message}")
 
@@ -130,8 +123,6 @@ class JinjaChatTemplate:
 
     def format(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """Render ``messages`` exactly as the model expects them."""
-        from jinja2 import TemplateError
-
         check_messages(messages)
         try:
             return self._template.render(
