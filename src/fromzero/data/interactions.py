@@ -57,18 +57,12 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 class Interactions:
     """Raw interactions as parallel arrays, one entry per row of the source."""
 
-    users: np.ndarray
-    """(N,) raw user ids (str, numpy object array)."""
-    items: np.ndarray
-    """(N,) raw item ids (str)."""
-    ratings: np.ndarray
-    """(N,) float64 ratings (1.0 everywhere for a file without a rating column)."""
-    timestamps: np.ndarray
-    """(N,) float64 timestamps (any numeric unit; only their order matters)."""
-    source: str = ""
-    """Where they came from (a file path or "synthetic"), for messages."""
-    lines: np.ndarray | None = None
-    """(N,) 1-based line numbers in the source file, for messages (None for generated data)."""
+    users: np.ndarray  # (N,) raw user ids (str, numpy object array)
+    items: np.ndarray  # (N,) raw item ids (str)
+    ratings: np.ndarray  # (N,) float64 ratings (1.0 everywhere for a file without a rating column)
+    timestamps: np.ndarray  # (N,) float64 timestamps (any numeric unit; only their order matters)
+    source: str = ""  # where they came from (a file path or "synthetic"), for messages
+    lines: np.ndarray | None = None  # (N,) 1-based line numbers in the source (None for generated data)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -386,10 +380,8 @@ class EvalSet:
     """Held-out positives with their sampled negatives: row r ranks ``items[r, 0]`` (the positive)
     against ``items[r, 1:]`` for user ``users[r]``."""
 
-    users: np.ndarray
-    """(n,) user indices."""
-    items: np.ndarray
-    """(n, 1 + negatives) item indices; column 0 is the held-out positive."""
+    users: np.ndarray  # (n,) user indices
+    items: np.ndarray  # (n, 1 + negatives) item indices; column 0 is the held-out positive
 
     def __len__(self) -> int:
         return len(self.users)
@@ -400,17 +392,13 @@ class RecData:
     """Interactions split for training and leave-one-out evaluation, as indices of ``ids``."""
 
     ids: IdMap
-    train: np.ndarray
-    """(N, 2) int64 [user, item] training positives."""
-    val: np.ndarray
-    """(n_val, 2) validation positives (each user's second-latest interaction)."""
-    test: np.ndarray
-    """(n_test, 2) test positives (each user's latest interaction, or the rows of test_data)."""
+    train: np.ndarray  # (N, 2) int64 [user, item] training positives
+    val: np.ndarray  # (n_val, 2) validation positives (each user's second-latest interaction)
+    test: np.ndarray  # (n_test, 2) test positives (each user's latest interaction, or the rows of test_data)
+    # Sorted int64 keys user * num_items + item of every positive of train, val and test: what an
+    # evaluation negative must not be.
     known: np.ndarray
-    """Sorted int64 keys user * num_items + item of every positive of train, val and test: what
-    an evaluation negative must not be."""
-    notes: list[str] = field(default_factory=list)
-    """What was dropped or merged on the way, for the console."""
+    notes: list[str] = field(default_factory=list)  # what was dropped or merged on the way, for the console
 
     def train_keys(self) -> np.ndarray:
         """Sorted keys of the training positives: what a training negative must not be."""

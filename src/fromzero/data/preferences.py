@@ -64,10 +64,8 @@ class PreferencePair:
     messages: list[dict[str, str]]
     chosen: str
     rejected: str
-    where: str = ""
-    """Where the pair came from (``file:line``), for error messages."""
-    kind: str = ""
-    """Optional tag for reporting (the built-in sentiment set: ``label`` or ``verbose``)."""
+    where: str = ""  # where the pair came from (file:line), for error messages
+    kind: str = ""  # optional tag for reporting (the built-in sentiment set: "label" or "verbose")
 
 
 # ---------------------------------------------------------------------------------------------
