@@ -4,9 +4,8 @@
 
 ``source`` is one of
 
-* ``"shakespeare-genre"`` -- the built-in dataset (``datasets.shakespeare_genre``), split by play.
-* ``"rotten-tomatoes"`` -- built-in movie reviews, positive / negative, split by movie
-  (``rotten_tomatoes.classification_splits``).
+* ``"shakespeare-genre"`` / ``"rotten-tomatoes"`` -- built in (``datasets.shakespeare_genre``, split
+  by play; ``rotten_tomatoes.classification_splits``, positive / negative, split by movie).
 * a directory holding ``train.csv`` or ``train.jsonl`` (exactly one), and optionally ``val.*``
   and ``test.*``; a missing val or test split is carved out of train (see below).
 * a single ``.csv`` / ``.jsonl`` / ``.json-lines`` file, split into train/val/test.
@@ -29,13 +28,8 @@ stays in train. Everything is deterministic for a given seed.
 Every problem with the data raises ``FromzeroError`` with a one-line message naming the file
 (and the line, for a bad row).
 
-For training: ``encode_texts`` (token ids, truncated keeping the final [SEP]),
-``EncodedClassificationSet`` (ids + label ids) and ``LengthBucketSampler`` + ``PadCollator``::
-
-    ids, n_truncated = encode_texts(tokenizer, [t for t, _ in rows], max_length=256)
-    ds = EncodedClassificationSet(ids, [names.index(label) for _, label in rows])
-    loader = DataLoader(ds, batch_sampler=LengthBucketSampler(ds.lengths, 32, shuffle=True),
-                        collate_fn=ds.collator(pad_id=0))
+For training: ``encode_texts`` (token ids, truncated keeping the final [SEP]), then an
+``EncodedClassificationSet`` batched with ``LengthBucketSampler`` + its ``collator`` (``PadCollator``).
 """
 
 from __future__ import annotations
@@ -89,9 +83,7 @@ def _check_row(path: Path, line: int, text: Any, label: Any) -> _Row:
     where = f"{path}:{line}"
     if not isinstance(text, str) or not text.strip():
         raise FromzeroError(f"{where}: the text must be a non-empty string, got {text!r}")
-    if isinstance(label, bool) or label is None:
-        raise FromzeroError(f"{where}: the label must be a string or an integer, got {label!r}")
-    if isinstance(label, int):
+    if isinstance(label, int) and not isinstance(label, bool):
         label = str(label)
     if not isinstance(label, str) or not label.strip():
         raise FromzeroError(f"{where}: the label must be a string or an integer, got {label!r}")
@@ -212,13 +204,8 @@ def load_text_classification(
     test_fraction: float = 0.1,
     seed: int = 0,
 ) -> dict[str, list[Example]]:
-    """Labelled texts as ``{"train": [(text, label), ...], "val": [...], "test": [...]}``.
-
-    ``source``: ``"shakespeare-genre"``, a directory with ``train.csv``/``train.jsonl`` (and
-    optional ``val.*``/``test.*``), or one ``.csv``/``.jsonl`` file. Labels are strings. Missing
-    val/test splits are carved from train (fractions of the rows before carving), stratified
-    by label and deterministic in ``seed``. See the module docstring for the rules.
-    """
+    """Labelled texts as ``{"train": [(text, label), ...], "val": [...], "test": [...]}``; the
+    sources, file rules and carving (fractions of the rows before carving) are in the module docstring."""
     if source == BUILTIN:
         from fromzero.data.datasets import shakespeare_genre
 

@@ -1,24 +1,17 @@
 """Instruction-tuning (SFT) data for decoder LMs: load, render, tokenize with loss masks, pack.
 
-Formats (:func:`load_sft_examples`) -- every example is normalised to
-``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``:
+Sources (:func:`load_sft_examples`), every example normalised to ``{"messages": [{"role":
+"system"|"user"|"assistant", "content": str}, ...]}``:
 
-* JSONL, one example per line, either ``{"prompt": ..., "response": ...}`` (plus an optional
-  ``"system"``), which becomes a user and an assistant message, or chat style
-  ``{"messages": [...]}``. Roles must be system/user/assistant, contents non-empty strings, and
-  there must be at least one assistant message; a bad line raises :class:`FromzeroError` naming
-  the file and line. Blank lines are skipped; other keys are ignored.
-* The source is a folder with ``train.jsonl`` (and optionally ``val.jsonl``, ``test.jsonl``;
-  a missing one is carved out of train: ``val_fraction`` / ``test_fraction`` of it, chosen by
-  ``seed``) or a single ``.jsonl`` file, split the same way. Carved splits keep file order.
-* ``"shakespeare-dialogue"``: a built-in dataset made from the plays (:func:`shakespeare_dialogue`).
-* ``"rotten-tomatoes"``: built-in movie reviews; the user asks for the sentiment of a review, the
-  assistant answers ``positive`` or ``negative`` (:mod:`fromzero.data.rotten_tomatoes`).
+* a ``.jsonl`` file or a folder with ``train.jsonl`` (+ optional ``val.jsonl``, ``test.jsonl``;
+  :func:`load_jsonl_splits` carves missing splits out of train). A line is ``{"prompt",
+  "response"}`` (+ optional ``"system"``) or ``{"messages": [...]}``: known roles, non-empty string
+  contents, at least one assistant message; a bad line is a :class:`FromzeroError` naming the file
+  and line. Blank lines are skipped, other keys ignored.
+* ``"shakespeare-dialogue"`` (:func:`shakespeare_dialogue`) and ``"rotten-tomatoes"`` (a review ->
+  ``positive`` / ``negative``, :mod:`fromzero.data.rotten_tomatoes`), built in.
 
-:func:`add_system_prompt` puts a system message before every example that has none.
-
-Template (:class:`ChatTemplate`): each message is ``prefix + content + turn_end``; with the
-defaults a prompt/response pair renders as::
+Template (:class:`ChatTemplate`): each message is ``prefix + content + turn_end``; by default::
 
     USER:
     Who's there?
@@ -28,37 +21,28 @@ defaults a prompt/response pair renders as::
 
     <eos, if the tokenizer has one>
 
-The defaults use only capital letters, a colon, newlines and spaces, so a character-level
-tokenizer trained on Shakespeare encodes them (and the speeches never contain a blank line, so
-for char models ``turn_end`` doubles as the stop sequence).
+Only capitals, a colon, newlines and spaces, so a char tokenizer trained on Shakespeare encodes it
+(and speeches never hold a blank line, so ``turn_end`` doubles as the char models' stop sequence).
+A pretrained chat model brings its own template instead (:class:`~fromzero.data.chat_template.
+JinjaChatTemplate`, e.g. ChatML), with the same ``render`` / ``text`` / ``prompt_text`` methods
+(:func:`checkpoint_chat_template` finds a checkpoint's). Its target is the reply plus the
+template's own end-of-turn text (``positive<|im_end|>\n``), so no eos is appended (``add_eos=None``
+decides by template); the special tokens it writes are parsed from the text, and the tokenizer adds
+none of its own, so a template that starts with BOS gets exactly one.
 
-A pretrained chat model brings its own template instead (:class:`fromzero.data.chat_template.
-JinjaChatTemplate`, e.g. SmolLM2's ChatML ``<|im_start|>role\ncontent<|im_end|>\n``), with the
-same ``render`` / ``text`` / ``prompt_text`` methods; :func:`checkpoint_chat_template` finds the
-one a checkpoint was tuned with. Its assistant target is the reply plus the template's own
-end-of-turn text (``positive<|im_end|>\n``), so no tokenizer eos is appended (``add_eos=None``
-decides by template). Special tokens written by the template (``<|im_start|>``, a ``bos_token``)
-are parsed from the text as the tokenizer's special tokens; the tokenizer adds none of its own,
-so a template that starts with BOS gets exactly one.
-
-Masking (:func:`tokenize_sft`): only assistant contents, their ``turn_end`` and the ``eos``
-appended after them are targets; system/user text and all template prefixes get label ``-100``,
-which ``GPT.forward`` ignores. Segments are tokenized separately and concatenated, so a target
-boundary never falls inside a token. Items are ``(x, y) = (ids[:-1], labels[1:])``. Whether those
-ids are the ones the whole text would get (what the model sees at inference) depends on the
-template: :func:`segment_mismatches` checks it. For ChatML every boundary sits next to a special
-token, which the tokenizer never merges with its neighbours, so they agree (with SmolLM2's
-tokenizer, for all 12,752 rotten-tomatoes chats; fine-tuning checks the first 1,000 training
-examples and prints a note if any differ); fromzero's own template with a BPE tokenizer may differ
-by a merge at a boundary (the char tokenizer never does).
+Masking (:func:`tokenize_sft`): only assistant contents, their ``turn_end`` and eos are targets;
+everything else gets label ``-100``, which ``GPT.forward`` ignores. Segments are tokenized
+separately and concatenated, so a target boundary never falls inside a token; items are ``(x, y) =
+(ids[:-1], labels[1:])``. Whether those ids equal the whole text's (what the model reads at
+inference) depends on the template (:func:`segment_mismatches`): with ChatML every boundary sits
+next to a special token, which is never merged, so they agree; fromzero's template with a BPE
+tokenizer may differ by a merge at a boundary (the char tokenizer never does).
 
 Packing (:func:`pack_sft`): examples are concatenated in order and cut into rows of exactly
-``block_size`` tokens (the last row padded with ``y = -100``), so no compute is wasted on
-padding. There is no block-diagonal attention mask: a token may attend to earlier examples in the
-same row, and an example can be split across two rows. That cross-contamination is the standard
-trade-off of packed SFT (the loss itself is unchanged: prompt tokens are never targets).
+``block_size`` tokens (the last padded with ``y = -100``). There is no block-diagonal mask: a token
+may attend to earlier examples in its row and an example may span two rows, the standard trade-off
+of packed SFT (the loss is unchanged: prompt tokens are never targets).
 """
-
 from __future__ import annotations
 
 import json

@@ -257,18 +257,15 @@ def build_tokenizer(
     """
     spec = str(spec).strip()
     lowered = spec.lower()
+    text = chunks if chunks is not None else corpus.iter_chunks()
     if lowered == "char":
-        return train_char_tokenizer(chunks if chunks is not None else corpus.iter_chunks())
+        return train_char_tokenizer(text)
     m = _BPE_SPEC.fullmatch(spec)
     if m:
-        return train_bpe_tokenizer(
-            chunks if chunks is not None else corpus.iter_chunks(), int(m.group(1))
-        )
+        return train_bpe_tokenizer(text, int(m.group(1)))
     path = Path(spec).expanduser()
     if spec and path.exists():
         return TextTokenizer.load(path)
     if lowered.startswith("bpe") or not spec:
         raise FromzeroError(f"bad tokenizer spec {spec!r}: expected {TOKENIZER_SPEC_HELP}")
-    raise FromzeroError(
-        f"tokenizer {spec!r} not found: expected {TOKENIZER_SPEC_HELP}"
-    )
+    raise FromzeroError(f"tokenizer {spec!r} not found: expected {TOKENIZER_SPEC_HELP}")
