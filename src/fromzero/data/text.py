@@ -45,13 +45,7 @@ from fromzero.data.tokenizers import TOKENIZER_FILE, TextTokenizer, build_tokeni
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "prepare_dataset",
-    "load_meta",
-    "load_split",
-    "sample_batch",
-    "token_dtype",
-    "META_FILE",
-    "SPLITS",
+    "prepare_dataset", "load_meta", "load_split", "sample_batch", "token_dtype", "META_FILE", "SPLITS",
 ]
 
 META_FILE = "meta.json"
@@ -79,7 +73,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ----------------------------------------------------------------------------------------------
 # prepare
-# ----------------------------------------------------------------------------------------------
 
 
 def prepare_dataset(
@@ -348,7 +341,6 @@ def _encode_corpus(
 
 # ----------------------------------------------------------------------------------------------
 # progress (rich)
-# ----------------------------------------------------------------------------------------------
 
 
 def _human(n: float) -> str:
@@ -423,7 +415,6 @@ def _progress_bars(enabled: bool) -> Iterator[_Bars]:
 
 # ----------------------------------------------------------------------------------------------
 # reading back
-# ----------------------------------------------------------------------------------------------
 
 
 def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:

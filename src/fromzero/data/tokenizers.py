@@ -10,13 +10,6 @@ Two kinds are trained here, both saved in the `tokenizers` JSON format so that
   encoding a character outside the vocabulary is an error that names the characters.
 * ``bpe``  -- byte-level BPE as in GPT-2: any text encodes (bytes are the base alphabet) and
   decodes back exactly. ``<|endoftext|>`` is a special token, used between documents.
-
-::
-
-    tok = train_char_tokenizer(corpus.iter_chunks())
-    ids = tok.encode("To be, or not to be")
-    assert tok.decode(ids) == "To be, or not to be"
-    tok.save("out/tokenizer.json"); tok = TextTokenizer.load("out")
 """
 
 from __future__ import annotations
@@ -36,13 +29,8 @@ if TYPE_CHECKING:
     from fromzero.data.corpora import Corpus
 
 __all__ = [
-    "EOS_TOKEN",
-    "MIN_BPE_VOCAB",
-    "TextTokenizer",
-    "train_char_tokenizer",
-    "train_bpe_tokenizer",
-    "build_tokenizer",
-    "TOKENIZER_SPEC_HELP",
+    "EOS_TOKEN", "MIN_BPE_VOCAB", "TextTokenizer", "train_char_tokenizer", "train_bpe_tokenizer",
+    "build_tokenizer", "TOKENIZER_SPEC_HELP",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -183,7 +171,6 @@ class TextTokenizer:
 
 # ----------------------------------------------------------------------------------------------
 # Training
-# ----------------------------------------------------------------------------------------------
 
 
 def char_tokenizer_from_chars(chars: Iterable[str]) -> TextTokenizer:
