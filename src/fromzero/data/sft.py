@@ -57,6 +57,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from fromzero.checkpoint import INFO_FILE, read_json
 from fromzero.data.datasets import folio_plays
 from fromzero.data.tokenizers import TextTokenizer
 from fromzero.errors import FromzeroError
@@ -366,15 +367,9 @@ def checkpoint_chat_template(directory: str | Path) -> "ChatTemplate | JinjaChat
     """
     from fromzero.data.chat_template import load_jinja_template
 
-    directory = Path(directory)
-    info_file = directory / "info.json"
-    info: dict = {}
-    if info_file.is_file():
-        try:
-            info = json.loads(info_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise FromzeroError(f"{info_file} is not valid JSON: {e}") from None
-    if isinstance(info, dict) and isinstance(info.get("template"), dict):
+    info_file = Path(directory) / INFO_FILE
+    info = read_json(info_file, "checkpoint info") if info_file.is_file() else {}
+    if isinstance(info.get("template"), dict):
         try:
             return ChatTemplate(**info["template"])
         except TypeError as e:

@@ -75,15 +75,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # prepare
 
 
-def prepare_dataset(
-    corpus_specs: str | Sequence[str],
-    tokenizer_spec: str,
-    out_dir: str | os.PathLike[str],
-    val_fraction: float = 0.1,
-    force: bool = False,
-    progress: bool = True,
-    chunk_chars: int = DEFAULT_CHUNK_CHARS,
-) -> dict[str, Any]:
+def prepare_dataset(corpus_specs: str | Sequence[str], tokenizer_spec: str, out_dir: str | os.PathLike[str],
+                    val_fraction: float = 0.1, force: bool = False, progress: bool = True,
+                    chunk_chars: int = DEFAULT_CHUNK_CHARS) -> dict[str, Any]:
     """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json).
 
     ``corpus_specs`` and ``tokenizer_spec`` take what ``--corpus`` and ``--tokenizer`` take.
@@ -91,9 +85,8 @@ def prepare_dataset(
     ``out_dir`` is only replaced with ``force=True``, and only once the new data is complete.
     Returns the meta dict written to ``meta.json``.
     """
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (
-        0.0 < val_fraction < 1.0
-    ):
+    is_number = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
+    if not is_number or not 0 < val_fraction < 1:
         raise FromzeroError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, force)
@@ -297,14 +290,8 @@ class _BpeEncoder:
         return np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=n)
 
 
-def _encode_corpus(
-    corpus: Corpus,
-    tokenizer: TextTokenizer,
-    writer: _SplitWriter,
-    split_at: int,
-    chunk_chars: int,
-    advance: Any,
-) -> None:
+def _encode_corpus(corpus: Corpus, tokenizer: TextTokenizer, writer: _SplitWriter, split_at: int,
+                   chunk_chars: int, advance: Any) -> None:
     """Encode every file; chars [0, split_at) go to train, the rest to val.
 
     For BPE, ``<|endoftext|>`` separates files (it goes to the split of the text after it).

@@ -129,9 +129,7 @@ class TextTokenizer:
         Ids outside the vocabulary are skipped (what the Rust tokenizer does), which matters
         when a model's output layer is padded beyond the vocabulary.
         """
-        if isinstance(ids, np.ndarray):
-            ids = ids.tolist()
-        elif hasattr(ids, "tolist"):  # a torch tensor
+        if hasattr(ids, "tolist"):  # a numpy array or torch tensor
             ids = ids.tolist()  # type: ignore[union-attr]
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -142,7 +140,7 @@ class TextTokenizer:
 
         ``path`` is the file to write; an existing folder means ``folder/tokenizer.json``.
         """
-        from fromzero.checkpoint import atomic_write_text  # torch-heavy: only when saving
+        from fromzero.checkpoint import atomic_write_text  # imports torch: not at module import
 
         path = Path(path)
         if path.is_dir():
