@@ -11,15 +11,11 @@ does: a template is data from the internet, so it gets no attribute access to Py
 and cannot mutate its inputs. ``raise_exception`` and ``strftime_now`` are provided because real
 templates call them.
 
-:class:`JinjaChatTemplate` offers the same three methods as fromzero's own
-:class:`fromzero.data.sft.ChatTemplate`, so SFT, DPO, ``generate --chat``, ``chat`` and ``serve``
-take either:
-
-* ``text(messages)`` -- the whole conversation;
-* ``prompt_text(messages)`` -- the conversation plus the assistant's opening (generation prompt);
-* ``render(messages)`` -- ``(text, is_target)`` segments, assistant replies marked as targets,
-  for loss masking. Found by rendering prefixes: the text a reply adds after the generation
-  prompt of the conversation so far (its closing end-of-turn marker included).
+:class:`JinjaChatTemplate` offers the same ``text`` / ``prompt_text`` / ``render`` methods as
+fromzero's own :class:`fromzero.data.sft.ChatTemplate`, so SFT, DPO, ``generate --chat``, ``chat``
+and ``serve`` take either. ``render`` finds the assistant replies (loss targets) by rendering
+prefixes: a reply is the text it adds after the generation prompt of the conversation so far (its
+closing end-of-turn marker included).
 """
 
 from __future__ import annotations
@@ -112,8 +108,7 @@ class JinjaChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
         env.filters["tojson"] = _tojson
-        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
-                           namespace=_Namespace)
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=_Namespace)
         try:
             self._template = env.from_string(self.source)
         except TemplateError as e:

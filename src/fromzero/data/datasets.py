@@ -1,9 +1,7 @@
 """Small labelled datasets for fine-tuning and classification: text and images.
 
-``shakespeare_genre`` -- passages of the plays labelled comedy / history / tragedy::
-
-    splits = shakespeare_genre()          # {"train": [...], "val": [...], "test": [...]}
-    splits["train"][0]   # {"text": "ACT I. ...", "label": "comedy", "play": "alls_well_that_..."}
+``shakespeare_genre`` -- passages of the plays labelled comedy / history / tragedy, as rows
+``{"text", "label", "play"}`` of the splits ``train``, ``val`` and ``test``:
 
 * Source: the ``*_gut.txt`` files of the ``shakespeare`` corpus (``fetch_shakespeare()``).
 * Labels: the First Folio's (1623) three-way classification (``GENRES`` below): The Tempest and
@@ -23,8 +21,7 @@
   the rest for training, so no play's vocabulary (character names!) leaks across splits.
   The output is deterministic: plays in file-name order, passages in text order.
 
-``write_digits_imagefolder`` -- scikit-learn's bundled 8x8 digits as an ImageFolder tree
-(``{train,val,test}/{0..9}/NNNN.png`` + ``meta.json``).
+``write_digits_imagefolder`` -- scikit-learn's bundled 8x8 digits as an ImageFolder tree.
 """
 
 from __future__ import annotations
@@ -117,10 +114,8 @@ def play_genres(files: list[Path]) -> dict[str, str]:
         if name in GENRES:
             out[name] = GENRES[name]
         elif name not in EXCLUDED:
-            raise FromzeroError(
-                f"unknown shakespeare file {path.name!r}: add it to GENRES or EXCLUDED in "
-                "fromzero.data.datasets"
-            )
+            raise FromzeroError(f"unknown shakespeare file {path.name!r}: add it to GENRES or EXCLUDED in "
+                                "fromzero.data.datasets")
     return out
 
 
@@ -194,11 +189,6 @@ def shakespeare_genre(passage_chars: int = 500, min_chars: int = 200) -> dict[st
 DIGITS_SPLIT = {"train": 0.70, "val": 0.15, "test": 0.15}
 
 
-def _digits_pixels(images: np.ndarray) -> np.ndarray:
-    """load_digits' 0..16 intensities scaled to 0..255 uint8 (rounded)."""
-    return np.rint(images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)
-
-
 def move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename the finished folder ``tmp`` to ``out_dir``, replacing what is there (put back on failure)."""
     if out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -239,7 +229,7 @@ def write_digits_imagefolder(out_dir: Path, seed: int = 0, force: bool = False) 
         raise FromzeroError(f"{out_dir} is not empty: pass force=True to replace it")
 
     digits = load_digits()
-    pixels = _digits_pixels(digits.images)  # (1797, 8, 8) uint8
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8): 0..16 -> 0..255
     target = np.asarray(digits.target)
     idx = np.arange(len(target))
     train_idx, rest_idx = train_test_split(

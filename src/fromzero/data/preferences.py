@@ -10,8 +10,8 @@ Formats (:func:`load_preference_pairs`); every row becomes a :class:`PreferenceP
   ``{"role": "assistant", "content": ...}``) is accepted too. Refused with the file and line:
   invalid JSON, a missing or empty reply, ``chosen == rejected``. Blank lines are skipped, other
   keys ignored.
-* A ``.jsonl`` file (val / test carved out of it: ``val_fraction`` / ``test_fraction``, chosen by
-  ``seed``, file order kept) or a folder with ``train.jsonl`` (+ ``val.jsonl``, ``test.jsonl``).
+* A ``.jsonl`` file or a folder with ``train.jsonl`` (+ ``val.jsonl``, ``test.jsonl``), split as
+  :func:`fromzero.data.sft.load_jsonl_splits` does.
 * ``rotten-tomatoes-preferences``: built from the rotten-tomatoes sentiment reviews, split as
   :mod:`fromzero.data.rotten_tomatoes` splits them (:func:`sentiment_preferences`).
 

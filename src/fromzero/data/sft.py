@@ -103,10 +103,8 @@ def load_jsonl_splits(source: str, parse: Callable[[Any, str], T], what: str, no
     ``val_fraction`` / ``test_fraction`` of it, chosen by ``seed``, file order kept. ``what`` and
     ``noun`` name the data and its rows in errors; ``expected`` lists the sources a bad one could be."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise FromzeroError(
-            f"val_fraction and test_fraction must be >= 0 and sum to < 1 "
-            f"(got {val_fraction}, {test_fraction})"
-        )
+        raise FromzeroError(f"val_fraction and test_fraction must be >= 0 and sum to < 1 "
+                            f"(got {val_fraction}, {test_fraction})")
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "train.jsonl").is_file():
@@ -205,10 +203,8 @@ def _normalise(obj: object, where: str) -> list[dict]:
         if "system" in obj:
             messages.insert(0, {"role": "system", "content": obj["system"]})
     else:
-        raise FromzeroError(
-            f"{where}: expected {{\"prompt\", \"response\"}} or {{\"messages\"}}, "
-            f"got keys {sorted(obj)}"
-        )
+        raise FromzeroError(f"{where}: expected {{\"prompt\", \"response\"}} or {{\"messages\"}}, "
+                            f"got keys {sorted(obj)}")
     check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise FromzeroError(f"{where}: no assistant message (nothing to learn)")
@@ -297,9 +293,8 @@ def shakespeare_dialogue(
     Every two consecutive speeches of one scene by different speakers give an example: the
     first speech (without its speaker line) is the user message, the reply the assistant
     message; pairs where either text has fewer than ``min_chars`` or more than ``max_chars``
-    characters are skipped. Stage directions inside a speech stay. Plays are the 36 of
-    ``play_genres`` (poems and Pericles are left out); ``SPLIT_PLAYS`` holds out 6 plays each
-    for val and test. Each example also has ``"play"`` (the file name without ``_gut.txt``).
+    characters are skipped. Stage directions inside a speech stay. Plays and splits are those of
+    :func:`~fromzero.data.datasets.folio_plays`; each example also has ``"play"``.
     Deterministic: plays in file-name order, pairs in text order. With the defaults:
     train 13,407, val 3,824, test 2,279 examples (19,510 in all).
     """
@@ -388,8 +383,7 @@ class SFTSet(Dataset):
                  n_truncated: int = 0, n_dropped: int = 0) -> None:
         self.xs, self.ys = xs, ys
         self.lengths = [len(x) for x in xs]
-        self.n_truncated = n_truncated
-        self.n_dropped = n_dropped
+        self.n_truncated, self.n_dropped = n_truncated, n_dropped
         self.n_target_tokens = int(sum(int((y != IGNORE_INDEX).sum()) for y in ys))
 
     def __len__(self) -> int:
@@ -409,10 +403,9 @@ def _wants_eos(template: object, add_eos: bool | None) -> bool:
     return isinstance(template, ChatTemplate) if add_eos is None else add_eos
 
 
-def tokenize_sft(
-    examples: list[dict], tokenizer: TextTokenizer, template: "ChatTemplate | JinjaChatTemplate | None" = None,
-    max_length: int = 1024, add_eos: bool | None = None,
-) -> SFTSet:
+def tokenize_sft(examples: list[dict], tokenizer: TextTokenizer,
+                 template: "ChatTemplate | JinjaChatTemplate | None" = None, max_length: int = 1024,
+                 add_eos: bool | None = None) -> SFTSet:
     """Token ids and loss-masked labels of each example (see the module docstring).
 
     ``template``: fromzero's :class:`ChatTemplate` (default) or a model's own
@@ -450,9 +443,8 @@ def tokenize_sft(
     return SFTSet(xs, ys, n_truncated=n_truncated, n_dropped=n_dropped)
 
 
-def segment_mismatches(
-    examples: list[dict], tokenizer: TextTokenizer, template: "ChatTemplate | JinjaChatTemplate | None" = None,
-) -> list[int]:
+def segment_mismatches(examples: list[dict], tokenizer: TextTokenizer,
+                       template: "ChatTemplate | JinjaChatTemplate | None" = None) -> list[int]:
     """Indices of the examples whose segment-by-segment token ids (what :func:`tokenize_sft`
     trains on) differ from the tokenization of the whole rendered text (what the model reads at
     inference). Empty for templates whose segment boundaries never fall inside a token."""

@@ -105,13 +105,11 @@ def prepare_dataset(corpus_specs: str | Sequence[str], tokenizer_spec: str, out_
         tokenizer = build_tokenizer(tokenizer_spec, corpus, chunks=chunks)
         for done in learning:
             done()
-        if counter.exhausted:
-            total_chars = counter.chars
-        else:  # a ready-made tokenizer file: counting is a pass of its own
+        if not counter.exhausted:  # a ready-made tokenizer file: counting is a pass of its own
             counter = _CharCounter(corpus.iter_chunks(chunk_chars))
             for _ in bars.track(counter, corpus.total_bytes(), "bytes", "counting characters"):
                 pass
-            total_chars = counter.chars
+        total_chars = counter.chars
 
         split_at = int(total_chars * (1 - val_fraction))  # nanoGPT: data[:int(n*0.9)]
         if split_at <= 0 or split_at >= total_chars:
@@ -175,10 +173,8 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         raise FromzeroError(f"{out_dir} exists; pass --force to overwrite")
     if not (out_dir / META_FILE).is_file():
         # --force replaces a dataset, never an arbitrary folder (think `--out ~ --force`).
-        raise FromzeroError(
-            f"{out_dir} exists and is not a fromzero data folder (no {META_FILE}); "
-            "refusing to replace it even with --force: choose another folder or delete it"
-        )
+        raise FromzeroError(f"{out_dir} exists and is not a fromzero data folder (no {META_FILE}); "
+                            "refusing to replace it even with --force: choose another folder or delete it")
 
 
 def _short(name: str, limit: int = 40) -> str:
@@ -207,12 +203,10 @@ class _SplitWriter:
         self.dtype = dtype
         self.limit = np.iinfo(dtype).max
         self.counts = {s: 0 for s in SPLITS}
-        self._files: dict[str, BinaryIO] = {}
         self._folder = folder
 
     def __enter__(self) -> _SplitWriter:
-        for s in SPLITS:
-            self._files[s] = open(self._folder / f"{s}.bin", "wb")
+        self._files: dict[str, BinaryIO] = {s: open(self._folder / f"{s}.bin", "wb") for s in SPLITS}
         return self
 
     def write(self, split: str, ids: np.ndarray) -> None:
@@ -468,10 +462,8 @@ def sample_batch(
         raise FromzeroError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
     n = len(data)
     if n <= block_size:
-        raise FromzeroError(
-            f"block_size {block_size} is longer than the data ({n} tokens); "
-            "use a smaller block_size or more data"
-        )
+        raise FromzeroError(f"block_size {block_size} is longer than the data ({n} tokens); "
+                            "use a smaller block_size or more data")
     offsets = torch.randint(n - block_size, (batch_size,), generator=generator)  # (B,)
     index = offsets.numpy()[:, None] + np.arange(block_size + 1)  # (B, T+1)
     windows = torch.from_numpy(np.asarray(data[index], dtype=np.int64))  # (B, T+1)

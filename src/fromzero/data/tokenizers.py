@@ -201,10 +201,8 @@ def train_bpe_tokenizer(chunks: Iterable[str], vocab_size: int) -> TextTokenizer
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise FromzeroError(f"BPE vocab size must be an integer, got {vocab_size!r}")
     if vocab_size < MIN_BPE_VOCAB:
-        raise FromzeroError(
-            f"BPE vocab size {vocab_size} is too small: byte-level BPE needs at least "
-            f"{MIN_BPE_VOCAB} (256 bytes + {EOS_TOKEN})"
-        )
+        raise FromzeroError(f"BPE vocab size {vocab_size} is too small: byte-level BPE needs at least "
+                            f"{MIN_BPE_VOCAB} (256 bytes + {EOS_TOKEN})")
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
