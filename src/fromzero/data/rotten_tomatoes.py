@@ -28,15 +28,10 @@ on a random-number library's version). Within a split, reviews keep file order. 
 (507 movies: every review of ``the_crime_of_padre_amaro`` is a copy of one of its alias
 ``el_crimen_del_padre_amaro``, so it keeps none of its own.)
 
-Two views of the same rows:
-
-* text classification (``data: rotten-tomatoes`` in a text-classification recipe):
-  :func:`classification_splits` -> ``{split: [(review, "positive" | "negative"), ...]}``;
-* instruction tuning (``data: rotten-tomatoes`` in an sft recipe): :func:`sft_splits` -> chats
-  ``[system (optional)], user: INSTRUCTION + review, assistant: "positive" | "negative"``;
-  the loss falls on the reply only (see :mod:`fromzero.data.sft`). The same user message is what
-  :mod:`fromzero.inference.chat_eval` asks a chat model, so a zero-shot model and a fine-tuned
-  one answer the very same prompt.
+Two views of the same rows: :func:`classification_splits` (``data: rotten-tomatoes`` in a
+text-classification recipe) and :func:`sft_splits` (in an sft recipe: the user asks
+:data:`INSTRUCTION` + review, the assistant answers the label; :mod:`fromzero.inference.chat_eval`
+asks a chat model the very same question, so zero-shot and fine-tuned models are compared fairly).
 """
 
 from __future__ import annotations

@@ -1,24 +1,17 @@
 """Instruction-tuning (SFT) data for decoder LMs: load, render, tokenize with loss masks, pack.
 
-Formats (:func:`load_sft_examples`) -- every example is normalised to
-``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``:
+Sources (:func:`load_sft_examples`), every example normalised to ``{"messages": [{"role":
+"system"|"user"|"assistant", "content": str}, ...]}``:
 
-* JSONL, one example per line, either ``{"prompt": ..., "response": ...}`` (plus an optional
-  ``"system"``), which becomes a user and an assistant message, or chat style
-  ``{"messages": [...]}``. Roles must be system/user/assistant, contents non-empty strings, and
-  there must be at least one assistant message; a bad line raises :class:`FromzeroError` naming
-  the file and line. Blank lines are skipped; other keys are ignored.
-* The source is a folder with ``train.jsonl`` (and optionally ``val.jsonl``, ``test.jsonl``;
-  a missing one is carved out of train: ``val_fraction`` / ``test_fraction`` of it, chosen by
-  ``seed``) or a single ``.jsonl`` file, split the same way. Carved splits keep file order.
-* ``"shakespeare-dialogue"``: a built-in dataset made from the plays (:func:`shakespeare_dialogue`).
-* ``"rotten-tomatoes"``: built-in movie reviews; the user asks for the sentiment of a review, the
-  assistant answers ``positive`` or ``negative`` (:mod:`fromzero.data.rotten_tomatoes`).
+* a ``.jsonl`` file or a folder with ``train.jsonl`` (+ optional ``val.jsonl``, ``test.jsonl``;
+  :func:`load_jsonl_splits` carves missing splits out of train). A line is ``{"prompt",
+  "response"}`` (+ optional ``"system"``) or ``{"messages": [...]}``: known roles, non-empty string
+  contents, at least one assistant message; a bad line is a :class:`FromzeroError` naming the file
+  and line. Blank lines are skipped, other keys ignored.
+* ``"shakespeare-dialogue"`` (:func:`shakespeare_dialogue`) and ``"rotten-tomatoes"`` (a review ->
+  ``positive`` / ``negative``, :mod:`fromzero.data.rotten_tomatoes`), built in.
 
-:func:`add_system_prompt` puts a system message before every example that has none.
-
-Template (:class:`ChatTemplate`): each message is ``prefix + content + turn_end``; with the
-defaults a prompt/response pair renders as::
+Template (:class:`ChatTemplate`): each message is ``prefix + content + turn_end``; by default::
 
     USER:
     Who's there?
@@ -28,52 +21,44 @@ defaults a prompt/response pair renders as::
 
     <eos, if the tokenizer has one>
 
-The defaults use only capital letters, a colon, newlines and spaces, so a character-level
-tokenizer trained on Shakespeare encodes them (and the speeches never contain a blank line, so
-for char models ``turn_end`` doubles as the stop sequence).
+Only capitals, a colon, newlines and spaces, so a char tokenizer trained on Shakespeare encodes it
+(and speeches never hold a blank line, so ``turn_end`` doubles as the char models' stop sequence).
+A pretrained chat model brings its own template instead (:class:`~fromzero.data.chat_template.
+JinjaChatTemplate`, e.g. ChatML), with the same ``render`` / ``text`` / ``prompt_text`` methods
+(:func:`checkpoint_chat_template` finds a checkpoint's). Its target is the reply plus the
+template's own end-of-turn text (``positive<|im_end|>\n``), so no eos is appended (``add_eos=None``
+decides by template); the special tokens it writes are parsed from the text, and the tokenizer adds
+none of its own, so a template that starts with BOS gets exactly one.
 
-A pretrained chat model brings its own template instead (:class:`fromzero.data.chat_template.
-JinjaChatTemplate`, e.g. SmolLM2's ChatML ``<|im_start|>role\ncontent<|im_end|>\n``), with the
-same ``render`` / ``text`` / ``prompt_text`` methods; :func:`checkpoint_chat_template` finds the
-one a checkpoint was tuned with. Its assistant target is the reply plus the template's own
-end-of-turn text (``positive<|im_end|>\n``), so no tokenizer eos is appended (``add_eos=None``
-decides by template). Special tokens written by the template (``<|im_start|>``, a ``bos_token``)
-are parsed from the text as the tokenizer's special tokens; the tokenizer adds none of its own,
-so a template that starts with BOS gets exactly one.
-
-Masking (:func:`tokenize_sft`): only assistant contents, their ``turn_end`` and the ``eos``
-appended after them are targets; system/user text and all template prefixes get label ``-100``,
-which ``GPT.forward`` ignores. Segments are tokenized separately and concatenated, so a target
-boundary never falls inside a token. Items are ``(x, y) = (ids[:-1], labels[1:])``. Whether those
-ids are the ones the whole text would get (what the model sees at inference) depends on the
-template: :func:`segment_mismatches` checks it. For ChatML every boundary sits next to a special
-token, which the tokenizer never merges with its neighbours, so they agree (with SmolLM2's
-tokenizer, for all 12,752 rotten-tomatoes chats; fine-tuning checks the first 1,000 training
-examples and prints a note if any differ); fromzero's own template with a BPE tokenizer may differ
-by a merge at a boundary (the char tokenizer never does).
+Masking (:func:`tokenize_sft`): only assistant contents, their ``turn_end`` and eos are targets;
+everything else gets label ``-100``, which ``GPT.forward`` ignores. Segments are tokenized
+separately and concatenated, so a target boundary never falls inside a token; items are ``(x, y) =
+(ids[:-1], labels[1:])``. Whether those ids equal the whole text's (what the model reads at
+inference) depends on the template (:func:`segment_mismatches`): with ChatML every boundary sits
+next to a special token, which is never merged, so they agree; fromzero's template with a BPE
+tokenizer may differ by a merge at a boundary (the char tokenizer never does).
 
 Packing (:func:`pack_sft`): examples are concatenated in order and cut into rows of exactly
-``block_size`` tokens (the last row padded with ``y = -100``), so no compute is wasted on
-padding. There is no block-diagonal attention mask: a token may attend to earlier examples in the
-same row, and an example can be split across two rows. That cross-contamination is the standard
-trade-off of packed SFT (the loss itself is unchanged: prompt tokens are never targets).
+``block_size`` tokens (the last padded with ``y = -100``). There is no block-diagonal mask: a token
+may attend to earlier examples in its row and an example may span two rows, the standard trade-off
+of packed SFT (the loss is unchanged: prompt tokens are never targets).
 """
-
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from fromzero.data.corpora import fetch_shakespeare, shakespeare_files
-from fromzero.data.datasets import SPLIT_PLAYS, play_genres, strip_header
+from fromzero.checkpoint import INFO_FILE, read_json
+from fromzero.data.datasets import folio_plays
 from fromzero.data.tokenizers import TextTokenizer
 from fromzero.errors import FromzeroError
 
@@ -81,27 +66,17 @@ if TYPE_CHECKING:
     from fromzero.data.chat_template import JinjaChatTemplate
 
 __all__ = [
-    "ROLES",
-    "IGNORE_INDEX",
-    "load_sft_examples",
-    "add_system_prompt",
-    "shakespeare_dialogue",
-    "ChatTemplate",
-    "checkpoint_chat_template",
-    "SFTSet",
-    "tokenize_sft",
-    "segment_mismatches",
-    "pack_sft",
-    "collate_sft",
+    "ROLES", "IGNORE_INDEX", "load_sft_examples", "add_system_prompt", "shakespeare_dialogue", "ChatTemplate",
+    "checkpoint_chat_template", "SFTSet", "tokenize_sft", "segment_mismatches", "pack_sft", "collate_sft",
 ]
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 SPLITS = ("train", "val", "test")
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-# ---------------------------------------------------------------------------------------------
 
 
 def load_sft_examples(
@@ -114,40 +89,47 @@ def load_sft_examples(
         from fromzero.data.rotten_tomatoes import sft_splits
 
         return sft_splits()
+    return load_jsonl_splits(
+        source, lambda obj, where: {"messages": _normalise(obj, where)}, "SFT", "examples",
+        "shakespeare-dialogue, rotten-tomatoes, a .jsonl file or a folder with train.jsonl",
+        val_fraction, test_fraction, seed,
+    )
+
+
+def load_jsonl_splits(source: str, parse: Callable[[Any, str], T], what: str, noun: str, expected: str,
+                      val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[T]]:
+    """``parse(row, "file:line")`` of the rows of a ``.jsonl`` file or of a folder's ``train.jsonl``
+    (+ optional ``val.jsonl``, ``test.jsonl``); a missing split is carved out of train:
+    ``val_fraction`` / ``test_fraction`` of it, chosen by ``seed``, file order kept. ``what`` and
+    ``noun`` name the data and its rows in errors; ``expected`` lists the sources a bad one could be."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise FromzeroError(
-            f"val_fraction and test_fraction must be >= 0 and sum to < 1 "
-            f"(got {val_fraction}, {test_fraction})"
-        )
+        raise FromzeroError(f"val_fraction and test_fraction must be >= 0 and sum to < 1 "
+                            f"(got {val_fraction}, {test_fraction})")
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "train.jsonl").is_file():
-            raise FromzeroError(f"SFT data folder {path} has no train.jsonl")
+            raise FromzeroError(f"{what} data folder {path} has no train.jsonl")
         files = {s: path / f"{s}.jsonl" for s in SPLITS}
-        splits = {s: _read_jsonl(f) for s, f in files.items() if f.is_file()}
+        splits = {s: _read_jsonl(f, parse, what, noun) for s, f in files.items() if f.is_file()}
     elif path.is_file() and path.suffix == ".jsonl":
-        splits = {"train": _read_jsonl(path)}
+        splits = {"train": _read_jsonl(path, parse, what, noun)}
     elif path.exists():
-        raise FromzeroError(f"SFT data {path} must be a .jsonl file or a folder with train.jsonl")
+        raise FromzeroError(f"{what} data {path} must be a .jsonl file or a folder with train.jsonl")
     else:
-        raise FromzeroError(
-            f"SFT data {source!r} not found: expected shakespeare-dialogue, rotten-tomatoes, a .jsonl "
-            "file or a folder with train.jsonl"
-        )
+        raise FromzeroError(f"{what} data {source!r} not found: expected {expected}")
     train = splits["train"]
     fractions = {"val": val_fraction, "test": test_fraction}
     carve = {s: int(round(len(train) * fractions[s])) for s in ("val", "test") if s not in splits}
     order = np.random.default_rng(seed).permutation(len(train))
     start = 0
     for s, n in carve.items():
-        picked = sorted(order[start : start + n].tolist())
-        splits[s] = [train[i] for i in picked]
+        splits[s] = [train[i] for i in sorted(order[start : start + n].tolist())]
         start += n
     if start:
         taken = set(order[:start].tolist())
-        splits["train"] = [ex for i, ex in enumerate(train) if i not in taken]
+        splits["train"] = [row for i, row in enumerate(train) if i not in taken]
     if not splits["train"]:
-        raise FromzeroError(f"SFT data {source!r}: no training examples left after the split")
+        raise FromzeroError(f"{what} data {source!r}: no training {noun} left after the split")
     return {s: splits[s] for s in SPLITS}
 
 
@@ -165,19 +147,15 @@ def add_system_prompt(examples: list[dict], system_prompt: str) -> list[dict]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, parse: Callable[[Any, str], T], what: str, noun: str) -> list[T]:
+    """``parse`` of each non-blank line of a JSONL file, decoded; errors name ``file:line``."""
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FromzeroError(f"cannot read SFT file {path}: {e}") from None
-    examples = [{"messages": _normalise(obj, where)} for obj, where in jsonl_objects(text, path)]
-    if not examples:
-        raise FromzeroError(f"SFT file {path} holds no examples")
-    return examples
-
-
-def jsonl_objects(text: str, path: Path) -> Iterator[tuple[Any, str]]:
-    """Each non-blank line of a JSONL file's ``text``, decoded, with its ``file:line`` for errors."""
+    except UnicodeDecodeError:
+        raise FromzeroError(f"{what} file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise FromzeroError(f"cannot read {what} file {path}: {e.strerror or e}") from None
+    rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -186,7 +164,10 @@ def jsonl_objects(text: str, path: Path) -> Iterator[tuple[Any, str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise FromzeroError(f"{where}: not valid JSON ({e.msg})") from None
-        yield obj, where
+        rows.append(parse(obj, where))
+    if not rows:
+        raise FromzeroError(f"{what} file {path} holds no {noun}")
+    return rows
 
 
 def message_list(raw: Any, where: str) -> list[dict]:
@@ -222,10 +203,8 @@ def _normalise(obj: object, where: str) -> list[dict]:
         if "system" in obj:
             messages.insert(0, {"role": "system", "content": obj["system"]})
     else:
-        raise FromzeroError(
-            f"{where}: expected {{\"prompt\", \"response\"}} or {{\"messages\"}}, "
-            f"got keys {sorted(obj)}"
-        )
+        raise FromzeroError(f"{where}: expected {{\"prompt\", \"response\"}} or {{\"messages\"}}, "
+                            f"got keys {sorted(obj)}")
     check_messages(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise FromzeroError(f"{where}: no assistant message (nothing to learn)")
@@ -234,7 +213,6 @@ def _normalise(obj: object, where: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # shakespeare-dialogue
-# ---------------------------------------------------------------------------------------------
 
 # A speaker line: "Ber.", "FIRST WITCH.", "TIMON. [To another Servant.]" or (A Midsummer
 # Night's Dream) "THESEUS" alone. The name's words must be capitalised (or "and"/"of"), which
@@ -315,34 +293,25 @@ def shakespeare_dialogue(
     Every two consecutive speeches of one scene by different speakers give an example: the
     first speech (without its speaker line) is the user message, the reply the assistant
     message; pairs where either text has fewer than ``min_chars`` or more than ``max_chars``
-    characters are skipped. Stage directions inside a speech stay. Plays are the 36 of
-    ``play_genres`` (poems and Pericles are left out); ``SPLIT_PLAYS`` holds out 6 plays each
-    for val and test. Each example also has ``"play"`` (the file name without ``_gut.txt``).
+    characters are skipped. Stage directions inside a speech stay. Plays and splits are those of
+    :func:`~fromzero.data.datasets.folio_plays`; each example also has ``"play"``.
     Deterministic: plays in file-name order, pairs in text order. With the defaults:
     train 13,407, val 3,824, test 2,279 examples (19,510 in all).
     """
-    files = shakespeare_files(fetch_shakespeare())
-    genres = play_genres(files)
-    split_of = {play: split for split, plays in SPLIT_PLAYS.items() for play in plays}
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for path in files:
-        play = path.name[: -len("_gut.txt")]
-        if play not in genres:
-            continue
-        rows = out[split_of.get(play, "train")]
-        for scene in _speeches(strip_header(path.read_text(encoding="utf-8"), play)):
+    for play, split, lines in folio_plays():
+        for scene in _speeches(lines):
             for (a, prompt), (b, reply) in zip(scene, scene[1:]):
                 if a == b or not all(min_chars <= len(t) <= max_chars for t in (prompt, reply)):
                     continue
-                rows.append({"messages": [{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": reply}],
-                             "play": play})
+                out[split].append({"messages": [{"role": "user", "content": prompt},
+                                                {"role": "assistant", "content": reply}],
+                                   "play": play})
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Template
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -393,15 +362,9 @@ def checkpoint_chat_template(directory: str | Path) -> "ChatTemplate | JinjaChat
     """
     from fromzero.data.chat_template import load_jinja_template
 
-    directory = Path(directory)
-    info_file = directory / "info.json"
-    info: dict = {}
-    if info_file.is_file():
-        try:
-            info = json.loads(info_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise FromzeroError(f"{info_file} is not valid JSON: {e}") from None
-    if isinstance(info, dict) and isinstance(info.get("template"), dict):
+    info_file = Path(directory) / INFO_FILE
+    info = read_json(info_file, "checkpoint info") if info_file.is_file() else {}
+    if isinstance(info.get("template"), dict):
         try:
             return ChatTemplate(**info["template"])
         except TypeError as e:
@@ -411,7 +374,6 @@ def checkpoint_chat_template(directory: str | Path) -> "ChatTemplate | JinjaChat
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizing, packing, batching
-# ---------------------------------------------------------------------------------------------
 
 
 class SFTSet(Dataset):
@@ -421,8 +383,7 @@ class SFTSet(Dataset):
                  n_truncated: int = 0, n_dropped: int = 0) -> None:
         self.xs, self.ys = xs, ys
         self.lengths = [len(x) for x in xs]
-        self.n_truncated = n_truncated
-        self.n_dropped = n_dropped
+        self.n_truncated, self.n_dropped = n_truncated, n_dropped
         self.n_target_tokens = int(sum(int((y != IGNORE_INDEX).sum()) for y in ys))
 
     def __len__(self) -> int:
@@ -442,10 +403,9 @@ def _wants_eos(template: object, add_eos: bool | None) -> bool:
     return isinstance(template, ChatTemplate) if add_eos is None else add_eos
 
 
-def tokenize_sft(
-    examples: list[dict], tokenizer: TextTokenizer, template: "ChatTemplate | JinjaChatTemplate | None" = None,
-    max_length: int = 1024, add_eos: bool | None = None,
-) -> SFTSet:
+def tokenize_sft(examples: list[dict], tokenizer: TextTokenizer,
+                 template: "ChatTemplate | JinjaChatTemplate | None" = None, max_length: int = 1024,
+                 add_eos: bool | None = None) -> SFTSet:
     """Token ids and loss-masked labels of each example (see the module docstring).
 
     ``template``: fromzero's :class:`ChatTemplate` (default) or a model's own
@@ -483,9 +443,8 @@ def tokenize_sft(
     return SFTSet(xs, ys, n_truncated=n_truncated, n_dropped=n_dropped)
 
 
-def segment_mismatches(
-    examples: list[dict], tokenizer: TextTokenizer, template: "ChatTemplate | JinjaChatTemplate | None" = None,
-) -> list[int]:
+def segment_mismatches(examples: list[dict], tokenizer: TextTokenizer,
+                       template: "ChatTemplate | JinjaChatTemplate | None" = None) -> list[int]:
     """Indices of the examples whose segment-by-segment token ids (what :func:`tokenize_sft`
     trains on) differ from the tokenization of the whole rendered text (what the model reads at
     inference). Empty for templates whose segment boundaries never fall inside a token."""
@@ -524,10 +483,5 @@ def collate_sft(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(x, y)`` pairs into ``(B, T)`` tensors, right-padding x with ``pad_id`` and
     y with -100 (padding never contributes to the loss)."""
-    T = max(len(x) for x, _ in batch)
-    X = torch.full((len(batch), T), pad_id, dtype=torch.int64)
-    Y = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.int64)
-    for b, (x, y) in enumerate(batch):
-        X[b, : len(x)] = x
-        Y[b, : len(y)] = y
-    return X, Y
+    return (pad_sequence([x for x, _ in batch], batch_first=True, padding_value=pad_id),
+            pad_sequence([y for _, y in batch], batch_first=True, padding_value=IGNORE_INDEX))

@@ -36,21 +36,16 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import torch
 
-from fromzero.files import temp_dir_beside
 from fromzero import __version__
+from fromzero.checkpoint import atomic_write_text
+from fromzero.files import temp_dir_beside
 from fromzero.data.corpora import DEFAULT_CHUNK_CHARS, Corpus, iter_file_chunks, resolve_corpus
 from fromzero.data.datasets import move_into_place
 from fromzero.data.tokenizers import TOKENIZER_FILE, TextTokenizer, build_tokenizer
 from fromzero.errors import FromzeroError
 
 __all__ = [
-    "prepare_dataset",
-    "load_meta",
-    "load_split",
-    "sample_batch",
-    "token_dtype",
-    "META_FILE",
-    "SPLITS",
+    "prepare_dataset", "load_meta", "load_split", "sample_batch", "token_dtype", "META_FILE", "SPLITS",
 ]
 
 META_FILE = "meta.json"
@@ -78,18 +73,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ----------------------------------------------------------------------------------------------
 # prepare
-# ----------------------------------------------------------------------------------------------
 
 
-def prepare_dataset(
-    corpus_specs: str | Sequence[str],
-    tokenizer_spec: str,
-    out_dir: str | os.PathLike[str],
-    val_fraction: float = 0.1,
-    force: bool = False,
-    progress: bool = True,
-    chunk_chars: int = DEFAULT_CHUNK_CHARS,
-) -> dict[str, Any]:
+def prepare_dataset(corpus_specs: str | Sequence[str], tokenizer_spec: str, out_dir: str | os.PathLike[str],
+                    val_fraction: float = 0.1, force: bool = False, progress: bool = True,
+                    chunk_chars: int = DEFAULT_CHUNK_CHARS) -> dict[str, Any]:
     """Tokenize a corpus into ``out_dir`` (train.bin, val.bin, tokenizer.json, meta.json).
 
     ``corpus_specs`` and ``tokenizer_spec`` take what ``--corpus`` and ``--tokenizer`` take.
@@ -97,9 +85,8 @@ def prepare_dataset(
     ``out_dir`` is only replaced with ``force=True``, and only once the new data is complete.
     Returns the meta dict written to ``meta.json``.
     """
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (
-        0.0 < val_fraction < 1.0
-    ):
+    is_number = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
+    if not is_number or not 0 < val_fraction < 1:
         raise FromzeroError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, force)
@@ -118,13 +105,11 @@ def prepare_dataset(
         tokenizer = build_tokenizer(tokenizer_spec, corpus, chunks=chunks)
         for done in learning:
             done()
-        if counter.exhausted:
-            total_chars = counter.chars
-        else:  # a ready-made tokenizer file: counting is a pass of its own
+        if not counter.exhausted:  # a ready-made tokenizer file: counting is a pass of its own
             counter = _CharCounter(corpus.iter_chunks(chunk_chars))
             for _ in bars.track(counter, corpus.total_bytes(), "bytes", "counting characters"):
                 pass
-            total_chars = counter.chars
+        total_chars = counter.chars
 
         split_at = int(total_chars * (1 - val_fraction))  # nanoGPT: data[:int(n*0.9)]
         if split_at <= 0 or split_at >= total_chars:
@@ -166,7 +151,7 @@ def prepare_dataset(
                 "fromzero_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            _write_json(tmp / META_FILE, meta)
+            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
             _check_out_dir(out_dir, force)  # again: something may have appeared meanwhile
             move_into_place(tmp, out_dir)
         except BaseException:
@@ -188,18 +173,8 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         raise FromzeroError(f"{out_dir} exists; pass --force to overwrite")
     if not (out_dir / META_FILE).is_file():
         # --force replaces a dataset, never an arbitrary folder (think `--out ~ --force`).
-        raise FromzeroError(
-            f"{out_dir} exists and is not a fromzero data folder (no {META_FILE}); "
-            "refusing to replace it even with --force: choose another folder or delete it"
-        )
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+        raise FromzeroError(f"{out_dir} exists and is not a fromzero data folder (no {META_FILE}); "
+                            "refusing to replace it even with --force: choose another folder or delete it")
 
 
 def _short(name: str, limit: int = 40) -> str:
@@ -228,12 +203,10 @@ class _SplitWriter:
         self.dtype = dtype
         self.limit = np.iinfo(dtype).max
         self.counts = {s: 0 for s in SPLITS}
-        self._files: dict[str, BinaryIO] = {}
         self._folder = folder
 
     def __enter__(self) -> _SplitWriter:
-        for s in SPLITS:
-            self._files[s] = open(self._folder / f"{s}.bin", "wb")
+        self._files: dict[str, BinaryIO] = {s: open(self._folder / f"{s}.bin", "wb") for s in SPLITS}
         return self
 
     def write(self, split: str, ids: np.ndarray) -> None:
@@ -311,14 +284,8 @@ class _BpeEncoder:
         return np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=n)
 
 
-def _encode_corpus(
-    corpus: Corpus,
-    tokenizer: TextTokenizer,
-    writer: _SplitWriter,
-    split_at: int,
-    chunk_chars: int,
-    advance: Any,
-) -> None:
+def _encode_corpus(corpus: Corpus, tokenizer: TextTokenizer, writer: _SplitWriter, split_at: int,
+                   chunk_chars: int, advance: Any) -> None:
     """Encode every file; chars [0, split_at) go to train, the rest to val.
 
     For BPE, ``<|endoftext|>`` separates files (it goes to the split of the text after it).
@@ -355,7 +322,6 @@ def _encode_corpus(
 
 # ----------------------------------------------------------------------------------------------
 # progress (rich)
-# ----------------------------------------------------------------------------------------------
 
 
 def _human(n: float) -> str:
@@ -400,14 +366,8 @@ def _progress_bars(enabled: bool) -> Iterator[_Bars]:
         yield _Bars(None)
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     from rich.text import Text
 
     class CountColumn(ProgressColumn):
@@ -436,7 +396,6 @@ def _progress_bars(enabled: bool) -> Iterator[_Bars]:
 
 # ----------------------------------------------------------------------------------------------
 # reading back
-# ----------------------------------------------------------------------------------------------
 
 
 def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -503,10 +462,8 @@ def sample_batch(
         raise FromzeroError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
     n = len(data)
     if n <= block_size:
-        raise FromzeroError(
-            f"block_size {block_size} is longer than the data ({n} tokens); "
-            "use a smaller block_size or more data"
-        )
+        raise FromzeroError(f"block_size {block_size} is longer than the data ({n} tokens); "
+                            "use a smaller block_size or more data")
     offsets = torch.randint(n - block_size, (batch_size,), generator=generator)  # (B,)
     index = offsets.numpy()[:, None] + np.arange(block_size + 1)  # (B, T+1)
     windows = torch.from_numpy(np.asarray(data[index], dtype=np.int64))  # (B, T+1)

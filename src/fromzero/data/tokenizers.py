@@ -10,13 +10,6 @@ Two kinds are trained here, both saved in the `tokenizers` JSON format so that
   encoding a character outside the vocabulary is an error that names the characters.
 * ``bpe``  -- byte-level BPE as in GPT-2: any text encodes (bytes are the base alphabet) and
   decodes back exactly. ``<|endoftext|>`` is a special token, used between documents.
-
-::
-
-    tok = train_char_tokenizer(corpus.iter_chunks())
-    ids = tok.encode("To be, or not to be")
-    assert tok.decode(ids) == "To be, or not to be"
-    tok.save("out/tokenizer.json"); tok = TextTokenizer.load("out")
 """
 
 from __future__ import annotations
@@ -30,20 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fromzero.files import temp_file_beside
 from fromzero.errors import FromzeroError, first_line
 
 if TYPE_CHECKING:
     from fromzero.data.corpora import Corpus
 
 __all__ = [
-    "EOS_TOKEN",
-    "MIN_BPE_VOCAB",
-    "TextTokenizer",
-    "train_char_tokenizer",
-    "train_bpe_tokenizer",
-    "build_tokenizer",
-    "TOKENIZER_SPEC_HELP",
+    "EOS_TOKEN", "MIN_BPE_VOCAB", "TextTokenizer", "train_char_tokenizer", "train_bpe_tokenizer",
+    "build_tokenizer", "TOKENIZER_SPEC_HELP",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -142,9 +129,7 @@ class TextTokenizer:
         Ids outside the vocabulary are skipped (what the Rust tokenizer does), which matters
         when a model's output layer is padded beyond the vocabulary.
         """
-        if isinstance(ids, np.ndarray):
-            ids = ids.tolist()
-        elif hasattr(ids, "tolist"):  # a torch tensor
+        if hasattr(ids, "tolist"):  # a numpy array or torch tensor
             ids = ids.tolist()  # type: ignore[union-attr]
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -155,21 +140,12 @@ class TextTokenizer:
 
         ``path`` is the file to write; an existing folder means ``folder/tokenizer.json``.
         """
+        from fromzero.checkpoint import atomic_write_text  # imports torch: not at module import
+
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.backend.to_str(pretty=True)
-        fd, tmp = temp_file_beside(path, f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.backend.to_str(pretty=True))
         return path
 
     @classmethod
@@ -193,7 +169,6 @@ class TextTokenizer:
 
 # ----------------------------------------------------------------------------------------------
 # Training
-# ----------------------------------------------------------------------------------------------
 
 
 def char_tokenizer_from_chars(chars: Iterable[str]) -> TextTokenizer:
@@ -226,10 +201,8 @@ def train_bpe_tokenizer(chunks: Iterable[str], vocab_size: int) -> TextTokenizer
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise FromzeroError(f"BPE vocab size must be an integer, got {vocab_size!r}")
     if vocab_size < MIN_BPE_VOCAB:
-        raise FromzeroError(
-            f"BPE vocab size {vocab_size} is too small: byte-level BPE needs at least "
-            f"{MIN_BPE_VOCAB} (256 bytes + {EOS_TOKEN})"
-        )
+        raise FromzeroError(f"BPE vocab size {vocab_size} is too small: byte-level BPE needs at least "
+                            f"{MIN_BPE_VOCAB} (256 bytes + {EOS_TOKEN})")
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -267,18 +240,15 @@ def build_tokenizer(
     """
     spec = str(spec).strip()
     lowered = spec.lower()
+    text = chunks if chunks is not None else corpus.iter_chunks()
     if lowered == "char":
-        return train_char_tokenizer(chunks if chunks is not None else corpus.iter_chunks())
+        return train_char_tokenizer(text)
     m = _BPE_SPEC.fullmatch(spec)
     if m:
-        return train_bpe_tokenizer(
-            chunks if chunks is not None else corpus.iter_chunks(), int(m.group(1))
-        )
+        return train_bpe_tokenizer(text, int(m.group(1)))
     path = Path(spec).expanduser()
     if spec and path.exists():
         return TextTokenizer.load(path)
     if lowered.startswith("bpe") or not spec:
         raise FromzeroError(f"bad tokenizer spec {spec!r}: expected {TOKENIZER_SPEC_HELP}")
-    raise FromzeroError(
-        f"tokenizer {spec!r} not found: expected {TOKENIZER_SPEC_HELP}"
-    )
+    raise FromzeroError(f"tokenizer {spec!r} not found: expected {TOKENIZER_SPEC_HELP}")
