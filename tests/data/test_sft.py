@@ -80,6 +80,16 @@ def test_both_jsonl_formats(tmp_path):
     assert [m["role"] for m in train[2]["messages"]] == ["user", "assistant"] * 2
 
 
+def test_line_separators_inside_json_strings_stay_in_their_row(tmp_path):
+    """JSON allows a raw U+2028 / U+2029 / U+0085 inside a string; splitlines() would cut the row
+    there and call the file invalid (CRLF files still read)."""
+    text = "line\u2028separated\u2029paragraph\x85next"
+    f = tmp_path / "odd.jsonl"
+    f.write_text(json.dumps({"prompt": text, "response": "ok"}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    train = load_sft_examples(str(f), val_fraction=0, test_fraction=0)["train"]
+    assert train == [chat(text, "ok")]
+
+
 @pytest.mark.parametrize(
     "row, message",
     [

@@ -156,7 +156,7 @@ def _read_jsonl(path: Path, parse: Callable[[Any, str], T], what: str, noun: str
     except OSError as e:
         raise FromzeroError(f"cannot read {what} file {path}: {e.strerror or e}") from None
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

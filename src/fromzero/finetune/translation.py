@@ -154,10 +154,11 @@ def _read_pairs_file(path: Path) -> list[tuple[str, str]]:
     """(source, target) rows of one .tsv or .jsonl file; a bad row is a one-line error naming it."""
     rows: list[tuple[str, str]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
     except (OSError, UnicodeDecodeError) as e:
         raise FromzeroError(f"cannot read {path}: {e}") from None
     for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
