@@ -270,3 +270,11 @@ def test_readme_benchmark_rows_link_to_benchmarks_md() -> None:
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| what", "| ---"))]
     assert len(rows) >= 5, rows
     assert all("](docs/benchmarks.md#" in row for row in rows), rows
+
+
+def test_anchor_slugs_are_githubs() -> None:
+    assert _slug("GPU: GPT-2 124M on one NVIDIA H200") == "gpu-gpt-2-124m-on-one-nvidia-h200"
+    assert _slug("llama.cpp") == "llamacpp"
+    assert _slug("The README's own figures") == "the-readmes-own-figures"
+    assert _slug("`fromzero: command not found`") == "fromzero-command-not-found"
+    assert "the-first-hour" in _anchors(README)
