@@ -10,7 +10,7 @@ it is not a dependency of fromzero or of ``make test``; build it in a separate e
     python3 -m venv /tmp/llvenv && /tmp/llvenv/bin/pip install llama-cpp-python
 
 and pass that interpreter as ``--llama-python`` (default: this Python). Each GGUF (default: the
-built-in SmolLM2-135M-Instruct Q4_1 file; add e.g. the file of the README walk-through,
+built-in SmolLM2-135M-Instruct Q4_1 file; add e.g. the file of the docs/llm.md walk-through,
 ``sentiment-q8_0.gguf``) is checked three ways, llama.cpp in a child process with 1 thread:
 
 * tokenizer: llama.cpp's token ids of a battery of texts (``llama_tokenize``, special tokens

@@ -5,10 +5,10 @@
 
 Models (each skipped when its checkpoint is missing, or with --skip-classifier / --skip-gpt):
 
-* the MiniLM genre classifier (default /work/teacher/genre-minilm/checkpoints/best: all-MiniLM-L6-v2
+* the MiniLM genre classifier (default runs/genre/checkpoints/best: all-MiniLM-L6-v2
   fine-tuned on ``shakespeare-genre``, 6 layers x 12 heads of 32, 1536 MLP channels); quality =
   test accuracy / macro-F1 (1395 passages, by play, as ``fromzero evaluate`` splits them);
-* the Shakespeare char GPT (default runs/final/checkpoints/best: 4 layers x 4 heads of 32,
+* the Shakespeare char GPT (default runs/shakespeare-char/checkpoints/best: 4 layers x 4 heads of 32,
   512 MLP channels); quality = loss over the whole val split (``fromzero evaluate``'s windows).
 
 Variants, each made by ``fromzero prune``'s own code (:func:`prune_checkpoint`): structured 25%
@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-CLASSIFIER = Path("/work/teacher/genre-minilm/checkpoints/best")
-GPT = ROOT / "runs" / "final" / "checkpoints" / "best"
+CLASSIFIER = ROOT / "runs" / "genre" / "checkpoints" / "best"
+GPT = ROOT / "runs" / "shakespeare-char" / "checkpoints" / "best"
 
 
 def variants(recover_steps: int, recover_magnitude: bool) -> list[tuple[str, dict]]:

@@ -1,7 +1,7 @@
 """Quantization of a MiniLM text classifier: size, CPU latency and accuracy, fp32 vs int8 / int4.
 
     .venv/bin/python benchmarks/quantize.py --checkpoint runs/genre-minilm/checkpoints/best \\
-        [--gpt runs/final/checkpoints/best] [--rounds 15] [--out benchmarks/results/quantize.json]
+        [--gpt runs/shakespeare-char/checkpoints/best] [--rounds 15] [--out benchmarks/results/quantize.json]
 
 For each method (int8-dynamic, int8-weight, int4-weight) the checkpoint is quantized with
 ``fromzero.compression.quantize.quantize_checkpoint`` (into a temporary directory) and compared

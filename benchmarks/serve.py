@@ -1,9 +1,9 @@
 """Serving throughput: 8 concurrent clients vs the same 8 requests one at a time.
 
-    .venv/bin/python benchmarks/serve.py [--checkpoint runs/final/checkpoints/best] [--rounds 5]
+    .venv/bin/python benchmarks/serve.py [--checkpoint runs/shakespeare-char/checkpoints/best] [--rounds 5]
 
 Starts ``fromzero serve`` in a subprocess (the real command: uvicorn, HTTP, the batching engine)
-on the checkpoint -- by default ``runs/final/checkpoints/best`` (the char-level Shakespeare GPT of
+on the checkpoint -- by default ``runs/shakespeare-char/checkpoints/best`` (the char-level Shakespeare GPT of
 ``recipes/shakespeare-char.yaml``) if it exists, else a randomly initialised model of that shape
 (speed does not depend on the weights). Each client asks /v1/completions for exactly
 ``--max-tokens`` tokens (greedy, ``ignore_eos``, no stop strings). Two modes, interleaved over
