@@ -51,7 +51,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-DEFAULT_CHECKPOINT = ROOT / "runs" / "final" / "checkpoints" / "best"
+DEFAULT_CHECKPOINT = ROOT / "runs" / "shakespeare-char" / "checkpoints" / "best"
 PROMPT_SETS = {
     "in-context": ["R", "J", "K", "F", "H", "E", "L", "P"],
     "past-context": ["ROMEO:\n", "JULIET:\nO ", "KING HENRY:\n", "First Citizen:\n", "HAMLET:\nTo be",
