@@ -13,7 +13,6 @@ Shapes: L = layers, H = heads, T = tokens (queries x keys), D = head size.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,20 +95,20 @@ def _gpt_hook(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _attention_modules(model: nn.Module) -> tuple[list[tuple[nn.Module, Callable]], Callable]:
-    """The attention module of every layer, in order, each with the hook that reads it; and the
-    forward pass that runs them all (BERT's encoder over every token, not just [CLS])."""
-    from fromzero.models.bert import Bert
-    from fromzero.models.gpt import GPT
-    from fromzero.models.vit import ViT
+    """The attention module of every layer, in order (the model family's ``attention`` fact),
+    each with the hook that reads its class of attention; and the forward pass that runs them."""
+    from fromzero.models import MODEL_REGISTRY, family_facts
+    from fromzero.models.bert import SelfAttention
+    from fromzero.models.layers import CausalSelfAttention
+    from fromzero.models.vit import ViTSelfAttention
 
-    if isinstance(model, Bert):
-        run = functools.partial(model.encode, skip_padding=False, first_token_only=False)
-        return [(layer.attn, _bert_hook) for layer in model.layers], run
-    if isinstance(model, ViT):
-        return [(block.attn, _vit_hook) for block in model.blocks], model.encode
-    if isinstance(model, GPT):
-        return [(block.attn, _gpt_hook) for block in model.transformer.h], model
-    raise FromzeroError(f"attention maps need a transformer (BERT, ViT or GPT), not a {type(model).__name__}")
+    facts = family_facts(model)
+    if facts.attention is None:
+        supported = ", ".join(t for t in sorted(MODEL_REGISTRY) if family_facts(t).attention is not None)
+        raise FromzeroError(f"attention maps need a transformer ({supported}), not a {type(model).__name__}")
+    hooks = {SelfAttention: _bert_hook, ViTSelfAttention: _vit_hook, CausalSelfAttention: _gpt_hook}
+    modules, run = facts.attention(model)
+    return [(module, hooks[type(module)]) for module in modules], run
 
 
 @torch.no_grad()

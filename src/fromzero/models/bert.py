@@ -34,6 +34,7 @@ Shapes: B = batch, T = sequence length, C = hidden size, H = heads, D = head siz
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -606,4 +607,7 @@ FACTS = FamilyFacts(
     layer_stack=lambda model: (list(model.layers), []),  # post-LN: no final norm
     head_modules=lambda model: ([m for m in (model.classifier, getattr(model, "pooler", None)) if m is not None]
                                 if getattr(model, "classifier", None) is not None else []),
+    # the encoder over every token: the classifier's last layer otherwise attends from [CLS] only
+    attention=lambda model: ([layer.attn for layer in model.layers],
+                             functools.partial(model.encode, skip_padding=False, first_token_only=False)),
 )

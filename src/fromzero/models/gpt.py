@@ -530,4 +530,5 @@ FACTS = FamilyFacts(
     depth_field="n_layer", layer_prefix="transformer.h.",
     layer_stack=lambda model: (list(model.transformer.h), [model.transformer.ln_f]),
     head_modules=lambda model: [model.lm_head],  # tied to the embedding: training it trains the embedding too
+    attention=lambda model: ([block.attn for block in model.transformer.h], model),
 )

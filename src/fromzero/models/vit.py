@@ -322,4 +322,5 @@ FACTS = FamilyFacts(
     lora_targets=("attn.qkv", "attn.proj"), hf_mapping="fromzero.models.convert_vit",
     layer_stack=lambda model: (list(model.blocks), [model.ln_f]),
     head_modules=lambda model: [model.head] if isinstance(getattr(model, "head", None), nn.Module) else [],
+    attention=lambda model: ([block.attn for block in model.blocks], model.encode),
 )
