@@ -41,7 +41,7 @@ def tiny_config(data: Path, out: Path, **overrides: object) -> TranslationConfig
 
 
 @pytest.mark.slow
-def test_tiny_run_learns_and_its_checkpoint_translates(tmp_path: Path) -> None:
+def test_tiny_run_learns_and_its_checkpoint_translates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = toy_language(tmp_path / "toy.tsv")
     summary = finetune_translation(tiny_config(data, tmp_path / "run"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -54,7 +54,18 @@ def test_tiny_run_learns_and_its_checkpoint_translates(tmp_path: Path) -> None:
     model, vocab, info = load_translator(tmp_path / "run" / "checkpoints" / "best")
     assert info["task"] == "translation" and info["num_beams"] == 3
     outputs = translate_batch(model, vocab, ["abcd", "hgfe"], "cpu", num_beams=3)
-    assert all(set(o.split()) <= set(LETTERS.upper()) for o in outputs)
+    assert outputs == ["D C B A", "E F G H"]
+    # the command: one JSON line per input, the checkpoint's beam width unless --beams
+    from fromzero.cli import main
+
+    capsys.readouterr()
+    assert main(["translate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best"), "--text", "abcd",
+                 "--text", "hgfe", "--beams", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"input": "abcd", "translation": "D C B A"}, {"input": "hgfe", "translation": "E F G H"}]
+    assert main(["translate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best")]) == 2
+    assert "error: give exactly one of --text or --input" in capsys.readouterr().err
+    assert main(["translate", "--checkpoint", str(tmp_path / "nowhere"), "--text", "abc"]) == 2
 
 
 @pytest.mark.slow
