@@ -1,52 +1,35 @@
 """Pruning: make a trained model sparse (``magnitude``) or really smaller (``structured``).
 
-Two methods, both ending in a normal checkpoint directory that ``load_model`` (and so
-``predict``, ``evaluate``, ``generate``, ``embed``) reads unchanged::
-
-    fromzero prune --checkpoint runs/genre/checkpoints/best --method structured --sparsity 0.5 \\
-        --out pruned/ --recover-steps 200 --eval
+Both end in a normal checkpoint directory that ``load_model`` reads unchanged, plus ``pruning.json``
+(method, sparsity, parameters and file size before/after; with ``evaluate`` the quality and the
+CPU latency of one forward pass before/after).
 
 * ``magnitude`` (unstructured): the fraction ``sparsity`` of the smallest-magnitude weights of
-  every Linear / Conv layer is set to zero (``torch.nn.utils.prune.l1_unstructured``, per layer
-  by default, or one global threshold with ``scope="global"``), then made permanent: the saved
-  weights are plain tensors holding zeros. Honest accounting: dense kernels multiply zeros as
-  fast as any other number, so the model is *not* faster, and ``model.safetensors`` stores the
-  zeros densely, so it is *not* smaller on disk either; ``pruning.json`` reports what a sparse
-  format (a bitmask + the non-zero values) would take.
-  Per-layer is the default because fromzero's models keep weights at different scales in
-  different layers (GPT-2's residual projections are initialised 1/sqrt(2 n_layer) smaller,
-  BERT's attention and MLP matrices differ): one global threshold would empty some matrices
-  and barely touch others, while per-layer gives every matrix exactly the requested sparsity.
-  Layers whose weight is shared (a GPT's ``lm_head`` tied to the token embedding) are skipped:
-  masking one user of a shared tensor would silently untie it.
+  every Linear / Conv layer is zeroed (``torch.nn.utils.prune``) and made permanent. Dense kernels
+  multiply zeros as fast as any number and the file stores them densely, so the model is neither
+  faster nor smaller; ``pruning.json`` reports what a sparse format would take. Per layer by
+  default (``scope="global"``: one threshold) because fromzero's models keep weights at different
+  scales in different layers (GPT-2's residual projections start 1/sqrt(2 n_layer) smaller): one
+  threshold would empty some matrices and barely touch others. Weights shared by two modules (a
+  GPT's ``lm_head`` tied to the token embedding) are skipped: masking one user would untie them.
 
-* ``structured``: whole attention heads and MLP hidden channels are cut out of the weight
-  matrices, the same number in every layer so the config stays uniform
-  (``num_attention_heads`` / ``n_head`` and ``intermediate_size`` shrink, each head keeps its
-  width via ``head_dim``). The matmuls really get smaller, and so do the file and the latency.
-  Units are ranked per layer by an importance score: ``taylor`` (first order: the estimated
-  loss change of removing a unit, |sum over its weights of w * dL/dw|, summed over a few
-  batches; Molchanov et al. 2019) when training data is at hand, else ``weight`` (the L2 norm
-  of the unit's weights). Fused projections are cut consistently: a GPT's ``c_attn`` holds
-  q | k | v rows, a SwiGLU ``c_fc`` holds gate | up rows; BERT keeps separate q / k / v.
-  Grouped-query attention (``n_kv_head`` < ``n_head``): ``gqa="queries"`` (default) removes the
-  same number of query heads from every key/value group and keeps all key/value heads;
-  ``gqa="groups"`` removes whole groups (a key/value head with all its query heads).
+* ``structured``: whole attention heads and MLP hidden channels are cut out of the matrices, the
+  same number in every layer so the config stays uniform (``head_dim`` keeps each head's width).
+  Units are ranked per layer by ``taylor`` importance (|sum of w * dL/dw| over a unit's weights,
+  summed over a few batches; Molchanov et al. 2019) when training data is at hand, else ``weight``
+  (L2 norm). Fused projections are cut consistently (a GPT's q | k | v ``c_attn``, SwiGLU's
+  gate | up ``c_fc``). Grouped-query attention: ``gqa="queries"`` removes the same number of query
+  heads from every key/value group, ``gqa="groups"`` whole groups.
 
-* ``recover_steps`` > 0: a short fine-tune of the pruned model with the existing
-  :class:`fromzero.training.trainer.Trainer` (for ``magnitude`` the gradients of pruned weights
-  are masked, so the zeros stay zero: :func:`keep_zeros`). Text classifiers use the data of the run that made them (its config.yaml)
-  or ``data``; GPT language models need a prepared data directory (``data``, or the pretraining
-  run's ``data.dir``): train.bin to train on, val.bin to pick the best step.
-
-The output directory (written atomically) holds the checkpoint files plus ``pruning.json``:
-method, sparsity requested/achieved, parameters and file size before/after, and, with
-``evaluate``, the quality before/after (classifiers: test accuracy / macro-F1; language
-models: validation loss) and the CPU latency of one forward pass (interleaved medians).
+* ``recover_steps`` > 0: a short fine-tune with the shared Trainer (``magnitude``: the gradients of
+  pruned weights are masked, :func:`keep_zeros`). Text classifiers use the data of the run that
+  made them (its config.yaml) or ``data``; GPTs a prepared data directory (``data`` or the
+  pretraining run's ``data.dir``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -63,6 +46,7 @@ import torch.nn.functional as F
 from torch.nn.utils import prune as torch_prune
 
 from fromzero.errors import FromzeroError
+from fromzero.finetune.distill import count_params
 from fromzero.tasks import get_task
 
 METHODS = ("magnitude", "structured")
@@ -317,16 +301,20 @@ def _present(group: UnitGroup, names: set[str]) -> UnitGroup:
     return group
 
 
+def _require_structured(model_type: Any) -> None:
+    if model_type not in STRUCTURED_MODEL_TYPES:
+        supported = " and ".join(STRUCTURED_MODEL_TYPES)
+        raise FromzeroError(f"structured pruning supports {supported} checkpoints, not {model_type!r} "
+                            "(use --method magnitude)")
+
+
 def structured_groups(model: nn.Module, config: dict, gqa: str = "queries") -> list[UnitGroup]:
     """The prunable unit groups (per layer: heads, then MLP channels) of a BERT or GPT."""
-    model_type = config.get("model_type")
+    _require_structured(config.get("model_type"))
     names = set(model.state_dict())
-    if model_type == "fromzero-bert":
+    if config["model_type"] == "fromzero-bert":
         return _bert_groups(config, names)
-    if model_type == "fromzero-gpt":
-        return _gpt_groups(config, names, gqa)
-    raise FromzeroError(f"structured pruning supports {' and '.join(STRUCTURED_MODEL_TYPES)} checkpoints, "
-                        f"not {model_type!r} (use --method magnitude)")
+    return _gpt_groups(config, names, gqa)
 
 
 def _per_unit(t: torch.Tensor, slot: Slot, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -432,10 +420,8 @@ def cut_state(state: dict[str, torch.Tensor], groups: list[UnitGroup],
     return out
 
 
-def _pruned_config(config: dict, groups: list[UnitGroup], keeps: list[torch.Tensor], gqa: str) -> dict:
-    """config.json of the pruned model: fewer heads / channels, the same head width."""
-    heads = next((k.numel() for g, k in zip(groups, keeps) if g.kind == "heads"), None)
-    channels = next((k.numel() for g, k in zip(groups, keeps) if g.kind == "channels"), None)
+def _pruned_config(config: dict, heads: int | None, channels: int | None, gqa: str) -> dict:
+    """config.json of the pruned model: ``heads`` / ``channels`` units kept per layer, the same head width."""
     new = dict(config)
     if config["model_type"] == "fromzero-bert":
         from fromzero.models.bert import BertConfig
@@ -462,11 +448,6 @@ def _pruned_config(config: dict, groups: list[UnitGroup], keeps: list[torch.Tens
     return new
 
 
-def count_params(model: nn.Module) -> int:
-    """Parameters, a shared (tied) tensor counted once."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def structured_prune(model: nn.Module, config: dict, sparsity: float, scores: list[torch.Tensor] | None = None,
                      gqa: str = "queries") -> tuple[nn.Module, dict, dict[str, Any]]:
     """Remove the least important heads and MLP channels of every layer of a BERT or GPT.
@@ -480,7 +461,9 @@ def structured_prune(model: nn.Module, config: dict, sparsity: float, scores: li
     if scores is None:
         scores = weight_importance(model, groups)
     keeps = plan_keep(groups, scores, sparsity, config, gqa)
-    new_config = _pruned_config(config, groups, keeps, gqa)
+    units = {g.kind: g for g in groups}  # every layer has as many units of a kind
+    kept = {g.kind: k.numel() for g, k in zip(groups, keeps)}
+    new_config = _pruned_config(config, kept.get("heads"), kept.get("channels"), gqa)
     state = cut_state(model.state_dict(), groups, keeps)
     from fromzero.models import build_model
 
@@ -488,15 +471,12 @@ def structured_prune(model: nn.Module, config: dict, sparsity: float, scores: li
     pruned = build_model(new_config)
     pruned.load_state_dict(state, strict=True)
     pruned.to(device).eval()
-    heads = next(g for g in groups if g.kind == "heads")
-    channels = next(g for g in groups if g.kind == "channels")
-    head_keep = next(k.numel() for g, k in zip(groups, keeps) if g.kind == "heads")
-    channel_keep = next(k.numel() for g, k in zip(groups, keeps) if g.kind == "channels")
+    heads, channels = units["heads"], units["channels"]
     summary = {
-        "head_units": {"kind": _unit_name(heads, config, gqa), "before": heads.units, "after": head_keep,
-                       "removed_fraction": 1 - head_keep / heads.units},
-        "channels": {"before": channels.units, "after": channel_keep,
-                     "removed_fraction": 1 - channel_keep / channels.units},
+        "head_units": {"kind": _unit_name(heads, config, gqa), "before": heads.units, "after": kept["heads"],
+                       "removed_fraction": 1 - kept["heads"] / heads.units},
+        "channels": {"before": channels.units, "after": kept["channels"],
+                     "removed_fraction": 1 - kept["channels"] / channels.units},
         "removed": {f"layer {g.layer} {g.kind}": sorted(set(range(g.units)) - set(k.tolist()))
                     for g, k in zip(groups, keeps)},
         "config_changes": {k: v for k, v in new_config.items() if config.get(k) != v},
@@ -509,27 +489,22 @@ def structured_prune(model: nn.Module, config: dict, sparsity: float, scores: li
 
 
 class _Task:
-    """Data-dependent work on one checkpoint's task: importance batches, recovery, evaluation."""
+    """Data-dependent work on one checkpoint's task: importance batches, recovery, evaluation.
+
+    A task has ``loss(model, batch) -> tensor``, ``batches(batch_size, seed, epoch)``,
+    ``steps_per_epoch(batch_size)``, ``val_metrics(model)`` (recovery's evaluation) and
+    ``evaluate_dir(directory)`` (the quality of a checkpoint, before and after)."""
 
     monitor = "val_loss"
     higher_is_better = False
     default_lr = 1e-4
     default_batch_size = 16
 
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        raise NotImplementedError
+    def __init__(self, data: str, device: torch.device) -> None:
+        from fromzero.devices import autocast_context, resolve_dtype
 
-    def batches(self, batch_size: int, seed: int, epoch: int) -> Iterable[Any]:
-        raise NotImplementedError
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        raise NotImplementedError
-
-    def val_metrics(self, model: nn.Module) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def evaluate_dir(self, directory: Path) -> dict[str, Any]:
-        raise NotImplementedError
+        self.data, self.device = data, device
+        self.autocast = lambda: autocast_context(device, resolve_dtype(device, "auto"))  # noqa: E731
 
     def latency_input(self, config: dict) -> tuple[torch.Tensor, ...] | None:
         return None
@@ -545,12 +520,8 @@ class _TextTask(_Task):
     def __init__(self, directory: Path, config: dict, info: dict, run: dict, data: str, device: torch.device) -> None:
         from fromzero.data.classification import encode_texts, load_text_classification
         from fromzero.models.bert import BertConfig, encoder_limit, load_encoder_tokenizer
-        from fromzero.devices import autocast_context, resolve_dtype
 
-        self.device = device
-        self.autocast = lambda: autocast_context(device, resolve_dtype(device, "auto"))  # noqa: E731
-        self.run = run
-        self.data = data
+        super().__init__(data, device)
         self.splits = load_text_classification(data, run.get("text_column", "text"), run.get("label_column", "label"),
                                                run.get("val_fraction", 0.1), run.get("test_fraction", 0.1),
                                                run.get("seed", 0))
@@ -623,11 +594,8 @@ class _LMTask(_Task):
 
     def __init__(self, config: dict, run: dict, data: str, device: torch.device) -> None:
         from fromzero.data.text import load_meta, load_split, sample_batch
-        from fromzero.devices import autocast_context, resolve_dtype
 
-        self.device = device
-        self.autocast = lambda: autocast_context(device, resolve_dtype(device, "auto"))  # noqa: E731
-        self.data = data
+        super().__init__(data, device)
         meta = load_meta(data)
         if int(meta["vocab_size"]) > int(config["vocab_size"]):
             raise FromzeroError(f"{data} has a vocabulary of {meta['vocab_size']} tokens, the model only "
@@ -727,16 +695,9 @@ def recover(model: nn.Module, task: _Task, steps: int, lr: float, batch_size: in
     torch.manual_seed(seed)
     logger = NullLogger()  # the rows stay in memory: recovery writes no run directory
     # (loss, samples, tokens): the counts only feed the progress bar's rate, batches count as 1
-    trainer = Trainer(model, cfg, device, resolve_dtype(device, "auto"),
-                          lambda m, b: (task.loss(m, b), 1, 1), task.val_metrics, task.monitor,
-                          task.higher_is_better, logger)
-
-    def epoch_batches(epoch: int) -> Iterable[Any]:
-        it = iter(task.batches(batch_size, seed, epoch))
-        for _ in range(per_epoch):
-            yield next(it)
-
-    fit = trainer.fit(epoch_batches, per_epoch)
+    trainer = Trainer(model, cfg, device, resolve_dtype(device, "auto"), lambda m, b: (task.loss(m, b), 1, 1),
+                      task.val_metrics, task.monitor, task.higher_is_better, logger)
+    fit = trainer.fit(lambda e: itertools.islice(task.batches(batch_size, seed, e), per_epoch), per_epoch)
     model.eval()
     return {"steps": fit.steps, "lr": lr, "batch_size": batch_size, "best_step": fit.best_step,
             "val": fit.best_metrics, "train_s": round(fit.train_s, 2),
@@ -767,14 +728,8 @@ def measure_latency(models: dict[str, nn.Module], inputs: tuple[torch.Tensor, ..
 
 def _take(task: _Task, batch_size: int, seed: int, n: int) -> Iterable[Any]:
     """The first ``n`` training batches, over as many epochs as that takes."""
-    epoch = 0
-    while n > 0:
-        for batch in task.batches(batch_size, seed, epoch):
-            yield batch
-            n -= 1
-            if n == 0:
-                return
-        epoch += 1
+    batches = itertools.chain.from_iterable(task.batches(batch_size, seed, e) for e in itertools.count())
+    return itertools.islice(batches, n)
 
 
 def _copy_extras(src: Path, dst: Path) -> None:
@@ -818,9 +773,8 @@ def prune_checkpoint(cfg: PruneConfig) -> dict[str, Any]:
         raise FromzeroError("--out must differ from --checkpoint (the source is never overwritten)")
     config = read_json(src / CONFIG_FILE, "model config")
     model_type = config.get("model_type")
-    if cfg.method == "structured" and model_type not in STRUCTURED_MODEL_TYPES:
-        raise FromzeroError(f"structured pruning supports {' and '.join(STRUCTURED_MODEL_TYPES)} checkpoints, "
-                            f"not {model_type!r} (use --method magnitude)")
+    if cfg.method == "structured":
+        _require_structured(model_type)
     device = resolve_device(cfg.device)
 
     wants_taylor = cfg.method == "structured" and cfg.importance in ("auto", "taylor")

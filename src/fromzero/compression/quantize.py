@@ -2,49 +2,31 @@
 
 ``fromzero quantize --checkpoint DIR --method M --out DIR`` writes a checkpoint directory that
 ``load_model`` (and so ``predict``, ``evaluate``, ``generate``, ``embed``, ``serve``) reads like
-any other. Three methods::
+any other. Three methods:
 
-    fromzero quantize --checkpoint runs/genre/checkpoints/best --method int8-dynamic --out q8/ --eval
+* ``int8-dynamic`` (the CPU speed path): int8 weights, one scale per output channel (symmetric),
+  and the *input* quantized to int8 per call, so the matmul runs in int8 with int32 accumulation
+  (PyTorch's quantized CPU kernels, ``torch.ops.quantized.linear_dynamic``). CPU only.
+* ``int8-weight``: the same int8 weights, the matmul in floating point (``(x @ W_int8^T) * scale
+  + bias``): saves memory and bandwidth (what limits one-token decoding on a GPU), on every device.
+* ``int4-weight``: two weights per byte, in groups of ``group_size`` input features of one output
+  row, each with a scale and offset (``w = q * scale + offset``, q in 0..15), dequantised before a
+  float matmul. A layer whose ``in_features`` the group size does not divide falls back to int8.
 
-* ``int8-dynamic`` (the CPU speed path): every Linear layer keeps int8 weights, one scale per
-  output channel (symmetric, -127..127), and quantizes its *input* to int8 on the fly, per
-  call (one scale and zero point for the whole activation tensor, from its min and max), so the
-  matmul itself runs in int8 with int32 accumulation: PyTorch's own quantized CPU kernels
-  (``torch.ops.quantized.linear_dynamic`` on the fbgemm / x86 engine, what
-  ``torch.ao.nn.quantized.dynamic.Linear`` calls). CPU only: there are no CUDA kernels.
-* ``int8-weight``: the same int8 per-channel weights, but the matmul is done in floating point:
-  ``(x @ W_int8^T) * scale + bias``. Weight-only quantization: it saves memory and memory
-  bandwidth (what limits one-token decoding on a GPU), runs on every device, and only the
-  weights are approximated, never the activations.
-* ``int4-weight``: weights in 4 bits, two per byte, in groups of ``group_size`` consecutive
-  input features of one output row, each group with its own scale and offset (its minimum):
-  ``w = q * scale + offset``, q in 0..15. Dequantised on the fly before a floating-point
-  matmul. A layer whose ``in_features`` is not a multiple of the group size falls back to
-  int8 weight-only (the report lists it).
-
-Embedding tables (a GPT's token embedding, BERT's word embeddings: half of MiniLM's weights)
-are stored int8 with one scale per row and dequantised on lookup, unless ``--skip-embeddings``.
-A GPT head tied to its token embedding (``lm_head.weight is wte.weight``) reads the *same*
-int8 table: an embedding row's scale is exactly the head's per-output-channel scale, so the
-table is stored once and both users stay consistent. With ``--skip-embeddings`` a tied head
-stays float, as its table does. Convolutions are not quantized (CNN / ResNet / ViT: their
-Linear layers are).
-
-Files: ``model.safetensors`` holds int8 / uint8 weight tensors (``qweight``) and fp32 scales
-(``scale``, ``offset``) next to the untouched float tensors (norms, biases, convolutions);
-``config.json`` is the source's plus a ``quantization`` block (method, group size and the plan:
-which module became what), from which :func:`load_quantized` rebuilds the architecture with
-quantized modules in place; tokenizer and info files are copied; ``quantization.json`` is the
-report (sizes, and with ``--eval`` the quality of fp32 vs quantized). No pickles.
-
-Numbers (see benchmarks/quantize.py): on a MiniLM-L6 classifier int8-dynamic is ~1/4 of the
-fp32 file and runs several times faster on a CPU with AVX-512 VNNI.
+Embedding tables are stored int8 with one scale per row unless ``--skip-embeddings``. A GPT head
+tied to its token embedding reads the *same* int8 table (a row's scale is exactly the head's
+per-output-channel scale), so it is stored once and both users stay consistent. Convolutions stay
+float. ``model.safetensors`` holds the int8 / uint8 ``qweight`` tensors and fp32 scales next to
+the float tensors; ``config.json`` gets a ``quantization`` block (method, group size, which module
+became what), from which :func:`load_quantized` rebuilds the architecture; ``quantization.json``
+is the report. No pickles.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,17 +90,10 @@ def _source_data(src: Path) -> str | None:
     return str(data) if data else None
 
 
-def quantize_checkpoint(
-    checkpoint: str | Path,
-    out: str | Path,
-    options: QuantizeOptions,
-    force: bool = False,
-    evaluate: bool = False,
-    data: str | None = None,
-    split: str | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-) -> dict[str, Any]:
+def quantize_checkpoint(checkpoint: str | Path, out: str | Path, options: QuantizeOptions,
+                        force: bool = False, evaluate: bool = False, data: str | None = None,
+                        split: str | None = None, batch_size: int = 64, device: str = "auto"
+                        ) -> dict[str, Any]:
     """``fromzero quantize``: load, quantize, write ``out`` atomically; returns the report.
 
     evaluate: also score the source and the quantized checkpoint on ``split`` of ``data``
@@ -167,13 +142,10 @@ def quantize_checkpoint(
     info = read_json(src / INFO_FILE, "checkpoint info") if (src / INFO_FILE).is_file() else {}
     info = {k: v for k, v in info.items() if k != "adapter"} | {"quantized_from": str(src.resolve()),
                                                                  "quantization": options.method}
-    counts: dict[str, int] = {}
-    for entry in plan.values():
-        key = entry["kind"] + (" (tied head)" if entry.get("tied_to") else "")
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter(e["kind"] + (" (tied head)" if e.get("tied_to") else "") for e in plan.values())
     report: dict[str, Any] = {
         "source": str(src), "out": str(out), "method": options.method, "group_size": options.group_size,
-        "embeddings": options.embeddings, "task": task, "layers": counts,
+        "embeddings": options.embeddings, "task": task, "layers": dict(counts),
         "fallback": {name: e["fallback"] for name, e in plan.items() if "fallback" in e},
         "float_layers": sorted(name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))),
         "float_convolutions": sum(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()),

@@ -1,15 +1,9 @@
 """``fromzero crossval``: stratified K-fold cross-validation of a classification recipe.
 
-The train and val splits are pooled and cut into K folds with scikit-learn's
-``StratifiedKFold`` (shuffled with the recipe's seed; every fold keeps the class proportions).
-Fold k fine-tunes on the other K-1 folds and validates (best weights, early stopping) on fold
-k; the test split is never pooled and is scored by every fold's model. The run directory::
-
-    <out_dir>/fold-1 ... fold-K/   # a complete fine-tuning run each
-    <out_dir>/folds/               # each fold's data (JSONL for texts, symlinks for images)
-    <out_dir>/crossval.json        # per-fold metrics and mean / std of every metric
-
-Works for text-classification and image-classification recipes.
+The train and val splits are pooled and cut into K stratified folds (seeded); fold k fine-tunes
+on the others and validates on fold k, and every fold's model scores the (never pooled) test
+split. ``<out_dir>`` holds ``fold-K/`` (a complete run each), ``folds/`` (each fold's data: JSONL
+for texts, symlinks for images) and ``crossval.json`` (per-fold metrics, mean / std of each).
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
 """Knowledge distillation: train a small student to match a big teacher's softened predictions.
 
-    fromzero distill --teacher runs/genre/checkpoints/best --config recipes/distill-genre-minilm.yaml
-    fromzero distill --teacher runs/sft/checkpoints/best --task sft --student_layers 2
-
 The student's loss mixes the teacher's knowledge with the task's own labels (Hinton et al. 2015)::
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * task loss
 
 A temperature T > 1 softens both distributions so the student also learns how the teacher ranks
-the wrong answers ("dark knowledge"); T^2 keeps the gradient scale independent of T.
-
-The student is the teacher's architecture with fewer layers (``student_layers``: layers chosen
-evenly from the teacher's, first and last included, with their weights copied, as DistilBERT is
-initialised) and/or any architecture fields changed by ``student_config`` (a YAML/JSON file, e.g.
-``{hidden_size: 256, intermediate_size: 1024}``); tensors whose shapes no longer match start from
-a fresh initialisation. Distillation runs inside the fine-tuning tasks (text-classification:
-logits per example; sft: next-token logits on response tokens), so everything else (data,
-evaluation, early stopping, the run directory, LoRA or frozen methods) is theirs.
+the wrong answers; T^2 keeps the gradient scale independent of T. The student is the teacher's
+architecture with fewer layers (``student_layers``, spread evenly, weights copied, as DistilBERT
+is initialised) and/or fields changed by ``student_config``; tensors whose shapes no longer match
+start fresh. Distillation runs inside the text-classification and sft tasks, which own the rest.
 """
 
 from __future__ import annotations
@@ -46,7 +38,6 @@ def layer_layout(model_type: str) -> tuple[str, str]:
 class DistillOptions:
     """Distillation settings (mixed into the text-classification and sft task configs)."""
 
-    # where each field goes in a recipe (a field not listed is a train. setting)
     RECIPE_KEYS: ClassVar[dict[str, str]] = {
         "teacher": "distill.teacher", "student_layers": "distill.student_layers", "student_config":
         "distill.student_config", "temperature": "distill.temperature", "alpha": "distill.alpha"}
@@ -159,8 +150,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def build_student(options: DistillOptions, teacher_config: dict, teacher: nn.Module,
-                  adjust: Any = None) -> tuple[nn.Module, dict, str]:
-    """Student model + its config + a one-line description. ``adjust(config) -> config`` lets
+                  adjust: Any = None) -> tuple[nn.Module, dict]:
+    """Student model + its config (printing how it was made). ``adjust(config) -> config`` lets
     the task finish the config (e.g. the classification head's labels and dropout)."""
     from fromzero.models import build_model
 
@@ -175,7 +166,15 @@ def build_student(options: DistillOptions, teacher_config: dict, teacher: nn.Mod
                  f"(copied from teacher layers {layers})")
     if fresh:
         described += f"; {len(fresh)} tensors start fresh (shapes differ), e.g. {fresh[0]}"
-    return student, config, described
+    print(f"distillation from {options.teacher} (T {options.temperature}, alpha {options.alpha}): "
+          f"{described}")
+    return student, config
+
+
+def distill_info(options: DistillOptions, teacher_dir: Path, teacher: nn.Module, student_params: int) -> dict:
+    """What info.json records of a distillation."""
+    return {"distilled_from": str(Path(teacher_dir).resolve()), "temperature": options.temperature,
+            "alpha": options.alpha, "teacher_params": count_params(teacher), "student_params": student_params}
 
 
 def distill_task(teacher: str | Path, recipe: str | Path | None) -> str | None:
@@ -193,4 +192,5 @@ def distill_task(teacher: str | Path, recipe: str | Path | None) -> str | None:
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameters, a shared (tied) tensor counted once."""
     return sum(p.numel() for p in model.parameters())

@@ -1,55 +1,41 @@
 """Preference tuning with DPO (Direct Preference Optimization, Rafailov et al. 2023).
 
-Data: JSONL rows ``{prompt | messages, chosen, rejected}`` (see :mod:`fromzero.data.preferences`),
-rendered with the starting model's own chat template (``chat_template.jinja`` /
-``tokenizer_config.json`` of a converted chat model) or, for a fromzero sft checkpoint, the
-template its info.json records. A checkpoint without either is refused. Try it::
-
-    fromzero finetune --config recipes/smollm2-sentiment-dpo.yaml
+Data: JSONL rows ``{prompt | messages, chosen, rejected}`` (:mod:`fromzero.data.preferences`),
+rendered with the template the starting checkpoint was tuned with (an sft run's recorded fromzero
+template, else its own Jinja template; for an adapter, its base's); a checkpoint without one is
+refused. The sft run's ``system_prompt`` goes before every pair that has none, as in its chats.
 
 The loss, per pair, with ``log pi(y|x)`` the *sum* of the reply tokens' log-probabilities::
 
     h = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))
     loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
 
-``eps`` is ``label_smoothing``: conservative DPO (cDPO, Mitchell 2023), which assumes a share
-``eps`` of the labels is flipped; 0 gives plain DPO (TRL's ``loss_type="sigmoid"``).
-The implicit rewards are ``beta * (log pi - log ref)``; what is logged, on train (the logged
-step's micro-batches) and on val at every evaluation: ``loss``, ``reward_margin`` (mean of
-chosen minus rejected reward), ``reward_chosen`` / ``reward_rejected`` (means),
-``reward_accuracy`` (share of pairs whose chosen reward is higher) and, on val and test,
-``logp_accuracy`` (share where the tuned model alone gives the chosen reply the higher
-log-probability; before tuning the base model's own preference). The best weights are those of
-the lowest val loss.
-
-The template is the one the starting checkpoint was tuned with (an sft run's recorded fromzero
-template, else the checkpoint's own Jinja template; for an adapter, its base's). A system prompt
-the sft run used (info.json ``system_prompt``) is put before every pair that has none, as the
-chat evaluation asks with it, and recorded again in the DPO checkpoint.
+``eps`` is ``label_smoothing`` (conservative DPO, Mitchell 2023: a share ``eps`` of the labels
+assumed flipped; 0 is plain DPO, TRL's ``loss_type="sigmoid"``). The implicit rewards are
+``beta * (log pi - log ref)``; train and val rows log ``loss`` and the :data:`METRICS` of the
+rewards, val and test also ``logp_accuracy`` (the tuned model alone prefers the chosen reply).
 
 The reference model (``ref``):
 
 * ``method: lora`` from a checkpoint: the same weights with the adapter disabled (peft's
   ``disable_adapter``), so there is no second copy of the model in memory;
 * ``init_from`` a LoRA adapter (an sft LoRA run's ``checkpoints/best``): training continues
-  that adapter (its rank, alpha and target layers), and the reference is the sft model, base +
-  adapter as it was, whose log-probs are computed once before training (disabling the adapter
-  would give the model before sft, not the one being tuned). The result is again an adapter on
-  the same base. With ``method: full`` / ``frozen`` the adapter is merged first;
-* ``method: full`` / ``frozen``: a frozen copy of the starting model, i.e. twice the weights
-  in memory -- unless ``precompute_ref``.
+  that adapter, and the reference is the sft model as it was, its log-probs computed once before
+  training (disabling the adapter would give the model before sft). With ``method: full`` /
+  ``frozen`` the adapter is merged first;
+* ``method: full`` / ``frozen``: a frozen copy of the starting model (twice the weights in
+  memory) -- unless ``precompute_ref``, which computes the reference log-probs of every training
+  pair once before the first step: no copy, one forward per step instead of two.
 
-``precompute_ref``: compute the reference log-probs of every training pair once, before the
-first step (one forward pass over the training pairs), instead of at every step: no frozen copy
-and one forward per step instead of two. Reference log-probs of the val and test pairs are
-always computed once at the start (the reference never changes), which is also where the
-"before" figures come from. Reference passes run in eval mode (no dropout).
+Reference log-probs of the val and test pairs are always computed once at the start (the
+"before" figures come from them); reference passes run in eval mode (no dropout).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -61,15 +47,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, TOKENIZER_FILE, read_json, save_checkpoint
-from fromzero.devices import compile_model
-from fromzero.errors import FromzeroError, first_line
-from fromzero.evaluation.metrics import write_metrics_json
-from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
+from fromzero.checkpoint import INFO_FILE, read_json
+from fromzero.errors import FromzeroError
+from fromzero.finetune.engine import FinetuneConfig, run_finetune_task
 from fromzero.finetune.lora import base_model
 from fromzero.finetune.methods import count_parameters
-from fromzero.finetune.sft import save_with_template_files
-from fromzero.training.trainer import FitResult, ShuffledEpochs
+from fromzero.finetune.sft import DecoderTask, decoder_checkpoint
+from fromzero.training.trainer import FitResult
 
 METRICS = ("reward_margin", "reward_chosen", "reward_rejected", "reward_accuracy")
 
@@ -78,7 +62,6 @@ METRICS = ("reward_margin", "reward_chosen", "reward_rejected", "reward_accuracy
 class DPOConfig(FinetuneConfig):
     """Preference tuning (DPO) of a chat decoder on chosen/rejected reply pairs."""
 
-    # where each field goes in a recipe (a field not listed is a train. setting)
     RECIPE_KEYS: ClassVar[dict[str, str]] = {
         "data": "data.source", "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction",
         "max_examples": "data.max_examples", "max_eval_examples": "data.max_eval_examples", "max_length":
@@ -133,7 +116,6 @@ class DPOConfig(FinetuneConfig):
 
 # ---------------------------------------------------------------------------------------------
 # The loss
-# ---------------------------------------------------------------------------------------------
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -236,7 +218,6 @@ def batch_loss(net: nn.Module, batch: dict[str, torch.Tensor], reference: Refere
 
 # ---------------------------------------------------------------------------------------------
 # Starting model, template, reference
-# ---------------------------------------------------------------------------------------------
 
 
 def resolve_init(init_from: str) -> Path:
@@ -283,40 +264,11 @@ class StartingModel:
     adapter_init: bool
     trained_modules: list[nn.Module] | None
     reference_kind: str
-    frozen: nn.Module | None = None
-
-
-def _adapter_for_training(directory: Path, model: nn.Module, model_config: dict, dropout: float) -> nn.Module:
-    """``model`` (the base, loaded) wrapped with the saved adapter of ``directory``, trainable."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from fromzero.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _parts, from_hf_adapter_state, hf_names
-
-    adapter = read_json(directory / ADAPTER_CONFIG, "adapter config")
-    names, _ = hf_names(model_config)
-    ours = {hf: fz for fz, mapped in names.items() for hf, _ in _parts(mapped)}
-    try:
-        targets = sorted({ours[t] for t in adapter["target_modules"]})
-        to_save = [ours[m] for m in adapter.get("modules_to_save") or []]
-        config = LoraConfig(r=int(adapter["r"]), lora_alpha=float(adapter["lora_alpha"]), target_modules=targets,
-                            lora_dropout=dropout, modules_to_save=to_save or None, bias="none")
-    except (KeyError, TypeError, ValueError) as e:
-        raise FromzeroError(f"{directory / ADAPTER_CONFIG}: not an adapter of this model ({first_line(e)})") from None
-    peft_model = get_peft_model(model, config)
-    try:
-        state = load_file(str(directory / ADAPTER_WEIGHTS))
-    except Exception as e:  # missing or corrupt file
-        raise FromzeroError(f"cannot read {directory / ADAPTER_WEIGHTS}: {first_line(e)}") from None
-    result = set_peft_model_state_dict(peft_model, from_hf_adapter_state(state, names, str(directory)))
-    if result.unexpected_keys:
-        raise FromzeroError(f"{directory / ADAPTER_WEIGHTS}: unexpected tensors {result.unexpected_keys[:3]}")
-    return peft_model
 
 
 def build_starting_model(cfg: DPOConfig, init_dir: Path, config: dict, info: dict) -> StartingModel:
     """The policy to train, which weights train, and where the reference comes from."""
-    from fromzero.finetune.lora import ADAPTER_CONFIG, apply_lora, load_adapter_model, load_base
+    from fromzero.finetune.lora import ADAPTER_CONFIG, apply_lora, load_adapter_model
     from fromzero.finetune.methods import freeze
     from fromzero.models import build_model
     from fromzero.checkpoint import MODEL_FILE, load_weights
@@ -328,14 +280,8 @@ def build_starting_model(cfg: DPOConfig, init_dir: Path, config: dict, info: dic
         base_dir = Path(str(info.get("base_checkpoint", "")))
         if not base_dir.is_dir():
             raise FromzeroError(f"{init_dir}: the base checkpoint of this adapter is gone ({base_dir})")
-        if cfg.method == "lora":
-            model = build_model(config)
-            load_base(model, base_dir)
-            if isinstance(info.get("qlora"), dict):  # trained on the 4-bit base: its dequantized weights
-                from fromzero.finetune.qlora import round_base_to_int4
-
-                round_base_to_int4(model, int(info["qlora"].get("group_size", 64)))
-            model = _adapter_for_training(init_dir, model, config, cfg.lora_dropout)
+        if cfg.method == "lora":  # the sft adapter trains on (on its base, dequantized for qlora)
+            model = load_adapter_model(init_dir, merge=False, dropout=cfg.lora_dropout)
         else:
             model = load_adapter_model(init_dir)  # base + sft adapter, merged
             base_dir = init_dir
@@ -357,8 +303,6 @@ def build_starting_model(cfg: DPOConfig, init_dir: Path, config: dict, info: dic
 def reference_logps(model: nn.Module, dataset: Any, batch_size: int, pad_id: int, device: torch.device,
                     autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed reply log-probs of ``model`` as it is (eval mode) for every pair."""
-    from torch.utils.data import DataLoader
-
     from fromzero.data.preferences import collate_preferences
 
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda b: collate_preferences(b, pad_id))
@@ -437,45 +381,30 @@ def _subset(pairs: list, limit: int, seed: int) -> list:
 
 # ---------------------------------------------------------------------------------------------
 # The run
-# ---------------------------------------------------------------------------------------------
 
 
 def finetune_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
-    """Tune on preference pairs, keep the best val loss, score test, write the run directory
-    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
-    the run in out_dir from its checkpoints/last."""
+    """Run a DPOTask (train, keep the best val weights, test once); returns its summary."""
     return run_finetune_task(DPOTask, cfg, resume)
 
 
-class DPOTask(FinetuneTask):
+class DPOTask(DecoderTask):
     """One DPO fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
     name = "dpo"
-    monitor, higher_is_better = "val_loss", False
 
     def __init__(self, cfg: DPOConfig, ctx: Any, device: torch.device, dtype: str) -> None:
         from fromzero.data.preferences import add_system_prompt, load_preference_pairs, tokenize_preferences
-        from fromzero.data.tokenizers import TextTokenizer
 
         self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
         # --- everything that can be refused, before anything is written ----------------------
         self.init_dir = init_dir = resolve_init(cfg.init_from)
-        config = read_json(init_dir / CONFIG_FILE, "model config")
-        if config.get("model_type") != "fromzero-gpt":
-            raise FromzeroError(f"DPO needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds "
-                                f"{config.get('model_type')!r}")
-        if not (init_dir / TOKENIZER_FILE).is_file():
-            raise FromzeroError(f"{init_dir} has no {TOKENIZER_FILE}: cannot turn text into token ids")
+        config, tokenizer, max_length = decoder_checkpoint(init_dir, "DPO", cfg.max_length)
         info = read_json(init_dir / INFO_FILE, "checkpoint info") if (init_dir / INFO_FILE).is_file() else {}
         adapter_base = Path(str(info["base_checkpoint"])) if info.get("adapter") == "lora" and \
             info.get("base_checkpoint") else None
         template, self.template_dir, fromzero_template = find_chat_template(init_dir, adapter_base)
         system_prompt = str(info.get("system_prompt") or "")
-        tokenizer = TextTokenizer.load(init_dir / TOKENIZER_FILE)
-        block_size = int(config.get("block_size", 0))
-        max_length = cfg.max_length or block_size
-        if max_length > block_size:
-            raise FromzeroError(f"max_length {max_length} is more than the model's block_size {block_size}")
         special = config.get("hf_special_tokens") or {}
         self.pad_id = pad_id = next((int(i) for i in (tokenizer.eos_id, special.get("pad_token_id"),
                                                       special.get("eos_token_id")) if isinstance(i, int)), 0)
@@ -497,23 +426,20 @@ class DPOTask(FinetuneTask):
         self.starting = start = build_starting_model(cfg, init_dir, config, info)
         self.model = model = start.model.to(device)
         self.config, self.trained_modules = config, start.trained_modules
+        self.adapter_base = start.base_dir if cfg.method == "lora" else None
         self.trainable, self.total = count_parameters(model)
 
         # --- reference log-probs: val/test always once; train too with precompute_ref --------
-        t_ref = time.perf_counter()
-        for split in ("train", "val", "test") if start.reference_kind == "precomputed" else ("val", "test"):
-            if start.reference_kind == "adapter":  # the base without the (fresh, zero) adapter
-                with model.disable_adapter():  # type: ignore[operator]
-                    refs = reference_logps(model, sets[split], cfg.eval_batch_size, pad_id, device, self.autocast)
-            else:
+        t_ref, kind = time.perf_counter(), start.reference_kind
+        # adapter: the base without the (fresh, zero) adapter
+        reference_mode = model.disable_adapter if kind == "adapter" else contextlib.nullcontext
+        for split in ("train", "val", "test") if kind == "precomputed" else ("val", "test"):
+            with reference_mode():  # type: ignore[operator]
                 refs = reference_logps(model, sets[split], cfg.eval_batch_size, pad_id, device, self.autocast)
             sets[split].set_reference(*refs)
         self.ref_s = time.perf_counter() - t_ref
-        frozen = None
-        if start.reference_kind == "copy":
-            frozen = copy.deepcopy(base_model(model)).eval().requires_grad_(False)
-        self.reference = Reference(start.reference_kind, model, frozen) if start.reference_kind != "precomputed" \
-            else None
+        frozen = copy.deepcopy(base_model(model)).eval().requires_grad_(False) if kind == "copy" else None
+        self.reference = Reference(kind, model, frozen) if kind != "precomputed" else None
         assert sets["test"].ref_chosen is not None and sets["test"].ref_rejected is not None
         self.before = before_metrics(sets["test"].ref_chosen, sets["test"].ref_rejected, cfg.beta,
                                      cfg.label_smoothing)
@@ -531,14 +457,7 @@ class DPOTask(FinetuneTask):
         from fromzero.data.preferences import collate_preferences
 
         cfg, sets, start = self.cfg, self.sets, self.starting
-        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
-        collate = lambda batch: collate_preferences(batch, self.pad_id)  # noqa: E731
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.train_loader = DataLoader(sets["train"], batch_size=cfg.batch_size, shuffle=True,
-                                       generator=self.generator, collate_fn=collate, num_workers=cfg.num_workers)
-        self.eval_loaders = {s: DataLoader(sets[s], batch_size=cfg.eval_batch_size, collate_fn=collate)
-                             for s in ("val", "test")}
-        self.forward = compile_model(self.model, "default", self.device) if cfg.compile else self.model
+        self.make_loaders(sets["train"], functools.partial(collate_preferences, pad_id=self.pad_id))
         train_set = sets["train"]
         where_ref = {"adapter": "the base with the adapter disabled", "copy": "a frozen copy",
                      "precomputed": f"precomputed ({self.ref_s:.1f}s)"}[start.reference_kind]
@@ -553,54 +472,24 @@ class DPOTask(FinetuneTask):
         self.logger = StepMetricsLogger(logger, self.cfg.grad_accum)  # loss() hands it each batch's stats
         return self.logger
 
-    def batches(self) -> tuple[Any, int]:
-        return ShuffledEpochs(self.train_loader, self.generator), len(self.train_loader)
-
     def loss(self, net: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         loss, stats = batch_loss(net, batch, self.reference, self.cfg.beta, self.cfg.label_smoothing)
         self.logger.add(stats)
         return loss, batch["x"].size(0) // 2, int((batch["y"] != -100).sum())
 
-    def _pair_metrics(self, split: str) -> dict[str, float]:
+    def split_metrics(self, split: str) -> dict[str, float]:
         return evaluate_pairs(self.forward, self.eval_loaders[split], self.device, self.autocast, self.cfg.beta,
                               self.cfg.label_smoothing)
 
-    def evaluate(self, _: nn.Module) -> dict[str, Any]:
-        return self._pair_metrics("val")
-
-    def save_best(self, extra: dict[str, Any]) -> None:
-        """checkpoints/best from the model as it is now (the adapter or full weights, + template files)."""
-        from fromzero.finetune.lora import save_adapter
-
-        info_out = {**self.base_info, **extra}
-        tokenizer_file = self.init_dir / TOKENIZER_FILE
-        if self.cfg.method == "lora":
-            write = lambda d: save_adapter(d, self.model, self.config, self.starting.base_dir,  # noqa: E731
-                                           tokenizer_file, info_out)
-        else:
-            write = lambda d: save_checkpoint(d, base_model(self.model), self.config,  # noqa: E731
-                                              tokenizer_file=tokenizer_file, info=info_out)
-        save_with_template_files(self.best_dir, write, self.template_dir)
-
-    def test(self) -> dict[str, Any]:
-        return self._pair_metrics("test")
-
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         before = self.before
-        self.save_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
-        write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
-                            **{f"val_{k}": v for k, v in fit.best_metrics.items()},
-                            **{f"before_{k}": v for k, v in before.items()}}, self.run_dir / "metrics.json")
+        self.final_files(fit, test, **{f"before_{k}": v for k, v in before.items()})
         print(f"test: loss {test['loss']:.4f}, reward accuracy {test['reward_accuracy']:.3f}, margin "
               f"{test['reward_margin']:.3f}; chosen preferred by log-prob {test['logp_accuracy']:.3f} "
               f"(before: {before['logp_accuracy']:.3f}) (best step {fit.best_step}); checkpoint: {self.best_dir}")
-        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "best_step": fit.best_step,
-                "steps": fit.steps, "val": fit.best_metrics, "test": test, "test_before": before,
-                "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
-                "trainable_params": self.trainable, "total_params": self.total, "train_s": fit.train_s,
-                "reference_s": self.ref_s, "samples_per_sec": fit.samples_per_sec,
-                "reference": self.starting.reference_kind}
+        return self.summary(fit, test, test_before=before, reference=self.starting.reference_kind,
+                            trainable_params=self.trainable, total_params=self.total, reference_s=self.ref_s)
 
 
 __all__ = ["DPOConfig", "finetune_dpo", "dpo_loss", "sequence_logps", "batch_loss", "Reference"]

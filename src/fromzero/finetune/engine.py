@@ -1,13 +1,10 @@
-"""What every fine-tuning task shares besides the loop: its settings, the shape of a task, its run.
+"""What every fine-tuning task shares besides the loop (:class:`fromzero.training.trainer.Trainer`).
 
-The loop itself is :class:`fromzero.training.trainer.Trainer` (pretraining uses it too). A
-fine-tuning task (text classification, SFT, DPO, image classification, recommendation;
-distillation is a loss of the first two) extends :class:`FinetuneConfig` and is one class
-implementing :class:`FinetuneTask`: its data, model, loss, metrics and report.
-:func:`run_finetune_task` runs it, the same way for every task: in
-:func:`fromzero.training.trainer.run_task`, with its run directory from :func:`start_run_dir`
-(config.yaml names the task, so ``fromzero finetune --resume RUN_DIR`` can rebuild it), the
-metrics logger, the Trainer, Ctrl-C / SIGTERM, the test score and the ranks' endings.
+A task (text classification, SFT, DPO, image classification, recommendation) extends
+:class:`FinetuneConfig` and is one class implementing :class:`FinetuneTask`: its data, model,
+loss, metrics and report. :func:`run_finetune_task` runs every task the same way: its run
+directory (config.yaml names the task, so ``--resume`` can rebuild it), the metrics logger, the
+Trainer, Ctrl-C / SIGTERM, the test score and the ranks' endings.
 """
 from __future__ import annotations
 
@@ -107,8 +104,10 @@ class FinetuneTask(Protocol):
     dtype: str
     model: nn.Module
     """What the Trainer optimises and checkpoints hold."""
-    forward: nn.Module
-    """What the training step calls: ``model`` or its compiled version (set by ``start`` at the latest)."""
+    config: dict
+    """The model's config.json."""
+    forward: nn.Module | None = None
+    """What the training step calls (None: the runner sets ``model``, compiled with cfg.compile)."""
     monitor: str
     """The val metric that picks the best weights and drives early stopping (``val_<key of evaluate()>``)."""
     higher_is_better: bool
@@ -120,6 +119,9 @@ class FinetuneTask(Protocol):
     """The task's own optimizer (DP-SGD's); None: the Trainer builds one from cfg."""
     private: Any = None
     """A :class:`fromzero.training.privacy.PrivateTraining` when training with DP-SGD."""
+    run_dir: Path
+    best_dir: Path
+    """The run directory and its checkpoints/best (set by the runner before ``start``)."""
 
     @classmethod
     def dtype_setting(cls, cfg: Any) -> str:
@@ -133,7 +135,7 @@ class FinetuneTask(Protocol):
         return autocast_context(self.device, self.dtype)
 
     def start(self, run_dir: Path) -> None:
-        """The run directory exists: keep it, build what the loop needs, print the run's description."""
+        """The run directory exists: build what the loop needs, print the run's description."""
 
     def wrap_logger(self, logger: Any) -> Any:
         """The logger the Trainer writes to, made from the run's (DPO adds its step metrics)."""
@@ -168,6 +170,25 @@ class FinetuneTask(Protocol):
         final checkpoints/best, metrics.json, the task's plots and the printed report; returns the
         run's summary (the runner adds ``wall_s``)."""
 
+    def save_model(self, directory: Path, info: dict[str, Any], adapter_base: Path | None,
+                   tokenizer_file: Path | None = None) -> None:
+        """Write the model as it is now: its LoRA adapter on ``adapter_base``, or (None) its weights."""
+        from fromzero.checkpoint import save_checkpoint
+        from fromzero.finetune.lora import save_adapter
+
+        if adapter_base is not None:
+            save_adapter(directory, self.model, self.config, adapter_base, tokenizer_file, info)
+        else:
+            save_checkpoint(directory, self.model, self.config, tokenizer_file=tokenizer_file, info=info)
+
+    def summary(self, fit: FitResult, test: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """What every task's summary holds (for ``finish``): where the run went, the fit, the scores;
+        ``extra`` adds or replaces keys."""
+        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "best_step": fit.best_step,
+                "best_epoch": fit.best_epoch, "steps": fit.steps, "epochs_run": fit.epochs_run,
+                "stopped_early": fit.stopped_early, "interrupted": fit.interrupted, "val": fit.best_metrics,
+                "test": test, "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec, **extra}
+
     def worker_summary(self, run_dir: Path, test: dict[str, Any]) -> dict[str, Any]:
         """What a rank other than 0 returns (rank 0 writes the run's files)."""
         return {"run_dir": str(run_dir), "rank": self.ctx.rank}
@@ -189,7 +210,7 @@ def _run(task_type: type[FinetuneTask], cfg: Any, ctx: DistContext, device: Any,
          resume: bool) -> dict[str, Any]:
     import time
 
-    from fromzero.devices import autocast_context, resolve_dtype
+    from fromzero.devices import autocast_context, compile_model, resolve_dtype
     from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
     from fromzero.training.distributed import barrier
     from fromzero.training.trainer import Trainer
@@ -198,6 +219,9 @@ def _run(task_type: type[FinetuneTask], cfg: Any, ctx: DistContext, device: Any,
     autocast_context(device, dtype)  # refuses float16 off CUDA before any work
     task = task_type(cfg, ctx, device, dtype)  # data and model, all checked before the run directory is touched
     run_dir = start_run_dir(cfg, task.name, ctx, resume)  # rank 0 alone writes it
+    task.run_dir, task.best_dir = run_dir, run_dir / "checkpoints" / "best"
+    if task.forward is None:
+        task.forward = compile_model(task.model, "default", device) if cfg.compile else task.model
     task.start(run_dir)
     logger = task.wrap_logger(MetricsLogger(run_dir, resume_step(run_dir) if resume else None)
                               if ctx.is_main else NullLogger())

@@ -1,37 +1,16 @@
 """Fine-tune an image classifier on an ImageFolder: train / val / test, best by val macro-F1.
 
-The data directory holds three splits with the same class folders::
+The data directory holds three splits with the same class folders (``DATA/train/<class>/*.png``,
+``val/``, ``test/``), or is ``digits`` (built in). :func:`finetune_images` builds the model (the
+simple CNN, a torchvision ResNet, or a ViT) and the data (augmentation, label smoothing, MixUp /
+CutMix) and trains in the loop every fine-tuning task shares; the test split is scored once, with
+the best weights. ``method="frozen"`` trains the head alone (linear probing), the backbone in eval
+mode, so BatchNorm statistics stay those of the pretrained model too.
 
-    DATA/train/<class>/*.png    DATA/val/<class>/*.png    DATA/test/<class>/*.png
-
-:func:`finetune_images` builds the model (the simple CNN, a torchvision ResNet, or a ViT) and
-the data (augmentation, optional label smoothing, MixUp / CutMix), and trains in the loop every
-fine-tuning task shares (:class:`fromzero.training.trainer.Trainer`: AdamW or SGD, warmup +
-cosine, gradient accumulation, DDP under torchrun, compile, eval every epoch or ``eval_every``
-steps, early stopping on val macro-F1, exact ``--resume``). The best weights are restored and the
-held-out test split is scored once, at the end (never used for any choice). Try it::
-
-    from fromzero.finetune.images import ImageFinetuneConfig, finetune_images
-    result = finetune_images(ImageFinetuneConfig(data_dir="data/pets", arch="resnet18",
-                                                 weights="DEFAULT", epochs=5, out_dir="runs/pets"))
-    result["test"]["accuracy"]
-
-The run directory (see DESIGN.md)::
-
-    config.yaml  metrics.jsonl  tb/  metrics.json (test)  plots/{loss,lr,confusion_matrix}.png
-    checkpoints/best/   # config.json (with labels) + model.safetensors + info.json; load_model reads it
-
-``method="frozen"`` trains only the classification head (linear probing): every other weight has
-``requires_grad=False`` and the backbone runs in eval mode, so BatchNorm statistics stay those of
-the pretrained model too.
-
-``privacy: {target_epsilon: 3, delta: 1.0e-5, max_grad_norm: 1.0}`` (or ``noise_multiplier``)
-trains with DP-SGD through Opacus (see :mod:`fromzero.training.privacy`): Poisson-sampled batches
-(``batch_size`` is about their expected size), per-example clipping and Gaussian noise, in
-float32; every val row of metrics.jsonl carries the ``epsilon`` spent so far and metrics.json /
-info.json the final guarantee. Not with MixUp / CutMix (they mix examples), l1, or trained
-BatchNorm layers (a ResNet trains privately with ``method: frozen``; the simple CNN and the ViT
-train in full).
+``privacy`` (``target_epsilon`` or ``noise_multiplier``) trains with DP-SGD through Opacus (see
+:mod:`fromzero.training.privacy`): Poisson-sampled batches, per-example clipping and noise, in
+float32; val rows carry the ``epsilon`` spent so far. Not with MixUp / CutMix (they mix examples),
+l1, or trained BatchNorm layers (a ResNet trains privately with ``method: frozen``).
 """
 
 from __future__ import annotations
@@ -45,9 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from fromzero.checkpoint import save_checkpoint
 from fromzero.data.images import AUGMENTS, BAD_IMAGES, build_transforms, default_resize, load_image_folder, normalization
-from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
 from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
 from fromzero.finetune.lora import apply_lora
@@ -64,7 +41,6 @@ SPLITS = ("train", "val", "test")
 class ImageFinetuneConfig(FinetuneConfig):
     """Fine-tuning an image classifier on DATA/{train,val,test}/<class>/<image>."""
 
-    # where each field goes in a recipe (a field not listed is a train. setting)
     RECIPE_KEYS: ClassVar[dict[str, str]] = {
         "data_dir": "data.source", "image_size": "data.image_size", "resize_size": "data.resize_size",
         "channels": "data.channels", "normalize": "data.normalize", "mean": "data.mean", "std": "data.std",
@@ -121,8 +97,6 @@ class ImageFinetuneConfig(FinetuneConfig):
     """full (train every weight) | frozen (train the classification head, plus unfreeze_top blocks) | lora (ViT from weights: adapters on attn.qkv / attn.proj, the head in full)."""
     unfreeze_top: int = 0
     """method frozen: also train the last N blocks (ResNet stages layer1-4, ViT blocks); 0 = the head only."""
-    patience: int = 0
-    """Stop after this many evaluations without a better val macro-F1; 0 = never stop early."""
     vit_patch_size: int = 4
     """ViT trained from scratch: patch size (image_size must be divisible by it)."""
     vit_hidden_size: int = 192
@@ -133,8 +107,6 @@ class ImageFinetuneConfig(FinetuneConfig):
     """ViT trained from scratch: attention heads."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """Differential privacy (DP-SGD through Opacus); on when privacy.target_epsilon or noise_multiplier is set."""
-    out_dir: str = ""
-    """Run directory ("" = runs/image-classification-<timestamp>); refused if it exists and is not empty, unless force."""
 
     def validate(self) -> None:
         """Raise FromzeroError for a value that cannot work."""
@@ -309,13 +281,7 @@ def builtin_image_data(data_dir: str) -> Path:
 
 
 def finetune_images(cfg: ImageFinetuneConfig, resume: bool = False) -> dict[str, Any]:
-    """Train, select by val macro-F1, test once; write the run directory (under torchrun with
-    dist_strategy ddp: every rank trains, rank 0 writes); resume: continue the run in out_dir
-    from its checkpoints/last. Returns a summary::
-
-        {"run_dir", "checkpoint", "labels", "best_epoch", "epochs_run", "stopped_early",
-         "val": best val metrics, "test": test metrics, "train_s", "wall_s"}
-    """
+    """Run an ImageClassificationTask (train, keep the best val weights, test once); returns its summary."""
     return run_finetune_task(ImageClassificationTask, cfg, resume)
 
 
@@ -382,7 +348,6 @@ class ImageClassificationTask(FinetuneTask):
         self.test_loader = DataLoader(test_ds, shuffle=False, **loader_args)
         self.train_batches: Any = ShuffledEpochs(self.train_loader, generator)
 
-        self.forward = compile_model(model, "default", device) if cfg.compile else model  # what the step calls
         self.privacy_report: dict[str, Any] | None = None  # set when training ends
         if cfg.privacy.enabled:  # checked (and the noise calibrated) before the run directory is touched
             from fromzero.training.optim import build_optimizer
@@ -399,7 +364,6 @@ class ImageClassificationTask(FinetuneTask):
 
     def start(self, run_dir: Path) -> None:
         cfg = self.cfg
-        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
         n_train, n_val, n_test = self.sizes
         print(f"image classification ({cfg.arch}): {len(self.labels)} classes, train/val/test "
               f"{n_train}/{n_val}/{n_test} images; method {cfg.method}: trains {self.trainable:,} parameters; "
@@ -429,13 +393,8 @@ class ImageClassificationTask(FinetuneTask):
 
     def write_best(self, extra: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (config.json with the class names)."""
-        if self.cfg.method == "lora":
-            from fromzero.finetune.lora import save_adapter
-
-            save_adapter(self.best_dir, self.model, self.config, Path(str(self.cfg.weights)), None,
-                         {**self.base_info, **extra})
-        else:
-            save_checkpoint(self.best_dir, self.model, self.config, info={**self.base_info, **extra})
+        self.save_model(self.best_dir, {**self.base_info, **extra},
+                        Path(str(self.cfg.weights)) if self.cfg.method == "lora" else None)
 
     def save_best(self, info: dict[str, Any]) -> None:
         if self.private is None:  # a private run's checkpoint is written once, with its privacy guarantee
@@ -473,8 +432,4 @@ class ImageClassificationTask(FinetuneTask):
         if privacy is not None:
             print(f"privacy: ({privacy['epsilon']:.3f}, {privacy['delta']:g})-DP for the training split "
                   f"({privacy['steps']} steps, noise multiplier {privacy['noise_multiplier']:.4g})")
-        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "labels": self.labels,
-                "best_epoch": fit.best_epoch, "best_step": fit.best_step, "steps": fit.steps,
-                "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": False,
-                "val": best_val, "test": test, "privacy": privacy, "trainable_params": self.trainable,
-                "train_s": fit.train_s}
+        return self.summary(fit, test, labels=self.labels, privacy=privacy, trainable_params=self.trainable)

@@ -1,24 +1,14 @@
 """LoRA with ``peft`` on fromzero models, saved in PEFT's own format with Hugging Face names.
 
-Training: :func:`apply_lora` wraps a fromzero model with ``peft.get_peft_model``; the target
-Linear layers get ``lora_A`` / ``lora_B`` (the update is ``(alpha / r) * B @ A``), the base
-weights are frozen and the new task head (``modules_to_save``) trains in full.
-
-Saving (:func:`save_adapter`) writes a checkpoint directory a user can take to either world::
-
-    adapter_config.json         # peft's LoraConfig; target_modules are the full module names of
-                                # the model `fromzero convert to-hf` exports (BERT: bert.encoder...)
-    adapter_model.safetensors   # peft's tensors, also under HF module names
-    config.json                 # the fine-tuned fromzero architecture (e.g. classification, labels)
-    info.json                   # base_checkpoint: the fromzero checkpoint the adapter sits on
-    tokenizer.json
-
-so ``PeftModel.from_pretrained(AutoModelFor...(exported base), adapter_dir)`` gives the same
-outputs as fromzero does (tested). ``fromzero`` reads it back with :func:`load_adapter_model`
-(base + adapter, merged), and ``fromzero merge-lora`` writes the merged weights as a plain
-checkpoint. Supported: BERT, GPT-2-style and LLaMA/Qwen2-style GPTs; each converter module
-provides ``hf_module_names(config)``. Where HF splits a layer we fuse (LLaMA's q/k/v_proj from
-our c_attn), the exported adapter repeats A and cuts B by rows, which is exactly the same update.
+:func:`apply_lora` wraps a fromzero model with ``peft.get_peft_model``: the target Linear layers
+get ``lora_A`` / ``lora_B`` (the update is ``(alpha / r) * B @ A``), the base is frozen and the new
+task head (``modules_to_save``) trains in full. :func:`save_adapter` writes adapter_config.json and
+adapter_model.safetensors under the module names of the model ``fromzero convert to-hf`` exports
+(plus config.json, tokenizer.json and info.json naming ``base_checkpoint``), so
+``PeftModel.from_pretrained`` on the exported base gives fromzero's outputs (tested);
+:func:`load_adapter_model` reads it back (base + adapter, merged) and ``fromzero merge-lora``
+writes the merged weights as a plain checkpoint. Where HF splits a layer we fuse (LLaMA's
+q/k/v_proj from our c_attn), the exported adapter repeats A and cuts B by rows: the same update.
 """
 
 from __future__ import annotations
@@ -58,14 +48,9 @@ def hf_names(model_config: dict) -> tuple[dict[str, str], dict]:
     return importlib.import_module(lora_facts(model_config).hf_mapping).hf_module_names(model_config)
 
 
-def linear_names(model: nn.Module) -> list[str]:
-    """Full names of the model's Linear layers (what LoRA can adapt)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
 def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Full Linear-layer names matched by ``targets`` (a full name, or its trailing part)."""
-    linears = linear_names(model)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     matched: list[str] = []
     for target in targets:
         hits = [n for n in linears if n == target or n.endswith("." + target)]
@@ -78,18 +63,26 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
 
 def apply_lora(model: nn.Module, model_config: dict, method: MethodConfig, modules_to_save: list[str]) -> nn.Module:
     """Wrap ``model`` with peft LoRA adapters (base frozen; ``modules_to_save`` train in full)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    hf_names(model_config)  # refuse families whose adapters cannot be exported, before training
+    return get_peft_model(model, lora_config(model, model_config, method, modules_to_save))
+
+
+def lora_config(model: nn.Module, model_config: dict, method: MethodConfig, modules_to_save: list[str]
+                ) -> Any:
+    """peft's LoraConfig of ``method`` for ``model`` (the family's default targets if it names none),
+    refusing bad settings and families whose adapters cannot be exported, before training."""
+    from peft import LoraConfig
+
+    hf_names(model_config)
     if method.lora_rank <= 0:
         raise FromzeroError(f"lora_rank must be a positive integer, got {method.lora_rank}")
     if not 0.0 <= method.lora_dropout < 1.0:
         raise FromzeroError(f"lora_dropout must be in [0, 1), got {method.lora_dropout}")
     targets = method.lora_targets or default_targets(model_config)
-    config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
-                        target_modules=resolve_targets(model, list(targets)), bias="none",
-                        modules_to_save=list(modules_to_save) or None)
-    return get_peft_model(model, config)
+    return LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
+                      target_modules=resolve_targets(model, list(targets)), bias="none",
+                      modules_to_save=list(modules_to_save) or None)
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -199,8 +192,9 @@ def load_adapter_checkpoint(directory: Path, device: str | torch.device = "cpu")
     return load_adapter_model(directory).to(device).eval()
 
 
-def load_adapter_model(directory: Path) -> nn.Module:
-    """Rebuild base + LoRA adapter from an adapter checkpoint directory, merged into plain weights."""
+def load_adapter_model(directory: Path, merge: bool = True, dropout: float = 0.0) -> nn.Module:
+    """Rebuild base + LoRA adapter from an adapter checkpoint directory, merged into plain weights
+    (merge False: the peft model, its adapter trainable with ``dropout``)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -229,7 +223,7 @@ def load_adapter_model(directory: Path) -> nn.Module:
         targets = sorted({ours[t] for t in adapter["target_modules"]})
         to_save = [ours[m] for m in adapter.get("modules_to_save") or []]
         config = LoraConfig(r=int(adapter["r"]), lora_alpha=float(adapter["lora_alpha"]), target_modules=targets,
-                            modules_to_save=to_save or None, bias="none")
+                            lora_dropout=dropout, modules_to_save=to_save or None, bias="none")
     except (KeyError, TypeError, ValueError) as e:
         raise FromzeroError(f"{directory / ADAPTER_CONFIG}: not an adapter of this model ({first_line(e)})") from None
     peft_model = get_peft_model(model, config)
@@ -248,6 +242,8 @@ def load_adapter_model(directory: Path) -> nn.Module:
         raise FromzeroError(f"{directory / ADAPTER_WEIGHTS} does not fit {ADAPTER_CONFIG}: {detail}") from None
     if result.unexpected_keys:
         raise FromzeroError(f"{directory / ADAPTER_WEIGHTS}: unexpected tensors {result.unexpected_keys[:3]}")
+    if not merge:
+        return peft_model
     with torch.no_grad():
         return peft_model.merge_and_unload()
 

@@ -2,17 +2,12 @@
 
 * ``full``: every weight.
 * ``frozen``: ``requires_grad=False`` everywhere but the task head (and, with ``unfreeze_top``
-  = N, the last N transformer layers plus the final norm). Frozen layers run in eval mode, so
-  dropout and BatchNorm statistics stay those of the pretrained model.
+  = N, the last N layers plus the final norm). Frozen layers run in eval mode, so dropout and
+  BatchNorm statistics stay those of the pretrained model.
 * ``lora``: the base weights stay frozen; low-rank adapters are added to the target Linear
   layers by ``peft`` (see :mod:`fromzero.finetune.lora`) and the task head trains in full.
 
-Heads and layer stacks per model family::
-
-    fromzero-bert  head: classifier (+ pooler)   layers: layers.{i}         final: -
-    fromzero-gpt   head: lm_head (tied to wte)   layers: transformer.h.{i}  final: transformer.ln_f
-    fromzero-vit   head: head                    layers: blocks.{i}         final: ln_f
-    fromzero-cnn   head: fc / fc2                layers: ResNet layer1..layer4 (simple CNN: none)
+Each model family's heads and layer stack are its facts (:class:`fromzero.models.FamilyFacts`).
 """
 
 from __future__ import annotations

@@ -1,40 +1,26 @@
 """QLoRA: LoRA adapters trained on a frozen base whose Linear weights are stored in 4 bits.
 
-``method: qlora`` in an SFT recipe. The base model is loaded as usual, then every Linear layer of
-the transformer blocks is replaced by :class:`fromzero.compression.quantize.Int4WeightLinear`
-(the group-wise int4 weight-only layer of ``fromzero quantize --method int4-weight``): weights
-packed two per byte, in groups of ``qlora_group_size`` consecutive input features of one output
-row, each group with its own scale and minimum (``w = q * scale + min``, q in 0..15). Unlike
-``fromzero quantize`` (fp32 scales, for an inference artifact), scales and minimums are kept in
-fp16 here: with group 64 a weight then costs 4 + 2 * 16 / 64 = 4.5 bits, 28.1 % of its bf16
-bytes (fp32 scales would be 31.3 %). The weights are dequantized on the fly in every forward
-(and again in backward, for the gradient with respect to the layer's input): memory traded for
-compute, as in the QLoRA paper (which uses NF4 + double quantization; this is plain uniform int4).
+``method: qlora`` in an SFT recipe. Every Linear layer of the transformer blocks becomes the
+group-wise int4 weight-only layer of ``fromzero quantize --method int4-weight`` (groups of
+``qlora_group_size`` input features, each with a scale and minimum), kept in fp16 here (fp32 in
+``fromzero quantize``): with group 64 a weight costs 4.5 bits, 28.1 % of its bf16 bytes. Weights
+are dequantized on the fly in every forward and again in backward: memory traded for compute, as
+in the QLoRA paper (which uses NF4 + double quantization; this is plain uniform int4). The LoRA
+layers (:class:`QuantLoraLinear`, through peft's custom-module hook) stay in full precision.
 
-LoRA adapters sit on the 4-bit layers in full precision: peft wraps them through its custom-module
-hook (``LoraConfig._register_custom_module({Int4WeightLinear: QuantLoraLinear})``), with
-:class:`QuantLoraLinear` following peft's own quantized LoRA layers (HQQ, torchao): ``y =
-base_4bit(x) + (alpha / r) * B @ A @ dropout(x)``. Only ``lora_A`` / ``lora_B`` get gradients.
+The token embedding, which is also the output head (tied, 21 % of SmolLM2-135M), stays float:
+every logit comes out of that table, so 4-bit rows would perturb the whole output distribution;
+frozen, it costs no gradient or optimizer state, and a lookup no compute to speak of.
 
-What stays float, and why: the token embedding table, which is also the output head (tied, 21 %
-of SmolLM2-135M's parameters), stays in the training dtype (fp32 parameters; bf16 autocast
-computes with a bf16 copy where the hardware has fast bf16). Every logit comes out of that table,
-so 4-bit rows would perturb the whole output distribution the loss and the answers are read
-from; it is frozen (no gradient, no optimizer state), and an embedding lookup costs no compute to
-speak of. RMSNorm gains are tiny and stay float as well.
-
-Saving: the adapter is written in PEFT's format by :func:`fromzero.finetune.lora.save_adapter`
-with ``info.json`` naming the float base checkpoint and a ``qlora`` block (group size, scale
-dtype). The adapter was trained against the 4-bit base, so loading it (``evaluate``, ``chat``,
-``merge-lora``) rebuilds that base: the float base is quantized exactly as in training and
-dequantized back (:func:`round_base_to_int4`), then the adapter is merged into it. So
-``fromzero merge-lora`` of a QLoRA run writes the *dequantized* base + the update, in float: a
-model equal to what was trained, not the original float base + the update. (A PEFT user who puts
-the adapter on the original HF model gets the float base instead: close, not equal.)
+The adapter was trained against the 4-bit base, so loading it (``evaluate``, ``chat``,
+``merge-lora``) rebuilds that base: the float base is quantized as in training and dequantized
+back (:func:`round_base_to_int4`) before the adapter is merged into it. ``merge-lora`` of a
+QLoRA run thus writes the *dequantized* base + the update: the model that was trained.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Optional
 
@@ -92,18 +78,9 @@ def _lean_forward(layer: nn.Module, x: torch.Tensor, plain: Any) -> torch.Tensor
     return y + layer.bias.to(y.dtype) if layer.bias is not None else y
 
 
-_LEAN: tuple[type, type] | None = None
-
-
+@functools.cache
 def _lean_classes() -> tuple[type, type]:
     """(QLoRAInt4Linear, QLoRAInt8Linear), defined once on first use."""
-    global _LEAN
-    if _LEAN is None:
-        _LEAN = _define_lean_classes()
-    return _LEAN
-
-
-def _define_lean_classes() -> tuple[type, type]:
     from fromzero.models.quantized import Int4WeightLinear, Int8WeightLinear
 
     class QLoRAInt4Linear(Int4WeightLinear):
@@ -198,7 +175,9 @@ def _is_tied_head(model: nn.Module, linear: nn.Linear) -> bool:
 # The LoRA layer peft puts on a quantized Linear
 
 
-def _lora_layer_class() -> type:
+@functools.cache
+def quant_lora_class() -> type:
+    """:class:`QuantLoraLinear` (built on first use: peft is imported lazily)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import check_adapters_to_merge
 
@@ -269,37 +248,20 @@ def _lora_layer_class() -> type:
     return QuantLoraLinear
 
 
-_QUANT_LORA: type | None = None
-
-
-def quant_lora_class() -> type:
-    """:class:`QuantLoraLinear` (built on first use: peft is imported lazily)."""
-    global _QUANT_LORA
-    if _QUANT_LORA is None:
-        _QUANT_LORA = _lora_layer_class()
-    return _QUANT_LORA
-
-
 def apply_qlora(model: nn.Module, model_config: dict, method: Any, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     """Quantize the base to 4 bits and wrap it with peft LoRA adapters on ``method.lora_targets``
     (default: the family's, as for ``method: lora``); returns the peft model."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from fromzero.finetune.lora import default_targets, hf_names, resolve_targets
+    from fromzero.finetune.lora import lora_config
 
-    hf_names(model_config)  # refuse families whose adapters cannot be exported, before training
-    if method.lora_rank <= 0:
-        raise FromzeroError(f"lora_rank must be a positive integer, got {method.lora_rank}")
-    if not 0.0 <= method.lora_dropout < 1.0:
-        raise FromzeroError(f"lora_dropout must be in [0, 1), got {method.lora_dropout}")
-    targets = resolve_targets(model, list(method.lora_targets or default_targets(model_config)))
+    config = lora_config(model, model_config, method, [])
     quantize_base(model, group_size)
     quantized = _quantized_types()
+    targets = sorted(config.target_modules)
     not_quantized = [t for t in targets if not isinstance(model.get_submodule(t), quantized)]
     if not_quantized:  # e.g. the tied head: LoRA on it would train a float layer, not QLoRA
         raise FromzeroError(f"qlora targets must be Linear layers of the transformer blocks; "
                             f"{not_quantized[0]!r} is not quantized")
-    config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha, lora_dropout=method.lora_dropout,
-                        target_modules=targets, bias="none")
     config._register_custom_module({cls: quant_lora_class() for cls in quantized})
     return get_peft_model(model, config)

@@ -1,18 +1,8 @@
-"""Fine-tuning recipes: the ``task`` and the sections every recipe has (as pretraining's)::
-
-    task: text-classification        # | sft | dpo | image-classification | recommendation
-    model: {init_from: all-MiniLM-L6-v2}
-    data: {source: shakespeare-genre}
-    train: {lr: 5.0e-4, epochs: 3}
-    method: {name: lora, lora_rank: 8}
-    dist: {strategy: none}
-
-Any setting can be overridden on the command line with its dotted key (``--train.lr 1e-4
---method.name frozen``; the bare field name, ``--lr``, is a short alias); unknown keys are
-refused with the closest valid one. A task's config is one flat dataclass whose fields say
-where they go in a recipe (``RECIPE_KEYS``, :func:`fromzero.config.recipe_keys`); recipes of the
-previous flat shape still load, with one line naming where each key lives now. ``fromzero finetune
---help`` lists every key with its default.
+"""Fine-tuning recipes: a ``task`` and the sections ``model``, ``data``, ``train``, ``method``,
+``dist`` (as pretraining's). A task's config is one flat dataclass whose fields say where they go
+in a recipe (``RECIPE_KEYS``, :func:`fromzero.config.recipe_keys`). Any setting can be overridden
+with its dotted key (``--train.lr 1e-4``) or the bare field name; unknown keys are refused with
+the closest valid one.
 """
 
 from __future__ import annotations

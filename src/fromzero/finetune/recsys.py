@@ -1,31 +1,17 @@
 """Train a recommender on implicit feedback: NCF (GMF / MLP / NeuMF) or Wide & Deep, with baselines.
 
-Task ``recommendation`` of ``fromzero finetune``. Data (see :mod:`fromzero.data.interactions`):
-``synthetic`` (built in: latent clusters + popularity skew), an interactions CSV
-``user,item,rating,timestamp`` or MovieLens ``ratings.dat``. Every interaction (rated at least
-``min_rating``) is a positive; each user's latest one is the test item, the one before the
-validation item (leave-one-out), or ``test_data`` names a separate file of test interactions.
-Try it::
+Task ``recommendation`` of ``fromzero finetune``. Data (:mod:`fromzero.data.interactions`):
+``synthetic``, an interactions CSV or MovieLens ``ratings.dat``; every interaction rated at least
+``min_rating`` is a positive, each user's latest one the test item and the one before the val item
+(leave-one-out), unless ``test_data`` names a file of test interactions. NeuMF can start from
+pretrained GMF and MLP runs (He et al. 2017: ``pretrained_gmf`` / ``pretrained_mlp``).
 
-    fromzero finetune --config recipes/recsys-neumf.yaml
-    fromzero finetune --config recipes/recsys-neumf.yaml --data ml-1m/ratings.dat --min_rating 0
-    # NeuMF from pretrained GMF and MLP (He et al. 2017):
-    fromzero finetune --config recipes/recsys-neumf.yaml --arch gmf --out_dir runs/gmf
-    fromzero finetune --config recipes/recsys-neumf.yaml --arch mlp --out_dir runs/mlp
-    fromzero finetune --config recipes/recsys-neumf.yaml --pretrained_gmf runs/gmf/checkpoints/best \\
-        --pretrained_mlp runs/mlp/checkpoints/best --optimizer sgd --lr 0.01
-
-Training: each epoch pairs every training positive with ``negatives`` freshly sampled items
-(seeded by seed and epoch), pointwise log loss, the shared :class:`~fromzero.training.trainer.Trainer`
-loop (AdamW or SGD, cosine schedule, early stopping on ``monitor``, best weights kept).
-Evaluation: each held-out positive ranked against ``eval_negatives`` (99) items the user never
-interacted with, the same candidates for every model (``eval_seed``); HR@10 and NDCG@10.
-
-The run directory: config.yaml, metrics.jsonl, tb/, plots/ (loss, lr, ranking), metrics.json
-(test HR/NDCG of the model and of the baselines: popularity and matrix factorisation by ALS,
-evaluated with the same candidates), checkpoints/best/ (config.json, model.safetensors, info.json
-and ids.json: the raw user and item ids of the embedding rows). :class:`Recommender` reads it
-back and speaks raw ids.
+Each epoch pairs every training positive with ``negatives`` freshly sampled items (seeded by seed
+and epoch), pointwise log loss, in the shared Trainer. Each held-out positive is ranked against
+``eval_negatives`` items the user never touched, the same candidates for every model
+(``eval_seed``): HR@K and NDCG@K, also for the baselines (popularity, ALS matrix factorisation).
+checkpoints/best also holds ids.json, the raw user and item ids of the embedding rows, so
+:class:`Recommender` speaks raw ids.
 """
 
 from __future__ import annotations
@@ -43,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fromzero.data.interactions import EvalSet, IdMap, RecData, training_examples
-from fromzero.devices import compile_model
 from fromzero.errors import FromzeroError
 from fromzero.evaluation.metrics import write_metrics_json
 from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
@@ -60,7 +45,6 @@ ALS_ALPHAS = (1.0, 5.0, 20.0)
 class RecommendationConfig(FinetuneConfig):
     """Training a recommender on implicit feedback (user-item interactions)."""
 
-    # where each field goes in a recipe (a field not listed is a train. setting)
     RECIPE_KEYS: ClassVar[dict[str, str]] = {
         "data": "data.source", "test_data": "data.test_data", "min_rating": "data.min_rating",
         "synthetic_users": "data.synthetic_users", "synthetic_items": "data.synthetic_items",
@@ -125,8 +109,6 @@ class RecommendationConfig(FinetuneConfig):
     """data synthetic: typical interactions per user."""
     synthetic_seed: int = 0
     """data synthetic: seed of the generator."""
-    init_from: str = ""
-    """Unused: recommenders train from scratch (see pretrained_gmf / pretrained_mlp)."""
     epochs: int = 20
     """Maximum passes over the training positives (each with fresh negatives)."""
     batch_size: int = 256
@@ -323,12 +305,7 @@ def run_baselines(cfg: RecommendationConfig, data: RecData, val: EvalSet, test: 
 
 
 def finetune_recommendation(cfg: RecommendationConfig, resume: bool = False) -> dict[str, Any]:
-    """Train, pick the best epoch by ``monitor`` on val, score test (and the baselines) once, write
-    the run directory. Returns a summary::
-
-        {"run_dir", "checkpoint", "best_step", "best_epoch", "steps", "epochs_run", "stopped_early",
-         "val": {"hr@10", "ndcg@10", "loss"}, "test": {...}, "baselines": {name: {"val", "test"}}, ...}
-    """
+    """Run a RecommendationTask (train, keep the best val weights, test once); returns its summary."""
     return run_finetune_task(RecommendationTask, cfg, resume)
 
 
@@ -354,8 +331,6 @@ class RecommendationTask(FinetuneTask):
 
     def start(self, run_dir: Path) -> None:
         cfg, data = self.cfg, self.data
-        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
-        self.forward = compile_model(self.model, "default", self.device) if cfg.compile else self.model
         self.train_keys = data.train_keys()
         print(f"recommendation ({cfg.arch}): {data.ids.num_users} users, {data.ids.num_items} items, "
               f"{len(data.train)} training positives x (1 + {cfg.negatives} negatives), val/test "
@@ -416,13 +391,10 @@ class RecommendationTask(FinetuneTask):
         val = {m: fit.best_metrics[m] for m in (f"hr@{k}", f"ndcg@{k}", "loss")}
         self.write_best({"best_step": fit.best_step, "best_epoch": fit.best_epoch,
                          **{f"val_{m}": v for m, v in val.items()}, **{f"test_{m}": v for m, v in test.items()}})
-        summary = {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "arch": cfg.arch,
-                   "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
-                   "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
-                   "val": val, "test": test, "baselines": self.baselines, "num_users": data.ids.num_users,
-                   "num_items": data.ids.num_items, "train_positives": len(data.train), "n_val": len(self.val_set),
-                   "n_test": len(self.test_set), "total_params": self.total, "notes": data.notes,
-                   "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec}
+        summary = self.summary(fit, test, arch=cfg.arch, val=val, baselines=self.baselines, notes=data.notes,
+                               num_users=data.ids.num_users, num_items=data.ids.num_items,
+                               train_positives=len(data.train), n_val=len(self.val_set),
+                               n_test=len(self.test_set), total_params=self.total)
         report = {**test, "split": "test", "arch": cfg.arch, "n": len(self.test_set),
                   "eval_negatives": cfg.eval_negatives, "best_step": fit.best_step, "epochs_run": fit.epochs_run,
                   "stopped_early": fit.stopped_early, **{f"val_{m}": v for m, v in val.items()},

@@ -1,30 +1,21 @@
 """Instruction tuning (SFT) of a decoder: loss only on response tokens; full, frozen, LoRA or QLoRA.
 
-Data: ``shakespeare-dialogue`` or ``rotten-tomatoes`` (built in) or JSONL ``{"prompt","response"}``
-/ ``{"messages"}`` (see :mod:`fromzero.data.sft`). Model: ``init_from`` any fromzero-gpt
-checkpoint, e.g. the best checkpoint of a pretraining run (``runs/<run>/checkpoints/best``), a
-converted GPT-2 or chat model, or a built-in name (``smollm2-135m-instruct``). Try it::
+Data: ``shakespeare-dialogue``, ``rotten-tomatoes`` or JSONL ``{"prompt","response"}`` /
+``{"messages"}`` (:mod:`fromzero.data.sft`). Model: ``init_from`` a fromzero-gpt checkpoint (a
+pretraining run's best, a converted GPT-2 or chat model, a built-in name).
 
-    fromzero pretrain --config recipes/shakespeare-char.yaml --out_dir runs/char
-    fromzero finetune --config recipes/sft-shakespeare.yaml --init_from runs/char/checkpoints/best
-    fromzero finetune --config recipes/smollm2-sentiment-lora.yaml     # SmolLM2 on movie reviews
-
-Chat template (``chat_template``): ``auto`` renders with the starting model's own template when
-it has one (a converted chat model's ``chat_template.jinja`` / ``tokenizer_config.json``: the
-text it was tuned on, so the fine-tune continues it) and copies those files, with
-``tokenizer.json``, into the fine-tuned checkpoint, so ``chat``, ``generate --chat``, ``serve``
-and ``evaluate`` use the same template; otherwise fromzero's simple template (the ``*_prefix`` /
-``turn_end`` settings, recorded in info.json). ``system_prompt`` adds a system message to every
-example (empty: none, and a template such as SmolLM2's then writes its default one).
-``method: qlora`` trains LoRA adapters on a 4-bit base (:mod:`fromzero.finetune.qlora`).
-
-Validation loss (and perplexity) on the response tokens picks the best weights; the test
-split is scored once at the end. ``packing`` concatenates examples into full rows of
-``max_length`` tokens (no padding, faster; examples may attend to earlier ones in the row).
+``chat_template: auto`` renders with the starting model's own template when it has one (the text
+it was tuned on, so the fine-tune continues it) and copies its template files, with
+``tokenizer.json``, into the fine-tuned checkpoint, so ``chat``, ``serve`` and ``evaluate`` use
+the same template; otherwise fromzero's simple template (the ``*_prefix`` / ``turn_end``
+settings, recorded in info.json). ``method: qlora`` trains LoRA adapters on a 4-bit base
+(:mod:`fromzero.finetune.qlora`). ``packing`` concatenates examples into full rows of
+``max_length`` tokens (no padding; examples may attend to earlier ones in the row).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,14 +24,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from fromzero.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json, save_checkpoint
-from fromzero.devices import compile_model
+from fromzero.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_json
 from fromzero.errors import FromzeroError
 from fromzero.evaluation.metrics import write_metrics_json
-from fromzero.finetune.distill import (DistillOptions, build_student, count_params, distillation_loss,
+from fromzero.finetune.distill import (DistillOptions, build_student, distill_info, distillation_loss,
                                        load_teacher)
 from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
-from fromzero.finetune.lora import apply_lora, base_model, load_base
+from fromzero.finetune.lora import apply_lora, load_base
 from fromzero.finetune.methods import count_parameters, freeze
 from fromzero.models import build_model
 from fromzero.training.trainer import FitResult, ShuffledEpochs
@@ -56,7 +46,6 @@ BOUNDARY_CHECK_EXAMPLES = 1000
 class SFTConfig(FinetuneConfig, DistillOptions):
     """Instruction tuning of a decoder LM on prompt/response pairs or chats."""
 
-    # where each field goes in a recipe (a field not listed is a train. setting)
     RECIPE_KEYS: ClassVar[dict[str, str]] = {
         "data": "data.source", "chat_template": "data.chat_template", "system_prompt": "data.system_prompt",
         "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction", "max_length":
@@ -177,38 +166,82 @@ def response_loss(model: nn.Module, loader: Any, device: torch.device, autocast:
     return language_model_metrics(total / count)
 
 
+def decoder_checkpoint(init_dir: Path, what: str, max_length: int) -> tuple[dict, Any, int]:
+    """(config, tokenizer, max_length: 0 = block_size) of the fromzero-gpt checkpoint ``what`` starts from."""
+    from fromzero.data.tokenizers import TextTokenizer
+
+    config = read_json(init_dir / CONFIG_FILE, "model config")
+    if config.get("model_type") != "fromzero-gpt":
+        raise FromzeroError(f"{what} needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds "
+                            f"{config.get('model_type')!r}")
+    if not (init_dir / TOKENIZER_FILE).is_file():
+        raise FromzeroError(f"{init_dir} has no {TOKENIZER_FILE}: cannot turn text into token ids")
+    block_size = int(config.get("block_size", 0))
+    max_length = max_length or block_size
+    if max_length > block_size:
+        raise FromzeroError(f"max_length {max_length} is more than the model's block_size {block_size}")
+    return config, TextTokenizer.load(init_dir / TOKENIZER_FILE), max_length
+
+
+class DecoderTask(FinetuneTask):
+    """What SFT and DPO share: seeded loaders, scores per split, checkpoints with template files."""
+
+    monitor, higher_is_better = "val_loss", False
+    adapter_base: Path | None = None
+    """The base checkpoint the saved adapter sits on (None: full weights are saved)."""
+
+    def make_loaders(self, train_set: Any, collate: Any) -> None:
+        cfg = self.cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                                       generator=self.generator, num_workers=cfg.num_workers)
+        self.eval_loaders = {s: DataLoader(self.sets[s], batch_size=cfg.eval_batch_size, collate_fn=collate)
+                             for s in ("val", "test")}
+
+    def batches(self) -> tuple[Any, int]:
+        return ShuffledEpochs(self.train_loader, self.generator), len(self.train_loader)
+
+    def split_metrics(self, split: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, _: nn.Module) -> dict[str, Any]:
+        return self.split_metrics("val")
+
+    def test(self) -> dict[str, Any]:
+        return self.split_metrics("test")
+
+    def save_best(self, info: dict[str, Any]) -> None:
+        """checkpoints/best from the model as it is now (full weights or the adapter, + template files)."""
+        info, tokenizer_file = {**self.base_info, **info}, self.init_dir / TOKENIZER_FILE
+        write = lambda d: self.save_model(d, info, self.adapter_base, tokenizer_file)  # noqa: E731
+        save_with_template_files(self.best_dir, write, self.template_dir)
+
+    def final_files(self, fit: FitResult, test: dict[str, Any], **metrics: Any) -> None:
+        """The final checkpoints/best and metrics.json (test, the best val and ``metrics``)."""
+        self.save_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
+        write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
+                            **{f"val_{k}": v for k, v in fit.best_metrics.items()}, **metrics},
+                           self.run_dir / "metrics.json")
+
+
 def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
-    """Train on response tokens, keep the best val loss, score test, write the run directory
-    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
-    the run in out_dir from its checkpoints/last."""
+    """Run an SFTTask (train, keep the best val weights, test once); returns its summary."""
     return run_finetune_task(SFTTask, cfg, resume)
 
 
-class SFTTask(FinetuneTask):
+class SFTTask(DecoderTask):
     """One SFT fine-tune (see :class:`fromzero.finetune.engine.FinetuneTask`)."""
 
     name = "sft"
-    monitor, higher_is_better = "val_loss", False
     weight_by = "tokens"  # the loss is a mean over reply tokens
 
     def __init__(self, cfg: SFTConfig, ctx: Any, device: torch.device, dtype: str) -> None:
         from fromzero.data.sft import add_system_prompt, load_sft_examples, pack_sft, segment_mismatches, tokenize_sft
-        from fromzero.data.tokenizers import TextTokenizer
         from fromzero.models.builtin import resolve_model
 
         self.cfg, self.ctx, self.device, self.dtype = cfg, ctx, device, dtype
         self.init_dir = init_dir = resolve_model(cfg.teacher or cfg.init_from)  # distillation: the teacher's tokenizer
-        config = read_json(init_dir / CONFIG_FILE, "model config")
-        if config.get("model_type") != "fromzero-gpt":
-            raise FromzeroError(f"SFT needs a decoder (fromzero-gpt) checkpoint, {init_dir} holds "
-                                f"{config.get('model_type')!r}")
-        if not (init_dir / TOKENIZER_FILE).is_file():
-            raise FromzeroError(f"{init_dir} has no {TOKENIZER_FILE}: cannot turn text into token ids")
-        tokenizer = TextTokenizer.load(init_dir / TOKENIZER_FILE)
-        block_size = int(config.get("block_size", 0))
-        max_length = cfg.max_length or block_size
-        if max_length > block_size:
-            raise FromzeroError(f"max_length {max_length} is more than the model's block_size {block_size}")
+        config, tokenizer, max_length = decoder_checkpoint(init_dir, "SFT", cfg.max_length)
         template, self.template_dir = choose_template(cfg, init_dir)
         splits = load_sft_examples(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         splits = {split: add_system_prompt(examples, cfg.system_prompt) for split, examples in splits.items()}
@@ -237,8 +270,7 @@ class SFTTask(FinetuneTask):
         self.teacher = None
         if cfg.teacher:  # distillation: the student starts from the teacher's layers
             self.teacher, config, _ = load_teacher(init_dir, device)
-            model, config, described = build_student(cfg, config, self.teacher)
-            print(f"distillation from {cfg.teacher} (T {cfg.temperature}, alpha {cfg.alpha}): {described}")
+            model, config = build_student(cfg, config, self.teacher)
         else:
             model = build_model(config)
             load_base(model, init_dir)
@@ -256,7 +288,7 @@ class SFTTask(FinetuneTask):
             print(f"qlora: the base's Linear weights take {self.base_bytes['stored_bytes']:,} bytes in 4 bits "
                   f"({100 * self.base_bytes['stored_bytes'] / self.base_bytes['bf16_bytes']:.1f}% of bf16; group "
                   f"{cfg.qlora_group_size}, fp16 scales and minimums); the tied embedding/head stays float")
-        self.config = config
+        self.config, self.adapter_base = config, init_dir if cfg.method in ("lora", "qlora") else None
         self.trainable, self.total = count_parameters(model)
         if cfg.method == "qlora":
             self.total = float_params + self.trainable
@@ -266,36 +298,24 @@ class SFTTask(FinetuneTask):
         from fromzero.data.sft import collate_sft
 
         cfg, sets = self.cfg, self.sets
-        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
-        collate = lambda batch: collate_sft(batch, self.pad_id)  # noqa: E731
-        generator = torch.Generator().manual_seed(cfg.seed)
-        self.train_loader = DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                                       collate_fn=collate, num_workers=cfg.num_workers)
-        self.generator = generator
-        self.eval_loaders = {s: DataLoader(sets[s], batch_size=cfg.eval_batch_size, collate_fn=collate)
-                             for s in ("val", "test")}
-        self.forward = compile_model(self.model, "default", self.device) if cfg.compile else self.model
+        self.make_loaders(self.train_set, functools.partial(collate_sft, pad_id=self.pad_id))
         print(f"sft: train/val/test {len(sets['train'])}/{len(sets['val'])}/{len(sets['test'])} examples "
               f"({sets['train'].n_target_tokens:,} response tokens in train); method {cfg.method}: trains "
               f"{self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.2f}%); "
               f"device {self.device}, {self.dtype}")
-        self.before = self._response_loss("test")  # the base model's, for comparison
+        self.before = self.split_metrics("test")  # the base model's, for comparison
         # A model's own template travels as its files (chat_template.jinja, ...); fromzero's as fields.
         template_info = ({"chat_template": "chat_template.jinja"} if self.template_dir is not None else
                          {"template": {"system_prefix": cfg.system_prefix, "user_prefix": cfg.user_prefix,
                                        "assistant_prefix": cfg.assistant_prefix, "turn_end": cfg.turn_end}})
-        teacher = self.teacher
         self.base_info = {
             "task": "sft", "test_before": self.before, "method": cfg.method, "data": cfg.data,
-            **({"distilled_from": str(self.init_dir.resolve()), "temperature": cfg.temperature, "alpha": cfg.alpha,
-                "teacher_params": count_params(teacher), "student_params": self.total} if teacher is not None else {}),
+            **(distill_info(cfg, self.init_dir, self.teacher, self.total) if self.teacher is not None
+               else {}),
             **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}),
             **({"qlora": {"group_size": cfg.qlora_group_size, "scale_dtype": "float16",
                           "base_linear_bytes": self.base_bytes}} if cfg.method == "qlora" else {}),
             **template_info}
-
-    def batches(self) -> tuple[Any, int]:
-        return ShuffledEpochs(self.train_loader, self.generator), len(self.train_loader)
 
     def loss(self, net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
@@ -307,40 +327,14 @@ class SFTTask(FinetuneTask):
         loss = distillation_loss(logits, teacher_logits, loss, self.cfg.temperature, self.cfg.alpha, mask=y != -100)
         return loss, x.size(0), int((y != -100).sum())
 
-    def _response_loss(self, split: str) -> dict[str, float]:
+    def split_metrics(self, split: str) -> dict[str, float]:
         return response_loss(self.forward, self.eval_loaders[split], self.device, self.autocast)
-
-    def evaluate(self, _: nn.Module) -> dict[str, Any]:
-        return self._response_loss("val")
-
-    def save_best(self, info: dict[str, Any]) -> None:
-        """checkpoints/best from the model as it is now (full weights or the adapter, + template files)."""
-        from fromzero.finetune.lora import save_adapter
-
-        info = {**self.base_info, **info}
-        tokenizer_file = self.init_dir / TOKENIZER_FILE
-        if self.cfg.method in ("lora", "qlora"):
-            write = lambda d: save_adapter(d, self.model, self.config, self.init_dir, tokenizer_file, info)  # noqa: E731
-        else:
-            write = lambda d: save_checkpoint(d, base_model(self.model), self.config,  # noqa: E731
-                                              tokenizer_file=tokenizer_file, info=info)
-        save_with_template_files(self.best_dir, write, self.template_dir)
-
-    def test(self) -> dict[str, Any]:
-        return self._response_loss("test")
-
-    def test_row(self, fit: FitResult, test: dict[str, Any]) -> dict[str, Any]:
-        return {"step": fit.steps, "test_loss": test["loss"], "test_perplexity": test["perplexity"]}
 
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         before = self.before
-        self.save_best({"best_step": fit.best_step, "val": fit.best_metrics, "test": test})
-        write_metrics_json({**test, "split": "test", "best_step": fit.best_step,
-                            **{f"val_{k}": v for k, v in fit.best_metrics.items()}}, self.run_dir / "metrics.json")
+        self.final_files(fit, test)
         print(f"test: response loss {test['loss']:.4f}, perplexity {test['perplexity']:.2f} "
               f"(before fine-tuning: {before['loss']:.4f}, {before['perplexity']:.2f}) "
               f"(best step {fit.best_step}); checkpoint: {self.best_dir}")
-        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "best_step": fit.best_step,
-                "steps": fit.steps, "val": fit.best_metrics, "test": test, "stopped_early": fit.stopped_early,
-                "interrupted": fit.interrupted, "trainable_params": self.trainable, "total_params": self.total,
-                "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec, "test_before": before}
+        return self.summary(fit, test, trainable_params=self.trainable, total_params=self.total,
+                            test_before=before)

