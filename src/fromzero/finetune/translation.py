@@ -341,7 +341,7 @@ class TranslationTask(FinetuneTask):
                 attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
                 max_positions=cfg.max_length + 1, share_embeddings=cfg.share_embeddings, pad_id=PAD, eos_id=EOS,
                 decoder_start_id=PAD))
-        self.model = self.forward = model.to(device)
+        self.model = model.to(device)
         self.train_rows = self._encode(self.pairs["train"], drop_long=True)
         self.val_rows = self._encode(self.pairs["val"])
         # Outputs stop at eos; an untrained model may never say it: decode at most a few tokens
@@ -362,11 +362,6 @@ class TranslationTask(FinetuneTask):
     def start(self, run_dir: Path) -> None:
         from fromzero.finetune.methods import count_parameters
 
-        self.run_dir, self.best_dir = run_dir, run_dir / "checkpoints" / "best"
-        if self.cfg.compile:
-            from fromzero.devices import compile_model
-
-            self.forward = compile_model(self.model, "default", self.device)
         _, total = count_parameters(self.model)
         print(f"translation: {len(self.train_rows):,} training pairs, {len(self.pairs['val']):,} val and "
               f"{len(self.pairs['test']):,} test sources; vocabularies {len(self.vocab.source)} / "
@@ -432,9 +427,7 @@ class TranslationTask(FinetuneTask):
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         from fromzero.evaluation.metrics import write_metrics_json
 
-        summary = {"run_dir": str(self.run_dir), "checkpoint": str(self.best_dir), "best_step": fit.best_step,
-                   "best_epoch": fit.best_epoch, "steps": fit.steps, "stopped_early": fit.stopped_early,
-                   "val": fit.best_metrics, "test": test, "num_beams": self.cfg.num_beams}
+        summary = self.summary(fit, test, num_beams=self.cfg.num_beams)
         self._save(self.best_dir, {"best_step": fit.best_step, "best_epoch": fit.best_epoch, "val": fit.best_metrics,
                                    "test": test})
         write_metrics_json(summary, self.run_dir / "metrics.json")
