@@ -24,10 +24,6 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 
-# Guides written on a parallel branch: a link to one may dangle until it is merged. Checked like
-# any other link as soon as the file exists; remove the name once it does.
-PENDING = {"docs/own-data.md"}
-
 # Verbs whose recipe keys are documented in another verb's --help (distill runs as the teacher's
 # fine-tuning task; tune runs pretraining or fine-tuning recipes).
 HELP_ALSO = {"distill": ("finetune",), "tune": ("pretrain", "finetune"), "crossval": ("finetune",)}
@@ -109,17 +105,11 @@ def test_relative_links_resolve(page: Path) -> None:
         dest = (page.parent / file_part).resolve() if file_part else page
         rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
         if not dest.exists():
-            if rel not in PENDING:
-                broken.append(f"{target}: no file {rel}")
+            broken.append(f"{target}: no file {rel}")
             continue
         if anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target}: no heading #{anchor} in {rel}")
     assert not broken, broken
-
-
-def test_pending_guides_are_still_pending() -> None:
-    """Once a pending guide is merged, it is checked like any other: take it off the list."""
-    assert not [name for name in PENDING if (ROOT / name).exists()], "remove merged guides from PENDING"
 
 
 # --------------------------------------------------------------------------------------------
