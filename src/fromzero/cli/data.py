@@ -15,7 +15,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prep = _add_parser(
         data_sub, "prepare", "corpus -> tokenizer -> train.bin / val.bin / meta.json / tokenizer.json",
         description="Tokenize a corpus into memory-mappable token files (90/10 train/val split, "
-        "the last 10%% of the text is validation).\n\nexample:\n"
+        "the last 10% of the text is validation).\n\nexample:\n"
         "  fromzero data prepare --corpus shakespeare --tokenizer char --out data/shakespeare-char",
     )
     prep.add_argument("--corpus", nargs="+", required=True, metavar="CORPUS",
@@ -72,6 +72,9 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         tok = train_bpe_tokenizer(corpus.iter_chunks(), args.vocab_size)
     path = tok.save(out)
     print(f"wrote {path}: {tok.kind} tokenizer, vocab {tok.vocab_size}")
+    if args.kind != "char" and tok.vocab_size < args.vocab_size:
+        print(f"note: the text supports {tok.vocab_size} tokens, fewer than --vocab-size {args.vocab_size} "
+              "(BPE stops when no pair of tokens repeats)")
     return 0
 
 

@@ -72,7 +72,8 @@ def _check_columns(path: Path, where: str, columns: Sequence[str], text_col: str
         if name not in columns:
             msg = f"{path}{where}: no {kind} column {name!r}; columns are: {', '.join(map(repr, columns))}"
             close = difflib.get_close_matches(name, [str(c) for c in columns], n=1)
-            raise FromzeroError(msg + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise FromzeroError(f"{msg} ({hint}name it with --data.{kind}_column)")
 
 
 def _check_row(path: Path, line: int, text: Any, label: Any) -> _Row:

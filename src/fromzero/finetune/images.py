@@ -300,7 +300,8 @@ class ImageClassificationTask(FinetuneTask):
         data_dir = builtin_image_data(cfg.data_dir)
         for split in SPLITS:
             if not (data_dir / split).is_dir():
-                raise FromzeroError(f"{data_dir / split} not found: data_dir needs train/, val/ and test/ folders")
+                raise FromzeroError(f"{data_dir / split} not found: data.source needs train/, val/ and test/ folders "
+                                   "of class folders (examples/split_image_folder.py makes them from one folder)")
 
         # -- data (checked before the run directory is touched: bad input leaves nothing behind)
         mode = "RGB" if cfg.channels == 3 else "L"
