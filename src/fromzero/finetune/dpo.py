@@ -99,7 +99,8 @@ class DPOConfig(FinetuneConfig):
     def validate(self) -> None:
         self.validate_common()
         if not self.init_from:
-            raise FromzeroError("model.init_from is required (--model.init_from DIR): the checkpoint (or sft LoRA adapter) to tune")
+            raise FromzeroError("model.init_from is required (--model.init_from DIR): "
+                                "the checkpoint (or sft LoRA adapter) to tune")
         if not self.data:
             raise FromzeroError("data is required: a preference .jsonl file, a folder with train.jsonl, "
                                 "or rotten-tomatoes-preferences")

@@ -100,7 +100,8 @@ class SFTConfig(FinetuneConfig, DistillOptions):
             self.validate_common()
         self.validate_distill()
         if not self.init_from and not self.teacher:
-            raise FromzeroError("model.init_from is required (--model.init_from DIR): a fromzero-gpt checkpoint directory to fine-tune")
+            raise FromzeroError("model.init_from is required (--model.init_from DIR): "
+                                "a fromzero-gpt checkpoint directory to fine-tune")
         if self.max_length < 0 or self.eval_batch_size <= 0 or self.max_eval_examples < 0:
             raise FromzeroError("max_length and max_eval_examples must be >= 0 and eval_batch_size positive")
         if self.chat_template not in CHAT_TEMPLATES:
