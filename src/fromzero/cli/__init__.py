@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from fromzero import __version__
 from fromzero.errors import FromzeroError
@@ -53,9 +53,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 _OWN_DEFAULT = "%(default).0s"
 
 
-def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str = "", **kw) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter,
-                          **kw)
+def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str = "",
+                epilog: str | None = None, func: Callable | None = None, **defaults: Any) -> argparse.ArgumentParser:
+    """A verb's parser; ``func`` (its handler) and ``defaults`` go into the parsed arguments."""
+    parser = sub.add_parser(name, help=help, description=description or help, epilog=epilog,
+                            formatter_class=_Formatter)
+    if func is not None:
+        parser.set_defaults(func=func, **defaults)
+    return parser
 
 
 # The verbs in the order `fromzero --help` lists them (a module's verbs need not be adjacent).

@@ -65,9 +65,8 @@ class DistContext:
 
 
 def init_distributed(strategy: str, device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join the process group torchrun set up (strategy ddp); returns the context and this rank's device."""
-    if strategy not in STRATEGIES:
-        raise FromzeroError(f"dist.strategy {strategy!r} is not supported (supported: {', '.join(STRATEGIES)})")
+    """Join the process group torchrun set up (strategy ddp / fsdp, already validated by the
+    run's config); returns the context and this rank's device."""
     if strategy == "none":
         return DistContext(), device
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -237,8 +236,6 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 def check_sharded(path) -> None:
     """Refuse a sharded checkpoint whose index names a shard file that is missing or shorter
     than the index says (a copy that lost files, a crash mid-write)."""
-    from pathlib import Path
-
     from torch.distributed.checkpoint import FileSystemReader
 
     path = Path(path)

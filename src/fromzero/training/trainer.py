@@ -38,7 +38,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -186,15 +186,9 @@ def rank_micro_batches(batches: Iterable[Any], ctx: DistContext) -> Iterable[Any
     """This rank's share of a stream of micro-batches all ranks produce in the same order:
     of each run of world_size micro-batches, the rank-th; an incomplete final run is dropped so
     every rank takes the same number of steps."""
-    if ctx.world_size == 1:
-        yield from batches
-        return
-    group: list[Any] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == ctx.world_size:
-            yield group[ctx.rank]
-            group = []
+    stream = iter(batches)
+    for group in zip(*[stream] * ctx.world_size):  # world_size micro-batches at a time (zip drops a short run)
+        yield group[ctx.rank]
 
 
 def set_train_mode(model: nn.Module, trained: list[nn.Module] | None) -> None:
@@ -255,21 +249,14 @@ class Progress:
 
     def state(self) -> dict[str, Any]:
         """What checkpoints/last records of the position (plain values and tensors)."""
-        return {"step": self.step, "epoch": self.epoch, "micro": self.micro, "samples": self.samples,
-                "best_value": self.best_value, "best_metrics": to_jsonable(self.best_metrics),
-                "best_step": self.best_step, "best_epoch": self.best_epoch, "stale": self.stale,
-                "evaluated_at": self.evaluated_at, "epochs_run": self.epochs_run, "elapsed_s": self.elapsed_s,
-                "epoch_rng": self.epoch_rng, "epoch_data": self.epoch_data, "window": list(self.window)}
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                "best_metrics": to_jsonable(self.best_metrics), "window": list(self.window)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], epoch_rng: Any) -> "Progress":
-        return cls(step=int(state["step"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
-                   samples=int(state["samples"]), best_value=state["best_value"],
-                   best_metrics=dict(state["best_metrics"]), best_step=int(state["best_step"]),
-                   best_epoch=int(state["best_epoch"]), stale=int(state["stale"]),
-                   evaluated_at=int(state["evaluated_at"]), epochs_run=int(state["epochs_run"]),
-                   elapsed_s=float(state["elapsed_s"]), epoch_rng=epoch_rng, epoch_data=state.get("epoch_data"),
-                   window=[tuple(q) for q in state.get("window", [])])
+        special = {"best_metrics": dict(state["best_metrics"]), "epoch_rng": epoch_rng,
+                   "epoch_data": state.get("epoch_data"), "window": [tuple(q) for q in state.get("window", [])]}
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name not in special}, **special)
 
 
 class Trainer:
