@@ -193,14 +193,9 @@ def write_checkpoint_files(tmp: Path, model_config: dict, tokenizer_file: Path |
 
 
 # ---------------------------------------------------------------------------------------------
-# info.json: what a checkpoint is for, typed and versioned
-#
-# info.json says what a checkpoint was trained to do and what its readers need besides the
-# weights (an image classifier's input size and normalisation, a text classifier's max_length,
-# a chat model's template, an adapter's base). Every writer goes through write_info (which stamps
-# the format version) and every reader through checkpoint_info (which checks the version and the
-# types of the fields below): a hand-edited or foreign info.json is a one-line error naming the
-# field, not a KeyError deep inside predict. Task-specific extra fields are kept as they are.
+# info.json: what a checkpoint is for, typed and versioned. Every writer goes through write_info
+# and every reader through checkpoint_info, so a hand-edited or foreign info.json is a one-line
+# error naming the field, not a KeyError deep inside predict. Extra task fields are kept as they are.
 
 INFO_FORMAT = 1
 """Version of the info.json layout this fromzero writes (and the newest it reads)."""
@@ -363,15 +358,9 @@ def checkpoint_info(directory: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: a registry of checkpoint kinds
-#
-# A checkpoint directory is one of several kinds: plain weights, a LoRA adapter over a base,
-# int8/int4 quantized modules, or FSDP shards. This module knows how to *recognise* each (they
-# are facts of the on-disk format) but not how to *build* them: that code lives in higher layers
-# (models, finetune.lora, compression.quantize, training.distributed), and importing it here
-# would tie the layers into a cycle. So each kind names its loader by import path ("module:
-# function"), imported on first use, as a plugin registry would; other code (or a user's
-# package) can add kinds with :func:`register_checkpoint_kind`.
+# Loading: a registry of checkpoint kinds (plain, LoRA adapter, quantized, FSDP shards). This
+# module recognises each kind but names its loader by import path ("module:function", imported on
+# first use): the loaders live in higher layers, and importing them here would be a cycle.
 
 
 @dataclass(frozen=True)

@@ -171,11 +171,8 @@ class PretrainConfig:
 def validate_pretrain(cfg: PretrainConfig) -> None:
     """Check values that types alone cannot; raise FromzeroError with the offending key."""
     t = cfg.train
-    try:
-        if cfg.model.vocab_size != 0:
-            cfg.model.validate()
-        else:
-            dataclasses.replace(cfg.model, vocab_size=1).validate()
+    try:  # vocab_size 0: taken from the data later
+        (cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=1)).validate()
     except ValueError as e:
         raise FromzeroError(str(e)) from None
     cfg.dist.validate()
@@ -481,11 +478,9 @@ def load_pretrain_config(
     data = pretraining_recipe(load_yaml(recipe), recipe) if recipe is not None else {}
     if recipe is not None and "name" not in data:
         data["name"] = Path(recipe).stem
-    if isinstance(overrides, dict):
-        extra = overrides
-    else:
-        extra = parse_overrides(list(overrides or []), PretrainConfig)
-    cfg = from_dict(PretrainConfig, deep_merge(data, extra))
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(list(overrides or []), PretrainConfig)
+    cfg = from_dict(PretrainConfig, deep_merge(data, overrides))
     validate_pretrain(cfg)
     return cfg
 

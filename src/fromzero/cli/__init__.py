@@ -3,19 +3,11 @@
 Exit codes: 0 success; 2 bad input, reported as one line ``error: ...`` on stderr (add
 ``--debug`` for the traceback); 130 interrupted.
 
-One module per group of verbs; each adds its verbs' parsers (``PARSERS``) and holds their
-handlers (``_cmd_<verb>``), which parse, call a library function and print:
-
-- :mod:`fromzero.cli.data`: data prepare, tokenizer train
-- :mod:`fromzero.cli.train`: pretrain, finetune, crossval, distill, tune
-- :mod:`fromzero.cli.generate`: generate, chat
-- :mod:`fromzero.cli.predict`: embed, evaluate, predict, explain
-- :mod:`fromzero.cli.serve`: serve
-- :mod:`fromzero.cli.models`: convert, merge-lora, export, prune, quantize
-
-This module holds what they share: the parser and help formatter, :func:`build_parser` and
-:func:`main` (error handling). Heavy libraries (torch, transformers, numpy) are imported inside
-the handlers only, so that ``fromzero --help`` starts without them.
+One module per group of verbs (data, train, generate, predict, serve, models); each adds its
+verbs' parsers (``PARSERS``) and holds their handlers (``_cmd_<verb>``), which parse, call a
+library function and print. This module holds what they share: the parser and help formatter,
+:func:`build_parser` and :func:`main` (error handling). Heavy libraries (torch, transformers,
+numpy) are imported inside the handlers only, so that ``fromzero --help`` starts without them.
 """
 
 from __future__ import annotations

@@ -127,11 +127,8 @@ def _cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from fromzero.config import load_pretrain_config
     from fromzero.training.pretrain import load_resume_config, pretrain
 
-    expanded: list[str] = []
-    for tok in overrides:
-        key, eq, val = tok.partition("=")
-        key = _PRETRAIN_ALIASES.get(key, key)
-        expanded.append(key + eq + val)
+    expanded = [_PRETRAIN_ALIASES.get(key, key) + eq + val
+                for key, eq, val in (tok.partition("=") for tok in overrides)]
     expanded = _bool_flags(expanded, {"--train.compile"})
     if args.resume:
         if args.config:

@@ -117,23 +117,15 @@ def _encode(
             bad = [v for v in vals if v not in index]
             if bad:
                 raise FromzeroError(f"{name} has label {bad[0]!r} which is not in labels {names}")
-        return (
-            np.asarray([index[v] for v in t], dtype=np.int64),
-            np.asarray([index[v] for v in p], dtype=np.int64),
-            names,
-        )
-
-    if n_prob_cols is not None:
+    elif n_prob_cols is not None:
         if kind_t == "str":
             raise FromzeroError("probs with string labels needs `labels` to say which column is which class")
         return _encode(t, p, [str(i) for i in range(n_prob_cols)], None)
-    classes = sorted(set(t) | set(p))
-    index = {c: i for i, c in enumerate(classes)}
-    return (
-        np.asarray([index[v] for v in t], dtype=np.int64),
-        np.asarray([index[v] for v in p], dtype=np.int64),
-        [str(c) for c in classes],
-    )
+    else:
+        classes = sorted(set(t) | set(p))
+        index, names = {c: i for i, c in enumerate(classes)}, [str(c) for c in classes]
+    return (np.asarray([index[v] for v in t], dtype=np.int64), np.asarray([index[v] for v in p], dtype=np.int64),
+            names)
 
 
 def _check_probs(probs: Any, n: int) -> np.ndarray:

@@ -1,14 +1,10 @@
-"""Multi-process training under ``torchrun``: process group, data sharding, reductions.
+"""Multi-process training under ``torchrun``: process group, data sharding, reductions, FSDP2.
 
-    torchrun --nproc_per_node 2 -m fromzero pretrain --config recipes/shakespeare-char.yaml --dist.strategy ddp
-
-torchrun starts one process per device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the
-rendezvous address); :func:`init_distributed` reads them and joins the process group: nccl on
-CUDA (each process on ``cuda:LOCAL_RANK``), gloo on CPU. ``train.batch_size`` is per process, so
-a step sees ``batch_size x world_size x grad_accum`` sequences; every rank draws the same
-global batch from the shared seed and keeps its own rows (:func:`rank_rows`), which makes a run on
-N ranks use exactly the samples a 1-process run with N x the batch uses. Rank 0 alone writes the
-run directory.
+:func:`init_distributed` joins the group torchrun set up (nccl on CUDA, each process on
+``cuda:LOCAL_RANK``; gloo on CPU). ``train.batch_size`` is per process; every rank draws the same
+global batch from the shared seed and keeps its own rows (:func:`rank_rows`), so N ranks use
+exactly the samples of one process with N x the batch. Rank 0 alone writes the run directory.
+User guide: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -58,10 +54,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
 
 
 def init_distributed(strategy: str, device: torch.device) -> tuple[DistContext, torch.device]:

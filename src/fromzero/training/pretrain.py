@@ -1,15 +1,10 @@
 """Language-model pretraining: a task of the one training loop (:class:`~fromzero.training.trainer.Trainer`).
 
-    data (memmap) -> random windows -> GPT -> next-token loss -> the Trainer
-                  (accumulation, autocast, compile, clipping, DDP/FSDP, eval every eval_every
-                   steps from step 0, checkpoints/{best,last}, Ctrl-C, NaN guard, exact resume)
-
-What this module adds for pretraining: the token stream (random windows of the memmapped train
-split, drawn a whole optimizer step at a time so that k micro-batches of b are the same samples
-as one batch of k*b, and N ranks the same as one process; its generator's state is its position,
-so a resume seeks instead of replaying), the validation loss, and a checkpoints/last that is a
-loadable checkpoint (full weights, or FSDP shards) plus the trainer state. Run it through the CLI
-(``fromzero pretrain --config recipes/shakespeare-char.yaml``) or :func:`pretrain`.
+What it adds for pretraining: the token stream (random windows of the memmapped train split,
+drawn a whole optimizer step at a time so that k micro-batches of b, or N ranks, see the samples
+of one batch of k*b; seekable, so a resume seeks instead of replaying), the validation loss, and
+a checkpoints/last that is a loadable checkpoint (full weights, or FSDP shards) plus the trainer
+state. Run it with ``fromzero pretrain --config RECIPE`` or :func:`pretrain`.
 """
 
 from __future__ import annotations

@@ -1,31 +1,12 @@
 """The training loop every task shares: pretraining, fine-tuning, distillation, DP-SGD.
 
-A task (LM pretraining in :mod:`fromzero.training.pretrain`; text classification, SFT, DPO,
-image classification, recommendation in :mod:`fromzero.finetune`) supplies the model,
-``batches(epoch)``, a ``loss_fn(model, batch) -> (loss, samples, tokens)`` and an
-``evaluate(model) -> metrics``; the :class:`Trainer` does the rest:
-
-* one schedule (linear warmup, cosine decay to a floor: ``cfg.lr_schedule(total)``);
-* gradient accumulation weighted by samples or tokens, global-norm clipping, an optional L1
-  penalty on trained matrices (``l1 * sum |w|``) next to L2 (decoupled weight decay);
-* bf16/fp16 autocast (fp16 with a GradScaler), torch.compile (falls back to eager, with a
-  warning, if compiling fails);
-* evaluation every ``eval_every`` steps and/or after every epoch, early stopping after
-  ``patience`` evaluations without a better monitored metric, ``checkpoints/best`` written by the
-  task at each improvement (``save_best``), the best weights restored at the end;
-* ``checkpoints/last`` after every evaluation, on Ctrl-C / SIGTERM and at the end (weights,
-  optimizer, schedule, scaler, every rank's RNG, the position in the data), so ``--resume RUN_DIR``
-  continues bit for bit on CPU; a task may store it its own way (``store=``: pretraining keeps
-  ``last`` a loadable checkpoint, and supports FSDP-sharded ones);
-* losses stay on the device between metric rows (no host sync per step); a NaN/inf loss is a
-  one-line error naming the first bad step and the last good checkpoint;
-* metrics.jsonl + TensorBoard rows, a rich progress bar;
-* DP-SGD as a plug-in (``private=``: Opacus' optimizer, noise-only steps for empty batches);
-* under ``torchrun``: DDP (``no_sync`` on all but the last micro-batch) or FSDP2 (``fsdp=True``,
-  the task shards the model), each rank taking every N-th micro-batch of the same order (N ranks x
-  grad_accum k is the same step as one process with grad_accum N*k), losses averaged across
-  ranks, a stop asked of one rank stopping all of them after the same step. :func:`run_task` is
-  the frame that joins and leaves the process group.
+A task (LM pretraining in :mod:`fromzero.training.pretrain`; the fine-tuning tasks in
+:mod:`fromzero.finetune`) supplies the model, ``batches(epoch)``, a ``loss_fn(model, batch) ->
+(loss, samples, tokens)`` and an ``evaluate(model) -> metrics``; the :class:`Trainer` does the
+rest: schedule, accumulation, autocast, compile, clipping, evaluation and early stopping,
+``checkpoints/last`` with exact resume, metrics rows, DP-SGD (``private=``) and DDP / FSDP2 under
+torchrun, where :func:`run_task` is the frame that joins and leaves the process group. The
+full list of what it does and why: docs/architecture.md ("The training loop").
 """
 from __future__ import annotations
 
@@ -370,11 +351,6 @@ class Trainer:
         keep = {n for n, p in named.items() if id(p) in trained} | {n for n, _ in self.model.named_buffers()}
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if k in keep}
 
-    def _improved(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        return value > best if self.higher_is_better else value < best
-
     # -- one optimizer step
 
     def train_step(self, micro_batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
@@ -537,7 +513,8 @@ class Trainer:
             if self.private is not None:
                 row["epsilon"] = self.private.epsilon()  # spent so far (at privacy.delta)
             self.logger.log(row)
-            improved = self._improved(value, p.best_value)
+            best = p.best_value
+            improved = best is None or (value > best if self.higher_is_better else value < best)
             p.evaluated_at = p.step
             if improved:
                 p.best_value, p.best_metrics, p.best_step, p.best_epoch, p.stale = value, metrics, p.step, epoch, 0
