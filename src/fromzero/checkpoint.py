@@ -313,9 +313,8 @@ def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> t
                 elif name not in own:
                     raise FromzeroError(f"{path}: unexpected tensor '{name}' for this model")
                 else:
-                    raise FromzeroError(
-                        f"{path}: tensor '{name}' has shape {shape}, the model expects {tuple(own[name].shape)}"
-                    )
+                    raise FromzeroError(f"{path}: tensor '{name}' has shape {shape}, the model expects "
+                                        f"{tuple(own[name].shape)}")
             with torch.no_grad():
                 for name in names:
                     if name not in skipped:
@@ -324,9 +323,7 @@ def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> t
     except (SafetensorError, OSError, ValueError) as e:
         raise FromzeroError(f"cannot read weights {path}: {first_line(e)}") from None
     # Tied weights are stored once; the others must all be present.
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {
-        n for n, p in model.named_parameters()
-    }
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
     really_missing = [m for m in own if m not in loaded and m not in tied]
     if really_missing and not partial:
         raise FromzeroError(f"{path}: missing tensors {really_missing[:5]}")

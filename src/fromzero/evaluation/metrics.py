@@ -2,11 +2,7 @@
 
 scikit-learn does the counting (``precision_recall_fscore_support``, ``confusion_matrix``,
 ``log_loss``); this module decides class order and names, checks the input and shapes the
-result into one plain dict that serialises to JSON::
-
-    m = classification_metrics(["cat", "dog", "dog"], ["cat", "cat", "dog"], labels=["cat", "dog"])
-    print(format_report(m))
-    write_metrics_json(m, run_dir / "metrics.json")
+result into one plain dict that serialises to JSON (:func:`write_metrics_json`).
 
 Classes
 -------

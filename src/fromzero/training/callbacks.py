@@ -8,20 +8,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 
 # Listeners told about every evaluation of a run (e.g. `fromzero tune` reporting to optuna's
@@ -57,14 +50,13 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
+            from fromzero.checkpoint import atomic_write_text
             from fromzero.evaluation.runs import read_rows  # skips a line cut short by the crash
 
             # A finished run's test row goes too: the resumed run scores test again at its end.
             self.rows = [row for row in read_rows(self.path)
                          if row.get("step", 0) <= resume_step and not any(k.startswith("test_") for k in row)]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
