@@ -314,22 +314,19 @@ def format_report(metrics: dict[str, Any]) -> str:
     per_class: dict[str, dict[str, Any]] = metrics["per_class"]
     row_names = list(per_class) + ["accuracy", "macro avg", "weighted avg"]
     width = max(12, *(len(str(n)) for n in row_names))
-    head = f"{'':>{width}} {'precision':>10} {'recall':>10} {'f1-score':>10} {'support':>10}"
-    lines = [head, ""]
-    for name, r in per_class.items():
-        lines.append(
-            f"{name:>{width}} {r['precision']:>10.4f} {r['recall']:>10.4f} {r['f1']:>10.4f} {int(r['support']):>10d}"
-        )
-    lines.append("")
     n = int(metrics["n"])
-    lines.append(f"{'accuracy':>{width}} {'':>10} {'':>10} {metrics['accuracy']:>10.4f} {n:>10d}")
-    for avg in _AVERAGES:
-        if f"f1_{avg}" in metrics:
-            lines.append(
-                f"{avg + ' avg':>{width}} {metrics[f'precision_{avg}']:>10.4f} "
-                f"{metrics[f'recall_{avg}']:>10.4f} {metrics[f'f1_{avg}']:>10.4f} {n:>10d}"
-            )
+
+    def row(name: str, precision: float, recall: float, f1: float, support: int) -> str:
+        return f"{name:>{width}} {precision:>10.4f} {recall:>10.4f} {f1:>10.4f} {support:>10d}"
+
+    def total(name: str, value: float) -> str:  # a row with one value: accuracy, log loss
+        return f"{name:>{width}} {'':>10} {'':>10} {value:>10.4f} {n:>10d}"
+
+    lines = [f"{'':>{width}} {'precision':>10} {'recall':>10} {'f1-score':>10} {'support':>10}", ""]
+    lines += [row(name, r["precision"], r["recall"], r["f1"], int(r["support"])) for name, r in per_class.items()]
+    lines += ["", total("accuracy", metrics["accuracy"])]
+    lines += [row(f"{a} avg", metrics[f"precision_{a}"], metrics[f"recall_{a}"], metrics[f"f1_{a}"], n)
+              for a in _AVERAGES if f"f1_{a}" in metrics]
     if "log_loss" in metrics:
-        lines.append("")
-        lines.append(f"{'log loss':>{width}} {'':>10} {'':>10} {metrics['log_loss']:>10.4f} {n:>10d}")
+        lines += ["", total("log loss", metrics["log_loss"])]
     return "\n".join(lines) + "\n"

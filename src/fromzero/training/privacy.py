@@ -291,16 +291,11 @@ class PrivateTraining:
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, cfg: PrivacyConfig,
                  epochs: int, seed: int | None = None) -> PrivateTraining:
-    """Make ``model`` / ``optimizer`` / ``loader`` private for ``epochs`` epochs with ``cfg``.
-
-    ``model`` must already be compatible (see :func:`make_compatible`) and ``optimizer`` built
-    over its parameters; ``loader`` is an ordinary map-style DataLoader whose batch size sets the
-    expected batch size. The loss must be the *mean* over the batch (Opacus rescales by the
-    expected batch size, the unbiased choice under Poisson sampling). With ``target_epsilon`` the
-    noise is calibrated for exactly the steps the Poisson loader will take in ``epochs`` epochs.
-    ``seed``: with ``cfg.reproducible``, the noise generator's seed (the batches then follow
-    ``loader``'s own generator); otherwise both are seeded from OS entropy (secure mode: Opacus'
-    CSPRNG).
+    """Make ``model`` (already compatible: :func:`make_compatible`), ``optimizer`` (over its
+    parameters) and ``loader`` (a map-style DataLoader; its batch size is the expected one) private
+    for ``epochs`` epochs. The loss must be the *mean* over the batch (Opacus rescales by the
+    expected batch size). ``seed``: the noise generator's with ``cfg.reproducible`` (the batches
+    then follow ``loader``'s generator); otherwise both come from OS entropy (or Opacus' CSPRNG).
     """
     _opacus()
     from opacus import PrivacyEngine
