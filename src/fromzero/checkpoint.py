@@ -159,15 +159,9 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(
-    directory: Path,
-    model: torch.nn.Module,
-    model_config: dict,
-    tokenizer_file: Path | None = None,
-    info: dict | None = None,
-    trainer_state: dict | None = None,
-    state: dict[str, torch.Tensor] | None = None,
-) -> None:
+def save_checkpoint(directory: Path, model: torch.nn.Module, model_config: dict,
+                    tokenizer_file: Path | None = None, info: dict | None = None,
+                    trainer_state: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write a complete checkpoint directory atomically (see module docstring).
 
     state: the weights to write instead of ``model``'s own (e.g. gathered from FSDP shards).
@@ -323,7 +317,8 @@ def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> t
     except (SafetensorError, OSError, ValueError) as e:
         raise FromzeroError(f"cannot read weights {path}: {first_line(e)}") from None
     # Tied weights are stored once; the others must all be present.
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+    unique = dict(model.named_parameters()).keys()
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
     really_missing = [m for m in own if m not in loaded and m not in tied]
     if really_missing and not partial:
         raise FromzeroError(f"{path}: missing tensors {really_missing[:5]}")

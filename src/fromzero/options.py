@@ -80,13 +80,8 @@ def _constants(module: str) -> dict[str, Any]:
 
 def _bases(target: str) -> list[str]:
     module, node = _class_node(target)
-    bases = []
-    for base in node.bases:
-        if isinstance(base, ast.Name):
-            resolved = _resolve(module, base.id)
-            if resolved is not None:
-                bases.append(resolved)
-    return bases
+    resolved = [_resolve(module, base.id) for base in node.bases if isinstance(base, ast.Name)]
+    return [base for base in resolved if base is not None]
 
 
 def _mro(target: str) -> list[str]:

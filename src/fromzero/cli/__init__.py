@@ -46,7 +46,8 @@ _OWN_DEFAULT = "%(default).0s"
 
 
 def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str = "",
-                epilog: str | None = None, func: Callable | None = None, **defaults: Any) -> argparse.ArgumentParser:
+                epilog: str | None = None, func: Callable | None = None,
+                **defaults: Any) -> argparse.ArgumentParser:
     """A verb's parser; ``func`` (its handler) and ``defaults`` go into the parsed arguments."""
     parser = sub.add_parser(name, help=help, description=description or help, epilog=epilog,
                             formatter_class=_Formatter)

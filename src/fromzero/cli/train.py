@@ -153,12 +153,8 @@ def _cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 def _bool_flags(tokens: list[str], flags: set[str]) -> list[str]:
     """Let boolean options be given bare (``--compile``) as well as with a value."""
     out: list[str] = []
-    for i, tok in enumerate(tokens):
-        out.append(tok)
-        if tok in flags:
-            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-            if nxt is None or nxt.startswith("--"):
-                out.append("true")
+    for tok, nxt in zip(tokens, tokens[1:] + ["--"]):  # the last token is followed by nothing: "--"
+        out += [tok, "true"] if tok in flags and nxt.startswith("--") else [tok]
     return out
 
 

@@ -120,8 +120,8 @@ def _encode(
     else:
         classes = sorted(set(t) | set(p))
         index, names = {c: i for i, c in enumerate(classes)}, [str(c) for c in classes]
-    return (np.asarray([index[v] for v in t], dtype=np.int64), np.asarray([index[v] for v in p], dtype=np.int64),
-            names)
+    return (np.asarray([index[v] for v in t], dtype=np.int64),
+            np.asarray([index[v] for v in p], dtype=np.int64), names)
 
 
 def _check_probs(probs: Any, n: int) -> np.ndarray:
@@ -164,8 +164,7 @@ def classification_metrics(
     """
     from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
-    prob_arr = None
-    n_cols = None
+    prob_arr = n_cols = None
     if probs is not None:
         n_rows = len(_as_list(y_true, "y_true"))
         if n_rows == 0:
@@ -323,7 +322,8 @@ def format_report(metrics: dict[str, Any]) -> str:
         return f"{name:>{width}} {'':>10} {'':>10} {value:>10.4f} {n:>10d}"
 
     lines = [f"{'':>{width}} {'precision':>10} {'recall':>10} {'f1-score':>10} {'support':>10}", ""]
-    lines += [row(name, r["precision"], r["recall"], r["f1"], int(r["support"])) for name, r in per_class.items()]
+    lines += [row(name, r["precision"], r["recall"], r["f1"], int(r["support"])) 
+              for name, r in per_class.items()]
     lines += ["", total("accuracy", metrics["accuracy"])]
     lines += [row(f"{a} avg", metrics[f"precision_{a}"], metrics[f"recall_{a}"], metrics[f"f1_{a}"], n)
               for a in _AVERAGES if f"f1_{a}" in metrics]

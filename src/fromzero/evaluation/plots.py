@@ -73,8 +73,7 @@ def plot_confusion_matrix(
         fig.tight_layout()
         png = io.BytesIO()
         fig.savefig(png, format="png")
-        path = Path(path)
-        atomic_write_bytes(path, png.getvalue())
+        atomic_write_bytes(Path(path), png.getvalue())
     finally:
         plt.close(fig)
-    return path
+    return Path(path)

@@ -186,7 +186,5 @@ def point_latest(run_dir: Path) -> None:
         os.symlink(run_dir.name, tmp, target_is_directory=True)
         os.replace(tmp, link)
     except OSError:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass

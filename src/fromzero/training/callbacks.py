@@ -138,17 +138,10 @@ class TrainingProgress:
         self.console = Console(stderr=True)
         self.enabled = enabled
         self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not enabled,
+            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, disable=not enabled,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", rate="-")
 

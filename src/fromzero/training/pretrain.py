@@ -123,7 +123,7 @@ class PretrainRun:
         cfg.out_dir = str(self.run_dir)  # the resolved config; a resume records its overrides
         if ctx.is_main:
             save_yaml({"task": "pretrain", **to_dict(cfg)}, self.run_dir / "config.yaml")
-        self.logger = MetricsLogger(self.run_dir, resume_step=self.resume_step) if ctx.is_main else NullLogger()
+        self.logger = MetricsLogger(self.run_dir, self.resume_step) if ctx.is_main else NullLogger()
         barrier(ctx)
 
     def _check_resumable(self) -> None:

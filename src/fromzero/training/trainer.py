@@ -168,7 +168,7 @@ def rank_micro_batches(batches: Iterable[Any], ctx: DistContext) -> Iterable[Any
     of each run of world_size micro-batches, the rank-th; an incomplete final run is dropped so
     every rank takes the same number of steps."""
     stream = iter(batches)
-    for group in zip(*[stream] * ctx.world_size):  # world_size micro-batches at a time (zip drops a short run)
+    for group in zip(*[stream] * ctx.world_size):  # world_size at a time; zip drops a short last run
         yield group[ctx.rank]
 
 
@@ -235,8 +235,9 @@ class Progress:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], epoch_rng: Any) -> "Progress":
+        window = [tuple(q) for q in state.get("window", [])]
         special = {"best_metrics": dict(state["best_metrics"]), "epoch_rng": epoch_rng,
-                   "epoch_data": state.get("epoch_data"), "window": [tuple(q) for q in state.get("window", [])]}
+                   "epoch_data": state.get("epoch_data"), "window": window}
         return cls(**{f.name: state[f.name] for f in fields(cls) if f.name not in special}, **special)
 
 
@@ -244,30 +245,14 @@ class Trainer:
     """Runs the optimisation with evaluation, early stopping, checkpoints and exact resume."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        cfg: Any,
-        device: torch.device,
-        dtype: str,
+        self, model: nn.Module, cfg: Any, device: torch.device, dtype: str,
         loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, int, int]],
-        evaluate: Callable[[nn.Module], dict[str, Any]],
-        monitor: str,
-        higher_is_better: bool,
-        logger: Any,
-        trained_modules: list[nn.Module] | None = None,
-        forward: nn.Module | None = None,
-        ctx: DistContext | None = None,
-        weight_by: str = "samples",
-        last_dir: Path | None = None,
-        resume: bool = False,
-        optimizer: torch.optim.Optimizer | None = None,
-        private: Any = None,
-        save_best: Callable[[dict[str, Any]], None] | None = None,
-        store: Any = None,
-        fsdp: bool = False,
-        eval_at_start: bool = False,
-        restore_best: bool = True,
-        command: str = "finetune",
+        evaluate: Callable[[nn.Module], dict[str, Any]], monitor: str, higher_is_better: bool, logger: Any,
+        trained_modules: list[nn.Module] | None = None, forward: nn.Module | None = None,
+        ctx: DistContext | None = None, weight_by: str = "samples", last_dir: Path | None = None,
+        resume: bool = False, optimizer: torch.optim.Optimizer | None = None, private: Any = None,
+        save_best: Callable[[dict[str, Any]], None] | None = None, store: Any = None, fsdp: bool = False,
+        eval_at_start: bool = False, restore_best: bool = True, command: str = "finetune",
         progress: bool | None = None,
     ) -> None:
         """cfg: the task's settings (:class:`fromzero.config.TrainSettings` fields, ``epochs``,
@@ -278,10 +263,7 @@ class Trainer:
 
         weight_by: what a step's loss is the mean over, across its micro-batches and ranks:
         ``samples`` (classification, preference pairs, LM windows) or ``tokens`` (SFT: the reply
-        tokens). loss_fn returns a mean over its micro-batch; each micro-batch's gradient is
-        weighted by its count and the sum divided by the step's total, so a step with gradient
-        accumulation (or N ranks) is the step one big batch would take, even when micro-batches
-        hold different numbers of tokens or the last one is short.
+        tokens), so that a step with accumulation (or N ranks) is the step one big batch would take.
 
         last_dir / resume: where checkpoints/last lives and whether to continue from it.
         optimizer: use this one instead of AdamW/SGD built from cfg (e.g. Opacus' DPOptimizer).
