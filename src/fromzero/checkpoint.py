@@ -159,15 +159,9 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(
-    directory: Path,
-    model: torch.nn.Module,
-    model_config: dict,
-    tokenizer_file: Path | None = None,
-    info: dict | None = None,
-    trainer_state: dict | None = None,
-    state: dict[str, torch.Tensor] | None = None,
-) -> None:
+def save_checkpoint(directory: Path, model: torch.nn.Module, model_config: dict,
+                    tokenizer_file: Path | None = None, info: dict | None = None,
+                    trainer_state: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write a complete checkpoint directory atomically (see module docstring).
 
     state: the weights to write instead of ``model``'s own (e.g. gathered from FSDP shards).
@@ -193,14 +187,9 @@ def write_checkpoint_files(tmp: Path, model_config: dict, tokenizer_file: Path |
 
 
 # ---------------------------------------------------------------------------------------------
-# info.json: what a checkpoint is for, typed and versioned
-#
-# info.json says what a checkpoint was trained to do and what its readers need besides the
-# weights (an image classifier's input size and normalisation, a text classifier's max_length,
-# a chat model's template, an adapter's base). Every writer goes through write_info (which stamps
-# the format version) and every reader through checkpoint_info (which checks the version and the
-# types of the fields below): a hand-edited or foreign info.json is a one-line error naming the
-# field, not a KeyError deep inside predict. Task-specific extra fields are kept as they are.
+# info.json: what a checkpoint is for, typed and versioned. Every writer goes through write_info
+# and every reader through checkpoint_info, so a hand-edited or foreign info.json is a one-line
+# error naming the field, not a KeyError deep inside predict. Extra task fields are kept as they are.
 
 INFO_FORMAT = 1
 """Version of the info.json layout this fromzero writes (and the newest it reads)."""
@@ -318,9 +307,8 @@ def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> t
                 elif name not in own:
                     raise FromzeroError(f"{path}: unexpected tensor '{name}' for this model")
                 else:
-                    raise FromzeroError(
-                        f"{path}: tensor '{name}' has shape {shape}, the model expects {tuple(own[name].shape)}"
-                    )
+                    raise FromzeroError(f"{path}: tensor '{name}' has shape {shape}, the model expects "
+                                        f"{tuple(own[name].shape)}")
             with torch.no_grad():
                 for name in names:
                     if name not in skipped:
@@ -329,9 +317,8 @@ def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> t
     except (SafetensorError, OSError, ValueError) as e:
         raise FromzeroError(f"cannot read weights {path}: {first_line(e)}") from None
     # Tied weights are stored once; the others must all be present.
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {
-        n for n, p in model.named_parameters()
-    }
+    unique = dict(model.named_parameters()).keys()
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
     really_missing = [m for m in own if m not in loaded and m not in tied]
     if really_missing and not partial:
         raise FromzeroError(f"{path}: missing tensors {really_missing[:5]}")
@@ -363,15 +350,9 @@ def checkpoint_info(directory: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: a registry of checkpoint kinds
-#
-# A checkpoint directory is one of several kinds: plain weights, a LoRA adapter over a base,
-# int8/int4 quantized modules, or FSDP shards. This module knows how to *recognise* each (they
-# are facts of the on-disk format) but not how to *build* them: that code lives in higher layers
-# (models, finetune.lora, compression.quantize, training.distributed), and importing it here
-# would tie the layers into a cycle. So each kind names its loader by import path ("module:
-# function"), imported on first use, as a plugin registry would; other code (or a user's
-# package) can add kinds with :func:`register_checkpoint_kind`.
+# Loading: a registry of checkpoint kinds (plain, LoRA adapter, quantized, FSDP shards). This
+# module recognises each kind but names its loader by import path ("module:function", imported on
+# first use): the loaders live in higher layers, and importing them here would be a cycle.
 
 
 @dataclass(frozen=True)

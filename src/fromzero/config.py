@@ -78,14 +78,11 @@ class TrainSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise FromzeroError(f"{prefix}{name} must be a positive integer, got {v!r}")
-        for name in ("max_steps", "eval_every"):
-            if getattr(self, name) < 0:
+        for name in ("max_steps", "eval_every", "weight_decay", "grad_clip", "momentum"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise FromzeroError(f"{prefix}{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FromzeroError(f"{prefix}lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "momentum"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise FromzeroError(f"{prefix}{name} must be >= 0, got {getattr(self, name)}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise FromzeroError(f"{prefix}beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         for name, allowed in (("optimizer", ("adamw", "sgd")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
@@ -174,11 +171,8 @@ class PretrainConfig:
 def validate_pretrain(cfg: PretrainConfig) -> None:
     """Check values that types alone cannot; raise FromzeroError with the offending key."""
     t = cfg.train
-    try:
-        if cfg.model.vocab_size != 0:
-            cfg.model.validate()
-        else:
-            dataclasses.replace(cfg.model, vocab_size=1).validate()
+    try:  # vocab_size 0: taken from the data later
+        (cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=1)).validate()
     except ValueError as e:
         raise FromzeroError(str(e)) from None
     cfg.dist.validate()
@@ -197,10 +191,6 @@ def validate_pretrain(cfg: PretrainConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Building dataclasses from plain data, with clear errors
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -278,7 +268,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
         raise FromzeroError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -295,7 +285,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of ``cls`` (leaves only)."""
     keys = []
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
@@ -324,7 +314,7 @@ def recipe_keys(cls: type) -> dict[str, str]:
     declared: dict[str, str] = {}
     for base in reversed(cls.__mro__):
         declared.update(base.__dict__.get("RECIPE_KEYS", {}))
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     return {f.name: f.name if dataclasses.is_dataclass(hints[f.name]) else declared.get(f.name, f"train.{f.name}")
             for f in dataclasses.fields(cls)}
 
@@ -457,7 +447,7 @@ def _is_text_field(cls: type, key: str, optional: bool = False) -> bool:
     taken as typed: YAML would turn "USER:\n" into a mapping and "\n\n" into null."""
     tp: Any = cls
     for part in key.split("."):
-        tp = _type_hints(tp)[part]
+        tp = typing.get_type_hints(tp)[part]
     args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
     return args == {str, type(None)} if optional else args <= {str, type(None)} and str in args
 
@@ -488,11 +478,9 @@ def load_pretrain_config(
     data = pretraining_recipe(load_yaml(recipe), recipe) if recipe is not None else {}
     if recipe is not None and "name" not in data:
         data["name"] = Path(recipe).stem
-    if isinstance(overrides, dict):
-        extra = overrides
-    else:
-        extra = parse_overrides(list(overrides or []), PretrainConfig)
-    cfg = from_dict(PretrainConfig, deep_merge(data, extra))
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(list(overrides or []), PretrainConfig)
+    cfg = from_dict(PretrainConfig, deep_merge(data, overrides))
     validate_pretrain(cfg)
     return cfg
 
@@ -535,7 +523,7 @@ def options_help(cls: type, defaults: Any | None = None, prefix: str = "") -> li
     """Lines ``--section.key  (default: X)  doc`` for every leaf field of ``cls``."""
     defaults = defaults if defaults is not None else cls()
     lines = []
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     unused = getattr(cls, "UNUSED_KEYS", frozenset())  # inherited keys this config refuses
     keys = recipe_keys(cls) if hasattr(cls, "RECIPE_KEYS") else {}

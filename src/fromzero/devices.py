@@ -17,7 +17,6 @@ import torch
 from fromzero.errors import FromzeroError
 
 
-
 def resolve_device(name: str) -> torch.device:
     """auto picks cuda > mps > cpu; an explicit device must exist."""
     if name == "auto":

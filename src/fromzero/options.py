@@ -2,16 +2,14 @@
 
 ``fromzero pretrain --help`` and ``fromzero finetune --help`` list every recipe key with its
 default and the docstring written under it. The config classes live next to the code they
-configure (a model family, a task), and those modules import torch: importing them only to print
-help took 3-4 s. This module reads the same facts from the source files with :mod:`ast` instead
-(``importlib.util.find_spec`` locates a module without running it), so help starts in well under
-a second. :func:`fromzero.config.options_help` builds the same lines from the imported classes;
-a test keeps the two identical for every recipe config.
+configure, in modules that import torch (seconds to load); this module reads the same facts from
+the source files with :mod:`ast` (``importlib.util.find_spec`` locates a module without running
+it), so help starts at once. :func:`fromzero.config.options_help` builds the same lines from the
+imported classes; a test keeps the two identical for every recipe config.
 
-What it understands is what our config classes use: ``@dataclass`` classes with annotated fields,
+It understands what our config classes use: ``@dataclass`` classes with annotated fields,
 literal defaults (or module-level literal constants), ``field(default_factory=Section)`` for a
-nested section, inheritance from other config classes (Python's MRO order), and a
-``UNUSED_KEYS: ClassVar[frozenset[str]]`` of inherited keys to leave out.
+nested section, inheritance (Python's MRO order), and ``UNUSED_KEYS: ClassVar[frozenset[str]]``.
 """
 
 from __future__ import annotations
@@ -82,13 +80,8 @@ def _constants(module: str) -> dict[str, Any]:
 
 def _bases(target: str) -> list[str]:
     module, node = _class_node(target)
-    bases = []
-    for base in node.bases:
-        if isinstance(base, ast.Name):
-            resolved = _resolve(module, base.id)
-            if resolved is not None:
-                bases.append(resolved)
-    return bases
+    resolved = [_resolve(module, base.id) for base in node.bases if isinstance(base, ast.Name)]
+    return [base for base in resolved if base is not None]
 
 
 def _mro(target: str) -> list[str]:
@@ -107,11 +100,6 @@ def _mro(target: str) -> list[str]:
         result.append(head)
         sequences = [s[1:] if s and s[0] == head else s for s in sequences]
     return result
-
-
-def _is_classvar(annotation: ast.expr) -> bool:
-    text = ast.unparse(annotation)
-    return text.startswith(("ClassVar", "typing.ClassVar"))
 
 
 def _default(module: str, value: ast.expr | None) -> Any:
@@ -158,7 +146,7 @@ def _own_fields(target: str) -> tuple[list[_Field], frozenset[str] | None]:
     for i, stmt in enumerate(body):
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
-        if _is_classvar(stmt.annotation):
+        if ast.unparse(stmt.annotation).startswith(("ClassVar", "typing.ClassVar")):
             if stmt.target.id == "UNUSED_KEYS" and isinstance(stmt.value, ast.Call) and stmt.value.args:
                 unused = frozenset(ast.literal_eval(stmt.value.args[0]))
             continue

@@ -1,14 +1,9 @@
 """The registry of tasks: what each one is, so consumers ask instead of comparing task strings.
 
 A *task* is what a model was trained to do: the ``task`` of a recipe and of a checkpoint's
-``info.json``. ``predict``, ``evaluate``, ``serve``, ``crossval``, ``distill``, ``quantize
---eval``, ``prune`` and ``finetune`` look a task up here (:func:`get_task`) and act on its facts
-(is it a classifier, what does it read, which split does it score by default, what does a
-distillation from it run as) rather than on its name, so a new task is one entry here plus its
-module. This module imports nothing heavy: ``--help`` reads it, and so does every layer.
-
-The training code of a fine-tuning task is ``run`` (``"module:function"``, called with the
-task's config and ``resume``); its recipe options are the dataclass ``config`` names.
+``info.json``. Consumers look it up (:func:`get_task`) and act on its facts, so a new task is one
+entry here plus its module (docs/architecture.md, "Tasks"). This module imports nothing heavy:
+``--help`` reads it, and so does every layer.
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """Hyperparameter search with Optuna: ``fromzero tune --config RECIPE --trials N``.
 
-The recipe declares what to search in a ``tune`` section; every other key is an ordinary
-pretraining or fine-tuning recipe (``task:``, ``model:``, ``data:``, ``train:``, ... sections)::
-
-    tune:
-      metric: val_loss            # what to optimise (default: val_loss; fine-tuning: the monitor)
-      direction: minimize         # (default: maximize for accuracy / F1 / hr / ndcg, else minimize)
-      space:
-        train.lr: {log_uniform: [1.0e-4, 1.0e-2]}
-        model.dropout: {uniform: [0.0, 0.3]}
-        model.n_layer: {int: [2, 6]}
-        train.batch_size: {choice: [16, 32, 64]}
-
-Each trial is a complete run in ``<out>/trial-NNN`` (its own run directory). Sampling is TPE
-(seeded); every evaluation of a trial is reported to a median pruner, which stops trials that
-are doing worse than the median of earlier trials at the same step. The study lives in SQLite
-(default ``<out>/study.db``), so a stopped search resumes by running the same command: trials
-already finished are kept and ``--trials`` counts them. A trial that crashes is recorded as
-failed and the search goes on. Outputs: ``best_params.json``, ``best-recipe.yaml`` (the recipe
-with the best values, ready to run), ``trials.csv`` and ``plots/`` (optimisation history,
-parameter importances).
+The recipe's ``tune`` section (``metric``, ``direction``, ``space``: dotted recipe keys ->
+``{uniform | log_uniform | int | log_int | choice: [...]}``) says what to search; the rest is an
+ordinary pretraining or fine-tuning recipe. Each trial is a complete run in ``<out>/trial-NNN``,
+sampled by a seeded TPE and stopped early by a median pruner; the study lives in SQLite, so the
+same command resumes a stopped search (user guide: docs/tuning.md; outputs: :func:`write_outputs`).
 """
 
 from __future__ import annotations
@@ -52,16 +37,11 @@ class Dimension:
     values: list
 
     def suggest(self, trial: Any) -> Any:
-        low, high = (self.values + [None, None])[:2]
-        if self.kind == "uniform":
-            return trial.suggest_float(self.key, low, high)
-        if self.kind == "log_uniform":
-            return trial.suggest_float(self.key, low, high, log=True)
-        if self.kind == "int":
-            return trial.suggest_int(self.key, low, high)
-        if self.kind == "log_int":
-            return trial.suggest_int(self.key, low, high, log=True)
-        return trial.suggest_categorical(self.key, self.values)
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.key, self.values)
+        low, high = self.values
+        suggest = trial.suggest_int if self.kind.endswith("int") else trial.suggest_float
+        return suggest(self.key, low, high, log=self.kind.startswith("log"))
 
 
 def parse_space(space: Any, valid_keys: list[str]) -> list[Dimension]:
@@ -170,10 +150,8 @@ class Search:
             if dim.kind == "choice":
                 continue
             for end in dim.values[:2]:
-                data = copy.deepcopy(self.base)
-                set_dotted(data, dim.key, end)
                 try:
-                    self.build(data, None)
+                    self.build(self.with_params({dim.key: end}), None)
                 except FromzeroError as e:
                     raise FromzeroError(f"tune.space {dim.key}: the value {end} makes the recipe invalid "
                                         f"({first_line(e)}); narrow the range or change the recipe") from None
@@ -202,10 +180,7 @@ class Search:
         """Train one trial; returns its best value of the metric."""
         from fromzero.training.callbacks import listen_to_evaluations
 
-        data = copy.deepcopy(self.base)
-        for key, value in params.items():
-            set_dotted(data, key, value)
-        cfg = self.build(data, out_dir)
+        cfg = self.build(self.with_params(params), out_dir)
         with listen_to_evaluations(report):
             if self.task:
                 from fromzero.finetune.recipe import run_finetune
@@ -225,11 +200,16 @@ class Search:
             raise FromzeroError(f"the trial produced no finite {self.metric}")
         return float(value)
 
-    def best_recipe(self, params: dict[str, Any]) -> dict:
+    def with_params(self, params: dict[str, Any]) -> dict:
+        """The base recipe with ``params`` (dotted keys) set."""
         data = copy.deepcopy(self.base)
-        data.pop("out_dir", None)
         for key, value in params.items():
             set_dotted(data, key, value)
+        return data
+
+    def best_recipe(self, params: dict[str, Any]) -> dict:
+        data = self.with_params(params)
+        data.pop("out_dir", None)
         return data
 
 

@@ -3,26 +3,18 @@
 Exit codes: 0 success; 2 bad input, reported as one line ``error: ...`` on stderr (add
 ``--debug`` for the traceback); 130 interrupted.
 
-One module per group of verbs; each adds its verbs' parsers (``PARSERS``) and holds their
-handlers (``_cmd_<verb>``), which parse, call a library function and print:
-
-- :mod:`fromzero.cli.data`: data prepare, tokenizer train
-- :mod:`fromzero.cli.train`: pretrain, finetune, crossval, distill, tune
-- :mod:`fromzero.cli.generate`: generate, chat
-- :mod:`fromzero.cli.predict`: embed, evaluate, predict, explain
-- :mod:`fromzero.cli.serve`: serve
-- :mod:`fromzero.cli.models`: convert, merge-lora, export, prune, quantize
-
-This module holds what they share: the parser and help formatter, :func:`build_parser` and
-:func:`main` (error handling). Heavy libraries (torch, transformers, numpy) are imported inside
-the handlers only, so that ``fromzero --help`` starts without them.
+One module per group of verbs (data, train, generate, predict, serve, models); each adds its
+verbs' parsers (``PARSERS``) and holds their handlers (``_cmd_<verb>``), which parse, call a
+library function and print. This module holds what they share: the parser and help formatter,
+:func:`build_parser` and :func:`main` (error handling). Heavy libraries (torch, transformers,
+numpy) are imported inside the handlers only, so that ``fromzero --help`` starts without them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from fromzero import __version__
 from fromzero.errors import FromzeroError
@@ -53,9 +45,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 _OWN_DEFAULT = "%(default).0s"
 
 
-def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str = "", **kw) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter,
-                          **kw)
+def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, description: str = "",
+                epilog: str | None = None, func: Callable | None = None,
+                **defaults: Any) -> argparse.ArgumentParser:
+    """A verb's parser; ``func`` (its handler) and ``defaults`` go into the parsed arguments."""
+    parser = sub.add_parser(name, help=help, description=description or help, epilog=epilog,
+                            formatter_class=_Formatter)
+    if func is not None:
+        parser.set_defaults(func=func, **defaults)
+    return parser
 
 
 # The verbs in the order `fromzero --help` lists them (a module's verbs need not be adjacent).

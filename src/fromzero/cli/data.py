@@ -17,6 +17,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         description="Tokenize a corpus into memory-mappable token files (90/10 train/val split, "
         "the last 10% of the text is validation).\n\nexample:\n"
         "  fromzero data prepare --corpus shakespeare --tokenizer char --out data/shakespeare-char",
+        func=_cmd_data_prepare,
     )
     prep.add_argument("--corpus", nargs="+", required=True, metavar="CORPUS",
                       help="shakespeare | python-stdlib | a file, folder or glob of UTF-8 text (several allowed)")
@@ -26,7 +27,6 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     prep.add_argument("--force", action="store_true", help="replace an existing output directory")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
-    prep.set_defaults(func=_cmd_data_prepare)
 
 
 def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
@@ -35,13 +35,12 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     train = _add_parser(tok_sub, "train", "train a tokenizer on a corpus and save tokenizer.json",
                         description="Train a byte-level BPE (or char-level) tokenizer with Hugging Face "
                         "`tokenizers`.\n\nexample:\n  fromzero tokenizer train --corpus python-stdlib "
-                        "--vocab-size 8192 --out tok.json")
+                        "--vocab-size 8192 --out tok.json", func=_cmd_tokenizer_train)
     train.add_argument("--corpus", nargs="+", required=True, help="as for `data prepare`")
     train.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (>= 257)")
     train.add_argument("--kind", choices=("bpe", "char"), default="bpe", help="tokenizer type")
     train.add_argument("--out", required=True, help="output tokenizer.json path")
     train.add_argument("--force", action="store_true", help="overwrite an existing file")
-    train.set_defaults(func=_cmd_tokenizer_train)
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:

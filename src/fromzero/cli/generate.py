@@ -10,7 +10,7 @@ from fromzero.errors import FromzeroError
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    gen = _add_parser(sub, "generate", "sample text from a checkpoint",
+    gen = _add_parser(sub, "generate", "sample text from a checkpoint", func=_cmd_generate,
                       description="Sample a continuation of a prompt.\n\nexample:\n  fromzero generate "
                       "--checkpoint runs/latest/checkpoints/best --prompt 'ROMEO:' --max-new-tokens 300")
     gen.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.json), "
@@ -39,12 +39,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                      "lookup (what followed the last few tokens where they occurred before) and check them in one "
                      "forward pass; same tokens in fp32, fewer passes when text repeats (its prompt, code, lists). "
                      "0 = one token per pass")
-    gen.set_defaults(func=_cmd_generate)
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
     ch = _add_parser(
-        sub, "chat", "chat with a chat model: an interactive multi-turn conversation",
+        sub, "chat", "chat with a chat model: an interactive multi-turn conversation", func=_cmd_chat,
         description="Type a message, get the reply streamed token by token. The conversation is rendered with "
         "the checkpoint's chat template: --chat-template FILE if given, else its own Jinja template "
         "(chat_template.jinja or tokenizer_config.json, kept by `convert`), else the SFT template of a "
@@ -71,7 +70,6 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
                     help="nucleus sampling: smallest token set with this probability (default: off)" + _OWN_DEFAULT)
     ch.add_argument("--seed", type=int, default=1337, help="random seed (same seed and messages, same replies)")
     ch.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    ch.set_defaults(func=_cmd_chat)
 
 
 def _check_sampling(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ from fromzero.errors import FromzeroError
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     conv = _add_parser(
-        sub, "convert", "convert weights between Hugging Face, GGUF and fromzero",
+        sub, "convert", "convert weights between Hugging Face, GGUF and fromzero", func=_cmd_convert,
         description="from-hf SRC OUT: a Hugging Face model directory (config.json + safetensors or "
         ".bin) or hub id -> a fromzero checkpoint directory (tokenizer files carried along).\n"
         "to-hf SRC OUT: a fromzero checkpoint -> a directory transformers.AutoModel* loads.\n"
@@ -38,17 +38,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--type", choices=("f16", "bf16", "q8_0", "q4_0"), default=None,
                       help="to-gguf: type of the 2-D weight matrices (default f16; norms, biases and position "
                       "tables stay f32; q4_0 keeps embedding and output at q8_0)" + _OWN_DEFAULT)
-    conv.set_defaults(func=_cmd_convert)
 
 
 def _add_merge_lora(sub: argparse._SubParsersAction) -> None:
-    ml = _add_parser(sub, "merge-lora", "fold a LoRA adapter into its base weights",
+    ml = _add_parser(sub, "merge-lora", "fold a LoRA adapter into its base weights", func=_cmd_merge_lora,
                      description="Write base + adapter (W + alpha/r * B @ A) as a plain checkpoint directory.\n\n"
                      "example:\n  fromzero merge-lora --checkpoint runs/latest/checkpoints/best --out merged/")
     ml.add_argument("--checkpoint", required=True, help="adapter checkpoint directory (adapter_config.json)")
     ml.add_argument("--out", required=True, help="output checkpoint directory")
     ml.add_argument("--force", action="store_true", help="replace an existing output directory")
-    ml.set_defaults(func=_cmd_merge_lora)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +56,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                      "Batch and sequence axes are dynamic. Writes FILE and FILE.json (input / output names\n"
                      "and shapes, labels, tokenizer). The file is checked with onnx.checker and, with --verify,\n"
                      "run in onnxruntime and compared with PyTorch; nothing is written if they differ.\n\n"
-                     "example:\n  fromzero export --checkpoint runs/latest/checkpoints/best --format onnx --out model.onnx")
+                     "example:\n  fromzero export --checkpoint runs/latest/checkpoints/best --format onnx --out model.onnx",
+                     func=_cmd_export)
     ex.add_argument("--checkpoint", required=True, help="checkpoint directory (LoRA adapters export merged)")
     ex.add_argument("--format", default="onnx", help="output format: onnx")
     ex.add_argument("--out", required=True, help="output file, e.g. model.onnx (a description goes to FILE.json)")
@@ -68,7 +67,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     help="run the file in onnxruntime and compare with PyTorch")
     ex.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| with --verify")
     ex.add_argument("--device", default="cpu", help="cpu (export traces the model in fp32 on the CPU)")
-    ex.set_defaults(func=_cmd_export)
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
@@ -79,7 +77,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                      "directory + pruning.json.\n\nexamples:\n  fromzero prune --checkpoint runs/latest/checkpoints/best "
                      "--method structured --sparsity 0.5 --out pruned/ --recover-steps 200 --eval\n"
                      "  fromzero prune --checkpoint runs/latest/checkpoints/best --method magnitude --sparsity 0.5 "
-                     "--out sparse/ --data data/shakespeare-char --eval")
+                     "--out sparse/ --data data/shakespeare-char --eval", func=_cmd_prune)
     pn.add_argument("--checkpoint", required=True, help="checkpoint directory to prune (left unchanged)")
     pn.add_argument("--sparsity", type=float, required=True,
                     help="fraction in [0, 1) of each layer's weights (magnitude) or heads and MLP channels (structured) to remove")
@@ -101,7 +99,6 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     pn.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     pn.add_argument("--seed", type=int, default=0, help="seed of the importance / recovery batches")
     pn.add_argument("--quiet", action="store_true", help="no progress bar")
-    pn.set_defaults(func=_cmd_prune)
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -112,7 +109,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                      "tables are stored int8 per row (a tied GPT head reads the same table) unless --skip-embeddings; "
                      "convolutions stay float. Writes a checkpoint directory (+ quantization.json) that generate, "
                      "predict, evaluate, embed and serve load as any other.\n\nexample:\n  fromzero quantize "
-                     "--checkpoint runs/latest/checkpoints/best --method int8-dynamic --out q8/ --eval")
+                     "--checkpoint runs/latest/checkpoints/best --method int8-dynamic --out q8/ --eval",
+                     func=_cmd_quantize)
     qz.add_argument("--checkpoint", required=True, help="float checkpoint directory (or LoRA adapter) to quantize (left unchanged)")
     qz.add_argument("--method", required=True, help="int8-dynamic | int8-weight | int4-weight")
     qz.add_argument("--out", required=True, help="output checkpoint directory")
@@ -125,7 +123,6 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     qz.add_argument("--split", help="--eval split (default: test for classifiers, val for language models)")
     qz.add_argument("--batch-size", type=int, default=64, help="--eval examples per forward pass")
     qz.add_argument("--device", default="auto", help="--eval device: auto | cpu | cuda (int8-dynamic: always cpu)")
-    qz.set_defaults(func=_cmd_quantize)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -15,18 +15,17 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     emb = _add_parser(sub, "embed", "sentence embeddings from an encoder checkpoint (JSON on stdout)",
                       description="Mean-pooled (over the attention mask), L2-normalised sentence embeddings, "
                       "as sentence-transformers computes them.\n\nexample:\n  fromzero embed --checkpoint "
-                      "checkpoints/minilm --text 'A man is eating.' --text 'Someone eats.'")
+                      "checkpoints/minilm --text 'A man is eating.' --text 'Someone eats.'", func=_cmd_embed)
     emb.add_argument("--checkpoint", required=True, help="encoder checkpoint directory (e.g. converted MiniLM)")
     emb.add_argument("--text", action="append", help="a sentence to embed (repeat for several)")
     emb.add_argument("--input", help="UTF-8 file with one sentence per line")
     emb.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass")
     emb.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
     emb.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    emb.set_defaults(func=_cmd_embed)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    ev = _add_parser(sub, "evaluate", "score a checkpoint on a data split (metrics.json)",
+    ev = _add_parser(sub, "evaluate", "score a checkpoint on a data split (metrics.json)", func=_cmd_evaluate,
                      description="Classifiers: accuracy, precision / recall / F1 (macro, weighted), per-class "
                      "report, confusion matrix. Language models: loss and perplexity. A chat model (a converted "
                      "chat model or an sft checkpoint) with --data rotten-tomatoes: asked for each review's "
@@ -43,21 +42,20 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     ev.add_argument("--limit", type=int, default=0,
                     help="score only the first N examples of the split (classifiers, chat models; 0 = all)")
-    ev.set_defaults(func=_cmd_evaluate)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = _add_parser(sub, "predict", "label texts or images with a classifier (JSON lines on stdout)",
                      description="One JSON object per input: the label and every class's probability.\n\n"
                      "examples:\n  fromzero predict --checkpoint runs/latest/checkpoints/best --text 'Exeunt.'\n"
-                     "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png")
+                     "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png",
+                     func=_cmd_predict)
     pr.add_argument("--checkpoint", required=True, help="text- or image-classification checkpoint directory")
     pr.add_argument("--text", action="append", help="a text to label (repeat for several)")
     pr.add_argument("--image", action="append", help="an image file to label (repeat for several)")
     pr.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder")
     pr.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    pr.set_defaults(func=_cmd_predict)
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +66,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                      "Files go to --out as NNN.METHOD.{html,png,json}, one set per input.\n\n"
                      "examples:\n  fromzero explain --checkpoint runs/latest/checkpoints/best --text 'the film was good'\n"
                      "  fromzero explain --checkpoint runs/DIGITS/checkpoints/best --image 3.png --method gradcam\n"
-                     "  fromzero explain --checkpoint runs/latest/checkpoints/best --text 'ROMEO:' --method attention")
+                     "  fromzero explain --checkpoint runs/latest/checkpoints/best --text 'ROMEO:' --method attention",
+                     func=_cmd_explain)
     xp.add_argument("--checkpoint", required=True, help="checkpoint directory (classifier, LoRA adapter, BERT, ViT, GPT)")
     xp.add_argument("--text", action="append", help="a text to explain (repeat for several)")
     xp.add_argument("--image", action="append", help="an image file to explain (repeat for several)")
@@ -82,7 +81,6 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     xp.add_argument("--out", default="runs/explanations", help="output directory (under runs/, which git ignores)")
     xp.add_argument("--force", action="store_true", help="overwrite existing output files")
     xp.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    xp.set_defaults(func=_cmd_explain)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -153,7 +151,8 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
                      description="One JSON object per input: the source and its translation, decoded by beam "
                      "search (the width the run was trained with, unless --beams).\n\nexamples:\n"
                      "  fromzero translate --checkpoint runs/g2p/checkpoints/best --text table --text fromzero\n"
-                     "  fromzero translate --checkpoint runs/g2p/checkpoints/best --input words.txt --beams 1")
+                     "  fromzero translate --checkpoint runs/g2p/checkpoints/best --input words.txt --beams 1",
+                     func=_cmd_translate)
     tr.add_argument("--checkpoint", required=True, help="translation checkpoint directory (fromzero finetune, "
                     "task translation)")
     tr.add_argument("--text", action="append", help="a text to translate (repeat for several)")
@@ -165,7 +164,6 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
                     help="longest output in tokens (0: the checkpoint's, a little more than its longest training target)")
     tr.add_argument("--batch-size", type=int, default=256, help="inputs decoded together")
     tr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    tr.set_defaults(func=_cmd_translate)
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from fromzero.cli import _OWN_DEFAULT, _add_parser
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     sv = _add_parser(
-        sub, "serve", "serve a checkpoint over an OpenAI-compatible HTTP API",
+        sub, "serve", "serve a checkpoint over an OpenAI-compatible HTTP API", func=_cmd_serve,
         description="FastAPI + uvicorn. POST /v1/completions and /v1/chat/completions (GPT; chat needs a "
         "chat template: the checkpoint's own, an SFT checkpoint's, or --chat-template; \"stream\": true for "
         "server-sent events), /v1/embeddings (BERT "
@@ -48,7 +48,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                     help="uvicorn log level (info logs every request)")
-    sv.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from fromzero.errors import FromzeroError
 
 def _add_pretrain(sub: argparse._SubParsersAction, with_pretrain_help: bool) -> None:
     pre = _add_parser(
-        sub, "pretrain", "pretrain a GPT from a YAML recipe",
+        sub, "pretrain", "pretrain a GPT from a YAML recipe", func=_cmd_pretrain, takes_overrides=True,
         description="Pretrain a GPT language model. Writes runs/<recipe>-<timestamp>/ with config.yaml, "
         "metrics.jsonl, tb/, plots/ and checkpoints/{last,best}.",
         # The recipe-option list reads the config sources: build it only when pretrain is the command.
@@ -25,7 +25,6 @@ def _add_pretrain(sub: argparse._SubParsersAction, with_pretrain_help: bool) -> 
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoints/last")
     pre.add_argument("--force", action="store_true", help="start over in an existing run directory")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
-    pre.set_defaults(func=_cmd_pretrain, takes_overrides=True)
 
 
 # finetune and crossval share their options (crossval: --folds instead of --resume).
@@ -38,7 +37,7 @@ _FINETUNE_LIKE = {
 def _add_finetune_like(sub: argparse._SubParsersAction, name: str, with_finetune_help: bool) -> None:
     helptext, func = _FINETUNE_LIKE[name], _cmd_finetune if name == "finetune" else _cmd_crossval
     ft = _add_parser(
-        sub, name, helptext,
+        sub, name, helptext, func=func, takes_overrides=True,
         description=("Fine-tune: full, frozen (head / top N layers) or LoRA. Writes a run directory with "
                      "config.yaml, metrics.jsonl, tb/, plots/, metrics.json (test) and checkpoints/best."
                      if name == "finetune" else
@@ -58,7 +57,6 @@ def _add_finetune_like(sub: argparse._SubParsersAction, name: str, with_finetune
                              "overrides such as --max_steps still apply)")
     ft.add_argument("--force", action="store_true", help="replace the files of an existing run directory")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
-    ft.set_defaults(func=func, takes_overrides=True)
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
@@ -70,14 +68,13 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         "fine-tuning option applies\n(see fromzero finetune --help), and the run directory is the same.\n\n"
         "examples:\n  fromzero distill --teacher runs/genre/checkpoints/best --config "
         "recipes/distill-genre-minilm.yaml\n  fromzero distill --teacher runs/sft/checkpoints/best "
-        "--student_layers 2 --data dialogue.jsonl",
+        "--student_layers 2 --data dialogue.jsonl", func=_cmd_distill, takes_overrides=True,
     )
     ds.add_argument("--teacher", required=True, help="teacher checkpoint directory (a text classifier or a GPT)")
     ds.add_argument("--config", help="recipe YAML (e.g. recipes/distill-genre-minilm.yaml)")
     ds.add_argument("--task", help="text-classification | sft (None: the recipe's, else from the teacher's kind)")
     ds.add_argument("--force", action="store_true", help="replace the files of an existing run directory")
     ds.add_argument("--quiet", action="store_true", help="no progress bar")
-    ds.set_defaults(func=_cmd_distill, takes_overrides=True)
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +92,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         "      model.n_layer: {int: [2, 6]}\n      train.batch_size: {choice: [16, 32]}\n\n"
         "examples:\n  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20\n"
         "  fromzero tune --config recipes/tune-shakespeare-char.yaml --trials 20 --train.max_steps 300",
+        func=_cmd_tune, takes_overrides=True,
     )
     tu.add_argument("--config", required=True, help="recipe YAML with a tune section")
     tu.add_argument("--trials", type=int, default=20, help="trials in the study in total (finished ones count when resuming)")
@@ -103,7 +101,6 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--study-name", default=None, help="study name in the storage (default: the recipe's file name)")
     tu.add_argument("--out", default=None, help="output directory (default: runs/tune-<recipe>)")
     tu.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
-    tu.set_defaults(func=_cmd_tune, takes_overrides=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,11 +127,8 @@ def _cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from fromzero.config import load_pretrain_config
     from fromzero.training.pretrain import load_resume_config, pretrain
 
-    expanded: list[str] = []
-    for tok in overrides:
-        key, eq, val = tok.partition("=")
-        key = _PRETRAIN_ALIASES.get(key, key)
-        expanded.append(key + eq + val)
+    expanded = [_PRETRAIN_ALIASES.get(key, key) + eq + val
+                for key, eq, val in (tok.partition("=") for tok in overrides)]
     expanded = _bool_flags(expanded, {"--train.compile"})
     if args.resume:
         if args.config:
@@ -159,12 +153,8 @@ def _cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 def _bool_flags(tokens: list[str], flags: set[str]) -> list[str]:
     """Let boolean options be given bare (``--compile``) as well as with a value."""
     out: list[str] = []
-    for i, tok in enumerate(tokens):
-        out.append(tok)
-        if tok in flags:
-            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-            if nxt is None or nxt.startswith("--"):
-                out.append("true")
+    for tok, nxt in zip(tokens, tokens[1:] + ["--"]):  # the last token is followed by nothing: "--"
+        out += [tok, "true"] if tok in flags and nxt.startswith("--") else [tok]
     return out
 
 
@@ -266,10 +256,10 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
                      "whether it finished, was stopped (and at which step: continue it with --resume) or is "
                      "running, its best value of the monitored validation metric, and when it last wrote. "
                      "runs/latest links to the run started last.\n\nexample:\n  fromzero runs\n"
-                     "  fromzero generate --checkpoint runs/latest/checkpoints/best --prompt 'ROMEO:'")
+                     "  fromzero generate --checkpoint runs/latest/checkpoints/best --prompt 'ROMEO:'",
+                     func=_cmd_runs)
     rn.add_argument("--dir", default="runs", help="folder holding run directories")
     rn.add_argument("--json", action="store_true", help="print the rows as JSON (for scripts)")
-    rn.set_defaults(func=_cmd_runs)
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:

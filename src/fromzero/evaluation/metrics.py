@@ -2,11 +2,7 @@
 
 scikit-learn does the counting (``precision_recall_fscore_support``, ``confusion_matrix``,
 ``log_loss``); this module decides class order and names, checks the input and shapes the
-result into one plain dict that serialises to JSON::
-
-    m = classification_metrics(["cat", "dog", "dog"], ["cat", "cat", "dog"], labels=["cat", "dog"])
-    print(format_report(m))
-    write_metrics_json(m, run_dir / "metrics.json")
+result into one plain dict that serialises to JSON (:func:`write_metrics_json`).
 
 Classes
 -------
@@ -117,23 +113,15 @@ def _encode(
             bad = [v for v in vals if v not in index]
             if bad:
                 raise FromzeroError(f"{name} has label {bad[0]!r} which is not in labels {names}")
-        return (
-            np.asarray([index[v] for v in t], dtype=np.int64),
-            np.asarray([index[v] for v in p], dtype=np.int64),
-            names,
-        )
-
-    if n_prob_cols is not None:
+    elif n_prob_cols is not None:
         if kind_t == "str":
             raise FromzeroError("probs with string labels needs `labels` to say which column is which class")
         return _encode(t, p, [str(i) for i in range(n_prob_cols)], None)
-    classes = sorted(set(t) | set(p))
-    index = {c: i for i, c in enumerate(classes)}
-    return (
-        np.asarray([index[v] for v in t], dtype=np.int64),
-        np.asarray([index[v] for v in p], dtype=np.int64),
-        [str(c) for c in classes],
-    )
+    else:
+        classes = sorted(set(t) | set(p))
+        index, names = {c: i for i, c in enumerate(classes)}, [str(c) for c in classes]
+    return (np.asarray([index[v] for v in t], dtype=np.int64),
+            np.asarray([index[v] for v in p], dtype=np.int64), names)
 
 
 def _check_probs(probs: Any, n: int) -> np.ndarray:
@@ -176,8 +164,7 @@ def classification_metrics(
     """
     from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
-    prob_arr = None
-    n_cols = None
+    prob_arr = n_cols = None
     if probs is not None:
         n_rows = len(_as_list(y_true, "y_true"))
         if n_rows == 0:
@@ -326,22 +313,20 @@ def format_report(metrics: dict[str, Any]) -> str:
     per_class: dict[str, dict[str, Any]] = metrics["per_class"]
     row_names = list(per_class) + ["accuracy", "macro avg", "weighted avg"]
     width = max(12, *(len(str(n)) for n in row_names))
-    head = f"{'':>{width}} {'precision':>10} {'recall':>10} {'f1-score':>10} {'support':>10}"
-    lines = [head, ""]
-    for name, r in per_class.items():
-        lines.append(
-            f"{name:>{width}} {r['precision']:>10.4f} {r['recall']:>10.4f} {r['f1']:>10.4f} {int(r['support']):>10d}"
-        )
-    lines.append("")
     n = int(metrics["n"])
-    lines.append(f"{'accuracy':>{width}} {'':>10} {'':>10} {metrics['accuracy']:>10.4f} {n:>10d}")
-    for avg in _AVERAGES:
-        if f"f1_{avg}" in metrics:
-            lines.append(
-                f"{avg + ' avg':>{width}} {metrics[f'precision_{avg}']:>10.4f} "
-                f"{metrics[f'recall_{avg}']:>10.4f} {metrics[f'f1_{avg}']:>10.4f} {n:>10d}"
-            )
+
+    def row(name: str, precision: float, recall: float, f1: float, support: int) -> str:
+        return f"{name:>{width}} {precision:>10.4f} {recall:>10.4f} {f1:>10.4f} {support:>10d}"
+
+    def total(name: str, value: float) -> str:  # a row with one value: accuracy, log loss
+        return f"{name:>{width}} {'':>10} {'':>10} {value:>10.4f} {n:>10d}"
+
+    lines = [f"{'':>{width}} {'precision':>10} {'recall':>10} {'f1-score':>10} {'support':>10}", ""]
+    lines += [row(name, r["precision"], r["recall"], r["f1"], int(r["support"])) 
+              for name, r in per_class.items()]
+    lines += ["", total("accuracy", metrics["accuracy"])]
+    lines += [row(f"{a} avg", metrics[f"precision_{a}"], metrics[f"recall_{a}"], metrics[f"f1_{a}"], n)
+              for a in _AVERAGES if f"f1_{a}" in metrics]
     if "log_loss" in metrics:
-        lines.append("")
-        lines.append(f"{'log loss':>{width}} {'':>10} {'':>10} {metrics['log_loss']:>10.4f} {n:>10d}")
+        lines += ["", total("log loss", metrics["log_loss"])]
     return "\n".join(lines) + "\n"

@@ -5,14 +5,14 @@
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fromzero.files import temp_file_beside
+from fromzero.checkpoint import atomic_write_bytes
 from fromzero.errors import FromzeroError
 
 
@@ -24,8 +24,8 @@ def plot_confusion_matrix(
     Every cell is annotated with its count; with ``normalize=True`` the colour and the main
     number are the fraction of the true class (row) and the count is shown underneath. Rows with
     no samples stay 0. The figure grows with the number of classes and the font shrinks, so 3
-    and 10+ classes both stay readable. The file is written to a temp file beside ``path`` and
-    renamed, so a reader never sees half a PNG. Returns ``path``.
+    and 10+ classes both stay readable. Written atomically (a reader never sees half a PNG).
+    Returns ``path``.
     """
     counts = np.asarray(matrix)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] == 0:
@@ -71,17 +71,9 @@ def plot_confusion_matrix(
                 color = "white" if values[i, j] > 0.5 * vmax else "black"
                 ax.text(j, i, text, ha="center", va="center", color=color, fontsize=font * (0.85 if normalize else 1.0))
         fig.tight_layout()
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = temp_file_beside(path, f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        atomic_write_bytes(Path(path), png.getvalue())
     finally:
         plt.close(fig)
-    return path
+    return Path(path)

@@ -49,7 +49,8 @@ def _step(checkpoint: Path) -> int | None:
         return None
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl ([] if it cannot be read)."""
     rows = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -72,7 +73,7 @@ def describe_run(run_dir: Path, now: float | None = None) -> RunRow | None:
     task = str(config.get("task") or ("pretrain" if "model" in config and train else "?"))
     metric = str(train.get("monitor") or config.get("monitor") or "val_loss")
     higher = metric != "val_loss" and "loss" not in metric
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = read_rows(run_dir / "metrics.jsonl")
     values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float))]
     best = (max(values) if higher else min(values)) if values else None
     step = _step(run_dir / "checkpoints" / "last")
@@ -185,7 +186,5 @@ def point_latest(run_dir: Path) -> None:
         os.symlink(run_dir.name, tmp, target_is_directory=True)
         os.replace(tmp, link)
     except OSError:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass

@@ -8,21 +8,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 
 # Listeners told about every evaluation of a run (e.g. `fromzero tune` reporting to optuna's
@@ -58,17 +50,13 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the crash
-                # A finished run's test row goes too: the resumed run scores test again at its end.
-                if row.get("step", 0) <= resume_step and not any(k.startswith("test_") for k in row):
-                    self.rows.append(row)
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            os.replace(tmp, self.path)
+            from fromzero.checkpoint import atomic_write_text
+            from fromzero.evaluation.runs import read_rows  # skips a line cut short by the crash
+
+            # A finished run's test row goes too: the resumed run scores test again at its end.
+            self.rows = [row for row in read_rows(self.path)
+                         if row.get("step", 0) <= resume_step and not any(k.startswith("test_") for k in row)]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -116,37 +104,30 @@ def write_plots(rows: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     plots_dir.mkdir(parents=True, exist_ok=True)
+    series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("loss", "val_loss", "lr")}
     written = []
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if train or val:
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        if train:
-            ax.plot(*zip(*train), label="train loss", lw=1.2)
-        if val:
-            ax.plot(*zip(*val), "o-", label="val loss", lw=1.5, ms=4)
+    # file, height, y label, title, curves (metric, line style, legend label, line width)
+    for name, height, ylabel, title, curves in (
+        ("loss.png", 4.2, "cross-entropy (nats)", "loss", [("loss", "-", "train loss", 1.2),
+                                                          ("val_loss", "o-", "val loss", 1.5)]),
+        ("lr.png", 3.0, "learning rate", None, [("lr", "-", None, 1.2)]),
+    ):
+        if not any(series[key] for key, *_ in curves):
+            continue
+        fig, ax = plt.subplots(figsize=(7, height), dpi=110)
+        for key, style, label, width in curves:
+            if series[key]:
+                ax.plot(*zip(*series[key]), style, label=label, lw=width, ms=4)
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats)")
-        ax.set_title("loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        out = plots_dir / "loss.png"
-        fig.savefig(out)
-        plt.close(fig)
-        written.append(out)
-    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
-    if lrs:
-        fig, ax = plt.subplots(figsize=(7, 3), dpi=110)
-        ax.plot(*zip(*lrs), lw=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel("learning rate")
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+            ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        out = plots_dir / "lr.png"
-        fig.savefig(out)
+        fig.savefig(plots_dir / name)
         plt.close(fig)
-        written.append(out)
+        written.append(plots_dir / name)
     return written
 
 
@@ -157,17 +138,10 @@ class TrainingProgress:
         self.console = Console(stderr=True)
         self.enabled = enabled
         self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not enabled,
+            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, disable=not enabled,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", rate="-")
 
@@ -189,7 +163,3 @@ class TrainingProgress:
             self.progress.console.print(message)
         else:
             print(message, file=sys.stderr, flush=True)
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -1,14 +1,10 @@
-"""Multi-process training under ``torchrun``: process group, data sharding, reductions.
+"""Multi-process training under ``torchrun``: process group, data sharding, reductions, FSDP2.
 
-    torchrun --nproc_per_node 2 -m fromzero pretrain --config recipes/shakespeare-char.yaml --dist.strategy ddp
-
-torchrun starts one process per device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the
-rendezvous address); :func:`init_distributed` reads them and joins the process group: nccl on
-CUDA (each process on ``cuda:LOCAL_RANK``), gloo on CPU. ``train.batch_size`` is per process, so
-a step sees ``batch_size x world_size x grad_accum`` sequences; every rank draws the same
-global batch from the shared seed and keeps its own rows (:func:`rank_rows`), which makes a run on
-N ranks use exactly the samples a 1-process run with N x the batch uses. Rank 0 alone writes the
-run directory.
+:func:`init_distributed` joins the group torchrun set up (nccl on CUDA, each process on
+``cuda:LOCAL_RANK``; gloo on CPU). ``train.batch_size`` is per process; every rank draws the same
+global batch from the shared seed and keeps its own rows (:func:`rank_rows`), so N ranks use
+exactly the samples of one process with N x the batch. Rank 0 alone writes the run directory.
+User guide: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -59,15 +55,10 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
-
 
 def init_distributed(strategy: str, device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join the process group torchrun set up (strategy ddp); returns the context and this rank's device."""
-    if strategy not in STRATEGIES:
-        raise FromzeroError(f"dist.strategy {strategy!r} is not supported (supported: {', '.join(STRATEGIES)})")
+    """Join the process group torchrun set up (strategy ddp / fsdp, already validated by the
+    run's config); returns the context and this rank's device."""
     if strategy == "none":
         return DistContext(), device
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -237,8 +228,6 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 def check_sharded(path) -> None:
     """Refuse a sharded checkpoint whose index names a shard file that is missing or shorter
     than the index says (a copy that lost files, a crash mid-write)."""
-    from pathlib import Path
-
     from torch.distributed.checkpoint import FileSystemReader
 
     path = Path(path)

@@ -1,15 +1,10 @@
 """Language-model pretraining: a task of the one training loop (:class:`~fromzero.training.trainer.Trainer`).
 
-    data (memmap) -> random windows -> GPT -> next-token loss -> the Trainer
-                  (accumulation, autocast, compile, clipping, DDP/FSDP, eval every eval_every
-                   steps from step 0, checkpoints/{best,last}, Ctrl-C, NaN guard, exact resume)
-
-What this module adds for pretraining: the token stream (random windows of the memmapped train
-split, drawn a whole optimizer step at a time so that k micro-batches of b are the same samples
-as one batch of k*b, and N ranks the same as one process; its generator's state is its position,
-so a resume seeks instead of replaying), the validation loss, and a checkpoints/last that is a
-loadable checkpoint (full weights, or FSDP shards) plus the trainer state. Run it through the CLI
-(``fromzero pretrain --config recipes/shakespeare-char.yaml``) or :func:`pretrain`.
+What it adds for pretraining: the token stream (random windows of the memmapped train split,
+drawn a whole optimizer step at a time so that k micro-batches of b, or N ranks, see the samples
+of one batch of k*b; seekable, so a resume seeks instead of replaying), the validation loss, and
+a checkpoints/last that is a loadable checkpoint (full weights, or FSDP shards) plus the trainer
+state. Run it with ``fromzero pretrain --config RECIPE`` or :func:`pretrain`.
 """
 
 from __future__ import annotations
@@ -31,6 +26,7 @@ from fromzero.config import PretrainConfig, save_yaml, to_dict
 from fromzero.errors import FromzeroError, first_line
 from fromzero.files import temp_dir_beside
 from fromzero.models.gpt import GPT
+from fromzero.training.callbacks import MetricsLogger, NullLogger, write_plots
 from fromzero.training.distributed import (SHARDED_DIR, DistContext, barrier, broadcast_text, check_sharded,
                                            full_model_state, full_optimizer_state, load_full_optimizer_state,
                                            load_sharded, mean_across_ranks, rank_rows, save_sharded, shard_model)
@@ -126,14 +122,8 @@ class PretrainRun:
         self.best_val_loss, self.last_val_loss = math.inf, math.nan
         cfg.out_dir = str(self.run_dir)  # the resolved config; a resume records its overrides
         if ctx.is_main:
-            from fromzero.training.callbacks import MetricsLogger
-
             save_yaml({"task": "pretrain", **to_dict(cfg)}, self.run_dir / "config.yaml")
-            self.logger: Any = MetricsLogger(self.run_dir, resume_step=self.resume_step)
-        else:
-            from fromzero.training.callbacks import NullLogger
-
-            self.logger = NullLogger()
+        self.logger = MetricsLogger(self.run_dir, self.resume_step) if ctx.is_main else NullLogger()
         barrier(ctx)
 
     def _check_resumable(self) -> None:
@@ -270,8 +260,6 @@ class PretrainRun:
         return TokenWindows(self.train_data, self.cfg, self.ctx.world_size)
 
     def fit(self, progress: bool = True) -> PretrainResult:
-        from fromzero.training.callbacks import write_plots
-
         t = self.cfg.train
         trainer = self.make_trainer(progress)
         if self.ctx.is_main:

@@ -1,58 +1,17 @@
 """Differentially private training (DP-SGD) with Opacus: per-sample clipping, noise, accounting.
 
-DP-SGD (Abadi et al., 2016) changes one thing in a training step: instead of the batch's mean
-gradient, the optimizer gets
+DP-SGD (Abadi et al., 2016) gives the optimizer ``(sum_i clip(g_i, C) + N(0, (sigma * C)^2 I)) /
+expected_batch_size`` instead of the batch's mean gradient, over Poisson-sampled batches (each
+example joins each batch with probability q = 1 / steps_per_epoch), which is what the accountant
+(RDP or PRV) assumes when it turns (sigma, q, steps) into the (epsilon, delta) guarantee.
 
-    g = (sum_i clip(g_i, C) + N(0, (sigma * C)^2 I)) / expected_batch_size
-
-where ``g_i`` is example i's own gradient, ``clip`` scales it down to L2 norm at most ``C``
-(``max_grad_norm``) and ``sigma`` is the ``noise_multiplier``. No single example can then move
-the weights by more than C, and the Gaussian noise hides whether it was there at all. Batches
-are drawn by Poisson sampling (each example joins each batch independently with probability
-q = 1 / steps_per_epoch, so batch sizes vary), which is what the privacy accountant assumes.
-The accountant (RDP by default, or PRV) turns (sigma, q, steps) into the (epsilon, delta)
-guarantee: changing one training example changes the probability of any outcome of training by
-a factor of at most e^epsilon, except with probability delta.
-
-Opacus owns the job: :class:`opacus.PrivacyEngine` wraps the model in a ``GradSampleModule``
-(hooks that compute per-sample gradients), the optimizer in a ``DPOptimizer`` (clip, sum, noise,
-scale) and the data loader in a ``DPDataLoader`` (Poisson sampling). This module adds what a
-fromzero task needs around it: a typed :class:`PrivacyConfig` (the ``privacy:`` section of a
-fine-tuning recipe), noise calibrated for an exact number of steps, one-line errors for budgets
-that cannot be met and for models Opacus cannot train, and a report for metrics.json. Try it::
-
-    from fromzero.training.privacy import PrivacyConfig, make_compatible, make_private
-    cfg = PrivacyConfig(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0)
-    model = make_compatible(model)          # BatchNorm -> GroupNorm etc., with a note (or an error)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    private = make_private(model, optimizer, train_loader, cfg, epochs=10, seed=0)
-    for epoch in range(10):
-        for x, y in private.loader:         # Poisson-sampled batches (variable size, maybe empty)
-            if len(x) == 0:
-                private.empty_step()        # a noise-only step: the accountant counts it too
-                continue
-            private.optimizer.zero_grad()
-            F.cross_entropy(private.module(x), y).backward()   # the mean loss over the batch
-            private.optimizer.step()        # clip per example, sum, add noise, update
-        print(epoch, private.epsilon())     # spent so far, at cfg.delta
-    model = private.close()                 # the plain model again: save it as usual
-
-What the guarantee covers (and what it does not):
-
-* It holds for the *training split*, for every model the run produced (all intermediate weights
-  together, by composition), so choosing the best epoch by a separate validation split, early
-  stopping, and evaluating on the test split stay inside it: the reported epsilon is the one
-  spent by *all* steps taken, not by the steps up to the best epoch.
-* It does not cover hyperparameter tuning on the same data (every extra run spends budget), nor
-  data-dependent preprocessing of the training split (here: none; normalisation constants are
-  fixed, not measured on the data).
-* The guarantee needs the noise and the batch draws to be secret. By default they come from
-  PyTorch's ordinary pseudo-random generator seeded with fresh OS entropy each run (not from the
-  recipe's ``seed``, which config.yaml publishes): runs are then not repeatable bit for bit.
-  ``reproducible: true`` seeds both from ``seed`` (for experiments and tests only: whoever knows
-  the seed can subtract the noise). A production release should retrain with
-  ``secure_mode: true`` (a cryptographically secure generator, needs the ``torchcsprng``
-  package), as Opacus advises: PyTorch's generator is fast but not unpredictable.
+Opacus owns the job (:class:`opacus.PrivacyEngine`: per-sample gradients, the ``DPOptimizer``,
+the Poisson ``DPDataLoader``). This module adds what a fromzero task needs around it: a typed
+:class:`PrivacyConfig` (the ``privacy:`` recipe section), noise calibrated for an exact number of
+steps, one-line errors for budgets that cannot be met and for models Opacus cannot train, and a
+report for metrics.json. The guarantee covers every step of the run (picking the best epoch
+included), not hyperparameter tuning; it needs the noise and the batch draws to be secret, hence
+fresh OS entropy unless ``reproducible`` (user guide: docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -332,16 +291,11 @@ class PrivateTraining:
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, cfg: PrivacyConfig,
                  epochs: int, seed: int | None = None) -> PrivateTraining:
-    """Make ``model`` / ``optimizer`` / ``loader`` private for ``epochs`` epochs with ``cfg``.
-
-    ``model`` must already be compatible (see :func:`make_compatible`) and ``optimizer`` built
-    over its parameters; ``loader`` is an ordinary map-style DataLoader whose batch size sets the
-    expected batch size. The loss must be the *mean* over the batch (Opacus rescales by the
-    expected batch size, the unbiased choice under Poisson sampling). With ``target_epsilon`` the
-    noise is calibrated for exactly the steps the Poisson loader will take in ``epochs`` epochs.
-    ``seed``: with ``cfg.reproducible``, the noise generator's seed (the batches then follow
-    ``loader``'s own generator); otherwise both are seeded from OS entropy (secure mode: Opacus'
-    CSPRNG).
+    """Make ``model`` (already compatible: :func:`make_compatible`), ``optimizer`` (over its
+    parameters) and ``loader`` (a map-style DataLoader; its batch size is the expected one) private
+    for ``epochs`` epochs. The loss must be the *mean* over the batch (Opacus rescales by the
+    expected batch size). ``seed``: the noise generator's with ``cfg.reproducible`` (the batches
+    then follow ``loader``'s generator); otherwise both come from OS entropy (or Opacus' CSPRNG).
     """
     _opacus()
     from opacus import PrivacyEngine

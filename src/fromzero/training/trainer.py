@@ -1,31 +1,12 @@
 """The training loop every task shares: pretraining, fine-tuning, distillation, DP-SGD.
 
-A task (LM pretraining in :mod:`fromzero.training.pretrain`; text classification, SFT, DPO,
-image classification, recommendation in :mod:`fromzero.finetune`) supplies the model,
-``batches(epoch)``, a ``loss_fn(model, batch) -> (loss, samples, tokens)`` and an
-``evaluate(model) -> metrics``; the :class:`Trainer` does the rest:
-
-* one schedule (linear warmup, cosine decay to a floor: ``cfg.lr_schedule(total)``);
-* gradient accumulation weighted by samples or tokens, global-norm clipping, an optional L1
-  penalty on trained matrices (``l1 * sum |w|``) next to L2 (decoupled weight decay);
-* bf16/fp16 autocast (fp16 with a GradScaler), torch.compile (falls back to eager, with a
-  warning, if compiling fails);
-* evaluation every ``eval_every`` steps and/or after every epoch, early stopping after
-  ``patience`` evaluations without a better monitored metric, ``checkpoints/best`` written by the
-  task at each improvement (``save_best``), the best weights restored at the end;
-* ``checkpoints/last`` after every evaluation, on Ctrl-C / SIGTERM and at the end (weights,
-  optimizer, schedule, scaler, every rank's RNG, the position in the data), so ``--resume RUN_DIR``
-  continues bit for bit on CPU; a task may store it its own way (``store=``: pretraining keeps
-  ``last`` a loadable checkpoint, and supports FSDP-sharded ones);
-* losses stay on the device between metric rows (no host sync per step); a NaN/inf loss is a
-  one-line error naming the first bad step and the last good checkpoint;
-* metrics.jsonl + TensorBoard rows, a rich progress bar;
-* DP-SGD as a plug-in (``private=``: Opacus' optimizer, noise-only steps for empty batches);
-* under ``torchrun``: DDP (``no_sync`` on all but the last micro-batch) or FSDP2 (``fsdp=True``,
-  the task shards the model), each rank taking every N-th micro-batch of the same order (N ranks x
-  grad_accum k is the same step as one process with grad_accum N*k), losses averaged across
-  ranks, a stop asked of one rank stopping all of them after the same step. :func:`run_task` is
-  the frame that joins and leaves the process group.
+A task (LM pretraining in :mod:`fromzero.training.pretrain`; the fine-tuning tasks in
+:mod:`fromzero.finetune`) supplies the model, ``batches(epoch)``, a ``loss_fn(model, batch) ->
+(loss, samples, tokens)`` and an ``evaluate(model) -> metrics``; the :class:`Trainer` does the
+rest: schedule, accumulation, autocast, compile, clipping, evaluation and early stopping,
+``checkpoints/last`` with exact resume, metrics rows, DP-SGD (``private=``) and DDP / FSDP2 under
+torchrun, where :func:`run_task` is the frame that joins and leaves the process group. The
+full list of what it does and why: docs/architecture.md ("The training loop").
 """
 from __future__ import annotations
 
@@ -38,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -186,15 +167,9 @@ def rank_micro_batches(batches: Iterable[Any], ctx: DistContext) -> Iterable[Any
     """This rank's share of a stream of micro-batches all ranks produce in the same order:
     of each run of world_size micro-batches, the rank-th; an incomplete final run is dropped so
     every rank takes the same number of steps."""
-    if ctx.world_size == 1:
-        yield from batches
-        return
-    group: list[Any] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == ctx.world_size:
-            yield group[ctx.rank]
-            group = []
+    stream = iter(batches)
+    for group in zip(*[stream] * ctx.world_size):  # world_size at a time; zip drops a short last run
+        yield group[ctx.rank]
 
 
 def set_train_mode(model: nn.Module, trained: list[nn.Module] | None) -> None:
@@ -255,51 +230,29 @@ class Progress:
 
     def state(self) -> dict[str, Any]:
         """What checkpoints/last records of the position (plain values and tensors)."""
-        return {"step": self.step, "epoch": self.epoch, "micro": self.micro, "samples": self.samples,
-                "best_value": self.best_value, "best_metrics": to_jsonable(self.best_metrics),
-                "best_step": self.best_step, "best_epoch": self.best_epoch, "stale": self.stale,
-                "evaluated_at": self.evaluated_at, "epochs_run": self.epochs_run, "elapsed_s": self.elapsed_s,
-                "epoch_rng": self.epoch_rng, "epoch_data": self.epoch_data, "window": list(self.window)}
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                "best_metrics": to_jsonable(self.best_metrics), "window": list(self.window)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], epoch_rng: Any) -> "Progress":
-        return cls(step=int(state["step"]), epoch=int(state["epoch"]), micro=int(state["micro"]),
-                   samples=int(state["samples"]), best_value=state["best_value"],
-                   best_metrics=dict(state["best_metrics"]), best_step=int(state["best_step"]),
-                   best_epoch=int(state["best_epoch"]), stale=int(state["stale"]),
-                   evaluated_at=int(state["evaluated_at"]), epochs_run=int(state["epochs_run"]),
-                   elapsed_s=float(state["elapsed_s"]), epoch_rng=epoch_rng, epoch_data=state.get("epoch_data"),
-                   window=[tuple(q) for q in state.get("window", [])])
+        window = [tuple(q) for q in state.get("window", [])]
+        special = {"best_metrics": dict(state["best_metrics"]), "epoch_rng": epoch_rng,
+                   "epoch_data": state.get("epoch_data"), "window": window}
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name not in special}, **special)
 
 
 class Trainer:
     """Runs the optimisation with evaluation, early stopping, checkpoints and exact resume."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        cfg: Any,
-        device: torch.device,
-        dtype: str,
+        self, model: nn.Module, cfg: Any, device: torch.device, dtype: str,
         loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, int, int]],
-        evaluate: Callable[[nn.Module], dict[str, Any]],
-        monitor: str,
-        higher_is_better: bool,
-        logger: Any,
-        trained_modules: list[nn.Module] | None = None,
-        forward: nn.Module | None = None,
-        ctx: DistContext | None = None,
-        weight_by: str = "samples",
-        last_dir: Path | None = None,
-        resume: bool = False,
-        optimizer: torch.optim.Optimizer | None = None,
-        private: Any = None,
-        save_best: Callable[[dict[str, Any]], None] | None = None,
-        store: Any = None,
-        fsdp: bool = False,
-        eval_at_start: bool = False,
-        restore_best: bool = True,
-        command: str = "finetune",
+        evaluate: Callable[[nn.Module], dict[str, Any]], monitor: str, higher_is_better: bool, logger: Any,
+        trained_modules: list[nn.Module] | None = None, forward: nn.Module | None = None,
+        ctx: DistContext | None = None, weight_by: str = "samples", last_dir: Path | None = None,
+        resume: bool = False, optimizer: torch.optim.Optimizer | None = None, private: Any = None,
+        save_best: Callable[[dict[str, Any]], None] | None = None, store: Any = None, fsdp: bool = False,
+        eval_at_start: bool = False, restore_best: bool = True, command: str = "finetune",
         progress: bool | None = None,
     ) -> None:
         """cfg: the task's settings (:class:`fromzero.config.TrainSettings` fields, ``epochs``,
@@ -310,10 +263,7 @@ class Trainer:
 
         weight_by: what a step's loss is the mean over, across its micro-batches and ranks:
         ``samples`` (classification, preference pairs, LM windows) or ``tokens`` (SFT: the reply
-        tokens). loss_fn returns a mean over its micro-batch; each micro-batch's gradient is
-        weighted by its count and the sum divided by the step's total, so a step with gradient
-        accumulation (or N ranks) is the step one big batch would take, even when micro-batches
-        hold different numbers of tokens or the last one is short.
+        tokens), so that a step with accumulation (or N ranks) is the step one big batch would take.
 
         last_dir / resume: where checkpoints/last lives and whether to continue from it.
         optimizer: use this one instead of AdamW/SGD built from cfg (e.g. Opacus' DPOptimizer).
@@ -382,11 +332,6 @@ class Trainer:
         named = dict(self.model.named_parameters())
         keep = {n for n, p in named.items() if id(p) in trained} | {n for n, _ in self.model.named_buffers()}
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items() if k in keep}
-
-    def _improved(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        return value > best if self.higher_is_better else value < best
 
     # -- one optimizer step
 
@@ -550,7 +495,8 @@ class Trainer:
             if self.private is not None:
                 row["epsilon"] = self.private.epsilon()  # spent so far (at privacy.delta)
             self.logger.log(row)
-            improved = self._improved(value, p.best_value)
+            best = p.best_value
+            improved = best is None or (value > best if self.higher_is_better else value < best)
             p.evaluated_at = p.step
             if improved:
                 p.best_value, p.best_metrics, p.best_step, p.best_epoch, p.stale = value, metrics, p.step, epoch, 0
