@@ -263,14 +263,18 @@ def _clamp(sizes: dict[str, int], max_len: int) -> dict[str, int]:
 
 def export_plan(model: nn.Module, raw_config: dict[str, Any], directory: Path, info: dict[str, Any]) -> ExportPlan:
     """The :class:`ExportPlan` of a loaded model (its family read from config.json's model_type)."""
+    from fromzero.models import MODEL_REGISTRY, family_facts
+
     model_type = raw_config.get("model_type")
-    if model_type == "fromzero-gpt":
+    signature = family_facts(model_type).export_signature if model_type in MODEL_REGISTRY else ""
+    if signature == "causal-lm":
         return _gpt_plan(model, directory, info)
-    if model_type == "fromzero-bert":
+    if signature == "encoder":
         return _bert_plan(model, directory, info)
-    if model_type in ("fromzero-cnn", "fromzero-vit"):
+    if signature == "image":
         return _image_plan(model, raw_config, info)
-    raise FromzeroError(f"cannot export a {model_type!r} model to ONNX")
+    exportable = ", ".join(t for t in sorted(MODEL_REGISTRY) if family_facts(t).export_signature)
+    raise FromzeroError(f"cannot export a {model_type!r} model to ONNX (exportable: {exportable})")
 
 
 # ---------------------------------------------------------------------------------------------

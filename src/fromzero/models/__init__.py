@@ -45,6 +45,9 @@ class FamilyFacts:
     """(layers in order, modules after the last one): what ``unfreeze_top`` unfreezes from the top."""
     head_modules: Callable[[Any], list] = lambda model: []
     """The task head: what a frozen fine-tune trains."""
+    export_signature: str = ""
+    """Inputs of its ONNX export: causal-lm (input_ids -> logits) | encoder (input_ids,
+    attention_mask[, token_type_ids]) | image (pixel_values); "" = not exportable."""
     attention: Callable[[Any], tuple[list, Callable]] | None = None
     """(attention modules in layer order, the forward that runs them over every token): what
     attention maps hook (``fromzero explain --method attention``); None = no attention maps."""

@@ -610,4 +610,5 @@ FACTS = FamilyFacts(
     # the encoder over every token: the classifier's last layer otherwise attends from [CLS] only
     attention=lambda model: ([layer.attn for layer in model.layers],
                              functools.partial(model.encode, skip_padding=False, first_token_only=False)),
+    export_signature="encoder",
 )

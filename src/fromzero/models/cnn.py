@@ -338,4 +338,4 @@ def _cnn_head(model: nn.Module) -> list[nn.Module]:
 
 
 # What fine-tuning needs to know about this family (see fromzero.models).
-FACTS = FamilyFacts(layer_stack=_cnn_layers, head_modules=_cnn_head)
+FACTS = FamilyFacts(layer_stack=_cnn_layers, head_modules=_cnn_head, export_signature="image")

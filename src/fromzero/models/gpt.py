@@ -531,4 +531,5 @@ FACTS = FamilyFacts(
     layer_stack=lambda model: (list(model.transformer.h), [model.transformer.ln_f]),
     head_modules=lambda model: [model.lm_head],  # tied to the embedding: training it trains the embedding too
     attention=lambda model: ([block.attn for block in model.transformer.h], model),
+    export_signature="causal-lm",
 )

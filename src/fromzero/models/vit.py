@@ -323,4 +323,5 @@ FACTS = FamilyFacts(
     layer_stack=lambda model: (list(model.blocks), [model.ln_f]),
     head_modules=lambda model: [model.head] if isinstance(getattr(model, "head", None), nn.Module) else [],
     attention=lambda model: ([block.attn for block in model.blocks], model.encode),
+    export_signature="image",
 )
