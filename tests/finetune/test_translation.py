@@ -66,6 +66,9 @@ def test_tiny_run_learns_and_its_checkpoint_translates(tmp_path: Path, capsys: p
     assert main(["translate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best")]) == 2
     assert "error: give exactly one of --text or --input" in capsys.readouterr().err
     assert main(["translate", "--checkpoint", str(tmp_path / "nowhere"), "--text", "abc"]) == 2
+    capsys.readouterr()
+    assert main(["translate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best"), "--text", "abzé"]) == 2
+    assert "error: cannot translate 'abzé': 'z', 'é' not in the model's source vocabulary" in capsys.readouterr().err
 
 
 @pytest.mark.slow

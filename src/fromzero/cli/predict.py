@@ -181,7 +181,7 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     beams = args.beams or int(info.get("num_beams", 1))
     penalty = args.length_penalty if args.length_penalty is not None else float(info.get("length_penalty", 1.0))
     outputs = translate_batch(model, vocab, texts, device, beams, penalty, args.batch_size,
-                              args.max_new_tokens or info.get("max_new_tokens"))
+                              args.max_new_tokens or info.get("max_new_tokens"), strict=True)
     for text, output in zip(texts, outputs):
         print(to_json_line({"input": text, "translation": output}))
     return 0

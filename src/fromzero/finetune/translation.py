@@ -266,8 +266,16 @@ def pad_batch(rows: list[list[int]]) -> torch.Tensor:
 
 
 def translate_batch(model: nn.Module, vocab: Vocab, sources: list[str], device: torch.device, num_beams: int = 1,
-                    length_penalty: float = 1.0, batch_size: int = 256, max_new_tokens: int | None = None) -> list[str]:
-    """Decode each source text into its target text."""
+                    length_penalty: float = 1.0, batch_size: int = 256, max_new_tokens: int | None = None,
+                    strict: bool = False) -> list[str]:
+    """Decode each source text into its target text. strict: a source with tokens outside the
+    model's vocabulary is a one-line error (else they read as <unk>, as in evaluation)."""
+    if strict:
+        for text in sources:
+            unknown = sorted({t for t in split_tokens(text, vocab.source_tokens) if t not in vocab.source_ids})
+            if unknown or not text.strip():
+                raise FromzeroError(f"cannot translate {text!r}: " + (
+                    f"{', '.join(map(repr, unknown))} not in the model's source vocabulary" if unknown else "empty"))
     was_training = model.training
     model.eval()
     limit = max_new_tokens or model.config.max_positions - 1
