@@ -188,7 +188,7 @@ def _group(rows: list[tuple[str, str]]) -> Pairs:
 
 
 def load_pairs(cfg: TranslationConfig) -> dict[str, Pairs]:
-    """``{train, val, test}`` pairs of the configured data (a single file: split 90/5/5 by a hash
+    """``{train, val, test}`` pairs of the configured data (a single file: split 85/5/10 by a hash
     of the source, so a source and its references stay in one split)."""
     from fromzero.data import g2p
 
@@ -208,14 +208,8 @@ def load_pairs(cfg: TranslationConfig) -> dict[str, Pairs]:
         raise FromzeroError(f"data {cfg.data!r} is not cmudict-g2p, a .tsv / .jsonl file or a folder of them")
     splits = {"train": [], "val": [], "test": []}
     for source, targets in _group(_read_pairs_file(path)):
-        splits[{0: "test", 1: "val"}.get(_bucket(source), "train")].append((source, targets))
+        splits[g2p.split_of(source)].append((source, targets))
     return splits
-
-
-def _bucket(text: str) -> int:
-    import hashlib
-
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 20
 
 
 class Vocab:
