@@ -257,3 +257,65 @@ def test_convert_commands_round_trip_a_marian_directory(tmp_path) -> None:
     reloaded = load_model(tmp_path / "shared")
     src, _ = reversal_batch(4, torch.Generator().manual_seed(3))
     assert reloaded.generate(src, max_new_tokens=6) == shared.generate(src, max_new_tokens=6)
+
+
+def _marian_folder(folder, seed: int = 4) -> "transformers.MarianMTModel":
+    """A saved MarianMTModel (random weights) with a real SentencePiece tokenizer, laid out as
+    Helsinki-NLP's opus-mt folders are: source.spm, target.spm and vocab.json (</s> 0, <unk> 1,
+    <pad> last)."""
+    import io
+    import json
+
+    spm = pytest.importorskip("sentencepiece")
+    text = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "rain falls on the roof",
+            "we read books at night", "the sun is warm today"] * 20
+    model_bytes = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model_bytes, vocab_size=40,
+                                   character_coverage=1.0, minloglevel=2)
+    processor = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue())
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())
+              if processor.id_to_piece(i) not in ("<unk>", "<s>", "</s>")]
+    vocab = {"</s>": 0, "<unk>": 1, **{p: i + 2 for i, p in enumerate(pieces)}}
+    vocab["<pad>"] = len(vocab)
+    folder.mkdir()
+    for name in ("source.spm", "target.spm"):
+        (folder / name).write_bytes(model_bytes.getvalue())
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    tokenizer = transformers.MarianTokenizer(str(folder / "source.spm"), str(folder / "target.spm"),
+                                             str(folder / "vocab.json"))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    cfg = transformers.MarianConfig(**{**CONFIGS["shared-swish"], "vocab_size": len(vocab)},
+                                    max_position_embeddings=64, pad_token_id=len(vocab) - 1, eos_token_id=0,
+                                    decoder_start_token_id=len(vocab) - 1, forced_eos_token_id=0, dropout=0.0,
+                                    init_std=0.3)  # large random weights: the output depends on the source
+    hf = transformers.MarianMTModel(cfg).eval()
+    hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_converted_marian_model_translates_with_its_own_sentencepiece_tokenizer(tmp_path, beams: int) -> None:
+    """opus-mt users' path: `convert from-hf` carries source.spm / target.spm / vocab.json over, and
+    `translate` tokenizes, decodes and detokenizes exactly as transformers does (batched sources of
+    different lengths: padding uses Marian's pad id, not fromzero's 0, which is Marian's </s>)."""
+    from fromzero.finetune.translation import MarianVocab, load_translator, translate_batch
+    from fromzero.models.hf import convert_from_hf
+
+    hf = _marian_folder(tmp_path / "opus-mt")
+    convert_from_hf(str(tmp_path / "opus-mt"), tmp_path / "ours")
+    assert {"source.spm", "target.spm", "vocab.json"} <= {p.name for p in (tmp_path / "ours").iterdir()}
+    model, vocab, _ = load_translator(tmp_path / "ours")
+    assert isinstance(vocab, MarianVocab)
+    texts = ["the cat sat", "birds sing at dawn on the warm roof", "we read"]
+    tokenizer = transformers.MarianTokenizer.from_pretrained(tmp_path / "opus-mt")
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        generated = hf.generate(**batch, num_beams=beams, do_sample=False, max_new_tokens=12,
+                                bad_words_ids=[[hf.config.pad_token_id]])
+    expected = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    mine = translate_batch(model, vocab, texts, torch.device("cpu"), num_beams=beams, max_new_tokens=12, strict=True)
+    assert mine == expected and len(set(mine)) > 1
+    assert vocab.unknown_source("the cat") == []
+    with pytest.raises(FromzeroError, match="not in the model's source vocabulary"):
+        translate_batch(model, vocab, ["the cat ate a zebra"], torch.device("cpu"), strict=True)

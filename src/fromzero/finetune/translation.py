@@ -9,8 +9,9 @@ one of those kinds. A source seen several times with different targets has sever
 training split (``<unk>`` for the rest) and are saved with the checkpoint (``vocab.json``).
 
 Model: :class:`fromzero.models.seq2seq.Seq2Seq` from scratch (model.* keys), or ``init_from`` a
-seq2seq checkpoint (e.g. one converted from Marian) that continues training with its own
-vocabulary. Loss: token cross-entropy (optional label smoothing), tokens weigh the mean.
+fromzero seq2seq checkpoint that continues training with its own vocabulary. A Marian model
+converted from Hugging Face (``fromzero convert from-hf``) keeps its SentencePiece tokenizer and
+translates with it (:class:`MarianVocab`); fine-tuning one is not supported yet. Loss: token cross-entropy (optional label smoothing), tokens weigh the mean.
 
 Metrics, on val every evaluation (greedy decoding of up to ``eval_limit`` sources) and once on
 test with the best weights (beam search, ``num_beams`` and ``length_penalty``): ``wer`` (share of
@@ -38,6 +39,7 @@ from fromzero.finetune.engine import FinetuneConfig, FinetuneTask, run_finetune_
 from fromzero.training.trainer import FitResult, ShuffledEpochs
 
 VOCAB_FILE = "vocab.json"
+MARIAN_SOURCE_SPM = "source.spm"  # a converted Marian model's own tokenizer (see MarianVocab)
 SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 on both sides
 PAD, EOS, UNK = 0, 1, 2
 TOKENIZATIONS = ("chars", "words")
@@ -253,10 +255,44 @@ class Vocab:
         tokens = [self.target[i] for i in ids if i not in (PAD, EOS)]
         return ("" if self.target_tokens == "chars" else " ").join(tokens)
 
+    def unknown_source(self, text: str) -> list[str]:
+        """The tokens of ``text`` that are not in the source vocabulary (they would read as <unk>)."""
+        return sorted({t for t in split_tokens(text, self.source_tokens) if t not in self.source_ids})
 
-def pad_batch(rows: list[list[int]]) -> torch.Tensor:
+
+class MarianVocab:
+    """The SentencePiece tokenizer a converted Marian model came with (``source.spm``,
+    ``target.spm`` and Marian's ``vocab.json`` piece -> id table, carried over by ``convert
+    from-hf``), read by transformers' ``MarianTokenizer``: real opus-mt weights translate with the
+    very tokenization they were trained with. Same interface as :class:`Vocab`."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            from transformers import MarianTokenizer
+
+            self.tokenizer = MarianTokenizer.from_pretrained(str(directory))
+        except ImportError as e:
+            raise FromzeroError(f"{directory} holds a Marian SentencePiece tokenizer, which needs the "
+                                f"sentencepiece package ({e}): pip install sentencepiece") from None
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise FromzeroError(f"{directory}: cannot read its Marian tokenizer files: {e}") from None
+
+    def encode_source(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]  # pieces then </s>
+
+    def decode_target(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)  # with target.spm
+
+    def unknown_source(self, text: str) -> list[str]:
+        """Pieces that map to <unk> (SentencePiece splits any text, but not every character is known)."""
+        unk = self.tokenizer.unk_token_id
+        pieces = self.tokenizer.tokenize(text)
+        return sorted({p for p, i in zip(pieces, self.tokenizer.convert_tokens_to_ids(pieces)) if i == unk})
+
+
+def pad_batch(rows: list[list[int]], pad_id: int = PAD) -> torch.Tensor:
     width = max(map(len, rows))
-    return torch.tensor([r + [PAD] * (width - len(r)) for r in rows], dtype=torch.long)
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def translate_batch(model: nn.Module, vocab: Vocab, sources: list[str], device: torch.device, num_beams: int = 1,
@@ -266,7 +302,7 @@ def translate_batch(model: nn.Module, vocab: Vocab, sources: list[str], device: 
     model's vocabulary is a one-line error (else they read as <unk>, as in evaluation)."""
     if strict:
         for text in sources:
-            unknown = sorted({t for t in split_tokens(text, vocab.source_tokens) if t not in vocab.source_ids})
+            unknown = vocab.unknown_source(text)
             if unknown or not text.strip():
                 raise FromzeroError(f"cannot translate {text!r}: " + (
                     f"{', '.join(map(repr, unknown))} not in the model's source vocabulary" if unknown else "empty"))
@@ -275,7 +311,7 @@ def translate_batch(model: nn.Module, vocab: Vocab, sources: list[str], device: 
     limit = max_new_tokens or model.config.max_positions - 1
     out: list[str] = []
     for s in range(0, len(sources), batch_size):
-        src = pad_batch([vocab.encode_source(t) for t in sources[s:s + batch_size]]).to(device)
+        src = pad_batch([vocab.encode_source(t) for t in sources[s:s + batch_size]], model.config.pad_id).to(device)
         generated = model.generate(src, max_new_tokens=limit, num_beams=num_beams, length_penalty=length_penalty)
         out.extend(vocab.decode_target(ids) for ids in generated)
     model.train(was_training)
@@ -332,6 +368,9 @@ class TranslationTask(FinetuneTask):
             model = load_model(cfg.init_from)
             if not isinstance(model, Seq2Seq):
                 raise FromzeroError(f"init_from {cfg.init_from} is not a seq2seq checkpoint")
+            if (Path(cfg.init_from) / MARIAN_SOURCE_SPM).is_file():
+                raise FromzeroError(f"init_from {cfg.init_from}: fine-tuning a converted Marian model with its "
+                                    "SentencePiece tokenizer is not supported yet (translate and evaluate are)")
             self.vocab = Vocab.from_file(Path(cfg.init_from) / VOCAB_FILE)
         else:
             self.vocab = Vocab.build(self.pairs["train"], cfg.source_tokens, cfg.target_tokens, cfg.share_embeddings)
@@ -449,8 +488,10 @@ def load_translator(directory: str | Path, device: str | torch.device = "cpu") -
     model = load_model(directory, device)
     if not isinstance(model, Seq2Seq):
         raise FromzeroError(f"{directory} is not a seq2seq checkpoint")
-    if not (directory / VOCAB_FILE).is_file():
-        raise FromzeroError(f"{directory} has no {VOCAB_FILE} (a converted model needs its vocabulary: "
-                            "fine-tune it with init_from, or write source/target token lists)")
     info = read_json(directory / INFO_FILE, "checkpoint info") if (directory / INFO_FILE).is_file() else {}
+    if (directory / MARIAN_SOURCE_SPM).is_file():
+        return model, MarianVocab(directory), info
+    if not (directory / VOCAB_FILE).is_file():
+        raise FromzeroError(f"{directory} has no {VOCAB_FILE} (a converted model needs its vocabulary: its "
+                            f"{MARIAN_SOURCE_SPM} + {VOCAB_FILE} from Hugging Face, or fromzero's token lists)")
     return model, Vocab.from_file(directory / VOCAB_FILE), info

@@ -53,6 +53,9 @@ TOKENIZER_FILES = (
     "preprocessor_config.json",
     "sentence_bert_config.json",  # sentence-transformers' max_seq_length (MiniLM: 256)
     "chat_template.jinja",  # a chat model's own template (transformers 5 saves it here)
+    "source.spm",  # Marian (opus-mt): SentencePiece models + its own piece -> id tables
+    "target.spm",
+    "target_vocab.json",
 )
 
 
