@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/python -m fromzero.demo $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/pretrain.py
