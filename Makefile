@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/python -m fromzero.demo $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/pretrain.py
