@@ -288,6 +288,7 @@ def configure_tokenizer(tokenizer: Any, max_length: int, doc_stride: int) -> Non
 
 def _truncated_questions(tokenizer: Any, questions: list[str], max_question_tokens: int) -> tuple[list[str], int]:
     """Questions cut after ``max_question_tokens`` tokens (at a character offset: text stays text)."""
+    tokenizer.no_padding()
     tokenizer.no_truncation()
     encodings = tokenizer.encode_batch(questions, add_special_tokens=False)
     out, cut = [], 0
