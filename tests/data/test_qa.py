@@ -32,8 +32,9 @@ def write(path: Path, obj) -> Path:
 def good_paragraph() -> dict:
     start = CONTEXT.index("William Shakespeare")
     return {"context": CONTEXT, "qas": [
-        {"id": "q1", "question": "Who wrote Macbeth?", "answers": [{"text": "William Shakespeare", "answer_start": start},
-                                                                   {"text": "Shakespeare", "answer_start": start + 8}]},
+        {"id": "q1", "question": "Who wrote Macbeth?",
+         "answers": [{"text": "William Shakespeare", "answer_start": start},
+                     {"text": "Shakespeare", "answer_start": start + 8}]},
         {"id": "q2", "question": "When?", "answers": [{"text": "1606", "answer_start": CONTEXT.index("1606")}]},
         {"id": "q3", "question": "Who directed it?", "answers": [], "is_impossible": True,
          "plausible_answers": [{"text": "William", "answer_start": start}]},

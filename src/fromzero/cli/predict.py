@@ -48,7 +48,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    pr = _add_parser(sub, "predict", "label texts or images with a classifier, or answer questions (JSON lines on stdout)",
+    pr = _add_parser(sub, "predict",
+                     "label texts or images with a classifier, or answer questions (JSON lines on stdout)",
                      description="One JSON object per input: the label and every class's probability; for a "
                      "question-answering checkpoint, the answer (a span of the context: its text, character "
                      "offsets start / end, and its probability among the best spans).\n\n"

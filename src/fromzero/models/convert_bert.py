@@ -222,8 +222,9 @@ def to_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str,
     """fromzero-bert config + state -> a config.json + state dict that ``transformers`` loads.
 
     Heads embedding / none -> ``BertModel`` (AutoModel); classification ->
-    ``BertForSequenceClassification``; qa -> ``BertForQuestionAnswering``; mlm -> ``BertForMaskedLM``. The sentence-embedding
-    recipe (pooling, normalisation) has no place in a HF config: apply it to the hidden states.
+    ``BertForSequenceClassification``; qa -> ``BertForQuestionAnswering``; mlm -> ``BertForMaskedLM``.
+    The sentence-embedding recipe (pooling, normalisation) has no place in a HF config: apply it
+    to the hidden states.
     """
     cfg = BertConfig.from_dict(config)
     if cfg.head_size * cfg.num_attention_heads != cfg.hidden_size:
