@@ -22,7 +22,8 @@ class Task:
 
     name: str
     kind: str
-    """classifier | generator (a causal LM: sft, dpo, pretraining) | recommender | translator (seq2seq)."""
+    """classifier | generator (a causal LM: sft, dpo, pretraining) | recommender | translator (seq2seq) |
+    reader (extractive question answering: answers are spans of a context)."""
     inputs: str = ""
     """What ``predict`` feeds a classifier: text | image ("" for other kinds)."""
     config: str = ""
@@ -43,6 +44,10 @@ class Task:
     @property
     def is_generator(self) -> bool:
         return self.kind == "generator"
+
+    @property
+    def is_reader(self) -> bool:
+        return self.kind == "reader"
 
     @property
     def finetunable(self) -> bool:
@@ -80,6 +85,8 @@ for _task in (
          run="fromzero.finetune.recsys:finetune_recommendation"),
     Task("translation", "translator", config="fromzero.finetune.translation:TranslationConfig",
          run="fromzero.finetune.translation:finetune_translation"),
+    Task("question-answering", "reader", config="fromzero.finetune.qa:QuestionAnsweringConfig",
+         run="fromzero.finetune.qa:finetune_question_answering"),
     Task("language-model", "generator", eval_split="val", distill_as="sft"),  # pretraining (fromzero pretrain)
 ):
     register_task(_task)

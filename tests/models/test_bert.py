@@ -68,7 +68,7 @@ def batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
         (dict(vocab_size=-1), "vocab_size"),
         (dict(hidden_act="mish"), "hidden_act must be one of"),
         (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob"),
-        (dict(head="qa"), "head must be one of"),
+        (dict(head="span"), "head must be one of"),
         (dict(pooling="max"), "pooling must be one of"),
         (dict(pad_token_id=V), "pad_token_id"),
         (dict(head="classification", pooler=False), "pooler"),

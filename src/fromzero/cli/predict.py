@@ -30,9 +30,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                      "report, confusion matrix. Language models: loss and perplexity. A chat model (a converted "
                      "chat model or an sft checkpoint) with --data rotten-tomatoes: asked for each review's "
                      "sentiment; accuracy / macro-F1 of its greedy reply (and how many replies name no label) "
-                     "and of its first-token logits.\n\nexamples:\n"
+                     "and of its first-token logits. Question answering: SQuAD exact match and F1 (in percent); "
+                     "--data FILE scores every answerable question of a SQuAD .json / .jsonl file."
+                     "\n\nexamples:\n"
                      "  fromzero evaluate --checkpoint runs/latest/checkpoints/best --split test --out eval.json\n"
-                     "  fromzero evaluate --checkpoint smollm2-135m-instruct --data rotten-tomatoes --limit 200")
+                     "  fromzero evaluate --checkpoint smollm2-135m-instruct --data rotten-tomatoes --limit 200\n"
+                     "  fromzero evaluate --checkpoint runs/qa/checkpoints/best --data dev-v1.1.json")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (a fine-tuned one, or a pretrained GPT)")
     ev.add_argument("--data", help="data source (default: the data of the run that made the checkpoint); "
                     "for a pretrained GPT a prepared data directory")
@@ -45,15 +48,25 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    pr = _add_parser(sub, "predict", "label texts or images with a classifier (JSON lines on stdout)",
-                     description="One JSON object per input: the label and every class's probability.\n\n"
+    pr = _add_parser(sub, "predict",
+                     "label texts or images with a classifier, or answer questions (JSON lines on stdout)",
+                     description="One JSON object per input: the label and every class's probability; for a "
+                     "question-answering checkpoint, the answer (a span of the context: its text, character "
+                     "offsets start / end, and its probability among the best spans).\n\n"
                      "examples:\n  fromzero predict --checkpoint runs/latest/checkpoints/best --text 'Exeunt.'\n"
-                     "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png",
+                     "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png\n"
+                     "  fromzero predict --checkpoint runs/qa/checkpoints/best --question 'Who says \"Speak\"?' "
+                     "--context-file scene.txt",
                      func=_cmd_predict)
-    pr.add_argument("--checkpoint", required=True, help="text- or image-classification checkpoint directory")
+    pr.add_argument("--checkpoint", required=True,
+                    help="text- or image-classification or question-answering checkpoint directory")
     pr.add_argument("--text", action="append", help="a text to label (repeat for several)")
     pr.add_argument("--image", action="append", help="an image file to label (repeat for several)")
-    pr.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder")
+    pr.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder; "
+                    "questions: a SQuAD .json or .jsonl with context and question (answers optional)")
+    pr.add_argument("--question", action="append", help="a question about --context (repeat for several)")
+    pr.add_argument("--context", help="the text the answers are taken from")
+    pr.add_argument("--context-file", help="a UTF-8 file holding the context")
     pr.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
@@ -129,8 +142,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from fromzero.checkpoint import checkpoint_info
     from fromzero.inference.predict import Classifier, read_inputs, to_json_line
+    from fromzero.tasks import get_task
 
+    about = get_task(checkpoint_info(Path(args.checkpoint)).get("task"))
+    if about is not None and about.is_reader:
+        return _answer_questions(args)
+    if args.question or args.context is not None or args.context_file:
+        raise FromzeroError(f"{args.checkpoint} is not a question-answering checkpoint: --question, --context "
+                            "and --context-file are for those")
     if bool(args.text) + bool(args.image) + bool(args.input) != 1:
         raise FromzeroError("give exactly one of --text, --image or --input")
     classifier = Classifier(Path(args.checkpoint), args.device)
@@ -143,6 +164,47 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         logits = classifier.text_logits(inputs, args.batch_size)
     for item, result in zip(inputs, classifier.label(logits)):
         print(to_json_line({"input": item, **result}))
+    return 0
+
+
+def _answer_questions(args: argparse.Namespace) -> int:
+    """predict with a question-answering checkpoint: --question (+ --context / --context-file) or --input."""
+    from fromzero.data.qa import QAExample, read_qa_file
+    from fromzero.finetune.qa import Reader
+    from fromzero.inference.predict import to_json_line
+
+    if args.text or args.image:
+        raise FromzeroError(f"{args.checkpoint} answers questions: give --question with --context or "
+                            "--context-file, or --input FILE")
+    if bool(args.question) + bool(args.input) != 1:
+        raise FromzeroError("give --question (with --context or --context-file) or --input FILE, not both")
+    if args.input:
+        if args.context is not None or args.context_file:
+            raise FromzeroError("--input holds its own contexts: drop --context / --context-file")
+        examples = read_qa_file(Path(args.input), require_answers=False).examples
+        if not examples:
+            raise FromzeroError(f"{args.input} holds no questions")
+    else:
+        if (args.context is not None) + bool(args.context_file) != 1:
+            raise FromzeroError("give the context once: --context TEXT or --context-file FILE")
+        context = args.context
+        if args.context_file:
+            try:
+                context = Path(args.context_file).read_text(encoding="utf-8-sig")
+            except FileNotFoundError:
+                raise FromzeroError(f"context file not found: {args.context_file}") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise FromzeroError(f"cannot read --context-file {args.context_file}: {e}") from None
+        if not context.strip():
+            raise FromzeroError("the context is empty")
+        if any(not q.strip() for q in args.question):
+            raise FromzeroError("a --question is empty")
+        examples = [QAExample(str(n), q, context) for n, q in enumerate(args.question)]
+    answers, _ = Reader(Path(args.checkpoint), args.device).answer(examples, args.batch_size)
+    for ex, a in zip(examples, answers):
+        row = {"id": ex.id} if args.input else {}
+        print(to_json_line({**row, "question": ex.question, "answer": a["answer"], "start": a["start"],
+                            "end": a["end"], "probability": round(a["probability"], 6)}))
     return 0
 
 

@@ -186,7 +186,7 @@ def _bert_plan(model: nn.Module, directory: Path, info: dict[str, Any]) -> Expor
     config = model.config
     V, limit, types = int(config.vocab_size), int(config.max_position_embeddings), int(config.type_vocab_size)
     pad = int(config.pad_token_id or 0)
-    output = {"classification": "logits", "mlm": "logits", "embedding": "sentence_embedding",
+    output = {"classification": "logits", "mlm": "logits", "qa": "logits", "embedding": "sentence_embedding",
               "none": "last_hidden_state"}[config.head]
     inputs = [TensorSpec("input_ids", "int64", ["batch", "sequence"]),
               TensorSpec("attention_mask", "int64", ["batch", "sequence"])]
@@ -210,6 +210,8 @@ def _bert_plan(model: nn.Module, directory: Path, info: dict[str, Any]) -> Expor
              "input_note": ("attention_mask is 1 for tokens, 0 for padding (pad on the right)"
                             + ("; token_type_ids are 0 for the first text (all 0 for a single text)"
                                if types > 1 else ""))}
+    if config.head == "qa":
+        notes["output_note"] = "logits[..., 0] / [..., 1]: answer start / end score of each token"
     if config.head == "embedding":
         notes["output_note"] = (f"{config.pooling} pooling" + (", L2-normalised" if config.normalize else "")
                                 + ", as `fromzero embed`")

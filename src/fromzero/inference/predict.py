@@ -184,10 +184,12 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
     info = checkpoint_info(Path(directory))
     task = info["task"]
     made_by = run_config(Path(directory))
+    about = get_task(task)
+    if about is not None and about.is_reader:
+        return _evaluate_reader(Path(directory), data, made_by, split, batch_size, device, limit)
     data = data or made_by.get("data") or made_by.get("data_dir")
     if not data:
         raise FromzeroError("no --data given and the checkpoint's run config names none")
-    about = get_task(task)
     if about is not None and about.is_generator and str(data) == ROTTEN_TOMATOES:
         from fromzero.inference.chat_eval import evaluate_chat
 
@@ -222,6 +224,34 @@ def _evaluate_text(directory: Path, data: str, split: str, batch_size: int, devi
     logits = classifier.text_logits([t for t, _ in rows], batch_size)
     index = {name: i for i, name in enumerate(classifier.labels)}
     return {**score(logits, [index[label] for _, label in rows], classifier.labels), "split": split}
+
+
+def _evaluate_reader(directory: Path, data: str | None, made_by: dict[str, Any], split: str, batch_size: int,
+                     device: str, limit: int = 0) -> dict[str, Any]:
+    """SQuAD exact match / F1 of a question-answering checkpoint. ``data`` given and a file: every
+    answerable question in it (a SQuAD dev file, say); else the ``split`` of ``data`` or of the
+    run's data (split as the run split it)."""
+    from fromzero.data.qa import load_qa_splits, read_qa_file
+    from fromzero.finetune.qa import Reader, score_answers
+
+    source = data or made_by.get("data")
+    if not source:
+        raise FromzeroError("no --data given and the checkpoint's run config names none")
+    if data and Path(data).expanduser().is_file():
+        read = read_qa_file(Path(data))
+        examples, unanswerable, where = read.examples, read.unanswerable, "all"
+    else:
+        if split not in ("train", "val", "test"):
+            raise FromzeroError(f"--split must be train, val or test, got {split!r}")
+        splits, unanswerable = load_qa_splits(str(source), made_by.get("val_fraction", 0.1),
+                                              made_by.get("test_fraction", 0.1))
+        examples, where = splits[split], split
+    examples = examples[:limit] if limit else examples
+    if not examples:
+        raise FromzeroError(f"{source} ({where}) holds no answerable questions")
+    answers, loss = Reader(directory, device).answer(examples, batch_size)
+    return {**score_answers(answers, examples, loss), "split": where, "data": str(source),
+            "unanswerable_skipped": unanswerable}
 
 
 def _evaluate_images(directory: Path, data: str, split: str, batch_size: int, device: str,

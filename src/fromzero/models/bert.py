@@ -12,6 +12,8 @@ token. On top sit optional pieces:
     - ``"classification"``: pooler output -> dropout -> linear (HF BertForSequenceClassification);
     - ``"mlm"``: masked-language-model logits: dense + activation + LayerNorm, then a decoder
       tied to the word embedding plus a per-token bias (HF BertForMaskedLM);
+    - ``"qa"``: extractive question answering: one linear layer ``qa_outputs`` gives every token
+      a start and an end logit of the answer span (HF BertForQuestionAnswering; no pooler);
     - ``"none"``: the last hidden states themselves.
 
 Parameter names map one to one onto Hugging Face's (see ``convert_bert.HF_NAMES``).
@@ -49,7 +51,7 @@ from fromzero.errors import FromzeroError, first_line
 from fromzero.models import ConfigDict, FamilyFacts
 from fromzero.models.layers import HF_ACTIVATIONS, attention, init_normal
 
-HEADS = ("embedding", "classification", "mlm", "none")
+HEADS = ("embedding", "classification", "mlm", "qa", "none")
 POOLINGS = ("mean", "cls")
 # Activations by their HF names (``hidden_act``); see fromzero.models.layers.HF_ACTIVATIONS.
 ACTIVATIONS = tuple(HF_ACTIVATIONS)
@@ -96,7 +98,8 @@ class BertConfig(ConfigDict):
     initializer_range: float = 0.02
     """Std of the normal init of weight matrices and embeddings."""
     head: str = "none"
-    """What forward() returns: embedding (sentence vectors) | classification | mlm | none (hidden states)."""
+    """What forward() returns: embedding (sentence vectors) | classification | mlm | qa (answer-span start/end
+    logits) | none (hidden states)."""
     num_labels: int = 2
     """Classes of the classification head (1 = regression with an MSE loss)."""
     labels: list[str] | None = None
@@ -153,6 +156,9 @@ class BertConfig(ConfigDict):
                 raise ValueError(
                     f"model.labels names {len(self.labels)} classes, model.num_labels is {self.num_labels}"
                 )
+        if self.head == "qa" and self.pooler:
+            raise ValueError("model.head 'qa' reads every token, not the pooler (Hugging Face's "
+                             "BertForQuestionAnswering has none): set model.pooler to false")
 
     @property
     def head_size(self) -> int:
@@ -356,12 +362,15 @@ class Bert(nn.Module):
         self.pooler = Pooler(config) if config.pooler else None
         self.classifier: nn.Linear | None = None
         self.mlm_head: MaskedLMHead | None = None
+        self.qa_outputs: nn.Linear | None = None
         if config.head == "classification":
             p = config.classifier_dropout
             self.classifier_dropout = nn.Dropout(config.hidden_dropout_prob if p is None else p)
             self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         elif config.head == "mlm":
             self.mlm_head = MaskedLMHead(config)
+        elif config.head == "qa":
+            self.qa_outputs = nn.Linear(config.hidden_size, 2)  # per token: (start, end) logits
         self.apply(lambda module: init_normal(module, config.initializer_range))
         if self.mlm_head is not None:
             # Weight tying: predicting a token reuses its input embedding (BERT does this; the
@@ -455,9 +464,14 @@ class Bert(nn.Module):
         head classification: (B, num_labels) logits; labels (B,) class ids, or (B,) floats for
                              num_labels == 1 (regression, MSE loss)
         head mlm:            (B, T, V) logits; labels (B, T) token ids, -100 = not masked/ignore
+        head qa:             (B, T, 2) logits, [..., 0] answer start, [..., 1] answer end; labels
+                             (B, 2) token positions of the start and end (0 = [CLS]: no answer in
+                             this window); the loss is the mean of the two cross-entropies over T
         head none:           (B, T, C) last hidden states (no loss)
         """
         head = self.config.head
+        if head == "qa":
+            return self._answer_spans(input_ids, attention_mask, token_type_ids, labels)
         # Sentence embeddings and the classifier never read padded positions: skip computing them.
         skip = head in ("embedding", "classification")
         # The classifier reads the [CLS] state only: the last layer computes nothing else.
@@ -484,6 +498,25 @@ class Bert(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
         return logits, loss
+
+
+    def _answer_spans(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      token_type_ids: torch.Tensor | None,
+                      labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The qa head: start / end logits of every token and, given labels, HF's span loss."""
+        assert self.qa_outputs is not None
+        # Every position is computed (no packing): the logits equal HF's at padded positions too,
+        # and QA windows are nearly full anyway.
+        hidden = self.encode(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        logits = self.qa_outputs(hidden)  # (B, T, 2)
+        if labels is None:
+            return logits, None
+        T = logits.size(1)
+        # As HF: positions outside the sequence are clamped to T and ignored.
+        positions = labels.clamp(0, T)  # (B, 2)
+        start = F.cross_entropy(logits[..., 0].float(), positions[:, 0], ignore_index=T)
+        end = F.cross_entropy(logits[..., 1].float(), positions[:, 1], ignore_index=T)
+        return logits, (start + end) / 2
 
 
 def build_from_config(config: dict) -> Bert:
@@ -600,13 +633,22 @@ def embed_texts(model: "Bert", tokenizer: Any, config: BertConfig, texts: Sequen
     return result
 
 
+def _head_modules(model: nn.Module) -> list[nn.Module]:
+    """What a frozen fine-tune trains: the classifier (+ the pooler it reads) or the span head."""
+    classifier, qa = getattr(model, "classifier", None), getattr(model, "qa_outputs", None)
+    if qa is not None:
+        return [qa]
+    if classifier is not None:
+        return [m for m in (classifier, getattr(model, "pooler", None)) if m is not None]
+    return []
+
+
 # What fine-tuning, LoRA and distillation need to know about this family (see fromzero.models).
 FACTS = FamilyFacts(
     lora_targets=("query", "key", "value", "out"), peft_task_type="SEQ_CLS",
     hf_mapping="fromzero.models.convert_bert", depth_field="num_hidden_layers", layer_prefix="layers.",
     layer_stack=lambda model: (list(model.layers), []),  # post-LN: no final norm
-    head_modules=lambda model: ([m for m in (model.classifier, getattr(model, "pooler", None)) if m is not None]
-                                if getattr(model, "classifier", None) is not None else []),
+    head_modules=lambda model: _head_modules(model),
     # the encoder over every token: the classifier's last layer otherwise attends from [CLS] only
     attention=lambda model: ([layer.attn for layer in model.layers],
                              functools.partial(model.encode, skip_padding=False, first_token_only=False)),

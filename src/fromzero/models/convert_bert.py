@@ -1,14 +1,16 @@
 """Hugging Face BERT <-> fromzero-bert (see ``fromzero.models.hf`` for the converter protocol).
 
 Reads the checkpoints of ``BertModel`` (bare keys, e.g. sentence-transformers' all-MiniLM-L6-v2),
-``BertForSequenceClassification``, ``BertForMaskedLM`` and ``BertForPreTraining`` (keys under
-``bert.``, heads under ``classifier.`` / ``cls.``). The head is chosen from the config's
+``BertForSequenceClassification``, ``BertForQuestionAnswering``, ``BertForMaskedLM`` and
+``BertForPreTraining`` (keys under ``bert.``, heads under ``classifier.`` / ``qa_outputs.`` /
+``cls.``). The head is chosen from the config's
 ``architectures`` (or, without one, from the tensors present):
 
     BertModel                       -> head "embedding": mean pooling + L2 normalisation, i.e.
                                        sentence-transformers' default (HF's bare encoder has no
                                        head; its hidden states are ``Bert.encode``)
     BertForSequenceClassification   -> head "classification" (num_labels from the classifier)
+    BertForQuestionAnswering        -> head "qa": start / end logits per token (``qa_outputs``)
     BertForMaskedLM / ForPreTraining -> head "mlm"; BertForPreTraining's next-sentence head
                                        (``cls.seq_relationship``) is not modelled and is dropped
 
@@ -55,6 +57,7 @@ HF_NAMES: tuple[tuple[str, str], ...] = (
 POOLER_NAMES = _weight_and_bias(("pooler.dense", "pooler.dense"))
 # Head names are given as the full HF key (outside the "bert." base model).
 CLASSIFIER_NAMES = _weight_and_bias(("classifier", "classifier"))
+QA_NAMES = _weight_and_bias(("qa_outputs", "qa_outputs"))
 MLM_NAMES = (
     *_weight_and_bias(("mlm_head.dense", "cls.predictions.transform.dense"),
                       ("mlm_head.norm", "cls.predictions.transform.LayerNorm")),
@@ -64,11 +67,13 @@ MLM_NAMES = (
 ARCHITECTURES = {
     "BertModel": "embedding",
     "BertForSequenceClassification": "classification",
+    "BertForQuestionAnswering": "qa",
     "BertForMaskedLM": "mlm",
     "BertForPreTraining": "mlm",
 }
 HEAD_ARCHITECTURE = {"embedding": "BertModel", "none": "BertModel",
-                     "classification": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
+                     "classification": "BertForSequenceClassification", "qa": "BertForQuestionAnswering",
+                     "mlm": "BertForMaskedLM"}
 # HF config fields that are BertConfig fields with the same meaning.
 _SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
@@ -85,13 +90,15 @@ def _name_pairs(config: BertConfig) -> list[tuple[str, str]]:
         pairs += POOLER_NAMES
     if config.head == "classification":
         pairs += CLASSIFIER_NAMES
+    elif config.head == "qa":
+        pairs += QA_NAMES
     elif config.head == "mlm":
         pairs += MLM_NAMES
     return pairs
 
 
 def _is_head_key(name: str) -> bool:
-    return name.startswith(("classifier.", "cls."))
+    return name.startswith(("classifier.", "qa_outputs.", "cls."))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +175,8 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tuple[dict, d
         head = ARCHITECTURES[arch]
     elif "classifier.weight" in state:
         head = "classification"
+    elif "qa_outputs.weight" in state:
+        head = "qa"
     elif any(k.startswith("cls.predictions.") for k in state):
         head = "mlm"
     else:
@@ -176,9 +185,14 @@ def from_hf(hf_config: dict, hf_state: dict[str, torch.Tensor]) -> tuple[dict, d
         num_labels = int(state["classifier.weight"].shape[0])
     else:
         num_labels = int(hf_config.get("num_labels", len(hf_config.get("id2label") or {}) or 2))
-    # The pooler is optional except under a classifier (which reads it); MLM models usually lack it.
-    pooler = head == "classification" or "pooler.dense.weight" in state or "pooler.dense.bias" in state
+    # The pooler is optional except under a classifier (which reads it); MLM models usually lack it,
+    # HF's question-answering model never has one.
+    pooler = head == "classification" or (head != "qa" and ("pooler.dense.weight" in state
+                                                            or "pooler.dense.bias" in state))
     config = _config_from_hf(hf_config, head, num_labels, pooler)
+    if head == "qa":  # a pooler stored beside a QA head (TF-era exports) is one HF ignores too
+        for name in [k for k in state if k.startswith("pooler.")]:
+            del state[name]
 
     pairs = _name_pairs(config)
     expected = {hf for _, hf in pairs}
@@ -208,8 +222,9 @@ def to_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str,
     """fromzero-bert config + state -> a config.json + state dict that ``transformers`` loads.
 
     Heads embedding / none -> ``BertModel`` (AutoModel); classification ->
-    ``BertForSequenceClassification``; mlm -> ``BertForMaskedLM``. The sentence-embedding
-    recipe (pooling, normalisation) has no place in a HF config: apply it to the hidden states.
+    ``BertForSequenceClassification``; qa -> ``BertForQuestionAnswering``; mlm -> ``BertForMaskedLM``.
+    The sentence-embedding recipe (pooling, normalisation) has no place in a HF config: apply it
+    to the hidden states.
     """
     cfg = BertConfig.from_dict(config)
     if cfg.head_size * cfg.num_attention_heads != cfg.hidden_size:
@@ -237,6 +252,8 @@ def to_hf(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str,
         hf_config["classifier_dropout"] = cfg.classifier_dropout
         if cfg.num_labels == 1:
             hf_config["problem_type"] = "regression"
+    elif cfg.head == "qa":
+        hf_config["num_labels"] = 2  # qa_outputs: start and end
     prefix = "" if arch == "BertModel" else "bert."
     own = set(state) - {"mlm_head.decoder.weight"}  # tied to embeddings.word.weight
     pairs = _name_pairs(cfg)
