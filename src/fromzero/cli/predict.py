@@ -149,6 +149,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     about = get_task(checkpoint_info(Path(args.checkpoint)).get("task"))
     if about is not None and about.is_reader:
         return _answer_questions(args)
+    if about is not None and about.kind == "translator":  # the same as `fromzero translate` with its defaults
+        if args.image or args.question or args.context is not None or args.context_file:
+            raise FromzeroError(f"{args.checkpoint} translates texts: give --text or --input")
+        return _cmd_translate(argparse.Namespace(**{**vars(args), "beams": 0, "length_penalty": None,
+                                                    "max_new_tokens": 0}))
     if args.question or args.context is not None or args.context_file:
         raise FromzeroError(f"{args.checkpoint} is not a question-answering checkpoint: --question, --context "
                             "and --context-file are for those")

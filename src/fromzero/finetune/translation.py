@@ -266,6 +266,8 @@ class MarianVocab:
     from-hf``), read by transformers' ``MarianTokenizer``: real opus-mt weights translate with the
     very tokenization they were trained with. Same interface as :class:`Vocab`."""
 
+    source_tokens = target_tokens = "words"  # how evaluation splits texts into tokens (wer / per)
+
     def __init__(self, directory: Path) -> None:
         try:
             from transformers import MarianTokenizer
@@ -495,3 +497,33 @@ def load_translator(directory: str | Path, device: str | torch.device = "cpu") -
         raise FromzeroError(f"{directory} has no {VOCAB_FILE} (a converted model needs its vocabulary: its "
                             f"{MARIAN_SOURCE_SPM} + {VOCAB_FILE} from Hugging Face, or fromzero's token lists)")
     return model, Vocab.from_file(directory / VOCAB_FILE), info
+
+
+def evaluate_translator(directory: str | Path, run: dict[str, Any], data: str | None = None, split: str = "test",
+                        batch_size: int = 256, device: str = "auto", limit: int = 0) -> dict[str, Any]:
+    """``fromzero evaluate`` on a translation checkpoint: decode one split of ``data`` (default: the
+    data of the run that made it, ``run`` = its flattened config) the way the run's test decoding
+    did (the checkpoint's beam width, length penalty and output limit), and score it: wer, per,
+    chrF, BLEU. ``limit``: only the first N sources (0 = all)."""
+    from dataclasses import replace
+
+    from fromzero.devices import resolve_device
+
+    if split not in ("train", "val", "test"):
+        raise FromzeroError(f"split must be train, val or test, got {split!r}")
+    torch_device = resolve_device(device)
+    model, vocab, info = load_translator(directory, torch_device)
+    settings = {k: run[k] for k in ("data", "stress", "source_tokens", "target_tokens") if k in run}
+    cfg = replace(TranslationConfig(), **settings, **({"data": data} if data else {}))
+    if cfg.data == TranslationConfig.data and "data" not in settings and not data:
+        raise FromzeroError(f"{directory}: no --data given and no run config names the data it was trained on")
+    pairs = load_pairs(cfg)[split]
+    pairs = pairs[:limit] if limit else pairs
+    if not pairs:
+        raise FromzeroError(f"{cfg.data} has no {split} pairs")
+    beams = int(info.get("num_beams", 1))
+    outputs = translate_batch(model, vocab, [s for s, _ in pairs], torch_device, beams,
+                              float(info.get("length_penalty", 1.0)), batch_size, info.get("max_new_tokens"))
+    metrics = score_translations(outputs, pairs, vocab, corpus_scores=True)
+    return {"task": "translation", "data": str(cfg.data), "split": split, "examples": len(pairs),
+            "num_beams": beams, **{k: round(v, 6) for k, v in metrics.items()}}

@@ -187,6 +187,10 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
     about = get_task(task)
     if about is not None and about.is_reader:
         return _evaluate_reader(Path(directory), data, made_by, split, batch_size, device, limit)
+    if about is not None and about.kind == "translator":
+        from fromzero.finetune.translation import evaluate_translator
+
+        return evaluate_translator(Path(directory), made_by, data, split, batch_size, device, limit)
     data = data or made_by.get("data") or made_by.get("data_dir")
     if not data:
         raise FromzeroError("no --data given and the checkpoint's run config names none")
