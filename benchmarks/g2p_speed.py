@@ -60,11 +60,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternated rounds of timed steps per variant")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per variant and round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default: one per core)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "g2p_speed.json"))
     args = parser.parse_args()
 
     import torch
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from fromzero.finetune.recipe import load_finetune_config
     from fromzero.finetune.translation import TranslationTask, training_batches
     from fromzero.training.distributed import DistContext

@@ -67,7 +67,7 @@ RECIPES = {"lora": ROOT / "recipes" / "smollm2-sentiment-lora.yaml",
            "minilm": ROOT / "recipes" / "sentiment-minilm.yaml",
            "minilm-lora": ROOT / "recipes" / "sentiment-minilm-lora.yaml"}
 C_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-EMBEDDING_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+EMBEDDING_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 PARTS = ("tfidf", "frozen", "zero-shot", "lora", "qlora", "minilm", "minilm-lora", "memory")
 GROUPS = {"encoders": ("tfidf", "frozen", "minilm", "minilm-lora")}
 TABLE = ("tfidf", "frozen", "minilm", "minilm-lora", "zero-shot", "lora", "qlora")
