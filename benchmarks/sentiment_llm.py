@@ -1,14 +1,20 @@
 """Movie-review sentiment (rotten-tomatoes, split by movie): SmolLM2 zero-shot vs LoRA / QLoRA SFT vs
-MiniLM vs TF-IDF, all on the same test split; and the memory of one training step.
+MiniLM (frozen + LR, full, LoRA) vs TF-IDF, all on the same test split; and the memory of one
+training step.
 
     .venv/bin/python benchmarks/sentiment_llm.py                       # trains what it needs (long)
     .venv/bin/python benchmarks/sentiment_llm.py --lora runs/L --qlora runs/Q --minilm runs/M
+    .venv/bin/python benchmarks/sentiment_llm.py --only encoders       # TF-IDF + the three MiniLM rows
     .venv/bin/python benchmarks/sentiment_llm.py --only memory         # one training step per method
 
 Rows of the table (test split of ``fromzero.data.rotten_tomatoes``, 1,320 reviews of 52 movies):
 
 * **TF-IDF + LR** -- word 1-2 grams (sublinear tf, min_df 2) + scikit-learn logistic regression;
   C chosen by validation accuracy, test scored once.
+* **MiniLM frozen + LR** -- all-MiniLM-L6-v2 sentence embeddings (mean-pooled over the attention
+  mask and L2-normalised, as sentence-transformers computes them:
+  :func:`fromzero.models.bert.embed_checkpoint`) of every review, then the same logistic
+  regression with C chosen on validation. The encoder is not trained at all.
 * **SmolLM2 zero-shot** -- ``smollm2-135m-instruct`` asked "Is this movie review positive or
   negative? Answer with one word." in its own chat template
   (:func:`fromzero.inference.chat_eval.evaluate_chat`): accuracy / macro-F1 / unparseable of the
@@ -16,7 +22,12 @@ Rows of the table (test split of ``fromzero.data.rotten_tomatoes``, 1,320 review
 * **SmolLM2 + LoRA SFT**, **+ QLoRA SFT** -- recipes/smollm2-sentiment-lora.yaml / -qlora.yaml
   (trained here unless ``--lora`` / ``--qlora`` name finished run directories), scored the same way.
 * **MiniLM classifier** -- recipes/sentiment-minilm.yaml (text-classification with data
-  rotten-tomatoes), unless ``--minilm`` names a finished run.
+  rotten-tomatoes, full fine-tuning), unless ``--minilm`` names a finished run; **MiniLM LoRA** --
+  recipes/sentiment-minilm-lora.yaml the same way (``--minilm-lora``).
+* **Classic references** (printed as such, not measured here; Pang & Lee's sentence polarity
+  data, another corpus and split): NB-SVM (Wang & Manning 2012) 79.4%, CNN (Kim 2014) 81.5%.
+
+``--only encoders`` is ``tfidf frozen minilm minilm-lora``: every row that needs no LLM.
 
 Memory (``--only memory`` or part of a full run): for ``full`` / ``lora`` / ``qlora``, a fresh
 subprocess builds the model (SmolLM2, the recipes' LoRA settings), runs one optimizer step on 16
@@ -50,37 +61,82 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 MODEL = "smollm2-135m-instruct"
+ENCODER = "all-MiniLM-L6-v2"
 RECIPES = {"lora": ROOT / "recipes" / "smollm2-sentiment-lora.yaml",
            "qlora": ROOT / "recipes" / "smollm2-sentiment-qlora.yaml",
-           "minilm": ROOT / "recipes" / "sentiment-minilm.yaml"}
+           "minilm": ROOT / "recipes" / "sentiment-minilm.yaml",
+           "minilm-lora": ROOT / "recipes" / "sentiment-minilm-lora.yaml"}
 C_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-PARTS = ("tfidf", "zero-shot", "lora", "qlora", "minilm", "memory")
+EMBEDDING_C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+PARTS = ("tfidf", "frozen", "zero-shot", "lora", "qlora", "minilm", "minilm-lora", "memory")
+GROUPS = {"encoders": ("tfidf", "frozen", "minilm", "minilm-lora")}
+TABLE = ("tfidf", "frozen", "minilm", "minilm-lora", "zero-shot", "lora", "qlora")
+REFERENCES = (  # accuracy on Pang & Lee's sentence polarity data (10-fold CV): another corpus and split
+    {"model": "NB-SVM (Wang & Manning 2012), Pang & Lee sentence polarity", "accuracy": 0.794},
+    {"model": "CNN (Kim 2014), Pang & Lee sentence polarity", "accuracy": 0.815},
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Rows
 
 
-def tfidf_row() -> dict[str, Any]:
-    from sklearn.feature_extraction.text import TfidfVectorizer
+def logistic_regression_on_val(x: dict[str, Any], y: dict[str, list[str]],
+                               grid: tuple[float, ...]) -> dict[str, Any]:
+    """scikit-learn logistic regression on ``x["train"]``, C chosen by validation accuracy (the
+    smallest C among ties), the test split scored once with that C."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
 
+    scores = []
+    for C in grid:
+        clf = LogisticRegression(C=C, max_iter=5000).fit(x["train"], y["train"])
+        scores.append((accuracy_score(y["val"], clf.predict(x["val"])), -C, clf))
+    val_acc, neg_c, clf = max(scores, key=lambda g: g[:2])
+    pred = clf.predict(x["test"])
+    return {"C": -neg_c, "val_accuracy": val_acc, "accuracy": accuracy_score(y["test"], pred),
+            "f1_macro": f1_score(y["test"], pred, average="macro"),
+            "val_grid": {str(-c): a for a, c, _ in scores}, "n": len(pred)}
+
+
+def _texts_and_labels() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     from fromzero.data.rotten_tomatoes import classification_splits
 
     data = classification_splits()
+    return ({s: [t for t, _ in rows] for s, rows in data.items()},
+            {s: [label for _, label in rows] for s, rows in data.items()})
+
+
+def tfidf_row() -> dict[str, Any]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts, y = _texts_and_labels()
     vec = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    x = {s: (vec.fit_transform if s == "train" else vec.transform)([t for t, _ in rows]) for s, rows in data.items()}
-    y = {s: [label for _, label in rows] for s, rows in data.items()}
-    grid = []
-    for C in C_GRID:
-        clf = LogisticRegression(C=C, max_iter=2000).fit(x["train"], y["train"])
-        grid.append((accuracy_score(y["val"], clf.predict(x["val"])), C, clf))
-    val_acc, C, clf = max(grid, key=lambda g: g[0])
-    pred = clf.predict(x["test"])
-    return {"model": "TF-IDF word 1-2 grams + logistic regression", "C": C, "val_accuracy": val_acc,
-            "accuracy": accuracy_score(y["test"], pred), "f1_macro": f1_score(y["test"], pred, average="macro"),
-            "val_grid": {str(c): a for a, c, _ in grid}, "n": len(pred)}
+    x = {s: (vec.fit_transform if s == "train" else vec.transform)(rows) for s, rows in texts.items()}
+    row = logistic_regression_on_val(x, y, C_GRID)
+    return {"model": "TF-IDF word 1-2 grams + logistic regression", **row}
+
+
+def frozen_row(args: argparse.Namespace) -> dict[str, Any]:
+    """MiniLM as a frozen feature extractor: sentence embeddings + logistic regression."""
+    import numpy as np
+
+    from fromzero.devices import resolve_device
+    from fromzero.finetune.text import resolve_checkpoint
+    from fromzero.models.bert import embed_checkpoint
+
+    texts, y = _texts_and_labels()
+    encoder = resolve_checkpoint(ENCODER)
+    t0 = time.perf_counter()
+    x = {s: np.asarray(embed_checkpoint(encoder, rows, normalize=True, batch_size=args.batch_size,
+                                        device=resolve_device(args.device)), dtype=np.float32)
+         for s, rows in texts.items()}
+    embed_s = time.perf_counter() - t0
+    row = logistic_regression_on_val(x, y, EMBEDDING_C_GRID)
+    print(f"  embedded {sum(len(r) for r in texts.values()):,} reviews in {embed_s:.0f} s; C {row['C']} "
+          f"(val acc {row['val_accuracy']:.4f})", flush=True)
+    return {"model": f"{ENCODER} frozen (mean-pooled embeddings) + logistic regression", **row,
+            "embed_s": round(embed_s, 1), "dim": int(x["train"].shape[1])}
 
 
 def chat_row(checkpoint: Path, args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -125,13 +181,13 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
                                                   "max_steps", "epochs", "max_length", "qlora_group_size", "device")}}
 
 
-def minilm_row(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def minilm_row(run_dir: Path, args: argparse.Namespace, name: str) -> dict[str, Any]:
     from fromzero.inference.predict import evaluate_checkpoint
 
     m = evaluate_checkpoint(run_dir / "checkpoints" / "best", "rotten-tomatoes", "test", args.batch_size,
                             args.device, limit=args.limit)
-    return {"model": "all-MiniLM-L6-v2 classifier (text-classification)", "checkpoint": str(run_dir),
-            "n": m["n"], "accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
+    return {"model": name, "checkpoint": str(run_dir), "n": m["n"], "accuracy": m["accuracy"],
+            "f1_macro": m["f1_macro"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +304,11 @@ def main() -> None:
     parser.add_argument("--lora", help="a finished LoRA SFT run directory (else the recipe is trained)")
     parser.add_argument("--qlora", help="a finished QLoRA SFT run directory (else the recipe is trained)")
     parser.add_argument("--minilm", help="a finished MiniLM text-classification run directory (else trained)")
-    parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts (default: all)")
+    parser.add_argument("--minilm-lora", help="a finished MiniLM LoRA text-classification run directory "
+                        "(else trained)")
+    parser.add_argument("--only", nargs="+", choices=PARTS + tuple(GROUPS),
+                        help="run only these parts (default: all); encoders = "
+                        + " ".join(GROUPS["encoders"]))
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="leave these parts out")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N test reviews (0 = all)")
     parser.add_argument("--batch-size", type=int, default=32, help="reviews per forward pass when scoring")
@@ -264,7 +324,8 @@ def main() -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.device, args.probe_batch)))
         return
-    parts = [p for p in (args.only or PARTS) if p not in args.skip]
+    chosen = [q for p in (args.only or PARTS) for q in GROUPS.get(p, (p,))]
+    parts = [p for p in PARTS if p in chosen and p not in args.skip]
 
     import torch
 
@@ -287,6 +348,10 @@ def main() -> None:
         print("TF-IDF + LR", flush=True)
         result["rows"]["tfidf"] = tfidf_row()
         save()
+    if "frozen" in parts:
+        print(f"{ENCODER} frozen + LR", flush=True)
+        result["rows"]["frozen"] = frozen_row(args)
+        save()
     if "zero-shot" in parts:
         print("SmolLM2 zero-shot", flush=True)
         result["rows"]["zero-shot"] = chat_row(resolve_model(MODEL), args, "SmolLM2-135M-Instruct zero-shot")
@@ -298,25 +363,32 @@ def main() -> None:
             result["runs"][kind] = run_summary(run_dir)
             result["rows"][kind] = chat_row(run_dir / "checkpoints" / "best", args, f"SmolLM2 + {kind} SFT")
             save()
-    if "minilm" in parts:
-        print("MiniLM classifier", flush=True)
-        run_dir = Path(args.minilm) if args.minilm else finetune("minilm", args)
-        result["runs"]["minilm"] = run_summary(run_dir)
-        result["rows"]["minilm"] = minilm_row(run_dir, args)
-        save()
+    for kind, name in (("minilm", f"{ENCODER} full fine-tuning"), ("minilm-lora", f"{ENCODER} LoRA")):
+        if kind in parts:
+            print(f"MiniLM classifier: {name}", flush=True)
+            given = getattr(args, kind.replace("-", "_"))
+            run_dir = Path(given) if given else finetune(kind, args)
+            result["runs"][kind] = run_summary(run_dir)
+            result["rows"][kind] = minilm_row(run_dir, args, name)
+            save()
     if "memory" in parts:
         print("memory of one training step (fresh process per method)", flush=True)
         result["memory"] = memory_rows(args)
         save()
 
     rows = result["rows"]
-    print(f"\n{'model':<40} {'n':>5} {'acc':>7} {'F1':>7} {'unparse':>7} {'1st-tok acc':>11} {'1st-tok F1':>10}")
-    for key in ("tfidf", "zero-shot", "lora", "qlora", "minilm"):
+    print(f"\n{'model':<58} {'n':>5} {'acc':>7} {'F1':>7} {'unparse':>7} {'1st-tok acc':>11} "
+          f"{'1st-tok F1':>10}")
+    for key in TABLE:
         if key in rows:
             r = rows[key]
             extra = (f"{r['unparseable']:>7} {r['first_token_accuracy']:>11.4f} {r['first_token_f1_macro']:>10.4f}"
                      if "unparseable" in r else f"{'':>7} {'':>11} {'':>10}")
-            print(f"{r['model'][:40]:<40} {r['n']:>5} {r['accuracy']:>7.4f} {r['f1_macro']:>7.4f} {extra}")
+            print(f"{r['model'][:58]:<58} {r['n']:>5} {r['accuracy']:>7.4f} {r['f1_macro']:>7.4f} {extra}")
+    for r in REFERENCES:
+        print(f"{r['model'][:58]:<58} {'':>5} {r['accuracy']:>7.3f} {'':>7}   "
+              "(published; another corpus and split)")
+    result["references"] = list(REFERENCES)
     bars = {}
     if "lora" in rows and "zero-shot" in rows:
         gain = rows["lora"]["accuracy"] - rows["zero-shot"]["accuracy"]

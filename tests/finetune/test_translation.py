@@ -89,3 +89,29 @@ def test_bad_input_is_refused_before_the_run_directory(tmp_path: Path) -> None:
         finetune_translation(tiny_config(bad, tmp_path / "run", d_model=30))
     with pytest.raises(FromzeroError, match="source_tokens must be one of"):
         finetune_translation(tiny_config(bad, tmp_path / "run", source_tokens="bytes"))
+
+
+def test_length_bucketed_batches_cover_each_pair_once_and_follow_the_seed() -> None:
+    from fromzero.finetune.translation import training_batches
+
+    rng = random.Random(1)
+    lengths = [rng.randint(2, 16) for _ in range(1000)]  # a word's phonemes: about as many as its letters
+    rows = [([3] * n, [4] * max(2, n + rng.randint(-2, 1))) for n in lengths]
+    for i, (source, _) in enumerate(rows):  # make every row identifiable: its index in the first token
+        source[0] = 1000 + i
+
+    def epoch(seed: int, e: int, bucketed: bool = True) -> list[tuple[list[int], int, int]]:
+        make, per_epoch = training_batches(rows, 32, seed, bucketed)
+        batches = list(make(e))
+        assert len(batches) == per_epoch == 32  # ceil(1000 / 32)
+        return [(src[:, 0].tolist(), src.shape[1], tgt.shape[1]) for src, tgt in batches]
+
+    first = epoch(0, 1)
+    seen = sorted(i - 1000 for ids, _, _ in first for i in ids)
+    assert seen == list(range(1000))  # every pair exactly once
+    assert first == epoch(0, 1)  # the seed and the epoch decide the order (resume draws the same batches)
+    assert first != epoch(0, 2) and first != epoch(1, 1)
+    padded = sum(len(ids) * (s + t) for ids, s, t in first)
+    random_padded = sum(len(ids) * (s + t) for ids, s, t in epoch(0, 1, bucketed=False))
+    real = sum(len(s) + len(t) for s, t in rows)
+    assert padded < 1.1 * real and random_padded > 1.4 * real  # random batches pad far more

@@ -106,6 +106,8 @@ class TranslationConfig(FinetuneConfig):
     """Maximum passes over the training pairs."""
     batch_size: int = 128
     """Pairs per micro-batch."""
+    bucket_by_length: bool = True
+    """Batch pairs of similar source + target length (less padding; order from the seed); false: random."""
     lr: float = 1e-3
     """Peak learning rate (after warmup)."""
     warmup_ratio: float = 0.05
@@ -297,6 +299,41 @@ def pad_batch(rows: list[list[int]], pad_id: int = PAD) -> torch.Tensor:
     return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def collate_pairs(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source ids, target ids) rows -> two right-padded (B, S) and (B, T) batches."""
+    return pad_batch([s for s, _ in rows]), pad_batch([t for _, t in rows])
+
+
+def training_batches(rows: list[tuple[list[int], list[int]]], batch_size: int, seed: int,
+                     bucketed: bool = True) -> tuple[Any, int]:
+    """``(epoch -> batches, batches per epoch)`` of the training pairs.
+
+    bucketed: :class:`~fromzero.data.classification.LengthBucketSampler` over source + target
+    length: the pairs are shuffled, cut into chunks of 50 batches, each chunk sorted by length and
+    cut into batches, and the order of all batches shuffled. Words of 3 and of 15 letters then
+    rarely share a batch, so about half of each step is no longer padding. The order depends on
+    ``seed + epoch`` only, so a resumed run draws the same batches. Otherwise: a DataLoader
+    shuffled by one generator for the whole run (a ShuffledEpochs, whose state the loop saves).
+    """
+    from torch.utils.data import DataLoader
+
+    if bucketed:
+        from fromzero.data.classification import LengthBucketSampler
+
+        sampler = LengthBucketSampler([len(s) + len(t) for s, t in rows], batch_size, shuffle=True, seed=seed)
+        loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collate_pairs)
+
+        def epoch_batches(epoch: int) -> Any:
+            sampler.set_epoch(epoch)
+            return iter(loader)
+
+        return epoch_batches, len(sampler)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=True, generator=generator,
+                        collate_fn=collate_pairs)
+    return ShuffledEpochs(loader, generator), math.ceil(len(rows) / batch_size)
+
+
 def translate_batch(model: nn.Module, vocab: Vocab, sources: list[str], device: torch.device, num_beams: int = 1,
                     length_penalty: float = 1.0, batch_size: int = 256, max_new_tokens: int | None = None,
                     strict: bool = False) -> list[str]:
@@ -411,12 +448,7 @@ class TranslationTask(FinetuneTask):
               f"{len(self.vocab.target)}; {total:,} parameters; device {self.device}, {self.dtype}")
 
     def batches(self) -> tuple[Any, int]:
-        from torch.utils.data import DataLoader
-
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        loader = DataLoader(self.train_rows, batch_size=self.cfg.batch_size, shuffle=True, generator=generator,
-                            collate_fn=lambda rows: (pad_batch([s for s, _ in rows]), pad_batch([t for _, t in rows])))
-        return ShuffledEpochs(loader, generator), math.ceil(len(self.train_rows) / self.cfg.batch_size)
+        return training_batches(self.train_rows, self.cfg.batch_size, self.cfg.seed, self.cfg.bucket_by_length)
 
     def loss(self, net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
         src, tgt = (t.to(self.device, non_blocking=True) for t in batch)
