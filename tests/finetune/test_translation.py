@@ -69,6 +69,13 @@ def test_tiny_run_learns_and_its_checkpoint_translates(tmp_path: Path, capsys: p
     capsys.readouterr()
     assert main(["translate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best"), "--text", "abzé"]) == 2
     assert "error: cannot translate 'abzé': 'z', 'é' not in the model's source vocabulary" in capsys.readouterr().err
+    # evaluate re-decodes the run's test split as the run did: the same figures; predict --text translates
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["split"] == "test" and scored["examples"] == test["words"]
+    assert all(abs(scored[k] - test[k]) < 1e-6 for k in ("wer", "per", "chrf", "bleu"))
+    assert main(["predict", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best"), "--text", "hgfe"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"input": "hgfe", "translation": "E F G H"}
 
 
 @pytest.mark.slow
