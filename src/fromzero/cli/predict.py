@@ -49,18 +49,18 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                      "(JSON lines on stdout)",
                      description="A classifier: one JSON object per input, the label and every class's "
                      "probability.\nA recommender (--user): one JSON object per recommended item, best first "
-                     "(rank, item, title and genres when the data has them, score), leaving out the items the "
-                     "user already has in the training data.\n\n"
+                     "(rank, item, title and genres when the data has them, score), leaving out the "
+                     "items the user already has in the training data.\n\n"
                      "examples:\n  fromzero predict --checkpoint runs/latest/checkpoints/best --text 'Exeunt.'\n"
                      "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png\n"
                      "  fromzero predict --checkpoint runs/movielens-neumf --user 196 --k 10",
                      func=_cmd_predict)
-    pr.add_argument("--checkpoint", required=True, help="classifier checkpoint directory, or a recommendation "
-                    "checkpoint or run directory")
+    pr.add_argument("--checkpoint", required=True,
+                    help="classifier checkpoint directory, or a recommendation checkpoint or run directory")
     pr.add_argument("--user", help="recommenders: the raw user id to recommend items to")
     pr.add_argument("--k", type=int, default=10, help="recommenders: how many items to list")
-    pr.add_argument("--rated", help="recommenders: a CSV with an item column (and optionally user) of further "
-                    "items the user has rated, left out too")
+    pr.add_argument("--rated", help="recommenders: a CSV with an item column (and optionally user) of "
+                    "further items the user has rated, left out too")
     pr.add_argument("--text", action="append", help="a text to label (repeat for several)")
     pr.add_argument("--image", action="append", help="an image file to label (repeat for several)")
     pr.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder")

@@ -174,10 +174,12 @@ def read_user_items(path: str | Path, user: str) -> list[str]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             header = [h.strip().lower() for h in next(reader, [])]
-            index = {c: next((header.index(a) for a in COLUMNS[c] if a in header), None) for c in ("user", "item")}
+            index = {c: next((header.index(a) for a in COLUMNS[c] if a in header), None)
+                     for c in ("user", "item")}
             if index["item"] is None:
-                raise FromzeroError(f"{path} is missing column item (found: {', '.join(header) or 'no header'}; "
-                                    "expected item, and optionally user)")
+                found = ", ".join(header) or "no header"
+                raise FromzeroError(f"{path} is missing column item (found: {found}; expected item, "
+                                    "and optionally user)")
             items = []
             for row in reader:
                 if not row or all(not c.strip() for c in row):

@@ -107,15 +107,17 @@ class SideFeatures:
     @property
     def sizes(self) -> dict[str, int]:
         """The cardinalities a model config needs (RecsysConfig's side-feature fields)."""
-        return {"genres": len(self.genres), "occupations": len(self.occupations), "genders": len(self.genders),
-                "age_buckets": len(AGE_EDGES) + 1, "year_buckets": len(YEAR_EDGES) + 2}
+        return {"genres": len(self.genres), "occupations": len(self.occupations),
+                "genders": len(self.genders), "age_buckets": len(AGE_EDGES) + 1,
+                "year_buckets": len(YEAR_EDGES) + 2}
 
 
 # ---------------------------------------------------------------------------------------------
 # RecBole atomic files
 
 
-def read_atomic_file(path: str | Path, required: tuple[str, ...]) -> tuple[list[str], list[list[str]], list[int]]:
+def read_atomic_file(path: str | Path,
+                     required: tuple[str, ...]) -> tuple[list[str], list[list[str]], list[int]]:
     """(column names, rows of fields, 1-based line numbers) of a RecBole atomic file.
 
     The header must type every column (``name:token`` ...) and name every ``required`` column;
@@ -129,7 +131,8 @@ def read_atomic_file(path: str | Path, required: tuple[str, ...]) -> tuple[list[
     except UnicodeDecodeError:
         raise FromzeroError(f"{path} is not UTF-8 text") from None
     if not lines or not lines[0].strip():
-        raise FromzeroError(f"{path} is empty (expected a RecBole header like user_id:token<TAB>item_id:token)")
+        raise FromzeroError(f"{path} is empty (expected a RecBole header like "
+                            "user_id:token<TAB>item_id:token)")
     names = []
     for field in lines[0].rstrip("\r").split("\t"):
         name, colon, kind = field.strip().rpartition(":")
@@ -147,7 +150,8 @@ def read_atomic_file(path: str | Path, required: tuple[str, ...]) -> tuple[list[
             continue
         fields = line.split("\t")
         if len(fields) != len(names):
-            raise FromzeroError(f"{path} line {number}: {len(fields)} tab-separated field(s), expected {len(names)}")
+            raise FromzeroError(f"{path} line {number}: {len(fields)} tab-separated field(s), "
+                                f"expected {len(names)}")
         rows.append(fields)
         numbers.append(number)
     if not rows:

@@ -89,7 +89,8 @@ def fetch_package_files(specs: list[PackageFile]) -> list[Path]:
     try:
         first.folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FromzeroError(f"cannot create the fromzero cache folder {first.folder}: {e.strerror or e}") from None
+        raise FromzeroError(f"cannot create the fromzero cache folder {first.folder}: "
+                            f"{e.strerror or e}") from None
     with tempfile.TemporaryDirectory(dir=first.folder, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
         source = local_or_downloaded(first.env, f"{first.dist}=={first.version}", first.wheel,

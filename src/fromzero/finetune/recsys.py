@@ -67,7 +67,7 @@ class RecommendationConfig(FinetuneConfig):
         {"method", "unfreeze_top", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "init_from"})
 
     data: str = "synthetic"
-    """synthetic | movielens-100k (built in) | an interactions .csv (header user,item,rating,timestamp) | a MovieLens ratings.dat."""
+    """synthetic | movielens-100k (built in) | a .csv with user,item,rating,timestamp | a ratings.dat."""
     test_data: str = ""
     """Optional file of test interactions (same formats); then data's latest per user is validation. Users and items must occur in data."""
     min_rating: float = 0.0
@@ -447,7 +447,8 @@ def save_recommender(directory: Path, model: nn.Module, data: RecData, info: dic
         write_safetensors(model_state_for_saving(model), tmp / MODEL_FILE)
         write_checkpoint_files(tmp, model.config.to_dict(), None, info)
         (tmp / IDS_FILE).write_text(json.dumps(data.ids.to_json()) + "\n", encoding="utf-8")
-        write_safetensors({"indptr": torch.from_numpy(indptr), "items": torch.from_numpy(items)}, tmp / HISTORY_FILE)
+        history = {"indptr": torch.from_numpy(indptr), "items": torch.from_numpy(items)}
+        write_safetensors(history, tmp / HISTORY_FILE)
         if data.catalog is not None:
             described = {i: data.catalog[i] for i in data.ids.items if i in data.catalog}
             (tmp / ITEMS_FILE).write_text(json.dumps(described, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -523,8 +524,10 @@ def read_history(directory: Path, ids: IdMap) -> tuple[np.ndarray, np.ndarray] |
     except (SafetensorError, KeyError, OSError) as e:
         raise FromzeroError(f"{path} is not a readable history file: {e}") from None
     if (indptr.shape != (ids.num_users + 1,) or indptr[0] != 0 or indptr[-1] != len(items)
-            or np.any(np.diff(indptr) < 0) or (len(items) and not 0 <= items.min() <= items.max() < ids.num_items)):
-        raise FromzeroError(f"{path} does not match the checkpoint's {ids.num_users} users and {ids.num_items} items")
+            or np.any(np.diff(indptr) < 0)
+            or (len(items) and not 0 <= items.min() <= items.max() < ids.num_items)):
+        raise FromzeroError(f"{path} does not match the checkpoint's {ids.num_users} users and "
+                            f"{ids.num_items} items")
     return indptr, items
 
 
@@ -591,8 +594,8 @@ class Recommender:
         for rank, i in enumerate(top, start=1):
             raw = self.ids.items[i]
             about = self.catalog.get(raw, {})
-            out.append({"rank": rank, "item": raw, **({"title": about["title"]} if "title" in about else {}),
-                        **({"genres": about["genres"]} if "genres" in about else {}), "score": round(float(scores[i]), 6)})
+            described = {key: about[key] for key in ("title", "genres") if key in about}
+            out.append({"rank": rank, "item": raw, **described, "score": round(float(scores[i]), 6)})
         return out
 
 
@@ -621,11 +624,11 @@ def evaluate_recommender(directory: str | Path, settings: dict[str, Any], data: 
         raise FromzeroError(f"cannot rebuild the run's settings: {e}") from None
     rec = load_recommendation_data(cfg)
     if rec.ids.users != ids.users or rec.ids.items != ids.items:
-        raise FromzeroError(f"{cfg.data} gives {rec.ids.num_users} users and {rec.ids.num_items} items, not the "
-                            f"{ids.num_users} and {ids.num_items} the checkpoint was trained on (evaluate on the "
-                            "run's data, min_rating and test_data)")
+        raise FromzeroError(f"{cfg.data} gives {rec.ids.num_users} users and {rec.ids.num_items} items, "
+                            f"not the {ids.num_users} and {ids.num_items} the checkpoint was trained on "
+                            "(evaluate on the run's data, min_rating and test_data)")
     es = rec.eval_set(split, cfg.eval_negatives, cfg.eval_seed)
     scores = score_eval_set(lambda u, i: predict_scores(model, u, i, dev, cfg.eval_batch_size), es)
     metrics = evaluate_scores(scores, cfg.top_k, logits=True)
-    return {"task": "recommendation", "arch": model.config.arch, "data": cfg.data, "split": split, "n": len(es),
-            "eval_negatives": cfg.eval_negatives, **metrics}
+    return {"task": "recommendation", "arch": model.config.arch, "data": cfg.data, "split": split,
+            "n": len(es), "eval_negatives": cfg.eval_negatives, **metrics}

@@ -182,8 +182,9 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
     if limit < 0:
         raise FromzeroError(f"--limit must be >= 0, got {limit}")
     directory = Path(directory)
-    if not (directory / "config.json").is_file() and (directory / "checkpoints" / "best" / "config.json").is_file():
-        directory = directory / "checkpoints" / "best"  # a run directory: its best checkpoint
+    best = directory / "checkpoints" / "best"
+    if not (directory / "config.json").is_file() and (best / "config.json").is_file():
+        directory = best  # a run directory: its best checkpoint
     info = checkpoint_info(directory)
     task = info["task"]
     made_by = run_config(directory)

@@ -261,7 +261,7 @@ class WideAndDeep(nn.Module):
             self.register_buffer("user_gender", torch.zeros(U, dtype=torch.long))  # (U,)
             self.register_buffer("item_genres", torch.zeros(I, G))  # (I, G) multi-hot
             self.register_buffer("item_year", torch.zeros(I, dtype=torch.long))  # (I,)
-            self.wide_occupation_x_genre = nn.Embedding(config.occupations, G)  # row o: weight of (o, g) per g
+            self.wide_occupation_x_genre = nn.Embedding(config.occupations, G)  # row o: weight per genre
             self.wide_age_x_genre = nn.Embedding(config.age_buckets, G)
             self.wide_gender_x_genre = nn.Embedding(config.genders, G)
             wide_tables += [self.wide_occupation_x_genre, self.wide_age_x_genre, self.wide_gender_x_genre]
@@ -296,12 +296,14 @@ class WideAndDeep(nn.Module):
         c = self.config
         if not c.has_side_features:
             raise FromzeroError("this Wide & Deep model was built without side features (genres 0)")
-        arrays = {"user_occupation": (side.user_occupation, c.occupations), "user_age": (side.user_age, c.age_buckets),
+        arrays = {"user_occupation": (side.user_occupation, c.occupations),
+                  "user_age": (side.user_age, c.age_buckets),
                   "user_gender": (side.user_gender, c.genders), "item_year": (side.item_year, c.year_buckets)}
         for name, (values, n) in arrays.items():
             values = torch.as_tensor(np.asarray(values), dtype=torch.long)
             buffer = getattr(self, name)
-            if values.shape != buffer.shape or (len(values) and not 0 <= int(values.min()) <= int(values.max()) < n):
+            in_range = not len(values) or 0 <= int(values.min()) <= int(values.max()) < n
+            if values.shape != buffer.shape or not in_range:
                 raise FromzeroError(f"side feature {name}: shape {tuple(values.shape)} with values outside "
                                     f"0..{n - 1} or not the model's {tuple(buffer.shape)}")
             buffer.copy_(values)
@@ -316,9 +318,11 @@ class WideAndDeep(nn.Module):
         ub, ib = self.user_bucket[users], self.item_bucket[items]  # (B,), (B,)
         wide = (self.wide_user(users) + self.wide_item(items) + self.wide_user_x_popularity(users * K + ib)
                 + self.wide_activity_x_item(ub * I + items)).squeeze(-1)  # (B,)
-        parts = [self.user_embed(users), self.item_embed(items), self.user_bucket_embed(ub), self.item_bucket_embed(ib)]
+        parts = [self.user_embed(users), self.item_embed(items), self.user_bucket_embed(ub),
+                 self.item_bucket_embed(ib)]
         if self.config.has_side_features:
-            occupation, age, gender = self.user_occupation[users], self.user_age[users], self.user_gender[users]
+            occupation, age = self.user_occupation[users], self.user_age[users]
+            gender = self.user_gender[users]
             genres = self.item_genres[items]  # (B, G) multi-hot
             crosses = (self.wide_occupation_x_genre(occupation) + self.wide_age_x_genre(age)
                        + self.wide_gender_x_genre(gender))  # (B, G): each user feature's weight per genre
