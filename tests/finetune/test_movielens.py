@@ -121,7 +121,7 @@ def movielens_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     patch = pytest.MonkeyPatch()
     patch.setattr(movielens, "load_movielens_100k", lambda: data)
     runs = {}
-    small = ["--epochs", "2", "--eval_negatives", "20", "--batch_size", "64", "--device", "cpu", "--quiet",
+    small = ["--epochs", "1", "--eval_negatives", "20", "--batch_size", "64", "--device", "cpu", "--quiet",
              "--baselines", "false"]
     for name, recipe, extra in (
             ("gmf", "movielens-neumf.yaml", ["--arch", "gmf"]),
