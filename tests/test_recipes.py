@@ -7,6 +7,7 @@ their model: image classifiers run a forward pass, the LoRA text recipe trains <
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -172,10 +173,17 @@ def test_recsys_recipe_builds_a_working_model(recipe):
     from fromzero.models.recsys import build_recsys
 
     _, cfg = load_finetune_config(recipe)
-    assert cfg.data == "synthetic" and cfg.negatives > 0 and cfg.monitor.startswith("val_")
-    ids = IdMap([str(u) for u in range(cfg.synthetic_users)], [str(i) for i in range(cfg.synthetic_items)])
-    model = build_recsys(model_config(cfg, ids)).eval()
-    users, items = torch.tensor([0, 1, cfg.synthetic_users - 1]), torch.tensor([0, 5, cfg.synthetic_items - 1])
+    assert cfg.data in ("synthetic", "movielens-100k") and cfg.negatives > 0 and cfg.monitor.startswith("val_")
+    side = None
+    n_users, n_items = cfg.synthetic_users, cfg.synthetic_items
+    if cfg.data == "movielens-100k":  # its sizes, without fetching it (side features as MovieLens has them)
+        n_users, n_items = 943, 1682
+        side = types.SimpleNamespace(sizes={"genres": 19, "occupations": 21, "genders": 2, "age_buckets": 7,
+                                            "year_buckets": 9})
+    ids = IdMap([str(u) for u in range(n_users)], [str(i) for i in range(n_items)])
+    model = build_recsys(model_config(cfg, ids, side)).eval()
+    assert model.config.has_side_features == (side is not None and cfg.arch == "widedeep")
+    users, items = torch.tensor([0, 1, n_users - 1]), torch.tensor([0, 5, n_items - 1])
     with torch.no_grad():
         logits = model(users, items)
     assert logits.shape == (3,) and torch.isfinite(logits).all()

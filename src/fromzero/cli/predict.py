@@ -48,18 +48,28 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    pr = _add_parser(sub, "predict",
-                     "label texts or images with a classifier, or answer questions (JSON lines on stdout)",
-                     description="One JSON object per input: the label and every class's probability; for a "
-                     "question-answering checkpoint, the answer (a span of the context: its text, character "
-                     "offsets start / end, and its probability among the best spans).\n\n"
+    pr = _add_parser(sub, "predict", "label texts or images with a classifier, answer questions, translate, or "
+                     "recommend items to a user (JSON lines on stdout)",
+                     description="A classifier: one JSON object per input, the label and every class's "
+                     "probability.\nA question-answering checkpoint: the answer (a span of the context: its text, "
+                     "character offsets start / end, and its probability among the best spans).\nA translation "
+                     "checkpoint: the translation of each --text (as fromzero translate, with its defaults).\n"
+                     "A recommender (--user): one JSON object per recommended item, best first "
+                     "(rank, item, title and genres when the data has them, score), leaving out the "
+                     "items the user already has in the training data.\n\n"
                      "examples:\n  fromzero predict --checkpoint runs/latest/checkpoints/best --text 'Exeunt.'\n"
                      "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png\n"
                      "  fromzero predict --checkpoint runs/qa/checkpoints/best --question 'Who says \"Speak\"?' "
-                     "--context-file scene.txt",
+                     "--context-file scene.txt\n"
+                     "  fromzero predict --checkpoint runs/movielens-neumf --user 196 --k 10",
                      func=_cmd_predict)
     pr.add_argument("--checkpoint", required=True,
-                    help="text- or image-classification or question-answering checkpoint directory")
+                    help="a classifier, question-answering or translation checkpoint directory, or a "
+                    "recommendation checkpoint or run directory")
+    pr.add_argument("--user", help="recommenders: the raw user id to recommend items to")
+    pr.add_argument("--k", type=int, default=10, help="recommenders: how many items to list")
+    pr.add_argument("--rated", help="recommenders: a CSV with an item column (and optionally user) of "
+                    "further items the user has rated, left out too")
     pr.add_argument("--text", action="append", help="a text to label (repeat for several)")
     pr.add_argument("--image", action="append", help="an image file to label (repeat for several)")
     pr.add_argument("--input", help="texts: .txt (one per line), .csv or .jsonl with 'text'; images: a folder; "
@@ -143,10 +153,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fromzero.checkpoint import checkpoint_info
-    from fromzero.inference.predict import Classifier, read_inputs, to_json_line
+    from fromzero.inference.predict import Classifier, read_inputs, recommend_for_user, to_json_line
     from fromzero.tasks import get_task
 
+    if args.user is not None:
+        if args.text or args.image or args.input:
+            raise FromzeroError("--user (a recommender) takes no --text, --image or --input")
+        if args.k <= 0:
+            raise FromzeroError(f"--k must be positive, got {args.k}")
+        rated = Path(args.rated) if args.rated else None
+        for row in recommend_for_user(Path(args.checkpoint), args.user, args.k, rated, args.device):
+            print(to_json_line(row))
+        return 0
+    if args.rated:
+        raise FromzeroError("--rated goes with --user (recommenders)")
     about = get_task(checkpoint_info(Path(args.checkpoint)).get("task"))
+    if about is not None and about.kind == "recommender":
+        raise FromzeroError(f"{args.checkpoint} is a recommender: give --user USER (and --k N) to list its top items")
     if about is not None and about.is_reader:
         return _answer_questions(args)
     if about is not None and about.kind == "translator":  # the same as `fromzero translate` with its defaults
@@ -158,7 +181,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise FromzeroError(f"{args.checkpoint} is not a question-answering checkpoint: --question, --context "
                             "and --context-file are for those")
     if bool(args.text) + bool(args.image) + bool(args.input) != 1:
-        raise FromzeroError("give exactly one of --text, --image or --input")
+        raise FromzeroError("give exactly one of --text, --image or --input (or --user for a recommender)")
     classifier = Classifier(Path(args.checkpoint), args.device)
     if args.image or (args.input and classifier.inputs == "image"):
         paths = [Path(p) for p in args.image] if args.image else _image_inputs(Path(args.input))

@@ -6,7 +6,10 @@ The evaluation protocol is the one of Neural Collaborative Filtering (He et al.,
    ``min_rating`` only those rated at least that much are. Everything else is unobserved, not
    negative: a user who never saw an item may still like it.
 2. **Leave-one-out.** Each user's latest interaction (by timestamp) is held out as the test
-   positive, the one before it as the validation positive; the rest is training data.
+   positive, the one before it as the validation positive; the rest is training data. Equal
+   timestamps are common (MovieLens-100K: 415 of 943 users have two or more ratings at their
+   latest second): among them the later row of the file counts as later, so the split is a
+   function of the file alone.
 3. **Negative sampling for training.** Each training positive comes with ``k`` items the user has
    not interacted with in training, drawn uniformly and drawn again every epoch (seeded), so the
    model learns a classifier "interacted or not" from log loss.
@@ -32,6 +35,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -158,6 +162,39 @@ def read_interactions_csv(path: str | Path) -> Interactions:
     except csv.Error as e:
         raise FromzeroError(f"{path}: malformed CSV: {e}") from None
     return _build(rows, str(path))
+
+
+def read_user_items(path: str | Path, user: str) -> list[str]:
+    """The items ``user`` has in a CSV with an ``item`` column (+ ``user``: then only that user's
+    rows count; other columns are ignored): what ``fromzero predict --user`` leaves out."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FromzeroError(f"interactions file not found: {path}")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            index = {c: next((header.index(a) for a in COLUMNS[c] if a in header), None)
+                     for c in ("user", "item")}
+            if index["item"] is None:
+                found = ", ".join(header) or "no header"
+                raise FromzeroError(f"{path} is missing column item (found: {found}; expected item, "
+                                    "and optionally user)")
+            items = []
+            for row in reader:
+                if not row or all(not c.strip() for c in row):
+                    continue
+                where = f"{path} line {reader.line_num}"
+                if len(row) <= max(i for i in index.values() if i is not None):
+                    raise FromzeroError(f"{where}: {len(row)} field(s), too few for the header")
+                if index["user"] is not None and row[index["user"]].strip() != str(user):
+                    continue
+                items.append(_raw_id(row[index["item"]], "item", where))
+    except UnicodeDecodeError:
+        raise FromzeroError(f"{path} is not UTF-8 text") from None
+    except csv.Error as e:
+        raise FromzeroError(f"{path}: malformed CSV: {e}") from None
+    return items
 
 
 def _looks_numeric(text: str) -> bool:
@@ -299,7 +336,11 @@ def implicit(inter: Interactions, min_rating: float = 0.0, notes: list[str] | No
     if dropped and notes is not None:
         notes.append(f"{dropped} interaction(s) rated below min_rating {min_rating:g} left out")
     order = np.lexsort((np.arange(len(inter)), inter.timestamps))  # by time, then file order
-    pairs = np.char.add(np.char.add(inter.users[order].astype(str), "\x00"), inter.items[order].astype(str))
+    # One integer per (user, item) pair. (Joining the two strings with a separator is not safe:
+    # numpy drops a trailing "\x00", so user "1" + item "23" and user "12" + item "3" collided.)
+    _, user_code = np.unique(inter.users[order].astype(str), return_inverse=True)
+    item_names, item_code = np.unique(inter.items[order].astype(str), return_inverse=True)
+    pairs = user_code.reshape(-1).astype(np.int64) * len(item_names) + item_code.reshape(-1)
     _, first = np.unique(pairs, return_index=True)
     duplicates = len(inter) - len(first)
     if duplicates and notes is not None:
@@ -394,6 +435,17 @@ class RecData:
     # evaluation negative must not be.
     known: np.ndarray
     notes: list[str] = field(default_factory=list)  # what was dropped or merged on the way, for the console
+    # Optional facts about users and items from the source (MovieLens): a data.movielens.SideFeatures
+    # aligned with ``ids`` (what Wide & Deep reads) and {raw item id: {"title", "genres"}}.
+    side: Any = None
+    catalog: dict[str, dict] | None = None
+
+    def history(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every positive (train, val and test) per user as CSR arrays: user u's items are
+        ``items[indptr[u]:indptr[u + 1]]`` (what a recommendation for u leaves out)."""
+        users, items = np.divmod(self.known, self.ids.num_items)
+        indptr = np.searchsorted(users, np.arange(self.ids.num_users + 1))
+        return indptr.astype(np.int64), items.astype(np.int64)
 
     def train_keys(self) -> np.ndarray:
         """Sorted keys of the training positives: what a training negative must not be."""
@@ -409,14 +461,17 @@ class RecData:
 
 
 def leave_one_out(inter: Interactions, test: Interactions | None = None,
-                  notes: list[str] | None = None) -> RecData:
+                  notes: list[str] | None = None, keep_cold: bool = False) -> RecData:
     """Split positives by user: latest -> test, the one before -> val, the rest -> train.
 
     With ``test`` (a separate file of held-out interactions) the latest of ``inter`` is val and
     the rest train; a test user or item unknown at training is an error. Users with too few
     interactions to hold any out (fewer than 3, or 2 with ``test``) are dropped with a note; a
     held-out item that never occurs in training (it has no trained embedding) is dropped from
-    evaluation with a note. Among equal timestamps the later row of the file counts as later.
+    evaluation with a note, unless ``keep_cold``: then the items of every kept user's
+    interactions get an index (as in NCF's code, where the item count covers the whole dataset),
+    so every user is evaluated; a model learns such an item only as a sampled negative. Among
+    equal timestamps the later row of the file counts as later (deterministic for a given file).
     """
     notes = [] if notes is None else notes
     need = 2 if test is not None else 3
@@ -442,6 +497,8 @@ def leave_one_out(inter: Interactions, test: Interactions | None = None,
             role[order[e - 1]] = 1
     train_rows = inter.subset(role == 0)
     ids = IdMap.build(train_rows)
+    if keep_cold:
+        ids = IdMap(ids.users, _sorted_ids(inter.items[role >= 0]))
     tu, ti, _ = ids.encode(train_rows)
     train = np.stack([tu, ti], axis=1)
 

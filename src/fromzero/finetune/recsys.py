@@ -1,7 +1,9 @@
 """Train a recommender on implicit feedback: NCF (GMF / MLP / NeuMF) or Wide & Deep, with baselines.
 
 Task ``recommendation`` of ``fromzero finetune``. Data (:mod:`fromzero.data.interactions`):
-``synthetic``, an interactions CSV or MovieLens ``ratings.dat``; every interaction rated at least
+``synthetic``, ``movielens-100k`` (built in, :mod:`fromzero.data.movielens`: with titles and the
+user / movie side features Wide & Deep reads), an interactions CSV or MovieLens ``ratings.dat``;
+every interaction rated at least
 ``min_rating`` is a positive, each user's latest one the test item and the one before the val item
 (leave-one-out), unless ``test_data`` names a file of test interactions. NeuMF can start from
 pretrained GMF and MLP runs (He et al. 2017: ``pretrained_gmf`` / ``pretrained_mlp``).
@@ -11,7 +13,8 @@ and epoch), pointwise log loss, in the shared Trainer. Each held-out positive is
 ``eval_negatives`` items the user never touched, the same candidates for every model
 (``eval_seed``): HR@K and NDCG@K, also for the baselines (popularity, ALS matrix factorisation).
 checkpoints/best also holds ids.json, the raw user and item ids of the embedding rows, so
-:class:`Recommender` speaks raw ids.
+:class:`Recommender` speaks raw ids, history.safetensors (every user's known items, left out of
+their recommendations) and, for MovieLens, items.json (titles and genres).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from fromzero.models.recsys import ARCHES
 from fromzero.training.trainer import FitResult
 
 IDS_FILE = "ids.json"
+HISTORY_FILE = "history.safetensors"
+ITEMS_FILE = "items.json"
+MOVIELENS = "movielens-100k"
+BUILT_IN = ("synthetic", MOVIELENS)
 ALS_REGS = (0.1, 1.0, 10.0)
 ALS_ALPHAS = (1.0, 5.0, 20.0)
 
@@ -60,7 +67,7 @@ class RecommendationConfig(FinetuneConfig):
         {"method", "unfreeze_top", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "init_from"})
 
     data: str = "synthetic"
-    """synthetic (built in) | an interactions .csv (header user,item,rating,timestamp) | a MovieLens ratings.dat."""
+    """synthetic | movielens-100k (built in) | a .csv with user,item,rating,timestamp | a ratings.dat."""
     test_data: str = ""
     """Optional file of test interactions (same formats); then data's latest per user is validation. Users and items must occur in data."""
     min_rating: float = 0.0
@@ -169,28 +176,44 @@ def load_recommendation_data(cfg: RecommendationConfig) -> RecData:
     from fromzero.data.interactions import implicit, leave_one_out, read_interactions, synthetic_interactions
 
     notes: list[str] = []
+    movielens = None
     if cfg.data == "synthetic":
         inter = synthetic_interactions(cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_clusters,
                                        cfg.synthetic_per_user, seed=cfg.synthetic_seed)
+    elif cfg.data == MOVIELENS:
+        from fromzero.data.movielens import load_movielens_100k
+
+        movielens = load_movielens_100k()
+        inter = movielens.interactions
     else:
         inter = read_interactions(cfg.data)
     positives = implicit(inter, cfg.min_rating, notes)
     test = implicit(read_interactions(cfg.test_data), cfg.min_rating, notes) if cfg.test_data else None
-    return leave_one_out(positives, test, notes)
+    # MovieLens: every user is evaluated, as in NCF (an item rated only by held-out interactions
+    # keeps an embedding that training sees only as a sampled negative).
+    data = leave_one_out(positives, test, notes, keep_cold=movielens is not None)
+    if movielens is not None:
+        from fromzero.data.movielens import side_features
+
+        data.side = side_features(data.ids, movielens.items, movielens.users)
+        data.catalog = movielens.items.describe()
+    return data
 
 
-def model_config(cfg: RecommendationConfig, ids: IdMap) -> Any:
+def model_config(cfg: RecommendationConfig, ids: IdMap, side: Any = None) -> Any:
+    """The model's config for the data's ids; Wide & Deep also gets the sizes of ``side`` features."""
     from fromzero.models.recsys import RecsysConfig
 
+    sizes = side.sizes if side is not None and cfg.arch == "widedeep" else {}
     return RecsysConfig(arch=cfg.arch, num_users=ids.num_users, num_items=ids.num_items, factors=cfg.factors,
-                        mlp_layers=list(cfg.mlp_layers), dropout=cfg.dropout, buckets=cfg.buckets)
+                        mlp_layers=list(cfg.mlp_layers), dropout=cfg.dropout, buckets=cfg.buckets, **sizes)
 
 
 def load_recommender(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, IdMap, dict]:
     """(model, id map, info) of a recommendation checkpoint directory."""
     from fromzero.checkpoint import CONFIG_FILE, INFO_FILE, load_model, read_json
 
-    directory = Path(directory).expanduser()
+    directory = resolve_recommender_dir(directory)
     if not directory.is_dir():
         raise FromzeroError(f"checkpoint directory not found: {directory}")
     config = read_json(directory / CONFIG_FILE, "model config")
@@ -224,10 +247,12 @@ def build_recommender(cfg: RecommendationConfig, data: RecData) -> nn.Module:
             print(f"note: factors {model.config.factors} and mlp_layers {model.config.mlp_layers} come from the "
                   "pretrained models")
         return model
-    model = build_recsys(model_config(cfg, data.ids))
+    model = build_recsys(model_config(cfg, data.ids, data.side))
     if isinstance(model, WideAndDeep):
         model.set_buckets(np.bincount(data.train[:, 0], minlength=data.ids.num_users),
                           np.bincount(data.train[:, 1], minlength=data.ids.num_items))
+        if data.side is not None:
+            model.set_side_features(data.side)
     return model
 
 
@@ -337,8 +362,9 @@ class RecommendationTask(FinetuneTask):
               f"{len(self.val_set)}/{len(self.test_set)} held out vs {cfg.eval_negatives} negatives; "
               f"{self.total:,} parameters; device {self.device}, {self.dtype}")
         self.base_info = {"task": "recommendation", "arch": cfg.arch, "top_k": self.k,
-                          "eval_negatives": cfg.eval_negatives, "min_rating": cfg.min_rating,
-                          "data": cfg.data if cfg.data == "synthetic" else str(Path(cfg.data).resolve())}
+                          "eval_negatives": cfg.eval_negatives, "eval_seed": cfg.eval_seed,
+                          "min_rating": cfg.min_rating,
+                          "data": cfg.data if cfg.data in BUILT_IN else str(Path(cfg.data).resolve())}
 
     def batches(self) -> tuple[Any, int]:
         n_examples = len(self.data.train) * (1 + self.cfg.negatives)
@@ -368,7 +394,7 @@ class RecommendationTask(FinetuneTask):
 
     def write_best(self, extra: dict[str, Any]) -> None:
         """checkpoints/best from the model as it is now (with the user / item ids)."""
-        save_recommender(self.best_dir, self.model, self.data.ids, {**self.base_info, **extra})
+        save_recommender(self.best_dir, self.model, self.data, {**self.base_info, **extra})
 
     def save_best(self, info: dict[str, Any]) -> None:
         val, k = info["val"], self.k
@@ -410,15 +436,22 @@ class RecommendationTask(FinetuneTask):
         return summary
 
 
-def save_recommender(directory: Path, model: nn.Module, ids: IdMap, info: dict) -> None:
-    """A checkpoint directory (atomic): config.json, model.safetensors, info.json and ids.json."""
+def save_recommender(directory: Path, model: nn.Module, data: RecData, info: dict) -> None:
+    """A checkpoint directory (atomic): config.json, model.safetensors, info.json, ids.json,
+    history.safetensors (every user's known items) and, with a catalog, items.json."""
     from fromzero.checkpoint import (MODEL_FILE, atomic_directory, model_state_for_saving,
                                               write_checkpoint_files, write_safetensors)
 
+    indptr, items = data.history()
     with atomic_directory(directory) as tmp:
         write_safetensors(model_state_for_saving(model), tmp / MODEL_FILE)
         write_checkpoint_files(tmp, model.config.to_dict(), None, info)
-        (tmp / IDS_FILE).write_text(json.dumps(ids.to_json()) + "\n", encoding="utf-8")
+        (tmp / IDS_FILE).write_text(json.dumps(data.ids.to_json()) + "\n", encoding="utf-8")
+        history = {"indptr": torch.from_numpy(indptr), "items": torch.from_numpy(items)}
+        write_safetensors(history, tmp / HISTORY_FILE)
+        if data.catalog is not None:
+            described = {i: data.catalog[i] for i in data.ids.items if i in data.catalog}
+            (tmp / ITEMS_FILE).write_text(json.dumps(described, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def format_table(summary: dict, k: int) -> str:
@@ -468,30 +501,134 @@ def plot_ranking(rows: list[dict], k: int, path: Path) -> None:
 # Using a trained recommender
 
 
+def resolve_recommender_dir(directory: str | Path) -> Path:
+    """A checkpoint directory, or a run directory's checkpoints/best."""
+    directory = Path(directory).expanduser()
+    best = directory / "checkpoints" / "best"
+    if not (directory / "config.json").is_file() and (best / "config.json").is_file():
+        return best
+    return directory
+
+
+def read_history(directory: Path, ids: IdMap) -> tuple[np.ndarray, np.ndarray] | None:
+    """(indptr, items) of history.safetensors (None for a checkpoint written without it)."""
+    path = directory / HISTORY_FILE
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+        indptr, items = tensors["indptr"], tensors["items"]
+    except (SafetensorError, KeyError, OSError) as e:
+        raise FromzeroError(f"{path} is not a readable history file: {e}") from None
+    if (indptr.shape != (ids.num_users + 1,) or indptr[0] != 0 or indptr[-1] != len(items)
+            or np.any(np.diff(indptr) < 0)
+            or (len(items) and not 0 <= items.min() <= items.max() < ids.num_items)):
+        raise FromzeroError(f"{path} does not match the checkpoint's {ids.num_users} users and "
+                            f"{ids.num_items} items")
+    return indptr, items
+
+
+def read_catalog(directory: Path) -> dict[str, dict]:
+    """items.json: raw item id -> {"title", "genres"} ({} when the checkpoint has none)."""
+    from fromzero.checkpoint import read_json
+
+    path = directory / ITEMS_FILE
+    if not path.is_file():
+        return {}
+    catalog = read_json(path, "item catalog")
+    if not isinstance(catalog, dict) or not all(isinstance(v, dict) for v in catalog.values()):
+        raise FromzeroError(f"{path} must map item ids to objects with a title")
+    return catalog
+
+
 class Recommender:
     """A trained recommender that takes and returns raw ids::
 
-        rec = Recommender("runs/recommendation-.../checkpoints/best")
-        rec.recommend("42", k=10, exclude=["1", "7"])   # [{"item": "318", "score": 3.1}, ...]
+        rec = Recommender("runs/movielens-neumf")         # a run, or its checkpoints/best
+        rec.recommend("42", k=10)     # [{"item": "318", "title": "Schindler's List (1993)", ...}, ...]
         rec.score("42", ["318", "7"])                   # [3.1, -0.4]
 
-    An unknown user or item is a one-line FromzeroError (the model learned nothing for it).
+    ``recommend`` leaves out the items the user already has in the training data (train, val and
+    test positives, from history.safetensors) and any ``exclude``. An unknown user or item is a
+    one-line FromzeroError (the model learned nothing for it).
     """
 
     def __init__(self, directory: str | Path, device: str = "cpu") -> None:
         self.device = torch.device(device)
-        self.model, self.ids, self.info = load_recommender(directory, self.device)
+        self.directory = resolve_recommender_dir(directory)
+        self.model, self.ids, self.info = load_recommender(self.directory, self.device)
+        self.history = read_history(self.directory, self.ids)
+        self.catalog = read_catalog(self.directory)
+
+    def rated(self, user: str | int) -> list[str]:
+        """The raw ids of the items ``user`` interacted with in the data the model was trained on."""
+        u = self.ids.user_index(user)
+        if self.history is None:
+            return []
+        indptr, items = self.history
+        return [self.ids.items[i] for i in items[indptr[u]:indptr[u + 1]]]
 
     def score(self, user: str | int, items: list[str | int]) -> list[float]:
         u = self.ids.user_index(user)
         idx = np.array([self.ids.item_index(i) for i in items], dtype=np.int64)
         return predict_scores(self.model, np.full(len(idx), u), idx, self.device).tolist()
 
-    def recommend(self, user: str | int, k: int = 10, exclude: list[str | int] = ()) -> list[dict[str, Any]]:
-        """The k highest-scoring items for ``user``, leaving out ``exclude`` (e.g. what they already have)."""
+    def recommend(self, user: str | int, k: int = 10, exclude: list[str | int] = (),
+                  exclude_rated: bool = True) -> list[dict[str, Any]]:
+        """The k highest-scoring items for ``user`` (rank, item, title and genres when known,
+        score), leaving out ``exclude`` and, with ``exclude_rated``, the items they already have."""
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise FromzeroError(f"k must be a positive integer, got {k!r}")
         u = self.ids.user_index(user)
         scores = predict_scores(self.model, np.full(self.ids.num_items, u), np.arange(self.ids.num_items), self.device)
-        for item in exclude:
-            scores[self.ids.item_index(item)] = -np.inf
-        top = np.argsort(-scores, kind="stable")[:k]
-        return [{"item": self.ids.items[i], "score": float(scores[i])} for i in top if np.isfinite(scores[i])]
+        leave_out = [self.ids.item_index(item) for item in exclude]
+        if exclude_rated and self.history is not None:
+            indptr, items = self.history
+            leave_out += items[indptr[u]:indptr[u + 1]].tolist()
+        scores[np.asarray(leave_out, dtype=np.int64)] = -np.inf
+        top = [i for i in np.argsort(-scores, kind="stable")[:k] if np.isfinite(scores[i])]
+        out = []
+        for rank, i in enumerate(top, start=1):
+            raw = self.ids.items[i]
+            about = self.catalog.get(raw, {})
+            described = {key: about[key] for key in ("title", "genres") if key in about}
+            out.append({"rank": rank, "item": raw, **described, "score": round(float(scores[i]), 6)})
+        return out
+
+
+def evaluate_recommender(directory: str | Path, settings: dict[str, Any], data: str | None = None,
+                         split: str = "test", device: str = "cpu") -> dict[str, Any]:
+    """HR@K / NDCG@K (and log loss) of a recommendation checkpoint on its data's val or test split.
+
+    ``settings``: the fields of the run that made the checkpoint (its config.yaml), so the data,
+    min_rating and candidates are rebuilt exactly (info.json's copies when the run is gone);
+    ``data`` overrides the source. The rebuilt users and items must be the checkpoint's.
+    """
+    if split not in ("val", "test"):
+        raise FromzeroError(f"a recommender is evaluated on split val or test (leave-one-out), not {split!r}")
+    directory = resolve_recommender_dir(directory)
+    dev = torch.device(device)
+    model, ids, info = load_recommender(directory, dev)
+    fields = {k: v for k, v in settings.items() if k in RecommendationConfig.__dataclass_fields__}
+    for key in ("data", "min_rating", "eval_negatives", "eval_seed", "top_k"):
+        if key not in fields and key in info:
+            fields[key] = info[key]
+    if data:
+        fields["data"] = data
+    try:
+        cfg = RecommendationConfig(**fields)
+    except TypeError as e:
+        raise FromzeroError(f"cannot rebuild the run's settings: {e}") from None
+    rec = load_recommendation_data(cfg)
+    if rec.ids.users != ids.users or rec.ids.items != ids.items:
+        raise FromzeroError(f"{cfg.data} gives {rec.ids.num_users} users and {rec.ids.num_items} items, "
+                            f"not the {ids.num_users} and {ids.num_items} the checkpoint was trained on "
+                            "(evaluate on the run's data, min_rating and test_data)")
+    es = rec.eval_set(split, cfg.eval_negatives, cfg.eval_seed)
+    scores = score_eval_set(lambda u, i: predict_scores(model, u, i, dev, cfg.eval_batch_size), es)
+    metrics = evaluate_scores(scores, cfg.top_k, logits=True)
+    return {"task": "recommendation", "arch": model.config.arch, "data": cfg.data, "split": split,
+            "n": len(es), "eval_negatives": cfg.eval_negatives, **metrics}

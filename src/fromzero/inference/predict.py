@@ -181,16 +181,25 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
 
     if limit < 0:
         raise FromzeroError(f"--limit must be >= 0, got {limit}")
-    info = checkpoint_info(Path(directory))
+    directory = Path(directory)
+    best = directory / "checkpoints" / "best"
+    if not (directory / "config.json").is_file() and (best / "config.json").is_file():
+        directory = best  # a run directory: its best checkpoint
+    info = checkpoint_info(directory)
     task = info["task"]
-    made_by = run_config(Path(directory))
+    made_by = run_config(directory)
     about = get_task(task)
     if about is not None and about.is_reader:
-        return _evaluate_reader(Path(directory), data, made_by, split, batch_size, device, limit)
+        return _evaluate_reader(directory, data, made_by, split, batch_size, device, limit)
     if about is not None and about.kind == "translator":
         from fromzero.finetune.translation import evaluate_translator
 
-        return evaluate_translator(Path(directory), made_by, data, split, batch_size, device, limit)
+        return evaluate_translator(directory, made_by, data, split, batch_size, device, limit)
+    if about is not None and about.kind == "recommender":
+        from fromzero.devices import resolve_device
+        from fromzero.finetune.recsys import evaluate_recommender
+
+        return evaluate_recommender(directory, made_by, data, split, str(resolve_device(device)))
     data = data or made_by.get("data") or made_by.get("data_dir")
     if not data:
         raise FromzeroError("no --data given and the checkpoint's run config names none")
@@ -204,6 +213,25 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
     if task in _EVALUATE_AS_LANGUAGE_MODEL:
         return _evaluate_lm(Path(directory), str(data), split, batch_size, device, task)
     raise FromzeroError(f"cannot evaluate a checkpoint for task {task!r}")
+
+
+def recommend_for_user(directory: Path, user: str, k: int = 10, rated: Path | None = None,
+                       device: str = "cpu") -> list[dict[str, Any]]:
+    """The top ``k`` items for ``user`` from a recommendation checkpoint (or run directory), with
+    titles when the checkpoint has them, leaving out what the user already rated in the training
+    data and, with ``rated``, the items of that interactions file (its rows for ``user``)."""
+    from fromzero.data.interactions import read_user_items
+    from fromzero.devices import resolve_device
+    from fromzero.finetune.recsys import Recommender, resolve_recommender_dir
+
+    directory = resolve_recommender_dir(directory)
+    about = get_task(checkpoint_info(directory).get("task", ""))
+    if about is None or about.kind != "recommender":
+        raise FromzeroError(f"{directory} is not a recommendation checkpoint (--user needs one)")
+    recommender = Recommender(directory, str(resolve_device(device)))
+    recommender.ids.user_index(user)  # an unknown user fails before the file is read
+    exclude = read_user_items(rated, user) if rated is not None else []
+    return [{"user": str(user), **row} for row in recommender.recommend(user, k, exclude)]
 
 
 # Generators whose loss evaluate can score: SFT replies (chat data), pretraining (prepared tokens).

@@ -18,7 +18,13 @@ interacts with this item". Training is pointwise log loss on positives and sampl
   generalises, summed into one logit and trained jointly. The crosses here, built from training
   counts only: user x item-popularity bucket (does this user go for blockbusters or niche
   items?) and user-activity bucket x item (which items do heavy vs light users pick?). Buckets
-  are quantiles of the counts, stored as buffers so a checkpoint carries them.
+  are quantiles of the counts, stored as buffers so a checkpoint carries them. With side
+  features (MovieLens: ``genres`` > 0 in the config, set by :meth:`WideAndDeep.set_side_features`)
+  the wide part also crosses the user's occupation, age bucket and gender with each of the
+  item's genres (multi-hot: one weight per (occupation, genre) pair, summed over the item's
+  genres), and the deep part also reads embeddings of occupation, age bucket, gender and release
+  year bucket plus the genre multi-hot itself. Without them (synthetic data, a plain CSV) the
+  model is the id-and-count one above.
 
 Try it::
 
@@ -35,6 +41,7 @@ Shapes: B = batch of (user, item) pairs, F = GMF factors, L_k = width of MLP lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -69,14 +76,40 @@ class RecsysConfig(ConfigDict):
     """Wide & Deep: quantile buckets of item popularity and user activity for the crossed features."""
     bucket_dim: int = 4
     """Wide & Deep: embedding size of a bucket in the deep part."""
+    genres: int = 0
+    """Wide & Deep side features: number of item genres (0 = no side features; set from the data)."""
+    occupations: int = 0
+    """Wide & Deep side features: number of user occupations."""
+    genders: int = 0
+    """Wide & Deep side features: number of user genders."""
+    age_buckets: int = 0
+    """Wide & Deep side features: number of user age buckets."""
+    year_buckets: int = 0
+    """Wide & Deep side features: number of release-year buckets (bucket 0 = unknown year)."""
+    side_dim: int = 4
+    """Wide & Deep side features: embedding size of occupation, age, gender and year in the deep part."""
+
+    @property
+    def has_side_features(self) -> bool:
+        return self.genres > 0
 
     def validate(self) -> None:
         if self.arch not in ARCHES:
             raise FromzeroError(f"arch {self.arch!r} is not supported (supported: {', '.join(ARCHES)})")
-        for name in ("num_users", "num_items", "factors", "buckets", "bucket_dim"):
+        for name in ("num_users", "num_items", "factors", "buckets", "bucket_dim", "side_dim"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise FromzeroError(f"{name} must be a positive integer, got {v!r}")
+        side = ("genres", "occupations", "genders", "age_buckets", "year_buckets")
+        for name in side:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise FromzeroError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.has_side_features and not all(getattr(self, n) > 0 for n in side):
+            raise FromzeroError(f"side features need all of {', '.join(side)} positive, got "
+                                + ", ".join(f"{n} {getattr(self, n)}" for n in side))
+        if self.has_side_features and self.arch != "widedeep":
+            raise FromzeroError(f"side features are read by arch widedeep only, not {self.arch!r}")
         layers = self.mlp_layers
         if (not isinstance(layers, list) or len(layers) < 2
                 or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in layers)):
@@ -191,8 +224,10 @@ class WideAndDeep(nn.Module):
 
     wide: one learned weight per active sparse feature (a linear model over one-hot vectors, so an
     embedding of size 1 is exactly its weight row): user, item, user x item-popularity bucket,
-    user-activity bucket x item. deep: ReLU tower over [user; item; user bucket; item bucket]
-    embeddings.
+    user-activity bucket x item, and with side features occupation x genre, age x genre and
+    gender x genre (an (n, G) table: the user's row dotted with the item's genre multi-hot).
+    deep: ReLU tower over [user; item; user bucket; item bucket] embeddings, with side features
+    also [occupation; age; gender; year bucket] embeddings and the genre multi-hot.
     """
 
     def __init__(self, config: RecsysConfig) -> None:
@@ -209,17 +244,38 @@ class WideAndDeep(nn.Module):
         self.wide_item = nn.Embedding(I, 1)
         self.wide_user_x_popularity = nn.Embedding(U * K, 1)  # index u * K + item_bucket[i]
         self.wide_activity_x_item = nn.Embedding(K * I, 1)  # index user_bucket[u] * I + i
-        for table in (self.wide_user, self.wide_item, self.wide_user_x_popularity, self.wide_activity_x_item):
-            nn.init.zeros_(table.weight)  # a linear model starts at 0, like a fresh logistic regression
+        wide_tables = [self.wide_user, self.wide_item, self.wide_user_x_popularity, self.wide_activity_x_item]
         self.bias = nn.Parameter(torch.zeros(()))
         # deep: dense embeddings -> tower -> one number
         self.user_embed = nn.Embedding(U, d)
         self.item_embed = nn.Embedding(I, d)
         self.user_bucket_embed = nn.Embedding(K, config.bucket_dim)
         self.item_bucket_embed = nn.Embedding(K, config.bucket_dim)
-        for table in (self.user_embed, self.item_embed, self.user_bucket_embed, self.item_bucket_embed):
+        deep_tables = [self.user_embed, self.item_embed, self.user_bucket_embed, self.item_bucket_embed]
+        deep_in = 2 * d + 2 * config.bucket_dim
+        if config.has_side_features:
+            G, S = config.genres, config.side_dim
+            # Set from the data by set_side_features (zeros until then: every user in category 0).
+            self.register_buffer("user_occupation", torch.zeros(U, dtype=torch.long))  # (U,)
+            self.register_buffer("user_age", torch.zeros(U, dtype=torch.long))  # (U,)
+            self.register_buffer("user_gender", torch.zeros(U, dtype=torch.long))  # (U,)
+            self.register_buffer("item_genres", torch.zeros(I, G))  # (I, G) multi-hot
+            self.register_buffer("item_year", torch.zeros(I, dtype=torch.long))  # (I,)
+            self.wide_occupation_x_genre = nn.Embedding(config.occupations, G)  # row o: weight per genre
+            self.wide_age_x_genre = nn.Embedding(config.age_buckets, G)
+            self.wide_gender_x_genre = nn.Embedding(config.genders, G)
+            wide_tables += [self.wide_occupation_x_genre, self.wide_age_x_genre, self.wide_gender_x_genre]
+            self.occupation_embed = nn.Embedding(config.occupations, S)
+            self.age_embed = nn.Embedding(config.age_buckets, S)
+            self.gender_embed = nn.Embedding(config.genders, S)
+            self.year_embed = nn.Embedding(config.year_buckets, S)
+            deep_tables += [self.occupation_embed, self.age_embed, self.gender_embed, self.year_embed]
+            deep_in += 4 * S + G
+        for table in wide_tables:
+            nn.init.zeros_(table.weight)  # a linear model starts at 0, like a fresh logistic regression
+        for table in deep_tables:
             _init_embedding(table)
-        self.deep = relu_tower([2 * d + 2 * config.bucket_dim, *config.mlp_layers[1:]], config.dropout)
+        self.deep = relu_tower([deep_in, *config.mlp_layers[1:]], config.dropout)
         self.deep_out = nn.Linear(config.mlp_layers[-1], 1)
         _init_linear(self.deep_out)
 
@@ -233,13 +289,47 @@ class WideAndDeep(nn.Module):
             buckets = np.searchsorted(edges, counts, side="right").clip(0, K - 1)
             buffer.copy_(torch.from_numpy(buckets))
 
+    @torch.no_grad()
+    def set_side_features(self, side: Any) -> None:
+        """Copy a :class:`fromzero.data.movielens.SideFeatures` (aligned with this model's ids) into
+        the buffers; shapes and category ranges must match the config."""
+        c = self.config
+        if not c.has_side_features:
+            raise FromzeroError("this Wide & Deep model was built without side features (genres 0)")
+        arrays = {"user_occupation": (side.user_occupation, c.occupations),
+                  "user_age": (side.user_age, c.age_buckets),
+                  "user_gender": (side.user_gender, c.genders), "item_year": (side.item_year, c.year_buckets)}
+        for name, (values, n) in arrays.items():
+            values = torch.as_tensor(np.asarray(values), dtype=torch.long)
+            buffer = getattr(self, name)
+            in_range = not len(values) or 0 <= int(values.min()) <= int(values.max()) < n
+            if values.shape != buffer.shape or not in_range:
+                raise FromzeroError(f"side feature {name}: shape {tuple(values.shape)} with values outside "
+                                    f"0..{n - 1} or not the model's {tuple(buffer.shape)}")
+            buffer.copy_(values)
+        genres = torch.as_tensor(np.asarray(side.item_genres), dtype=torch.float32)
+        if genres.shape != self.item_genres.shape:
+            raise FromzeroError(f"side feature item_genres: shape {tuple(genres.shape)}, the model's is "
+                                f"{tuple(self.item_genres.shape)}")
+        self.item_genres.copy_(genres)
+
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         K, I = self.config.buckets, self.config.num_items
         ub, ib = self.user_bucket[users], self.item_bucket[items]  # (B,), (B,)
         wide = (self.wide_user(users) + self.wide_item(items) + self.wide_user_x_popularity(users * K + ib)
                 + self.wide_activity_x_item(ub * I + items)).squeeze(-1)  # (B,)
-        x = torch.cat([self.user_embed(users), self.item_embed(items),
-                       self.user_bucket_embed(ub), self.item_bucket_embed(ib)], dim=-1)  # (B, 2d + 2 bucket_dim)
+        parts = [self.user_embed(users), self.item_embed(items), self.user_bucket_embed(ub),
+                 self.item_bucket_embed(ib)]
+        if self.config.has_side_features:
+            occupation, age = self.user_occupation[users], self.user_age[users]
+            gender = self.user_gender[users]
+            genres = self.item_genres[items]  # (B, G) multi-hot
+            crosses = (self.wide_occupation_x_genre(occupation) + self.wide_age_x_genre(age)
+                       + self.wide_gender_x_genre(gender))  # (B, G): each user feature's weight per genre
+            wide = wide + (crosses * genres).sum(-1)  # only the item's genres count
+            parts += [self.occupation_embed(occupation), self.age_embed(age), self.gender_embed(gender),
+                      self.year_embed(self.item_year[items]), genres]
+        x = torch.cat(parts, dim=-1)  # (B, 2d + 2 bucket_dim [+ 4 side_dim + G])
         deep = self.deep_out(self.deep(x)).squeeze(-1)  # (B,)
         return wide + deep + self.bias  # (B,) logits
 
@@ -315,14 +405,19 @@ class ImplicitALS:
         self.user_factors = np.zeros((0, factors))
         self.item_factors = np.zeros((0, factors))
 
-    def fit(self, train: np.ndarray, num_users: int, num_items: int) -> "ImplicitALS":
+    def fit(self, train: np.ndarray, num_users: int, num_items: int,
+            after: Callable[[int, "ImplicitALS"], None] | None = None) -> "ImplicitALS":
+        """Alternate ``iterations`` times; ``after(k, self)`` runs after pass k (1-based) with the
+        factors so far (how a tuner scores several iteration counts from one fit)."""
         rng = np.random.default_rng(self.seed)
         X = rng.normal(0.0, 0.01, size=(num_users, self.factors))
         Y = rng.normal(0.0, 0.01, size=(num_items, self.factors))
-        for _ in range(self.iterations):
+        for k in range(1, self.iterations + 1):
             X = self._solve(Y, train[:, 0], train[:, 1], num_users)
             Y = self._solve(X, train[:, 1], train[:, 0], num_items)
-        self.user_factors, self.item_factors = X, Y
+            self.user_factors, self.item_factors = X, Y
+            if after is not None:
+                after(k, self)
         return self
 
     def _solve(self, fixed: np.ndarray, rows: np.ndarray, cols: np.ndarray, n_rows: int) -> np.ndarray:
