@@ -82,8 +82,8 @@ class Chunk:
     @property
     def citation(self) -> str:
         """``file:first-last`` (``file:line`` for one line)."""
-        lines = str(self.start_line) if self.start_line == self.end_line else f"{self.start_line}-{self.end_line}"
-        return f"{self.source}:{lines}"
+        first, last = self.start_line, self.end_line
+        return f"{self.source}:{first}" if first == last else f"{self.source}:{first}-{last}"
 
     def search_text(self) -> str:
         """What is embedded and matched: the heading (if any) and the passage."""
@@ -102,11 +102,13 @@ class Chunk:
         except KeyError as e:
             raise FromzeroError(f"{where}: missing field {e.args[0]!r}") from None
         ok = (isinstance(chunk.source, str) and isinstance(chunk.text, str)
-              and all(isinstance(v, int) and not isinstance(v, bool) for v in (chunk.start_line, chunk.end_line))
+              and all(isinstance(v, int) and not isinstance(v, bool)
+                      for v in (chunk.start_line, chunk.end_line))
               and 1 <= chunk.start_line <= chunk.end_line
               and all(v is None or isinstance(v, str) for v in (chunk.heading, chunk.speaker)))
         if not ok:
-            raise FromzeroError(f"{where}: a chunk needs string source/text and lines 1 <= start_line <= end_line")
+            raise FromzeroError(f"{where}: a chunk needs string source/text and lines "
+                                "1 <= start_line <= end_line")
         return chunk
 
 
@@ -187,7 +189,8 @@ def _read(shown: str, path: Path) -> Document:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise FromzeroError(f"{shown} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise FromzeroError(f"{shown} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                            f"{e.start})") from None
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     return Document(shown, text, hashlib.sha256(data).hexdigest(), len(data))
 

@@ -108,8 +108,8 @@ class Encoder:
         self.directory = resolve_encoder(model)
         raw = read_json(self.directory / CONFIG_FILE, "model config")
         if raw.get("model_type") != "fromzero-bert":
-            raise FromzeroError(f"{model} holds a {raw.get('model_type')!r} model; the index needs a sentence "
-                                "encoder (a fromzero-bert checkpoint such as all-MiniLM-L6-v2)")
+            raise FromzeroError(f"{model} holds a {raw.get('model_type')!r} model; the index needs a "
+                                "sentence encoder (a fromzero-bert checkpoint such as all-MiniLM-L6-v2)")
         self.config = BertConfig.from_dict(raw)
         self.tokenizer = load_encoder_tokenizer(self.directory, self.config)
         self.max_tokens = encoder_limit(self.directory, self.config)
@@ -144,10 +144,18 @@ class Encoder:
 
 def _progress(enabled: bool, label: str) -> Any:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -157,7 +165,8 @@ def _check_out(out: Path, force: bool) -> None:
     if not force:
         raise FromzeroError(f"{out} already exists; pass --force to replace it")
     if not out.is_dir() or _read_info(out, quiet=True) is None:
-        raise FromzeroError(f"{out} exists and is not a fromzero index; --force replaces only an index folder")
+        raise FromzeroError(f"{out} exists and is not a fromzero index; --force replaces only an index "
+                            "folder")
 
 
 def build_index(specs: Sequence[str], out: str | Path, cfg: IndexConfig | None = None, force: bool = False,
@@ -213,7 +222,8 @@ def _read_info(directory: Path, quiet: bool = False) -> dict[str, Any] | None:
     except FileNotFoundError:
         if quiet:
             return None
-        raise FromzeroError(f"{directory} is not an index (no {INFO_FILE}); build one with `fromzero index`") from None
+        raise FromzeroError(f"{directory} is not an index (no {INFO_FILE}); build one with "
+                            "`fromzero index`") from None
     except (OSError, ValueError) as e:
         if quiet:
             return None
@@ -280,8 +290,8 @@ class RetrievalIndex:
         info = _read_info(directory)
         assert info is not None
         if not isinstance(info.get("format"), int) or info["format"] > INDEX_FORMAT:
-            raise FromzeroError(f"{directory} is an index of format {info.get('format')!r}; this fromzero reads "
-                                f"format {INDEX_FORMAT} and older: upgrade it or rebuild the index")
+            raise FromzeroError(f"{directory} is an index of format {info.get('format')!r}; this fromzero "
+                                f"reads format {INDEX_FORMAT} and older: upgrade it or rebuild the index")
         try:
             text = (directory / CHUNKS_FILE).read_text(encoding="utf-8")
         except OSError as e:
@@ -304,10 +314,11 @@ class RetrievalIndex:
         counts, model = info.get("counts") or {}, info.get("model") or {}
         if embeddings is None or embeddings.ndim != 2:
             raise FromzeroError(f"{directory / EMBEDDINGS_FILE} holds no 2-D 'embeddings' tensor")
-        if not (len(chunks) == embeddings.shape[0] == counts.get("chunks")) or embeddings.shape[1] != model.get("dim"):
+        rows, dim = embeddings.shape
+        if not (len(chunks) == rows == counts.get("chunks")) or dim != model.get("dim"):
             raise FromzeroError(
-                f"{directory} is inconsistent: {len(chunks)} chunks, {embeddings.shape[0]} embeddings of dimension "
-                f"{embeddings.shape[1]}, info.json says {counts.get('chunks')} of dimension {model.get('dim')}; "
+                f"{directory} is inconsistent: {len(chunks)} chunks, {rows} embeddings of dimension {dim}, "
+                f"info.json says {counts.get('chunks')} of dimension {model.get('dim')}; "
                 "rebuild it with `fromzero index`")
         if not chunks:
             raise FromzeroError(f"{directory} holds no passages")
@@ -318,11 +329,9 @@ class RetrievalIndex:
     @property
     def dense_backend(self) -> str:
         """faiss (exact inner product) when faiss-cpu is installed, else torch."""
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "faiss"
+        import importlib.util
+
+        return "faiss" if importlib.util.find_spec("faiss") is not None else "torch"
 
     def encoder(self) -> Encoder:
         """The index's encoder, loaded once and checked to be the one that embedded the passages."""
@@ -348,7 +357,8 @@ class RetrievalIndex:
                 self._faiss = faiss.IndexFlatIP(self.embeddings.shape[1])
                 self._faiss.add(self.embeddings.numpy())
             scores, ids = self._faiss.search(query_vectors.float().numpy(), depth)
-            return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0] for row_i, row_s in zip(ids, scores)]
+            return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0]
+                    for row_i, row_s in zip(ids, scores)]
         out = []
         for start in range(0, len(query_vectors), 256):
             sims = query_vectors[start:start + 256].float() @ self.embeddings.T  # (Q, N)
@@ -402,15 +412,16 @@ class RetrievalIndex:
             sparse = self.bm25_rankings(queries, depth)
             ranked = [reciprocal_rank_fusion([[i for i, _ in d], [i for i, _ in s]])[:top_k]
                       for d, s in zip(dense, sparse)]
-        return [[Hit(r, i, self.chunks[i], s) for r, (i, s) in enumerate(rows[:top_k], start=1)] for rows in ranked]
+        return [[Hit(r, i, self.chunks[i], s) for r, (i, s) in enumerate(rows[:top_k], start=1)]
+                for rows in ranked]
 
 
 # ---------------------------------------------------------------------------------------------
 # Answering with a chat model
 
-SYSTEM_PROMPT = ("You answer questions using only the numbered passages the user gives you. Cite every passage you "
-                 "use by its number in square brackets, like [1]. If the passages do not answer the question, "
-                 "say that you do not know.")
+SYSTEM_PROMPT = ("You answer questions using only the numbered passages the user gives you. Cite every "
+                 "passage you use by its number in square brackets, like [1]. If the passages do not answer "
+                 "the question, say that you do not know.")
 
 
 def passage_block(number: int, chunk: Chunk) -> str:
@@ -469,7 +480,8 @@ class Answerer:
         self.device = resolve_device(device)
         self.model = load_model(checkpoint, self.device)
         if not isinstance(self.model, GPT):
-            raise FromzeroError(f"ask needs a chat model (a GPT); {checkpoint} holds a {type(self.model).__name__}")
+            raise FromzeroError(f"ask needs a chat model (a GPT); {checkpoint} holds a "
+                                f"{type(self.model).__name__}")
         self.model.eval()
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
         self.notice = notice or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -485,8 +497,8 @@ class Answerer:
                 break
             if len(kept) <= 1:
                 raise FromzeroError(
-                    f"the question with its best passage needs {len(ids)} tokens, more than the {room} the model's "
-                    f"context leaves (block_size {self.model.config.block_size} - --max-new-tokens "
+                    f"the question with its best passage needs {len(ids)} tokens, more than the {room} the "
+                    f"model's context leaves (block_size {self.model.config.block_size} - --max-new-tokens "
                     f"{self.max_new_tokens}); index shorter passages (--words) or lower --max-new-tokens")
             kept.pop()
         if len(kept) < len(hits):

@@ -34,8 +34,8 @@ __all__ = ["LineQuestion", "shakespeare_line_questions", "question_text", "play_
 
 QUESTION = 'Who speaks the line "{line}" and in which play?'
 _RUN_IN_SPEAKER = re.compile(r"^[A-Z][A-Z'&\- ]+\.(\s|$)")
-_TITLE_PREFIXES = ("the tragedy of ", "the life and death of ", "the life of ", "the history of ", "history of ",
-                   "the ", "a ")
+_TITLE_PREFIXES = ("the tragedy of ", "the life and death of ", "the life of ", "the history of ",
+                   "history of ", "the ", "a ")
 
 
 @dataclass
@@ -101,7 +101,8 @@ def shakespeare_line_questions(n: int = 1000, seed: int = 0, min_words: int = 6)
                     if (len(text.split()) < min_words or text.startswith("[") or _RUN_IN_SPEAKER.match(text)
                             or seen.get(_normalise(text)) != 1):
                         continue
-                    candidates.append(LineQuestion(text, doc.path, i + 1, speech.speaker, play_name(doc.path), title))
+                    candidates.append(LineQuestion(text, doc.path, i + 1, speech.speaker, play_name(doc.path),
+                                                   title))
     if n > len(candidates):
         raise ValueError(f"only {len(candidates)} lines qualify; asked for {n}")
     picked = sorted(random.Random(seed).sample(range(len(candidates)), n))
