@@ -79,6 +79,10 @@ def main() -> None:
     parser.add_argument("--chat-top-k", type=int, default=3, help="passages in the chat model's prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question draw")
+    parser.add_argument("--chat-only", action="store_true",
+                        help="retrieve for the --chat-n answered questions only (no recall table)")
+    parser.add_argument("--query", default="question", choices=("question", "line"),
+                        help="what the retrievers search with: the whole question (as `ask`) or the quoted line")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "retrieval_qa.json"))
     args = parser.parse_args()
@@ -88,17 +92,22 @@ def main() -> None:
 
     index, build_s = open_index(Path(args.index), not args.quiet)
     questions = shakespeare_line_questions(args.n, seed=args.seed)
+    picked = [int(i * len(questions) / args.chat_n) for i in range(args.chat_n)] if args.chat_n > 0 else []
+    if args.chat_only:
+        questions = [questions[i] for i in picked]
+        picked = list(range(len(questions)))
     texts = [question_text(q) for q in questions]
+    queries = texts if args.query == "question" else [q.line for q in questions]
     depth = max(FUSION_DEPTH, max(KS))
 
     t0 = time.perf_counter()
-    dense = index.dense_rankings(index.embed_queries(texts), depth)
+    dense = index.dense_rankings(index.embed_queries(queries), depth)
     dense_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     index.bm25()
     bm25_build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sparse = index.bm25_rankings(texts, depth)
+    sparse = index.bm25_rankings(queries, depth)
     bm25_s = time.perf_counter() - t0
     fused = [reciprocal_rank_fusion([[i for i, _ in d], [i for i, _ in s]]) for d, s in zip(dense, sparse)]
     rankings = {"MiniLM (dense)": dense, "BM25": sparse, "fused (RRF)": fused}
@@ -111,9 +120,7 @@ def main() -> None:
             sum(read_off_right(c[0], q) for c, q in zip(chunks, questions)) / len(questions))
 
     chat: dict = {}
-    if args.chat_n > 0:
-        step = len(questions) / args.chat_n
-        picked = [int(i * step) for i in range(args.chat_n)]
+    if picked:
         answerer = Answerer(args.checkpoint, device="cpu", max_new_tokens=args.max_new_tokens,
                             notice=lambda message: None)
         source = {"dense": dense, "bm25": sparse, "hybrid": fused}[args.chat_retriever]
@@ -149,7 +156,7 @@ def main() -> None:
         }
 
     result = {
-        "n_questions": len(questions), "seed": args.seed, "index": str(args.index), "index_info": {
+        "n_questions": len(questions), "seed": args.seed, "query": args.query, "chat_only": args.chat_only, "index": str(args.index), "index_info": {
             k: index.info[k] for k in ("model", "chunking", "counts")},
         "index_build_seconds": build_s, "dense_backend": index.dense_backend,
         "seconds": {"dense_queries": dense_s, "bm25_build": bm25_build_s, "bm25_queries": bm25_s},

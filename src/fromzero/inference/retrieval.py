@@ -476,7 +476,10 @@ class Answerer:
             raise FromzeroError("--max-new-tokens must be positive")
         if temperature < 0:
             raise FromzeroError("--temperature must be >= 0 (0 = greedy)")
-        self.chat = load_chat_format(Path(checkpoint), chat_template)  # before the weights: fail fast
+        from fromzero.models.builtin import resolve_model
+
+        checkpoint = resolve_model(checkpoint)  # a built-in name or a .gguf file works too
+        self.chat = load_chat_format(checkpoint, chat_template)  # before the weights: fail fast
         self.device = resolve_device(device)
         self.model = load_model(checkpoint, self.device)
         if not isinstance(self.model, GPT):
