@@ -174,6 +174,13 @@ def _fields(target: str) -> tuple[list[_Field], frozenset[str]]:
     return [_Field(name, default, docs.get(name, "")) for name, default in defaults.items()], unused
 
 
+def config_fields(target: str) -> list[tuple[str, Any, str]]:
+    """``(name, default, docstring)`` of every field of the dataclass ``target`` ("module:Class"),
+    read from the source: a command's options can take their defaults and help from its config
+    class without importing it."""
+    return [(f.name, f.default, f.doc) for f in _fields(target)[0]]
+
+
 def static_options_help(target: str, prefix: str = "") -> list[str]:
     """Lines ``--section.key (default: X)  doc`` for every leaf field of the config class
     ``target`` ("package.module:Class"), without importing its module."""

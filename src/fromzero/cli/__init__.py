@@ -3,7 +3,7 @@
 Exit codes: 0 success; 2 bad input, reported as one line ``error: ...`` on stderr (add
 ``--debug`` for the traceback); 130 interrupted.
 
-One module per group of verbs (data, train, generate, predict, serve, models); each adds its
+One module per group of verbs (data, train, generate, predict, retrieval, serve, models); each adds its
 verbs' parsers (``PARSERS``) and holds their handlers (``_cmd_<verb>``), which parse, call a
 library function and print. This module holds what they share: the parser and help formatter,
 :func:`build_parser` and :func:`main` (error handling). Heavy libraries (torch, transformers,
@@ -58,12 +58,12 @@ def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, descripti
 
 # The verbs in the order `fromzero --help` lists them (a module's verbs need not be adjacent).
 HELP_ORDER = ("data", "tokenizer", "pretrain", "generate", "chat", "convert", "embed", "finetune", "crossval",
-              "distill", "tune", "runs", "evaluate", "predict", "translate", "explain", "serve", "merge-lora", "export", "prune", "quantize")
+              "distill", "tune", "runs", "evaluate", "predict", "translate", "index", "ask", "explain", "serve", "merge-lora", "export", "prune", "quantize")
 
 
 def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = True) -> argparse.ArgumentParser:
     # The verb modules import the parser classes above from this package: import them once it is loaded.
-    from fromzero.cli import data, generate, models, predict, serve, train
+    from fromzero.cli import data, generate, models, predict, retrieval, serve, train
 
     parser = _Parser(
         prog="fromzero",
@@ -75,7 +75,8 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    adders = {**data.PARSERS, **generate.PARSERS, **models.PARSERS, **predict.PARSERS, **serve.PARSERS,
+    adders = {**data.PARSERS, **generate.PARSERS, **models.PARSERS, **predict.PARSERS, **retrieval.PARSERS,
+              **serve.PARSERS,
               **train.parsers(with_pretrain_help, with_finetune_help)}
     for verb in HELP_ORDER:
         adders[verb](sub)

@@ -240,33 +240,51 @@ def _speaker(line: str) -> tuple[str, str] | None:
     return name.upper(), m["rest"] or ""
 
 
-def _speeches(lines: list[str]) -> list[list[tuple[str, str]]]:
-    """A play's speeches as scenes of ``(speaker, text)``; a heading starts a new scene.
+@dataclass
+class Speech:
+    """One speech of a play: who speaks, the text, and where it is in the play's lines."""
+
+    speaker: str
+    """The speaker's name as the text writes it, upper-cased, without the final period ("BER")."""
+    text: str
+    """The speech without its speaker line (stage directions inside it kept), lines joined with \\n."""
+    first: int
+    """Index (0-based) in the lines given of the speaker line."""
+    last: int
+    """Index (0-based) of the speech's last line."""
+
+
+def speech_scenes(lines: list[str]) -> list[list[Speech]]:
+    """A play's speeches as scenes of :class:`Speech`; a heading starts a new scene.
 
     Blocks are separated by blank lines (or an all-capitals speaker line). A block opening
     with a speaker line starts a speech; a ``[stage direction]`` block between speeches is
     dropped; any other block continues the current speech (after a stage direction, a song, a
     letter), with the directions that came before it kept in the text.
     """
-    blocks: list[list[str]] = [[]]
-    for line in lines:
+    blocks: list[list[tuple[int, str]]] = [[]]  # (index in lines, stripped line)
+    for i, line in enumerate(lines):
         line = line.strip()
         if blocks[-1] and _INNER_SPEAKER.match(line) and _speaker(line):
             blocks.append([])
         if line:
-            blocks[-1].append(line)
+            blocks[-1].append((i, line))
         elif blocks[-1]:
             blocks.append([])
-    scenes: list[list[tuple[str, str]]] = [[]]
-    speaker, text, pending = None, [], []  # pending: directions after the current speech
+    scenes: list[list[Speech]] = [[]]
+    speaker: str | None = None
+    text: list[str] = []
+    pending: list[str] = []  # directions after the current speech
+    first = last = 0
 
     def flush() -> None:
         if speaker is not None and text:
-            scenes[-1].append((speaker, "\n".join(text)))
+            scenes[-1].append(Speech(speaker, "\n".join(text), first, last))
 
-    for block in blocks:
-        if not block:
+    for numbered in blocks:
+        if not numbered:
             continue
+        block = [line for _, line in numbered]
         # A speaker line alone in its block (its speech follows a blank line) must be capitals.
         head = _speaker(block[0]) if len(block) >= 2 or _INNER_SPEAKER.match(block[0]) else None
         if _HEADING.match(block[0]):
@@ -276,13 +294,20 @@ def _speeches(lines: list[str]) -> list[list[tuple[str, str]]]:
         elif head is not None:
             flush()
             speaker, text, pending = head[0], ([head[1]] if head[1] else []) + block[1:], []
+            first, last = numbered[0][0], numbered[-1][0]
         elif block[0].startswith("[") and block[-1].endswith("]"):
             pending.extend(block)
         elif speaker is not None:
             text.extend(pending + block)
             pending = []
+            last = numbered[-1][0]
     flush()
     return [s for s in scenes if s]
+
+
+def _speeches(lines: list[str]) -> list[list[tuple[str, str]]]:
+    """:func:`speech_scenes` as scenes of ``(speaker, text)``."""
+    return [[(s.speaker, s.text) for s in scene] for scene in speech_scenes(lines)]
 
 
 def shakespeare_dialogue(
