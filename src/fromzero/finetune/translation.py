@@ -546,9 +546,9 @@ def evaluate_translator(directory: str | Path, run: dict[str, Any], data: str | 
     torch_device = resolve_device(device)
     model, vocab, info = load_translator(directory, torch_device)
     settings = {k: run[k] for k in ("data", "stress", "source_tokens", "target_tokens") if k in run}
-    cfg = replace(TranslationConfig(), **settings, **({"data": data} if data else {}))
-    if cfg.data == TranslationConfig.data and "data" not in settings and not data:
+    if not data and "data" not in settings:
         raise FromzeroError(f"{directory}: no --data given and no run config names the data it was trained on")
+    cfg = replace(TranslationConfig(), **settings, **({"data": data} if data else {}))
     pairs = load_pairs(cfg)[split]
     pairs = pairs[:limit] if limit else pairs
     if not pairs:
