@@ -27,6 +27,16 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out for validation")
     prep.add_argument("--force", action="store_true", help="replace an existing output directory")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    export = _add_parser(
+        data_sub, "export-images", "write a built-in image dataset as an ImageFolder of PNG files",
+        description="Write a built-in image dataset as DIR/{train,val,test}/<class>/<index>.png plus meta.json: "
+        "the folder layout `finetune --config` reads as data.source for your own images.\n\nexample:\n"
+        "  fromzero data export-images mnist data/mnist-png",
+        func=_cmd_data_export_images,
+    )
+    export.add_argument("dataset", choices=("mnist",), help="built-in dataset: mnist (50k/10k/10k 28x28 digits)")
+    export.add_argument("out", help="output folder (must not exist unless --force)")
+    export.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
 def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +64,19 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
         f"vocab {meta['vocab_size']} ({meta['tokenizer']}), {meta['dtype']}"
     )
+    return 0
+
+
+def _cmd_data_export_images(args: argparse.Namespace) -> int:
+    from fromzero.data.mnist import export_image_folder, load_mnist
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FromzeroError(f"{out} already exists: choose another folder or pass --force to replace it")
+    splits = load_mnist()
+    export_image_folder(splits, out, force=args.force)
+    sizes = ", ".join(f"{name} {len(split):,}" for name, split in splits.items())
+    print(f"wrote {out}: {sizes} PNG images in 10 class folders per split")
     return 0
 
 
