@@ -58,12 +58,12 @@ def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, descripti
 
 # The verbs in the order `fromzero --help` lists them (a module's verbs need not be adjacent).
 HELP_ORDER = ("data", "tokenizer", "pretrain", "generate", "chat", "convert", "embed", "finetune", "crossval",
-              "distill", "tune", "runs", "evaluate", "predict", "translate", "index", "ask", "explain", "serve", "merge-lora", "export", "prune", "quantize")
+              "distill", "tune", "runs", "evaluate", "predict", "translate", "index", "ask", "explain", "serve", "merge-lora", "export", "prune", "quantize", "ui")
 
 
 def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = True) -> argparse.ArgumentParser:
     # The verb modules import the parser classes above from this package: import them once it is loaded.
-    from fromzero.cli import data, generate, models, predict, retrieval, serve, train
+    from fromzero.cli import data, generate, models, predict, retrieval, serve, train, ui
 
     parser = _Parser(
         prog="fromzero",
@@ -76,7 +76,7 @@ def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = Tru
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     adders = {**data.PARSERS, **generate.PARSERS, **models.PARSERS, **predict.PARSERS, **retrieval.PARSERS,
-              **serve.PARSERS,
+              **serve.PARSERS, **ui.PARSERS,
               **train.parsers(with_pretrain_help, with_finetune_help)}
     for verb in HELP_ORDER:
         adders[verb](sub)
