@@ -85,12 +85,20 @@ function aligned(lines) {
   });
   return [xs, ...ys];
 }
+// Whole steps on the x axis; y ticks with 3 significant digits (learning rates are small numbers).
+const STEPS = [1, 2, 5].flatMap((m) => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map((p) => m * p)).sort((a, b) => a - b);
+function tick(v) {
+  if (v == null) return "";
+  if (v === 0) return "0";
+  const a = Math.abs(v);
+  return a >= 1e5 || a < 1e-3 ? v.toExponential(1) : String(Number(v.toPrecision(3)));
+}
 function makeChart(el, title, labels, data, logY) {
   const width = Math.max(360, el.clientWidth || 430);
   const opts = {
     width, height: 240, title: "",
     scales: {x: {time: false}, y: logY ? {distr: 3} : {}},
-    axes: [{label: "step"}, {size: 60}],
+    axes: [{label: "step", incrs: STEPS}, {size: 64, values: (u, splits) => splits.map(tick)}],
     series: [{label: "step"}, ...labels.map((l, i) => ({label: l, stroke: COLORS[i % COLORS.length], width: 1.6,
       spanGaps: true, points: {show: data[0].length < 60}}))],
   };
