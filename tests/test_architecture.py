@@ -93,7 +93,7 @@ def test_help_read_from_source_equals_help_from_the_classes(target: str, cls: ty
 
 
 @pytest.mark.parametrize("argv", [[], ["pretrain"], ["finetune"], ["crossval"], ["generate"], ["serve"],
-                                  ["quantize"], ["tune"], ["convert"], ["predict"], ["explain"]])
+                                  ["quantize"], ["tune"], ["convert"], ["predict"], ["explain"], ["ui"]])
 def test_help_does_not_import_torch(argv: list[str]) -> None:
     code = ("import sys\nfrom fromzero.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"
             "except SystemExit:\n    pass\nheavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"

@@ -164,6 +164,11 @@ async function pageRun(name) {
   catch (e) {  // a run just launched has no config.yaml yet: wait for it
     view.replaceChildren(h("h1", {}, name), h("p", {class: "muted", id: "run-waiting"}, `${e.message}; waiting for it…`));
     const hash = location.hash;
+    const job = (await api("/api/jobs").catch(() => ({jobs: []}))).jobs.filter((j) => j.run === name).pop();
+    if (job && job.state !== "running") {  // it ended before writing its run directory: say why
+      view.append(h("p", {}, "its command ", badge(job.state), ":"), h("pre", {id: "job-log"}, job.log.join("\n")));
+      return;
+    }
     timers.push(setTimeout(() => { if (location.hash === hash) route(); }, 1500));
     return;
   }
