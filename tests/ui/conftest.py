@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.serving.conftest import TEMPLATE, LiveServer, write_gpt
+from tests.serving.conftest import TEMPLATE, LiveServer, write_bert, write_gpt
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -33,7 +33,8 @@ def find_chromium() -> str | None:
 def ui_fixture(tmp_path_factory: pytest.TempPathFactory, recipe_writer: Any) -> dict[str, Path]:
     """runs/ with ``done`` (a tiny GPT pretrained for 10 steps) and ``other`` (its copy with
     another lr and other curves: a second run to compare), recipes/ with ``tiny.yaml`` (a long
-    tiny pretraining, for launching and stopping), and a tiny SFT chat checkpoint."""
+    tiny pretraining, for launching and stopping), a tiny SFT chat checkpoint, a tiny BERT text
+    classifier (neg / pos) and a tiny BERT encoder."""
     from fromzero.cli import main
 
     root = tmp_path_factory.mktemp("ui")
@@ -59,7 +60,10 @@ def ui_fixture(tmp_path_factory: pytest.TempPathFactory, recipe_writer: Any) -> 
     write("tiny", out_dir=runs / "unused", train={"max_steps": 100000, "eval_every": 20, "log_interval": 2,
                                                   "decay_steps": 100000})
     chat = write_gpt(root / "chat" / "sft", info={"task": "sft", "template": TEMPLATE}, block_size=64)
-    return {"root": root, "runs": runs, "recipes": recipes, "chat": chat}
+    (root / "models").mkdir()
+    classifier = write_bert(root / "models" / "classifier", classifier=True)
+    encoder = write_bert(root / "models" / "encoder")
+    return {"root": root, "runs": runs, "recipes": recipes, "chat": chat, "classifier": classifier, "encoder": encoder}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,8 @@ def ui_server(ui_fixture: dict[str, Path]) -> Iterator[LiveServer]:
     from fromzero.ui import UIConfig, create_app
 
     config = UIConfig(runs=ui_fixture["runs"], recipes=ui_fixture["recipes"], device="cpu",
-                      chat_models={"tiny-sft": ui_fixture["chat"]})
+                      models={"tiny-sft": ui_fixture["chat"], "tiny-classifier": ui_fixture["classifier"],
+                              "tiny-encoder": ui_fixture["encoder"]})
     server = LiveServer(create_app(config))
     yield server
     server.stop()

@@ -141,3 +141,20 @@ def test_a_path_traversal_attempt_gets_404(page, ui_server):
                  "/files/done/%2e%2e%2fconfig.yaml/../../../../etc/passwd"):
         response = page.goto(ui_server.url + path)
         assert response.status == 404, path
+
+
+def test_playground_classifies_explains_and_embeds(page, ui_server, tmp_path):
+    page.goto(ui_server.url + "/#/playground")
+    page.select_option("#pg-model", "tiny-classifier")
+    page.fill("#pg-text", "a very good film")
+    page.click("#pg-classify")
+    assert page.locator("#pg-label").inner_text() in ("neg", "pos")
+    page.click("#pg-explain")
+    page.locator("#pg-explanation iframe").wait_for()
+    assert "good" in page.frame_locator("#pg-explanation iframe").locator("body").inner_text()
+    shot(page, tmp_path, "playground")
+    page.select_option("#pg-model", "tiny-encoder")
+    page.fill("#pg-text-a", "a good film")
+    page.fill("#pg-text-b", "a bad day")
+    page.click("#pg-embed")
+    assert "cosine similarity" in page.locator("#pg-result h2").inner_text()

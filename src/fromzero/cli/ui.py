@@ -18,7 +18,8 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
         "under --runs with its task, model, status, best metric, duration), a run (live loss / lr / validation "
         "curves, config, checkpoints, plots, test metrics), Compare (2-6 runs overlaid, config differences), "
         "Launch (a recipe from --recipes as a form; Stop sends SIGINT so the run saves; Resume), Chat (a chat "
-        "checkpoint from the runs or --chat-model, streamed replies).\n"
+        "checkpoint from the runs or --model, streamed replies), Playground (classify a text or an image, explain "
+        "it, embed texts).\n"
         "Binds 127.0.0.1; another --host needs --token. Stopping the interface stops the runs it started "
         "(they save first).\n\n"
         "examples:\n  fromzero ui\n  fromzero ui --runs runs --recipes recipes --port 7860\n"
@@ -30,10 +31,10 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="TCP port (0: any free port; the URL is printed)")
     p.add_argument("--token", default=None,
                    help="require this token on every request (default: $FROMZERO_UI_TOKEN, else none)" + _OWN_DEFAULT)
-    p.add_argument("--chat-model", action="append", default=[], metavar="CHECKPOINT",
-                   help="a chat checkpoint (directory or built-in name) the Chat page offers besides the runs' "
-                   "(repeatable)")
-    p.add_argument("--device", default="auto", help="device of the chat model: auto | cpu | cuda | mps")
+    p.add_argument("--model", action="append", default=[], metavar="CHECKPOINT",
+                   help="a checkpoint (directory or built-in name) to offer besides the runs': a chat model on the "
+                   "Chat page, a classifier or encoder on the Playground (repeatable)")
+    p.add_argument("--device", default="auto", help="device of the chat and playground models: auto | cpu | cuda | mps")
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -44,15 +45,15 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     recipes = Path(args.recipes)
     if args.recipes == "recipes" and not recipes.is_dir():
         recipes = None  # the default folder is optional; one given by name must exist
-    chat_models = {}
-    for name in args.chat_model:
+    models = {}
+    for name in args.model:
         path = Path(resolve_model(name))
         if not (path / "config.json").is_file():
-            raise FromzeroError(f"--chat-model {name}: not a checkpoint directory (no config.json)")
-        chat_models[name] = path
+            raise FromzeroError(f"--model {name}: not a checkpoint directory (no config.json)")
+        models[name] = path
     runs = Path(args.runs)
     config = UIConfig(runs=runs, recipes=recipes, host=args.host, port=args.port, token=token,
-                      chat_models=chat_models, device=args.device)
+                      models=models, device=args.device)
     config.validate()
     if not runs.is_dir():
         if runs.exists():

@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from fromzero.errors import FromzeroError
 from fromzero.ui.chat import ChatModels, chat_checkpoints
 from fromzero.ui.launch import Launcher, recipe_form
+from fromzero.ui.playground import Playground, decode_image, playground_models
 from fromzero.ui.runs import SERVABLE, config_diff, inside, read_metrics, run_detail, run_dir_of, run_table
 
 STATIC = Path(__file__).parent / "static"
@@ -47,8 +48,8 @@ class UIConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     token: str | None = None
-    chat_models: dict[str, Path] = field(default_factory=dict)  # name -> checkpoint directory (--chat-model)
-    device: str = "auto"  # for the chat model
+    models: dict[str, Path] = field(default_factory=dict)  # name -> checkpoint directory (--model)
+    device: str = "auto"  # of the chat and playground models
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -113,6 +114,7 @@ def create_app(config: UIConfig) -> FastAPI:
     runs_root = Path(config.runs)
     launcher = Launcher(runs_root, config.recipes)
     chat = ChatModels(config.device)
+    playground = Playground(config.device)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -228,7 +230,7 @@ def create_app(config: UIConfig) -> FastAPI:
 
     # -- chat -------------------------------------------------------------------------------
     def checkpoints() -> dict[str, Path]:
-        return chat_checkpoints(runs_root, config.chat_models)
+        return chat_checkpoints(runs_root, config.models)
 
     @app.get("/api/chat/models")
     async def chat_models() -> Any:
@@ -284,6 +286,42 @@ def create_app(config: UIConfig) -> FastAPI:
                 yield f"data: {json.dumps(event)}\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    # -- playground -------------------------------------------------------------------------
+    @app.get("/api/playground/models")
+    async def playground_list() -> Any:
+        return {"models": [{"name": n, "kind": k} for n, (_, k) in playground_models(runs_root, config.models).items()]}
+
+    @app.post("/api/playground/{action}")
+    async def playground_run(action: str, request: Request) -> Any:
+        import asyncio
+
+        body = await _json(request)
+        found = playground_models(runs_root, config.models)
+        name = str(body.get("model", ""))
+        if name not in found:
+            raise FromzeroError(f"no playground model {name!r}")
+        directory, kind = found[name]
+        text = body.get("text")
+        if text is not None and not isinstance(text, str):
+            raise FromzeroError("text must be a string")
+        image = decode_image(body["image"]) if isinstance(body.get("image"), str) else None
+        run = asyncio.get_running_loop().run_in_executor
+        if action == "embed":
+            if kind != "encoder":
+                raise FromzeroError(f"{name} is a {kind}, not an encoder")
+            texts = body.get("texts")
+            if not (isinstance(texts, list) and 1 <= len(texts) <= 8 and all(isinstance(t, str) and t for t in texts)):
+                raise FromzeroError("texts must be 1 to 8 non-empty strings")
+            return await run(None, playground.embed, directory, texts)
+        if action not in ("classify", "explain"):
+            return _error(404, f"no playground action {action!r}")
+        if kind == "encoder":
+            raise FromzeroError(f"{name} is an encoder: it embeds texts, it does not classify them")
+        if (kind == "image-classifier") != (image is not None):
+            raise FromzeroError(f"{name} is a {kind}: give it {'an image' if kind == 'image-classifier' else 'a text'}")
+        fn = playground.classify if action == "classify" else playground.explain
+        return await run(None, fn, name, directory, text, image)
 
     return app
 

@@ -22,11 +22,17 @@ CHAT_TASKS = {"sft", "dpo", "pretrain"}  # generators; those without a chat temp
 
 
 def chat_checkpoints(runs_root: Path, extra: dict[str, Path]) -> dict[str, Path]:
-    """Name -> directory of every generator checkpoint: ``extra`` (--chat-model) and the
+    """Name -> directory of every generator checkpoint: ``extra`` (--model) and the
     checkpoints/{best,last} of runs under ``runs_root`` whose info.json names a generator task."""
     from fromzero.evaluation.runs import list_runs
 
-    found = dict(extra)
+    found = {}
+    for name, directory in extra.items():  # the --model checkpoints that are language models
+        try:
+            if json.loads((directory / "config.json").read_text()).get("model_type") == "fromzero-gpt":
+                found[name] = directory
+        except (OSError, ValueError):
+            continue
     for row in list_runs(runs_root):
         for which in ("best", "last"):
             directory = runs_root / row.name / "checkpoints" / which

@@ -431,6 +431,67 @@ async function pageChat() {
   await load();
 }
 
+// ---- Playground ------------------------------------------------------------------------------
+async function pagePlayground() {
+  const {models} = await api("/api/playground/models");
+  const model = h("select", {id: "pg-model"}, models.length ? models.map((m) => h("option", {value: m.name, "data-kind": m.kind}, `${m.name} (${m.kind})`))
+    : h("option", {value: ""}, "no classifier or encoder checkpoints"));
+  const inputs = h("div", {id: "pg-inputs"});
+  const out = h("div", {id: "pg-output"});
+  view.replaceChildren(h("h1", {}, "Playground"), h("p", {class: "muted"}, "Try a classifier on a text or an image (and see why it " +
+    "decided so), or compare two texts with an encoder — as fromzero predict, explain and embed do."),
+    h("div", {class: "toolbar"}, model), h("div", {class: "card"}, inputs), out);
+  let image = null;
+  function kind() { const o = model.selectedOptions[0]; return o ? o.dataset.kind : ""; }
+  async function call(action, body) {
+    out.replaceChildren(h("p", {class: "muted"}, "running…"));
+    try { return await api(`/api/playground/${action}`, {model: model.value, ...body}); }
+    catch (e) { out.replaceChildren(h("p", {class: "muted"}, e.message)); return null; }
+  }
+  function showLabel(r) {
+    const probs = Object.entries(r.probabilities).sort((a, b) => b[1] - a[1]);
+    out.replaceChildren(h("div", {class: "card", id: "pg-result"}, h("h2", {}, "prediction: ", h("span", {id: "pg-label"}, r.label)),
+      h("table", {}, probs.map(([k, v]) => h("tr", {}, h("td", {}, k), h("td", {class: "num"}, (100 * v).toFixed(1) + " %"),
+        h("td", {style: "width:60%"}, h("div", {style: `background:#2f6fed;height:10px;width:${(100 * v).toFixed(1)}%`})))))));
+  }
+  function showExplanation(r) {
+    const body = r.png ? h("img", {src: r.png, style: "max-width:100%"})
+      : h("iframe", {sandbox: "", srcdoc: r.html, style: "width:100%;height:420px;border:1px solid #dde1ea;background:#fff"});
+    out.replaceChildren(h("div", {class: "card", id: "pg-explanation"}, h("h2", {}, `why (${r.method})`), h("p", {class: "muted"}, r.summary), body));
+  }
+  function render() {
+    out.replaceChildren();
+    const k = kind();
+    if (k === "encoder") {
+      const a = h("textarea", {id: "pg-text-a", rows: 2, style: "width:100%"}), b = h("textarea", {id: "pg-text-b", rows: 2, style: "width:100%"});
+      inputs.replaceChildren(h("p", {}, "text A"), a, h("p", {}, "text B"), b, h("p", {}, h("button", {id: "pg-embed", onclick: async () => {
+        const r = await call("embed", {texts: [a.value, b.value].filter((t) => t.trim())});
+        if (r) out.replaceChildren(h("div", {class: "card", id: "pg-result"}, h("h2", {}, r.cosine != null ? `cosine similarity ${r.cosine.toFixed(4)}` : `${r.dim} dimensions`),
+          h("p", {class: "muted"}, `${r.dim}-dimensional, normalized; first values:`), h("pre", {}, r.heads.map((v) => JSON.stringify(v)).join("\n"))));
+      }}, "Embed")));
+    } else if (k === "image-classifier") {
+      const file = h("input", {type: "file", id: "pg-image", accept: "image/*"});
+      const preview = h("img", {style: "max-height:160px;display:block;margin-top:8px"});
+      file.addEventListener("change", () => {
+        const f = file.files[0]; if (!f) return;
+        const reader = new FileReader();
+        reader.onload = () => { image = reader.result; preview.src = image; };
+        reader.readAsDataURL(f);
+      });
+      inputs.replaceChildren(file, preview, h("p", {class: "toolbar"},
+        h("button", {id: "pg-classify", onclick: async () => { const r = image && await call("classify", {image}); if (r) showLabel(r); }}, "Predict"),
+        h("button", {class: "secondary", id: "pg-explain", onclick: async () => { const r = image && await call("explain", {image}); if (r) showExplanation(r); }}, "Explain (Grad-CAM)")));
+    } else if (k === "text-classifier") {
+      const text = h("textarea", {id: "pg-text", rows: 4, style: "width:100%", placeholder: "a text to classify"});
+      inputs.replaceChildren(text, h("p", {class: "toolbar"},
+        h("button", {id: "pg-classify", onclick: async () => { const r = await call("classify", {text: text.value}); if (r) showLabel(r); }}, "Classify"),
+        h("button", {class: "secondary", id: "pg-explain", onclick: async () => { const r = await call("explain", {text: text.value}); if (r) showExplanation(r); }}, "Explain (integrated gradients)")));
+    } else inputs.replaceChildren(h("p", {class: "muted"}, "Fine-tune a classifier (a run's checkpoints appear here), or start fromzero ui with --model CHECKPOINT."));
+  }
+  model.addEventListener("change", render);
+  render();
+}
+
 // ---- router ----------------------------------------------------------------------------------
 async function route() {
   timers.forEach((t) => { clearInterval(t); clearTimeout(t); }); timers = [];
@@ -443,6 +504,7 @@ async function route() {
     else if (page === "compare") await pageCompare(arg);
     else if (page === "launch") await pageLaunch();
     else if (page === "chat") await pageChat();
+    else if (page === "playground") await pagePlayground();
     else await pageRuns();
   } catch (e) { toast(e.message); }
 }
