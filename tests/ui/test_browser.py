@@ -15,7 +15,16 @@ from typing import Any
 
 import pytest
 
+from tests.ui.conftest import find_chromium
+
 pytestmark = pytest.mark.slow
+
+# One line in the summary when the machine has no browser (the fixture skips too, for other reasons).
+if find_chromium() is None:
+    pytest.skip("no chromium found (apt-get install chromium, or set FROMZERO_CHROMIUM): browser tests skipped",
+                allow_module_level=True)
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]'): browser "
+                    "tests skipped")
 
 
 def shot(page: Any, tmp_path: Path, name: str) -> None:
