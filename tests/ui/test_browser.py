@@ -72,9 +72,11 @@ def test_launch_a_tiny_run_from_the_form_stop_it_and_resume_it(page, ui_server, 
     page.goto(ui_server.url + "/#/launch")
     page.select_option("#recipe-select", "tiny.yaml")
     page.locator('tr[data-key="train.lr"] input').fill("0.002")
+    page.locator('tr[data-key="train.lr"].changed').wait_for()  # the changed key stands out
     page.click("#launch-run")
     job = page.locator('#jobs-table tr[data-job]').first
     job.wait_for()
+    shot(page, tmp_path, "launch")
     run = job.locator("a").inner_text()
     run_dir = ui_fixture["runs"] / run
     # follow it: its page shows a loss curve that grows while it trains

@@ -289,7 +289,7 @@ async function pageLaunch() {
   view.replaceChildren(h("h1", {}, "Launch"),
     list.root ? h("div", {class: "toolbar"}, select, h("span", {class: "muted"}, `recipes in ${list.root}`))
       : h("p", {class: "muted"}, "no recipes folder: start fromzero ui with --recipes DIR"),
-    formEl, h("h2", {}, "Jobs started here"), jobsEl);
+    h("h2", {}, "Jobs started here"), jobsEl, formEl);
   let form = null;
   async function loadForm(name) {
     if (!name) { formEl.replaceChildren(); return; }
@@ -321,8 +321,13 @@ async function pageLaunch() {
     formEl.replaceChildren(
       h("p", {class: "muted"}, `task ${form.task} · runs as fromzero ${form.verb} --config ${form.recipe} plus the keys you change (bold)`),
       h("div", {class: "toolbar"}, launch),
-      h("div", {class: "card"}, h("table", {class: "form"}, h("tr", {}, ["key", "value", "default", "what it does"].map((c) => h("th", {}, c))),
-        inputs.map((x) => x.row))));
+      h("div", {class: "card"}, h("h2", {}, "Keys the recipe sets"), formTable(inputs.filter((x) => x.f.in_recipe)),
+        h("details", {id: "more-keys"}, h("summary", {}, `every other key (${inputs.filter((x) => !x.f.in_recipe).length}), at its default`),
+          formTable(inputs.filter((x) => !x.f.in_recipe)))));
+  }
+  function formTable(items) {
+    return h("table", {class: "form"}, h("tr", {}, ["key", "value", "default", "what it does"].map((c) => h("th", {}, c))),
+      items.map((x) => x.row));
   }
   function read(f, input) {
     if (f.type === "bool") return input.checked;
