@@ -181,3 +181,13 @@ def test_run_table_has_task_model_status_best_and_duration(ui_server):
         assert {c["name"] for c in detail["checkpoints"]} >= {"last", "best"}
         assert "plots/loss.png" in detail["plots"] and "train:" in detail["config_text"]
         assert json.loads(json.dumps(detail))  # all JSON
+
+
+def test_model_names_of_run_configs():
+    from fromzero.ui.runs import _model_name
+
+    assert _model_name({"model": {"init_from": "runs/shakespeare-char/checkpoints/best"}}) == "shakespeare-char:best"
+    assert _model_name({"model": {"init_from": "smollm2-135m-instruct"}}) == "smollm2-135m-instruct"
+    assert _model_name({"model": {"init_from": "", "arch": "simple"}}) == "simple"
+    assert _model_name({"model": {"n_layer": 4, "n_embd": 128}}) == "GPT 4L x 128"
+    assert _model_name({}) == "-"

@@ -44,10 +44,14 @@ def inside(root: Path, relative: str) -> Path | None:
 def _model_name(config: dict) -> str:
     """A short name for the model of a run's config.yaml (its base checkpoint, arch or size)."""
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    for key in ("name", "base", "checkpoint", "init", "arch", "path"):
+    for key in ("init_from", "name", "base", "checkpoint", "arch"):
         value = model.get(key)
         if isinstance(value, str) and value:
-            return Path(value).name if "/" in value and len(value) > 30 else value
+            parts = Path(value).parts
+            if "checkpoints" in parts[1:]:  # runs/NAME/checkpoints/best -> NAME:best
+                i = parts.index("checkpoints", 1)
+                return f"{parts[i - 1]}:{parts[i + 1]}" if i + 1 < len(parts) else parts[i - 1]
+            return Path(value).name if "/" in value else value
     if "n_layer" in model:
         return f"GPT {model.get('n_layer')}L x {model.get('n_embd')}"
     return "-"
