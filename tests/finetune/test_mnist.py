@@ -204,3 +204,40 @@ def test_mnist_run_resumes_exactly(tmp_path, monkeypatch, small_mnist):
         return _cfg(out, max_steps=8, eval_every=4, log_interval=1, batch_size=16)
 
     assert_resume_is_exact(finetune_images, make, tmp_path, monkeypatch, stop_at=5)
+
+
+def test_grown_cnn_exports_to_onnx_and_explains_with_gradcam(tmp_path, mnist):
+    """The MNIST-shaped simple CNN (BatchNorm, pooling, a 4x4 pooled head) through ONNX and
+    Grad-CAM, as recipes/mnist-cnn.yaml's checkpoint goes."""
+    import onnxruntime as ort
+
+    from fromzero.checkpoint import save_checkpoint
+    from fromzero.inference.explain import ExplainConfig, explain
+    from fromzero.inference.export import export_onnx
+    from fromzero.models.cnn import CNNConfig
+
+    simple = {"conv_channels": [8, 16], "pool_after": [1, 2], "batch_norm": True, "head_pool": 4, "hidden_size": 32}
+    torch.manual_seed(0)
+    model = build_cnn("simple", 10, in_channels=1, simple=simple)
+    with torch.no_grad():  # random BatchNorm statistics, so eval-mode normalisation is exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ckpt = tmp_path / "cnn"
+    save_checkpoint(ckpt, model, CNNConfig("simple", 10, 1, labels=[str(d) for d in range(10)], simple=simple).to_dict(),
+                    info={"task": "image-classification", "image_size": 28, "resize_size": 28, "channels": 1,
+                          "mean": [0.1307], "std": [0.3081]})
+    result = export_onnx(ckpt, tmp_path / "cnn.onnx")
+    x = (mnist["test"].images[:3].float() / 255 - 0.1307) / 0.3081
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = model.eval()(x)
+    assert np.abs(got - expected.numpy()).max() < 1e-4
+
+    Image.fromarray(mnist["test"].images[0, 0].numpy()).save(tmp_path / "7.png")
+    records = explain(ExplainConfig(str(ckpt), method="gradcam", out=str(tmp_path / "cam"), device="cpu"),
+                      images=[tmp_path / "7.png"], echo=lambda line: None)
+    assert records[0]["layer"] == "conv2" and np.array(records[0]["grid"]).shape == (14, 14)
+    assert (tmp_path / "cam" / "001.gradcam.png").is_file()
