@@ -53,8 +53,9 @@ DIGITS_PER_SCENE = (1, 5)
 SCENES = {"train": 10_000, "val": 1_000, "test": 1_000}
 """Scenes per split of the built-in data."""
 SEED = 0
-VERSION = 1
-"""Bumped whenever the generator changes (the cached folder's name carries it)."""
+VERSION = 2
+"""Bumped whenever the generator's output changes (the cached folder's name carries it); 2: annotation
+ids from 1 (COCO's convention), the scenes unchanged."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,14 +140,15 @@ def make_scenes(images: torch.Tensor, labels: torch.Tensor, count: int, seed: in
 
 
 def scenes_to_coco(scenes: list[Scene], classes: tuple[str, ...], first_image_id: int = 0) -> dict[str, Any]:
-    """The COCO annotation dict of ``scenes`` (images named ``images/NNNNNN.png``; category id = class index)."""
+    """The COCO annotation dict of ``scenes`` (images named ``images/NNNNNN.png``; category id = class
+    index; annotation ids from 1, as COCO's own files: some tools take id 0 for "no match")."""
     images, annotations = [], []
     for i, scene in enumerate(scenes):
         image_id = first_image_id + i
         h, w = scene.image.shape
         images.append({"id": image_id, "file_name": f"images/{i:06d}.png", "width": int(w), "height": int(h)})
         for box, label in zip(scene.boxes, scene.labels):
-            annotations.append({"id": len(annotations), "image_id": image_id, "category_id": int(label),
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
                                 "bbox": [int(v) for v in box], "area": int(box[2] * box[3]), "iscrowd": 0})
     return {"info": {"description": "fromzero scenes of MNIST digits"}, "images": images,
             "annotations": annotations, "categories": [{"id": i, "name": name} for i, name in enumerate(classes)]}

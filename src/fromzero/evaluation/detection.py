@@ -24,9 +24,11 @@ def coco_metrics(coco_gt: dict[str, Any], detections: list[dict[str, Any]]) -> d
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    # Annotation ids renumbered from 1: COCOeval records a match as the matched annotation's id and
+    # tests it for truth, so a ground-truth box with id 0 would never count as found.
     gt_dict = {"images": coco_gt["images"], "categories": coco_gt["categories"],
-               "annotations": [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3]), "iscrowd": a.get("iscrowd", 0)}
-                               for a in coco_gt["annotations"]]}
+               "annotations": [{**a, "id": k + 1, "area": a.get("area", a["bbox"][2] * a["bbox"][3]),
+                                "iscrowd": a.get("iscrowd", 0)} for k, a in enumerate(coco_gt["annotations"])]}
     image_ids = {im["id"] for im in gt_dict["images"]}
     cat_ids = {c["id"] for c in gt_dict["categories"]}
     for d in detections:

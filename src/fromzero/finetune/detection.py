@@ -257,9 +257,9 @@ class ObjectDetectionTask(FinetuneTask):
         return loss, x.size(0), 0
 
     def _score(self, split: str, per_class: bool = False) -> dict[str, Any]:
-        with self.autocast():
-            m = score_split(self.model, self.splits[split], self.category_ids, self.device,
-                            max_detections=self.cfg.max_detections)
+        # In float32 (no autocast) whatever the training dtype: `fromzero evaluate` reproduces it exactly.
+        m = score_split(self.model, self.splits[split], self.category_ids, self.device,
+                        max_detections=self.cfg.max_detections)
         return m if per_class else {k: m[k] for k in ("map", "map_50", "map_75", "ar_100")}
 
     def evaluate(self, _: nn.Module) -> dict[str, Any]:

@@ -138,6 +138,17 @@ class FirstOutput(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+class AllOutputs(nn.Module):
+    """The model with plain tensors in and its tuple of tensors out (a detector's heads)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(*inputs))
+
+
 # ---------------------------------------------------------------------------------------------
 # Plans per model family
 
@@ -276,7 +287,7 @@ def _detector_plan(model: nn.Module, raw_config: dict[str, Any], info: dict[str,
         "labels": raw_config.get("labels"), "category_ids": raw_config.get("category_ids"),
     }
     return ExportPlan(
-        module=model, inputs=[TensorSpec("pixel_values", "float32", ["batch", channels, "height", "width"])],
+        module=AllOutputs(model), inputs=[TensorSpec("pixel_values", "float32", ["batch", channels, "height", "width"])],
         output_names=["heatmap", "size", "offset"], make_inputs=make_inputs,
         axes={"batch": (1, 1 << 20), "height": (8, _MAX_IMAGE_SIDE), "width": (8, _MAX_IMAGE_SIDE)},
         trace_sizes={"batch": _TRACE["batch"], "height": 64, "width": 64},
