@@ -86,7 +86,8 @@ def ink_box(patch: np.ndarray) -> tuple[int, int, int, int] | None:
     rows, cols = np.nonzero(patch >= INK)
     if rows.size == 0:
         return None
-    return int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
+    x, y = int(cols.min()), int(rows.min())
+    return x, y, int(cols.max()) - x + 1, int(rows.max()) - y + 1
 
 
 @dataclass
@@ -151,7 +152,8 @@ def scenes_to_coco(scenes: list[Scene], classes: tuple[str, ...], first_image_id
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
                                 "bbox": [int(v) for v in box], "area": int(box[2] * box[3]), "iscrowd": 0})
     return {"info": {"description": "fromzero scenes of MNIST digits"}, "images": images,
-            "annotations": annotations, "categories": [{"id": i, "name": name} for i, name in enumerate(classes)]}
+            "annotations": annotations,
+            "categories": [{"id": i, "name": name} for i, name in enumerate(classes)]}
 
 
 def write_coco_split(folder: Path, scenes: list[Scene], classes: tuple[str, ...]) -> None:
@@ -277,7 +279,8 @@ def _load_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise FromzeroError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise FromzeroError(f"{path}: a COCO annotation file is a JSON object with images, annotations, categories")
+        raise FromzeroError(f"{path}: a COCO annotation file is a JSON object with images, annotations, "
+                            "categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise FromzeroError(f"{path}: {key!r} is missing or not a list")
@@ -333,7 +336,8 @@ def read_coco(path: str | Path, channels: int = 1, categories: list[dict[str, An
                 raise FromzeroError(f"{path}: image {image_id} has {key} {entry[key]} (must be > 0)")
         images_by_id[image_id] = entry
     if not data["annotations"]:
-        raise FromzeroError(f"{path} holds no annotations: a detector needs boxes to learn from and to be scored on")
+        raise FromzeroError(f"{path} holds no annotations: a detector needs boxes to learn from and to be "
+                            "scored on")
     per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images_by_id}
     ann_ids: set[int] = set()
     for ann in data["annotations"]:
@@ -345,24 +349,26 @@ def read_coco(path: str | Path, channels: int = 1, categories: list[dict[str, An
         ann_ids.add(aid)
         image_id = ann.get("image_id")
         if image_id not in images_by_id:
-            raise FromzeroError(f"{path}: annotation {aid} refers to image id {image_id!r}, which is not in images")
+            raise FromzeroError(f"{path}: annotation {aid} refers to image id {image_id!r}, which is not in "
+                                "images")
         cat = ann.get("category_id")
         if cat not in index:
             known = ", ".join(str(c["id"]) for c in cats)
-            raise FromzeroError(f"{path}: annotation {aid} has unknown category id {cat!r} (categories: {known})")
+            raise FromzeroError(f"{path}: annotation {aid} has unknown category id {cat!r} "
+                                f"(categories: {known})")
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
             raise FromzeroError(f"{path}: annotation {aid} has bbox {bbox!r}, expected [x, y, w, h] numbers")
         x, y, w, h = (float(v) for v in bbox)
         if not (w > 0 and h > 0):
-            raise FromzeroError(f"{path}: annotation {aid} (image {image_id}) has a box of width {w:g} and height "
-                                f"{h:g}: both must be > 0")
+            raise FromzeroError(f"{path}: annotation {aid} (image {image_id}) has a box of width {w:g} and "
+                                f"height {h:g}: both must be > 0")
         img = images_by_id[image_id]
         tol = 1e-3  # rounding in other tools' writers
         if x < -tol or y < -tol or x + w > img["width"] + tol or y + h > img["height"] + tol:
-            raise FromzeroError(f"{path}: annotation {aid} has box [{x:g}, {y:g}, {w:g}, {h:g}] outside image "
-                                f"{image_id} ({img['width']} x {img['height']})")
+            raise FromzeroError(f"{path}: annotation {aid} has box [{x:g}, {y:g}, {w:g}, {h:g}] outside "
+                                f"image {image_id} ({img['width']} x {img['height']})")
         if not ann.get("iscrowd", 0):  # crowd regions are ignored in training; COCOeval ignores them too
             per_image[image_id].append(([x, y, x + w, y + h], index[cat]))
     ids = list(images_by_id)
@@ -385,16 +391,16 @@ def read_coco(path: str | Path, channels: int = 1, categories: list[dict[str, An
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise FromzeroError(f"{path}: image {image_id}: {file} is not a readable image ({e})") from None
         if pixels.shape[:2] != (entry["height"], entry["width"]):
-            raise FromzeroError(f"{path}: image {image_id}: {file} is {pixels.shape[1]} x {pixels.shape[0]}, the "
-                                f"annotations say {entry['width']} x {entry['height']}")
+            raise FromzeroError(f"{path}: image {image_id}: {file} is {pixels.shape[1]} x {pixels.shape[0]}, "
+                                f"the annotations say {entry['width']} x {entry['height']}")
         t = torch.from_numpy(pixels.copy())
         images.append(t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous())
     coco = {"images": [images_by_id[i] for i in ids], "annotations": data["annotations"], "categories": cats}
     return DetectionSplit(path, ids, images, boxes, labels, coco)
 
 
-def read_coco_folder(data_dir: Path, channels: int = 1,
-                     splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, DetectionSplit], list[dict[str, Any]]]:
+def read_coco_folder(data_dir: Path, channels: int = 1, splits: tuple[str, ...] = SPLITS
+                     ) -> tuple[dict[str, DetectionSplit], list[dict[str, Any]]]:
     """The ``splits`` of a COCO data folder (``DATA/<split>/annotations.json``), all with the
     training split's categories (val/test may not add any), and those categories."""
     data_dir = Path(data_dir)

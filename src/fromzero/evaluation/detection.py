@@ -26,9 +26,9 @@ def coco_metrics(coco_gt: dict[str, Any], detections: list[dict[str, Any]]) -> d
 
     # Annotation ids renumbered from 1: COCOeval records a match as the matched annotation's id and
     # tests it for truth, so a ground-truth box with id 0 would never count as found.
-    gt_dict = {"images": coco_gt["images"], "categories": coco_gt["categories"],
-               "annotations": [{**a, "id": k + 1, "area": a.get("area", a["bbox"][2] * a["bbox"][3]),
-                                "iscrowd": a.get("iscrowd", 0)} for k, a in enumerate(coco_gt["annotations"])]}
+    annotations = [{**a, "id": k + 1, "area": a.get("area", a["bbox"][2] * a["bbox"][3]),
+                    "iscrowd": a.get("iscrowd", 0)} for k, a in enumerate(coco_gt["annotations"])]
+    gt_dict = {"images": coco_gt["images"], "categories": coco_gt["categories"], "annotations": annotations}
     image_ids = {im["id"] for im in gt_dict["images"]}
     cat_ids = {c["id"] for c in gt_dict["categories"]}
     for d in detections:
@@ -41,7 +41,8 @@ def coco_metrics(coco_gt: dict[str, Any], detections: list[dict[str, Any]]) -> d
         gt.dataset = gt_dict
         gt.createIndex()
         if detections:
-            dt = gt.loadRes([{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in detections])
+            keys = ("image_id", "category_id", "bbox", "score")
+            dt = gt.loadRes([{k: d[k] for k in keys} for d in detections])
         else:
             dt = COCO()
             dt.dataset = {"images": gt_dict["images"], "categories": gt_dict["categories"], "annotations": []}
@@ -54,7 +55,8 @@ def coco_metrics(coco_gt: dict[str, Any], detections: list[dict[str, Any]]) -> d
     names = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "ar_1", "ar_10", "ar_100",
              "ar_small", "ar_medium", "ar_large"]
     out: dict[str, Any] = {k: (v if v >= 0 else None) for k, v in zip(names, s)}
-    # precision: [IoU thresholds (10), recall points (101), classes, area ranges (all first), maxDets (100 last)]
+    # precision: [IoU thresholds (10), recall points (101), classes, area ranges (all first),
+    # maxDets (100 last)]
     precision = ev.eval["precision"]
     per_class = {}
     for k, cat_id in enumerate(ev.params.catIds):
@@ -74,7 +76,8 @@ def format_detection_report(m: dict[str, Any]) -> str:
         return "  n/a" if v is None else f"{v:.3f}"
 
     lines = [f"mAP@[.5:.95] {f(m['map'])}   mAP@0.5 {f(m['map_50'])}   mAP@0.75 {f(m['map_75'])}   "
-             f"AR@100 {f(m['ar_100'])}   ({m['images']} images, {m['objects']} objects, {m['detections']} detections)",
+             f"AR@100 {f(m['ar_100'])}   ({m['images']} images, {m['objects']} objects, "
+             f"{m['detections']} detections)",
              "class   AP@[.5:.95]  AP@0.5"]
     for name, v in m["per_class"].items():
         lines.append(f"{name:>5}   {f(v['ap']):>11}  {f(v['ap_50']):>6}")
@@ -122,7 +125,8 @@ def draw_detections(images: list[Any], detections: list[dict[str, Any]], labels:
              for i, (im, d) in enumerate(zip(images, detections))]
     if not tiles:
         return
-    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)))
+    width = sum(t.width for t in tiles) + 4 * (len(tiles) - 1)
+    sheet = Image.new("RGB", (width, max(t.height for t in tiles)))
     x = 0
     for t in tiles:
         sheet.paste(t, (x, 0))

@@ -50,7 +50,8 @@ class DetectionConfig(FinetuneConfig):
         {"method", "unfreeze_top", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "init_from"})
 
     data_dir: str = "mnist-detection"
-    """mnist-detection (built in: 64 x 64 scenes of 1-5 MNIST digits) or a folder with train/, val/ and test/, each holding a COCO annotations.json and its images."""
+    """mnist-detection (built in: 64 x 64 scenes of 1-5 MNIST digits) or a folder with train/, val/ and
+    test/, each holding a COCO annotations.json and its images."""
     channels: int = 1
     """1 (grayscale, L) or 3 (RGB): every image is converted to it."""
     arch: str = "centernet"
@@ -83,10 +84,11 @@ class DetectionConfig(FinetuneConfig):
     def validate(self) -> None:
         """Raise FromzeroError for a value that cannot work."""
         if not str(self.data_dir).strip():
-            raise FromzeroError("data.source is required: mnist-detection or a COCO folder with train/, val/, test/")
+            raise FromzeroError("data.source is required: mnist-detection or a COCO folder with train/, "
+                                "val/, test/")
         if self.method != "full":
-            raise FromzeroError(f"method {self.method!r} is not supported for object detection (it trains every "
-                                "weight from scratch: method full)")
+            raise FromzeroError(f"method {self.method!r} is not supported for object detection (it trains "
+                                "every weight from scratch: method full)")
         self.validate_common()
         if self.arch not in ARCHS:
             raise FromzeroError(f"arch {self.arch!r} is not supported (supported: {', '.join(ARCHS)})")
@@ -104,7 +106,8 @@ class DetectionConfig(FinetuneConfig):
 # Model
 
 
-def build_detector(cfg: DetectionConfig, labels: list[str], category_ids: list[int]) -> tuple[nn.Module, dict]:
+def build_detector(cfg: DetectionConfig, labels: list[str],
+                   category_ids: list[int]) -> tuple[nn.Module, dict]:
     """The detector for ``cfg.arch`` and its config.json."""
     if cfg.arch == "centernet":
         from fromzero.models.centernet import CenterNet, CenterNetConfig
@@ -174,7 +177,8 @@ def score_split(model: nn.Module, split: DetectionSplit, category_ids: list[int]
         images = split.images[start:start + batch_size]
         for image_id, d in zip(split.image_ids[start:start + batch_size],
                                detect(model, images, device, 0.0, max_detections)):
-            for (x1, y1, x2, y2), s, c in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
+            found = zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist())
+            for (x1, y1, x2, y2), s, c in found:
                 detections.append({"image_id": image_id, "category_id": category_ids[c],
                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
     return coco_metrics(split.coco, detections)
@@ -200,7 +204,7 @@ def _collate(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tu
 
 
 def finetune_detection(cfg: DetectionConfig, resume: bool = False) -> dict[str, Any]:
-    """Run an ObjectDetectionTask (train, keep the best val mAP@0.5 weights, test once); returns its summary."""
+    """Run an ObjectDetectionTask (train, keep the best val mAP@0.5 weights, test once); its summary."""
     return run_finetune_task(ObjectDetectionTask, cfg, resume)
 
 
@@ -247,12 +251,13 @@ class ObjectDetectionTask(FinetuneTask):
 
             heads = net(x)
             h, w = heads[0].shape[-2:]
-            assert h * STRIDE == x.shape[-2] and w * STRIDE == x.shape[-1], "input sides must be multiples of 8"
+            assert (h * STRIDE, w * STRIDE) == tuple(x.shape[-2:]), "input sides must be multiples of 8"
             targets = {k: v.to(self.device) for k, v in
                        encode_targets(boxes, labels, len(self.labels), h, w).items()}
             loss, _ = centernet_loss(heads, targets)
         else:
-            targets = [{"boxes": b.to(self.device), "labels": c.to(self.device)} for b, c in zip(boxes, labels)]
+            targets = [{"boxes": b.to(self.device), "labels": c.to(self.device)}
+                       for b, c in zip(boxes, labels)]
             loss = sum(net(x, targets).values())
         return loss, x.size(0), 0
 
@@ -276,8 +281,8 @@ class ObjectDetectionTask(FinetuneTask):
         return self._score("test", per_class=True)
 
     def test_row(self, fit: FitResult, test: dict[str, Any]) -> dict[str, Any]:
-        return {"step": fit.steps, "epoch": fit.best_epoch, "test_map": test["map"], "test_map_50": test["map_50"],
-                "test_map_75": test["map_75"]}
+        return {"step": fit.steps, "epoch": fit.best_epoch, "test_map": test["map"],
+                "test_map_50": test["map_50"], "test_map_75": test["map_75"]}
 
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         from fromzero.evaluation.detection import draw_detections, format_detection_report
@@ -292,7 +297,9 @@ class ObjectDetectionTask(FinetuneTask):
         found = detect(self.model, shown, self.device, 0.3, self.cfg.max_detections)
         draw_detections(shown, found, self.labels, self.run_dir / "plots" / "test_detections.png",
                         truth=list(zip(test_split.boxes[:8], test_split.labels[:8])))
-        self.write_best({"best_epoch": fit.best_epoch, "best_step": fit.best_step, "val_map_50": best_val["map_50"],
-                         "val_map": best_val["map"], "test_map_50": test["map_50"], "test_map": test["map"]})
-        print(f"test ({len(test_split)} images, best epoch {fit.best_epoch}):\n{format_detection_report(test)}")
+        self.write_best({"best_epoch": fit.best_epoch, "best_step": fit.best_step,
+                         "val_map_50": best_val["map_50"], "val_map": best_val["map"],
+                         "test_map_50": test["map_50"], "test_map": test["map"]})
+        print(f"test ({len(test_split)} images, best epoch {fit.best_epoch}):")
+        print(format_detection_report(test))
         return self.summary(fit, test, labels=self.labels, params=self.params)

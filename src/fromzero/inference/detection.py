@@ -28,7 +28,8 @@ class Detector:
         self.directory = Path(directory)
         self.info = checkpoint_info(self.directory)
         if self.info.get("task") != "object-detection":
-            raise FromzeroError(f"{directory} is a {self.info.get('task')} checkpoint, not an object detector")
+            raise FromzeroError(f"{directory} is a {self.info.get('task')} checkpoint, not an object "
+                                "detector")
         self.device = resolve_device(device)
         config = read_json(self.directory / CONFIG_FILE, "model config")
         self.model = load_model(self.directory, self.device).eval()
@@ -55,7 +56,8 @@ class Detector:
         t = torch.from_numpy(pixels.copy())
         return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
-    def detect(self, images: list[torch.Tensor], threshold: float, max_detections: int = 100) -> list[dict[str, Any]]:
+    def detect(self, images: list[torch.Tensor], threshold: float,
+               max_detections: int = 100) -> list[dict[str, Any]]:
         from fromzero.finetune.detection import detect
 
         return detect(self.model, images, self.device, threshold, max_detections)
@@ -63,7 +65,8 @@ class Detector:
     def rows(self, name: str, found: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """One JSON-able row per box: image, label, score, box [x, y, w, h] (pixels, top-left origin)."""
         rows = []
-        for (x1, y1, x2, y2), s, c in zip(found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist()):
+        boxes = zip(found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist())
+        for (x1, y1, x2, y2), s, c in boxes:
             rows.append({"image": name, "label": self.labels[c], "score": round(s, 4),
                          "box": [round(x1, 1), round(y1, 1), round(x2 - x1, 1), round(y2 - y1, 1)]})
         return rows

@@ -64,7 +64,8 @@ class CenterNetConfig(ConfigDict):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
         if self.labels is not None and len(self.labels) != self.num_classes:
-            raise ValueError(f"model.labels has {len(self.labels)} names but num_classes is {self.num_classes}")
+            raise ValueError(f"model.labels has {len(self.labels)} names but num_classes is "
+                             f"{self.num_classes}")
 
 
 STRIDE = 4
@@ -76,7 +77,8 @@ GAUSSIAN_ALPHA = 0.54
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)  # no bias: BatchNorm has one
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ResidualBlock(nn.Module):
@@ -105,8 +107,9 @@ class CenterNet(nn.Module):
         self.config = config
         c = config.width
         self.stem = nn.Sequential(_conv(config.in_channels, c), _conv(c, c, stride=2))        # stride 2
-        self.stage4 = nn.Sequential(_conv(c, 2 * c, stride=2), *[ResidualBlock(2 * c) for _ in range(config.blocks)])
-        self.stage8 = nn.Sequential(_conv(2 * c, 4 * c, stride=2), *[ResidualBlock(4 * c) for _ in range(config.blocks)])
+        n = config.blocks
+        self.stage4 = nn.Sequential(_conv(c, 2 * c, stride=2), *[ResidualBlock(2 * c) for _ in range(n)])
+        self.stage8 = nn.Sequential(_conv(2 * c, 4 * c, stride=2), *[ResidualBlock(4 * c) for _ in range(n)])
         self.lateral = nn.Conv2d(4 * c, 2 * c, 1)  # stride-8 context, projected to stride 4's width
         self.fuse = _conv(2 * c, 2 * c)
         self.heatmap = _head(2 * c, 2 * c, config.num_classes)
@@ -160,7 +163,8 @@ def encode_targets(boxes: list[torch.Tensor], labels: list[torch.Tensor], num_cl
     return {"heatmap": heat, "size": size, "offset": offset, "mask": mask}
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0,
+               beta: float = 4.0) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss, summed and divided by the number of centres.
 
     At a centre (target == 1): -(1 - p)^alpha log p. Elsewhere: -(1 - y)^beta p^alpha log(1 - p),
@@ -192,7 +196,8 @@ def centernet_loss(heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 
 @torch.no_grad()
 def decode(heat: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, stride: int = STRIDE,
-           max_detections: int = 100, threshold: float = 0.0, logits: bool = True) -> list[dict[str, torch.Tensor]]:
+           max_detections: int = 100, threshold: float = 0.0,
+           logits: bool = True) -> list[dict[str, torch.Tensor]]:
     """Heads -> per image ``{"boxes": (n, 4) [x1, y1, x2, y2] pixels, "scores": (n,), "labels": (n,)}``.
 
     A cell is a detection when its heat is the maximum of its 3 x 3 neighbourhood (in its class)

@@ -59,12 +59,14 @@ class FCOSConfig(ConfigDict):
     """The COCO category id of each class index."""
 
     def validate(self) -> None:
-        for name in ("num_classes", "in_channels", "image_size", "fpn_channels", "head_convs", "detections_per_image"):
+        for name in ("num_classes", "in_channels", "image_size", "fpn_channels", "head_convs",
+                     "detections_per_image"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
         if self.fpn_channels % 16:
-            raise ValueError(f"model.fpn_channels must be a multiple of 16 (GroupNorm groups), got {self.fpn_channels}")
+            raise ValueError(f"model.fpn_channels must be a multiple of 16 (GroupNorm groups), "
+                             f"got {self.fpn_channels}")
 
 
 class FCOSDetector(nn.Module):
@@ -88,8 +90,9 @@ class FCOSDetector(nn.Module):
                                    in_channels_list=[128, 256, 512], out_channels=c,
                                    extra_blocks=LastLevelP6P7(c, c))
         head = FCOSHead(c, 1, config.num_classes, num_convs=config.head_convs)
-        self.net = FCOS(backbone, config.num_classes, min_size=config.image_size, max_size=config.image_size * 4,
-                        image_mean=[config.mean] * config.in_channels, image_std=[config.std] * config.in_channels,
+        mean, std = [config.mean] * config.in_channels, [config.std] * config.in_channels
+        self.net = FCOS(backbone, config.num_classes, min_size=config.image_size,
+                        max_size=config.image_size * 4, image_mean=mean, image_std=std,
                         head=head, score_thresh=config.score_threshold, nms_thresh=config.nms_threshold,
                         detections_per_img=config.detections_per_image)
 
@@ -108,7 +111,8 @@ def _head_modules(model: FCOSDetector) -> list[nn.Module]:
 
 def _layers(model: FCOSDetector) -> tuple[list[nn.Module], list[nn.Module]]:
     body = model.net.backbone.body
-    return [body[name] for name in ("layer1", "layer2", "layer3", "layer4")], [model.net.backbone.fpn, model.net.head]
+    layers = [body[name] for name in ("layer1", "layer2", "layer3", "layer4")]
+    return layers, [model.net.backbone.fpn, model.net.head]
 
 
 FACTS = FamilyFacts(layer_stack=_layers, head_modules=_head_modules)
