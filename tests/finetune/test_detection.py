@@ -33,14 +33,16 @@ def mnist() -> dict[str, ImageSplit]:
     from fromzero.data.mnist import load_mnist
 
     full = load_mnist()
-    return {name: ImageSplit(split.images[:300].clone(), split.labels[:300].clone()) for name, split in full.items()}
+    return {name: ImageSplit(split.images[:300].clone(), split.labels[:300].clone())
+            for name, split in full.items()}
 
 
 @pytest.fixture(scope="module")
 def coco_dir(mnist: dict[str, ImageSplit], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("scenes") / "data"
     for k, (split, n) in enumerate(SIZES.items()):
-        write_coco_split(root / split, make_scenes(mnist[split].images, mnist[split].labels, n, seed=k), CLASSES)
+        scenes = make_scenes(mnist[split].images, mnist[split].labels, n, seed=k)
+        write_coco_split(root / split, scenes, CLASSES)
     return root
 
 
@@ -48,7 +50,8 @@ def tiny_cfg(data: Path, out: Path, **overrides: Any) -> Any:
     from fromzero.finetune.detection import DetectionConfig
 
     values = dict(data_dir=str(data), arch="centernet", width=8, blocks=1, epochs=4, batch_size=8, lr=5e-3,
-                  warmup_ratio=0.0, device="cpu", dtype="float32", out_dir=str(out), progress=False, log_interval=1)
+                  warmup_ratio=0.0, device="cpu", dtype="float32", out_dir=str(out), progress=False,
+                  log_interval=1)
     cfg = DetectionConfig(**{**values, **overrides})
     cfg.validate()
     return cfg
@@ -98,7 +101,8 @@ def test_coco_round_trip(coco_dir: Path) -> None:
     assert len(train) == SIZES["train"] and train.num_objects == len(raw["annotations"])
     first = [a for a in raw["annotations"] if a["image_id"] == train.image_ids[0]]
     x, y, w, h = first[0]["bbox"]
-    assert train.boxes[0][0].tolist() == [x, y, x + w, y + h] and train.labels[0][0] == first[0]["category_id"]
+    assert train.boxes[0][0].tolist() == [x, y, x + w, y + h]
+    assert train.labels[0][0] == first[0]["category_id"]
     assert train.images[0].shape == (1, 64, 64) and train.images[0].dtype == torch.uint8
 
 
@@ -141,7 +145,8 @@ def test_coco_reader_refuses_bad_input(coco_dir: Path, tmp_path: Path, case: str
     assert "\n" not in message and str(path) in message and all(f in message for f in fragments), message
 
 
-def test_finetune_cli_refuses_bad_data_with_one_line(cli, one_line_error, coco_dir: Path, tmp_path: Path) -> None:
+def test_finetune_cli_refuses_bad_data_with_one_line(cli, one_line_error, coco_dir: Path,
+                                                     tmp_path: Path) -> None:
     import shutil
 
     data = tmp_path / "data"
@@ -151,7 +156,8 @@ def test_finetune_cli_refuses_bad_data_with_one_line(cli, one_line_error, coco_d
     raw["annotations"][0]["category_id"] = 42
     path.write_text(json.dumps(raw))
     out = tmp_path / "run"
-    result = cli("finetune", "--config", "recipes/mnist-centernet.yaml", "--data.source", data, "--out_dir", out)
+    result = cli("finetune", "--config", "recipes/mnist-centernet.yaml", "--data.source", data,
+                 "--out_dir", out)
     one_line_error(result, "unknown category id 42", "annotation 1")
     assert not out.exists()  # refused before the run directory was made
 
@@ -163,7 +169,8 @@ def test_finetune_cli_refuses_bad_data_with_one_line(cli, one_line_error, coco_d
 def test_target_heatmap_by_hand() -> None:
     # box [9, 8, 25, 32] px -> cells [2.25, 2, 6.25, 8]: centre (4.25, 5), size (4, 6), centre cell (4, 5)
     t = encode_targets([torch.tensor([[9.0, 8.0, 25.0, 32.0]])], [torch.tensor([3])], 10, 16, 16)
-    assert t["heatmap"][0, 3, 5, 4] == 1.0 and t["heatmap"][0, 3].eq(1).sum() == 1 and t["heatmap"][0, 2].sum() == 0
+    assert t["heatmap"][0, 3, 5, 4] == 1.0 and t["heatmap"][0, 3].eq(1).sum() == 1
+    assert t["heatmap"][0, 2].sum() == 0
     sx, sy = 0.54 * 4 / 6, 0.54 * 6 / 6
     assert math.isclose(float(t["heatmap"][0, 3, 5, 5]), math.exp(-1 / (2 * sx * sx)), rel_tol=1e-5)
     assert math.isclose(float(t["heatmap"][0, 3, 6, 4]), math.exp(-1 / (2 * sy * sy)), rel_tol=1e-5)
@@ -195,11 +202,14 @@ def test_decode_inverts_encode_on_a_real_scene(coco_dir: Path) -> None:
 # COCO mAP against hand-made cases
 
 
-def _gt(boxes: list[list[float]], cats: list[int], image_ids: list[int] | None = None, n_cats: int = 2) -> dict:
+def _gt(boxes: list[list[float]], cats: list[int], image_ids: list[int] | None = None,
+        n_cats: int = 2) -> dict:
+    """A COCO ground truth (annotation ids from 0 on purpose: COCOeval needs them renumbered)."""
     image_ids = image_ids or [0] * len(boxes)
-    return {"images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.png"} for i in sorted(set(image_ids))],
-            "annotations": [{"id": k, "image_id": im, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-                            for k, (b, c, im) in enumerate(zip(boxes, cats, image_ids))],
+    return {"images": [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.png"}
+                       for i in sorted(set(image_ids))],
+            "annotations": [{"id": k, "image_id": im, "category_id": c, "bbox": b, "area": b[2] * b[3],
+                             "iscrowd": 0} for k, (b, c, im) in enumerate(zip(boxes, cats, image_ids))],
             "categories": [{"id": c, "name": f"c{c}"} for c in range(n_cats)]}
 
 
@@ -226,17 +236,19 @@ def test_map_a_higher_scoring_false_positive_costs_what_it_should() -> None:
     # ranked: TP (0.95), FP (0.9), TP (0.8): recall 0.5 at precision 1, recall 1 at precision 2/3;
     # COCO's 101 recall points: 51 at precision 1 (recall 0..0.5), 50 at 2/3.
     gt = _gt([[10, 10, 20, 20], [60, 60, 20, 20]], [0, 0], n_cats=1)
-    m = coco_metrics(gt, [_det([10, 10, 20, 20], 0.95), _det([40, 0, 20, 20], 0.9), _det([60, 60, 20, 20], 0.8)])
+    tp1, tp2 = _det([10, 10, 20, 20], 0.95), _det([60, 60, 20, 20], 0.8)
+    m = coco_metrics(gt, [tp1, _det([40, 0, 20, 20], 0.9), tp2])
     assert m["map_50"] == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-9)
     # the same false positive ranked last costs nothing
-    m = coco_metrics(gt, [_det([10, 10, 20, 20], 0.95), _det([40, 0, 20, 20], 0.5), _det([60, 60, 20, 20], 0.8)])
+    m = coco_metrics(gt, [tp1, _det([40, 0, 20, 20], 0.5), tp2])
     assert m["map_50"] == pytest.approx(1.0)
 
 
 def test_map_per_class_and_a_missed_class() -> None:
     gt = _gt([[10, 10, 20, 20], [50, 50, 20, 20]], [0, 1])
     m = coco_metrics(gt, [_det([10, 10, 20, 20], 0.9, 0)])
-    assert m["per_class"]["c0"]["ap"] == pytest.approx(1.0) and m["per_class"]["c1"]["ap"] == pytest.approx(0.0)
+    assert m["per_class"]["c0"]["ap"] == pytest.approx(1.0)
+    assert m["per_class"]["c1"]["ap"] == pytest.approx(0.0)
     assert m["map"] == pytest.approx(0.5)
 
 
@@ -275,7 +287,8 @@ def test_predict_prints_boxes_and_draws_a_png(cli, one_line_error, run: Path, co
     result = cli("predict", "--checkpoint", best, "--image", image, "--out", out, "--threshold", "0.01")
     assert result.code == 0, result.err
     rows = [json.loads(line) for line in result.out.splitlines()]
-    assert rows and all(r["image"] == str(image) and r["label"] in CLASSES and r["score"] >= 0.01 for r in rows)
+    assert rows and all(r["image"] == str(image) and r["label"] in CLASSES for r in rows)
+    assert all(r["score"] >= 0.01 for r in rows)
     assert all(len(r["box"]) == 4 and r["box"][2] > 0 for r in rows)
     with Image.open(out) as im:
         assert im.size == (256, 256) and im.mode == "RGB"
@@ -315,14 +328,16 @@ def test_fcos_trains_saves_and_evaluates(cli, coco_dir: Path, tmp_path: Path) ->
     from fromzero.finetune.detection import finetune_detection
 
     out = tmp_path / "fcos"
-    summary = finetune_detection(tiny_cfg(coco_dir, out, arch="fcos", image_size=32, fpn_channels=32, head_convs=1,
-                                          epochs=1, max_steps=2, lr=1e-3))
+    cfg = tiny_cfg(coco_dir, out, arch="fcos", image_size=32, fpn_channels=32, head_convs=1, epochs=1,
+                   max_steps=2, lr=1e-3)
+    summary = finetune_detection(cfg)
     assert math.isfinite(summary["test"]["map"])
     config = json.loads((out / "checkpoints" / "best" / "config.json").read_text())
     assert config["model_type"] == "fromzero-fcos" and config["labels"] == list(CLASSES)
     result = cli("evaluate", "--checkpoint", out / "checkpoints" / "best", "--out", tmp_path / "e.json")
     assert result.code == 0, result.err
-    assert json.loads((tmp_path / "e.json").read_text())["map"] == pytest.approx(summary["test"]["map"], abs=1e-9)
+    got = json.loads((tmp_path / "e.json").read_text())["map"]
+    assert got == pytest.approx(summary["test"]["map"], abs=1e-9)
 
 
 def test_export_images_writes_coco(cli, one_line_error, mnist: dict[str, ImageSplit], tmp_path: Path,
