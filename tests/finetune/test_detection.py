@@ -293,6 +293,10 @@ def test_predict_prints_boxes_and_draws_a_png(cli, one_line_error, run: Path, co
     with Image.open(out) as im:
         assert im.size == (256, 256) and im.mode == "RGB"
     one_line_error(cli("predict", "--checkpoint", best, "--image", image, "--out", out), "already exists")
+    folder = tmp_path / "drawn"
+    result = cli("predict", "--checkpoint", best, "--input", coco_dir / "val" / "images", "--out", folder)
+    assert result.code == 0, result.err
+    assert len(list(folder.glob("*.boxes.png"))) == SIZES["val"]
     one_line_error(cli("predict", "--checkpoint", best, "--image", tmp_path / "nope.png"), "not found")
 
 
