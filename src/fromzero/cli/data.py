@@ -28,13 +28,18 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--force", action="store_true", help="replace an existing output directory")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     export = _add_parser(
-        data_sub, "export-images", "write a built-in image dataset as an ImageFolder of PNG files",
-        description="Write a built-in image dataset as DIR/{train,val,test}/<class>/<index>.png plus meta.json: "
-        "the folder layout `finetune --config` reads as data.source for your own images.\n\nexample:\n"
-        "  fromzero data export-images mnist data/mnist-png",
+        data_sub, "export-images", "write a built-in image dataset as PNG files (ImageFolder or COCO detection)",
+        description="Write a built-in image dataset in the layout `finetune --config` reads as data.source for "
+        "your own images.\nmnist: DIR/{train,val,test}/<class>/<index>.png plus meta.json (an ImageFolder).\n"
+        "mnist-detection: DIR/{train,val,test}/annotations.json (COCO object detection) + images/*.png, plus "
+        "meta.json.\n\nexamples:\n"
+        "  fromzero data export-images mnist data/mnist-png\n"
+        "  fromzero data export-images mnist-detection data/mnist-detection",
         func=_cmd_data_export_images,
     )
-    export.add_argument("dataset", choices=("mnist",), help="built-in dataset: mnist (50k/10k/10k 28x28 digits)")
+    export.add_argument("dataset", choices=("mnist", "mnist-detection"),
+                        help="built-in dataset: mnist (50k/10k/10k 28x28 digits) | mnist-detection (10k/1k/1k "
+                        "64x64 scenes of 1-5 digits with boxes, COCO JSON)")
     export.add_argument("out", help="output folder (must not exist unless --force)")
     export.add_argument("--force", action="store_true", help="replace an existing output folder")
 
@@ -73,6 +78,13 @@ def _cmd_data_export_images(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FromzeroError(f"{out} already exists: choose another folder or pass --force to replace it")
+    if args.dataset == "mnist-detection":
+        from fromzero.data.detection import copy_builtin_detection
+
+        meta = copy_builtin_detection(out, force=args.force)
+        sizes = ", ".join(f"{name} {n['images']:,} images / {n['objects']:,} boxes" for name, n in meta["splits"].items())
+        print(f"wrote {out}: {sizes} (COCO JSON: <split>/annotations.json + <split>/images/*.png)")
+        return 0
     splits = load_mnist()
     export_image_folder(splits, out, force=args.force)
     sizes = ", ".join(f"{name} {len(split):,}" for name, split in splits.items())

@@ -31,7 +31,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                      "chat model or an sft checkpoint) with --data rotten-tomatoes: asked for each review's "
                      "sentiment; accuracy / macro-F1 of its greedy reply (and how many replies name no label) "
                      "and of its first-token logits. Question answering: SQuAD exact match and F1 (in percent); "
-                     "--data FILE scores every answerable question of a SQuAD .json / .jsonl file."
+                     "--data FILE scores every answerable question of a SQuAD .json / .jsonl file. Object detectors: COCO "
+                     "mAP@[.5:.95], mAP@0.5, mAP@0.75, AR@100 and AP per class (pycocotools); --data a COCO folder "
+                     "(<split>/annotations.json) or one annotation file."
                      "\n\nexamples:\n"
                      "  fromzero evaluate --checkpoint runs/latest/checkpoints/best --split test --out eval.json\n"
                      "  fromzero evaluate --checkpoint smollm2-135m-instruct --data rotten-tomatoes --limit 200\n"
@@ -56,12 +58,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                      "checkpoint: the translation of each --text (as fromzero translate, with its defaults).\n"
                      "A recommender (--user): one JSON object per recommended item, best first "
                      "(rank, item, title and genres when the data has them, score), leaving out the "
-                     "items the user already has in the training data.\n\n"
+                     "items the user already has in the training data.\nAn object detector (--image): one JSON "
+                     "object per box scoring >= --threshold (image, label, score, box [x, y, w, h] in pixels); "
+                     "--out draws them on a PNG.\n\n"
                      "examples:\n  fromzero predict --checkpoint runs/latest/checkpoints/best --text 'Exeunt.'\n"
                      "  fromzero predict --checkpoint runs/DIGITS/checkpoints/best --image 3.png\n"
                      "  fromzero predict --checkpoint runs/qa/checkpoints/best --question 'Who says \"Speak\"?' "
                      "--context-file scene.txt\n"
-                     "  fromzero predict --checkpoint runs/movielens-neumf --user 196 --k 10",
+                     "  fromzero predict --checkpoint runs/movielens-neumf --user 196 --k 10\n"
+                     "  fromzero predict --checkpoint runs/mnist-centernet/checkpoints/best --image scene.png "
+                     "--out boxes.png",
                      func=_cmd_predict)
     pr.add_argument("--checkpoint", required=True,
                     help="a classifier, question-answering or translation checkpoint directory, or a "
@@ -77,6 +83,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--question", action="append", help="a question about --context (repeat for several)")
     pr.add_argument("--context", help="the text the answers are taken from")
     pr.add_argument("--context-file", help="a UTF-8 file holding the context")
+    pr.add_argument("--threshold", type=float, default=0.3, help="detectors: lowest score of a box listed / drawn")
+    pr.add_argument("--out", help="detectors: draw the boxes into this PNG (several images: a folder that receives "
+                    "<name>.boxes.png each)")
+    pr.add_argument("--force", action="store_true", help="detectors: replace existing --out files")
     pr.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
@@ -142,6 +152,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from fromzero.inference.chat_eval import format_chat_report
 
         print(format_chat_report(metrics))
+    elif metrics.get("task") == "object-detection":
+        from fromzero.evaluation.detection import format_detection_report
+
+        print(format_detection_report(metrics))
     elif "confusion_matrix" in metrics:
         print(format_report(metrics))
     else:
@@ -172,6 +186,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise FromzeroError(f"{args.checkpoint} is a recommender: give --user USER (and --k N) to list its top items")
     if about is not None and about.is_reader:
         return _answer_questions(args)
+    if about is not None and about.kind == "detector":
+        return _detect_boxes(args)
+    if args.out:
+        raise FromzeroError("--out draws boxes: it is for object-detection checkpoints")
     if about is not None and about.kind == "translator":  # the same as `fromzero translate` with its defaults
         if args.image or args.question or args.context is not None or args.context_file:
             raise FromzeroError(f"{args.checkpoint} translates texts: give --text or --input")
@@ -192,6 +210,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         logits = classifier.text_logits(inputs, args.batch_size)
     for item, result in zip(inputs, classifier.label(logits)):
         print(to_json_line({"input": item, **result}))
+    return 0
+
+
+def _detect_boxes(args: argparse.Namespace) -> int:
+    """predict with an object-detection checkpoint: --image (repeatable) or --input (a folder or a list)."""
+    from fromzero.inference.detection import predict_boxes
+    from fromzero.inference.predict import to_json_line
+
+    if args.text or args.question or args.context is not None or args.context_file:
+        raise FromzeroError(f"{args.checkpoint} detects objects in images: give --image or --input")
+    if bool(args.image) + bool(args.input) != 1:
+        raise FromzeroError("give --image FILE (repeatable) or --input (a folder of images or a list of paths)")
+    paths = [Path(p) for p in args.image] if args.image else _image_inputs(Path(args.input))
+    rows = predict_boxes(Path(args.checkpoint), paths, args.threshold, Path(args.out) if args.out else None,
+                         args.force, args.device)
+    for row in rows:
+        print(to_json_line(row))
+    if args.out:
+        print(f"drew {len(rows)} boxes on {args.out}", file=sys.stderr)
     return 0
 
 

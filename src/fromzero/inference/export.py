@@ -138,6 +138,17 @@ class FirstOutput(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+class AllOutputs(nn.Module):
+    """The model with plain tensors in and its tuple of tensors out (a detector's heads)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(*inputs))
+
+
 # ---------------------------------------------------------------------------------------------
 # Plans per model family
 
@@ -259,6 +270,31 @@ def _image_plan(model: nn.Module, raw_config: dict[str, Any], info: dict[str, An
     )
 
 
+def _detector_plan(model: nn.Module, raw_config: dict[str, Any], info: dict[str, Any]) -> ExportPlan:
+    """A CenterNet: images in [0, 1] -> the raw heads (heat-map logits, sizes and offsets in cells of
+    4 pixels); the sidecar says how to decode them (fromzero.models.centernet.decode)."""
+    channels = int(raw_config.get("in_channels", 1))
+
+    def make_inputs(sizes: dict[str, int], gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (torch.rand(sizes["batch"], channels, sizes["height"], sizes["width"], generator=gen),)
+
+    notes = {
+        "input_note": "float32 images, channels first, pixels / 255 (no normalisation); height and width multiples "
+                      "of 8 (pad bottom / right with zeros)",
+        "decode": "p = sigmoid(heatmap); keep cells equal to the 3x3 max-pool of p (max-pool NMS); for each kept cell "
+                  "(class k, row i, column j) with score p: centre = ((j + offset[0]) * 4, (i + offset[1]) * 4), "
+                  "width = size[0] * 4, height = size[1] * 4 (pixels); class k is labels[k]",
+        "labels": raw_config.get("labels"), "category_ids": raw_config.get("category_ids"),
+    }
+    return ExportPlan(
+        module=AllOutputs(model), inputs=[TensorSpec("pixel_values", "float32", ["batch", channels, "height", "width"])],
+        output_names=["heatmap", "size", "offset"], make_inputs=make_inputs,
+        axes={"batch": (1, 1 << 20), "height": (8, _MAX_IMAGE_SIDE), "width": (8, _MAX_IMAGE_SIDE)},
+        trace_sizes={"batch": _TRACE["batch"], "height": 64, "width": 64},
+        verify_sizes={"batch": _VERIFY["batch"], "height": 96, "width": 64}, notes=notes,
+    )
+
+
 def _clamp(sizes: dict[str, int], max_len: int) -> dict[str, int]:
     return {**sizes, "sequence": max(1, min(sizes["sequence"], max_len))}
 
@@ -275,6 +311,8 @@ def export_plan(model: nn.Module, raw_config: dict[str, Any], directory: Path, i
         return _bert_plan(model, directory, info)
     if signature == "image":
         return _image_plan(model, raw_config, info)
+    if signature == "detector":
+        return _detector_plan(model, raw_config, info)
     exportable = ", ".join(t for t in sorted(MODEL_REGISTRY) if family_facts(t).export_signature)
     raise FromzeroError(f"cannot export a {model_type!r} model to ONNX (exportable: {exportable})")
 

@@ -195,6 +195,10 @@ def evaluate_checkpoint(directory: Path, data: str | None = None, split: str = "
         from fromzero.finetune.translation import evaluate_translator
 
         return evaluate_translator(directory, made_by, data, split, batch_size, device, limit)
+    if about is not None and about.kind == "detector":
+        from fromzero.inference.detection import evaluate_detector
+
+        return evaluate_detector(directory, data, made_by, split, batch_size, device)
     if about is not None and about.kind == "recommender":
         from fromzero.devices import resolve_device
         from fromzero.finetune.recsys import evaluate_recommender

@@ -24,6 +24,8 @@ MODEL_REGISTRY: dict[str, str] = {
     "fromzero-cnn": "fromzero.models.cnn",
     "fromzero-recsys": "fromzero.models.recsys",
     "fromzero-seq2seq": "fromzero.models.seq2seq",
+    "fromzero-centernet": "fromzero.models.centernet",
+    "fromzero-fcos": "fromzero.models.fcos",
 }
 
 
@@ -47,7 +49,8 @@ class FamilyFacts:
     """The task head: what a frozen fine-tune trains."""
     export_signature: str = ""
     """Inputs of its ONNX export: causal-lm (input_ids -> logits) | encoder (input_ids,
-    attention_mask[, token_type_ids]) | image (pixel_values); "" = not exportable."""
+    attention_mask[, token_type_ids]) | image (pixel_values) | detector (pixel_values -> raw heads);
+    "" = not exportable."""
     attention: Callable[[Any], tuple[list, Callable]] | None = None
     """(attention modules in layer order, the forward that runs them over every token): what
     attention maps hook (``fromzero explain --method attention``); None = no attention maps."""
