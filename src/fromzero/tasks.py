@@ -23,7 +23,7 @@ class Task:
     name: str
     kind: str
     """classifier | generator (a causal LM: sft, dpo, pretraining) | recommender | translator (seq2seq) |
-    reader (extractive question answering: answers are spans of a context)."""
+    reader (extractive question answering: answers are spans of a context) | image-generator (diffusion: images from a label or a prompt)."""
     inputs: str = ""
     """What ``predict`` feeds a classifier: text | image ("" for other kinds)."""
     config: str = ""
@@ -87,6 +87,8 @@ for _task in (
          run="fromzero.finetune.translation:finetune_translation"),
     Task("question-answering", "reader", config="fromzero.finetune.qa:QuestionAnsweringConfig",
          run="fromzero.finetune.qa:finetune_question_answering"),
+    Task("image-generation", "image-generator", config="fromzero.finetune.diffusion:ImageGenerationConfig",
+         run="fromzero.finetune.diffusion:finetune_image_generation"),
     Task("language-model", "generator", eval_split="val", distill_as="sft"),  # pretraining (fromzero pretrain)
 ):
     register_task(_task)

@@ -57,7 +57,7 @@ def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, descripti
 
 
 # The verbs in the order `fromzero --help` lists them (a module's verbs need not be adjacent).
-HELP_ORDER = ("data", "tokenizer", "pretrain", "generate", "chat", "convert", "embed", "finetune", "crossval",
+HELP_ORDER = ("data", "tokenizer", "pretrain", "generate", "generate-image", "chat", "convert", "embed", "finetune", "crossval",
               "distill", "tune", "runs", "evaluate", "predict", "translate", "index", "ask", "explain", "serve", "merge-lora", "export", "prune", "quantize")
 
 

@@ -24,6 +24,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "fromzero-cnn": "fromzero.models.cnn",
     "fromzero-recsys": "fromzero.models.recsys",
     "fromzero-seq2seq": "fromzero.models.seq2seq",
+    "fromzero-diffusion": "fromzero.models.diffusion",
 }
 
 
