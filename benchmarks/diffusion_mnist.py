@@ -110,7 +110,8 @@ def per_digit(logits: torch.Tensor, target: torch.Tensor) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="image-generation checkpoint (EMA weights)")
     parser.add_argument("--classifier", required=True, help="MNIST image-classification checkpoint")
     parser.add_argument("--per-digit", type=int, default=1000, help="samples per digit, by label and by text")
@@ -136,7 +137,8 @@ def main() -> None:
     work = Path(args.work)
     base_key = {"checkpoint": str(Path(args.checkpoint).resolve()),
                 "weights_mtime": (Path(args.checkpoint) / "model.safetensors").stat().st_mtime_ns,
-                "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "per_digit": args.per_digit}
+                "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+                "per_digit": args.per_digit}
     digits = torch.arange(10).repeat_interleave(args.per_digit)
     samples: dict[str, tuple[torch.Tensor, float]] = {}
     if "labels" in parts:
@@ -148,7 +150,8 @@ def main() -> None:
         vectors = embed_prompts(texts, model.config.text_encoder)
         index = {t: i for i, t in enumerate(texts)}
         text = vectors[torch.tensor([index[p] for _, p, _, _ in plan])]
-        samples["text"] = cached(work, {**base_key, "part": "text"}, lambda: draw(model, None, text, args, "by text"))
+        samples["text"] = cached(work, {**base_key, "part": "text"},
+                                 lambda: draw(model, None, text, args, "by text"))
     if "floor" in parts:
         torch.manual_seed(args.seed)
         untrained = UNet(model.config).eval()
@@ -172,7 +175,8 @@ def main() -> None:
                                   "fid": fid_from_features(val_feats, test_feats)}
     label_logits, label_feats = features(samples["labels"][0].float() / 255)
     rows["by label"] = {"n": len(label_feats), "accuracy": accuracy(label_logits, digits),
-                        "per_digit": per_digit(label_logits, digits), "fid": fid_from_features(label_feats, test_feats),
+                        "per_digit": per_digit(label_logits, digits),
+                        "fid": fid_from_features(label_feats, test_feats),
                         "sampling_s": samples["labels"][1]}
     text_logits, text_feats = features(samples["text"][0].float() / 255)
     target = torch.tensor([d for d, _, _, _ in plan])
@@ -183,21 +187,26 @@ def main() -> None:
     thin_ok = (ink < medians[target]) & (style == 2)
     styled = style > 0
     rows["by text (all)"] = {"n": len(plan), "accuracy": accuracy(text_logits, target),
-                             "per_digit": per_digit(text_logits, target), "fid": fid_from_features(text_feats, test_feats),
+                             "per_digit": per_digit(text_logits, target),
+                             "fid": fid_from_features(text_feats, test_feats),
                              "style_agreement": float((thick_ok | thin_ok)[styled].float().mean()),
                              "style_n": int(styled.sum()), "sampling_s": samples["text"][1]}
     for name, rows_mask in (("by text (seen phrasings)", ~held), ("by text (held-out phrasings)", held)):
-        rows[name] = {"n": int(rows_mask.sum()), "accuracy": accuracy(text_logits[rows_mask], target[rows_mask]),
+        rows[name] = {"n": int(rows_mask.sum()),
+                      "accuracy": accuracy(text_logits[rows_mask], target[rows_mask]),
                       "style_agreement": float((thick_ok | thin_ok)[styled & rows_mask].float().mean()),
                       "style_n": int((styled & rows_mask).sum())}
     floor_digits = torch.arange(10).repeat_interleave(max(1, args.floor_samples // 10))
     floor_logits, floor_feats = features(samples["floor"][0].float() / 255)
-    rows["untrained model (floor)"] = {"n": len(floor_feats), "accuracy": accuracy(floor_logits, floor_digits),
+    rows["untrained model (floor)"] = {"n": len(floor_feats),
+                                       "accuracy": accuracy(floor_logits, floor_digits),
                                        "fid": fid_from_features(floor_feats, test_feats)}
     result = {"checkpoint": args.checkpoint, "classifier": args.classifier,
               "classifier_test_accuracy": accuracy(test_logits, data["test"].labels),
-              "sampler": f"DDIM eta 0, {args.steps} steps, guidance {args.guidance}", "threads": torch.get_num_threads(),
-              "fid_features": "the classifier's penultimate layer (a domain feature extractor, not Inception)",
+              "sampler": f"DDIM eta 0, {args.steps} steps, guidance {args.guidance}",
+              "threads": torch.get_num_threads(),
+              "fid_features": "the classifier's penultimate layer (a domain feature extractor, "
+                              "not Inception)",
               "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ def test_identical_sets_are_at_distance_zero() -> None:
 
 def test_one_dimensional_gaussians() -> None:
     # N(0, 1) vs N(1, 4): (0 - 1)^2 + 1 + 4 - 2 sqrt(1 * 4) = 2
-    assert frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([1.0]), np.array([[4.0]])) == pytest.approx(2.0)
+    d = frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([1.0]), np.array([[4.0]]))
+    assert d == pytest.approx(2.0)
 
 
 def test_known_means_and_covariances() -> None:
@@ -30,7 +31,8 @@ def test_known_means_and_covariances() -> None:
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected)
     # the same Gaussians in a rotated basis: the distance does not change
     q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
-    assert frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected)
+    rotated = frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert rotated == pytest.approx(expected)
 
 
 def test_sample_statistics_converge_to_the_closed_form() -> None:
@@ -55,7 +57,8 @@ def test_classifier_features_are_the_input_of_the_last_linear(tmp_path: Path) ->
 
     torch.manual_seed(0)
     model = build_cnn("simple", 10, in_channels=1)
-    save_checkpoint(tmp_path / "cls", model, CNNConfig(arch="simple", num_classes=10, in_channels=1).to_dict(),
+    config = CNNConfig(arch="simple", num_classes=10, in_channels=1).to_dict()
+    save_checkpoint(tmp_path / "cls", model, config,
                     info={"task": "image-classification", "image_size": 28, "channels": 1, "mean": [0.5],
                           "std": [0.25]})
     features = ClassifierFeatures(tmp_path / "cls")
@@ -66,7 +69,6 @@ def test_classifier_features_are_the_input_of_the_last_linear(tmp_path: Path) ->
     with torch.no_grad():  # the head applied to the features gives the logits
         torch.testing.assert_close(head(feats), logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logits, features.model((images - 0.5) / 0.25), atol=1e-5, rtol=1e-5)
-    save_checkpoint(tmp_path / "other", model, CNNConfig(arch="simple", num_classes=10, in_channels=1).to_dict(),
-                    info={"task": "image-generation"})
+    save_checkpoint(tmp_path / "other", model, config, info={"task": "image-generation"})
     with pytest.raises(FromzeroError, match="not an image classifier"):
         ClassifierFeatures(tmp_path / "other")

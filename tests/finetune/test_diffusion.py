@@ -46,7 +46,8 @@ def tiny_cfg(out: Path, **kw: Any) -> ImageGenerationConfig:
 
 def test_prompts_fill_in_digits_and_hold_phrasings_out() -> None:
     assert render("a handwritten {w}", 7) == "a handwritten seven"
-    assert render("{a} {w}", 8) == "an eight" and render("the digit {n} written thickly", 3) == "the digit 3 written thickly"
+    assert render("{a} {w}", 8) == "an eight"
+    assert render("the digit {n} written thickly", 3) == "the digit 3 written thickly"
     prompts, candidates, counts = prompt_table()
     held = {render(t, d) for d in range(10) for ts in HELD_OUT_TEMPLATES.values() for t in ts}
     assert not held & set(prompts)  # held-out phrasings never reach training
@@ -90,7 +91,7 @@ def test_training_writes_grids_and_resumes_exactly(tiny_task: None, tmp_path: Pa
     assert "final.png" in grids and "step-000003.png" in grids
     from PIL import Image
 
-    with Image.open(run / "samples" / "final.png") as grid:  # 20 rows (10 digits by label, 10 by text), 1 column
+    with Image.open(run / "samples" / "final.png") as grid:  # 20 rows (10 by label, 10 by text), 1 column
         assert grid.mode == "L" and grid.size == (28 + 4, 20 * 30 + 2)
     # the EMA (buffers of the trained module) is part of the state that resumes
     from tests.finetune.resume import training_state
@@ -124,8 +125,8 @@ def test_generate_image_cli(generator_checkpoints: dict[str, Path], tmp_path: Pa
     monkeypatch.setattr(fd, "embed_prompts", fake_embed)
     both = str(generator_checkpoints["both"])
     out = tmp_path / "grid.png"
-    assert main(["generate-image", "--checkpoint", both, "--prompt", "a thick seven", "--num", "6", "--steps", "2",
-                 "--columns", "3", "--out", str(out)]) == 0
+    assert main(["generate-image", "--checkpoint", both, "--prompt", "a thick seven", "--num", "6",
+                 "--steps", "2", "--columns", "3", "--out", str(out)]) == 0
     with Image.open(out) as grid:
         assert grid.size == (3 * 30 + 2, 2 * 30 + 2)
     before = out.read_bytes()

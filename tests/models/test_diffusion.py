@@ -119,7 +119,10 @@ def test_sampling_is_seeded_and_guidance_0_is_the_unconditional_model() -> None:
     for p in model.parameters():  # a model whose output depends on the condition
         torch.nn.init.normal_(p, std=0.05)
     labels = torch.tensor([3, 7])
-    draw = lambda **kw: sample(model, 2, steps=4, generator=torch.Generator().manual_seed(5), **kw)  # noqa: E731
+    def draw(**kw: object) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(5)
+        return sample(model, 2, steps=4, generator=gen, **kw)  # type: ignore[arg-type]
+
     a = draw(labels=labels, guidance=2.0)
     assert a.shape == (2, 1, 28, 28) and float(a.abs().max()) <= 1.0
     torch.testing.assert_close(a, draw(labels=labels, guidance=2.0))  # same seed, same images
@@ -190,4 +193,5 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert isinstance(loaded, UNet) and loaded.config == model.config
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 30])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, t, torch.tensor([1, 2])), model.eval()(x, t, torch.tensor([1, 2])))
+        labels = torch.tensor([1, 2])
+        torch.testing.assert_close(loaded(x, t, labels), model.eval()(x, t, labels))

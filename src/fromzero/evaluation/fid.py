@@ -25,7 +25,9 @@ from fromzero.errors import FromzeroError
 
 def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(mean (D,), covariance (D, D)) of features (N, D), float64, unbiased covariance."""
-    x = np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features, dtype=np.float64)
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().numpy()
+    x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise FromzeroError(f"need at least 2 feature vectors (N, D) for a covariance, got shape {x.shape}")
     return x.mean(0), np.cov(x, rowvar=False)
@@ -40,7 +42,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     from scipy import linalg
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise FromzeroError(f"mismatched Gaussian statistics: means {mu1.shape} / {mu2.shape}, "
                             f"covariances {sigma1.shape} / {sigma2.shape}")
@@ -73,8 +76,9 @@ class ClassifierFeatures:
             raise FromzeroError(f"classifier checkpoint not found: {self.directory}")
         info = checkpoint_info(self.directory)
         if info.get("task") != "image-classification":
-            raise FromzeroError(f"{self.directory} is not an image classifier (its task is {info.get('task')!r}); "
-                                "the features come from an image-classification checkpoint")
+            raise FromzeroError(f"{self.directory} is not an image classifier (its task is "
+                                f"{info.get('task')!r}); the features come from an image-classification "
+                                "checkpoint")
         self.model = load_model(self.directory, device).eval()
         self.device = next(self.model.parameters()).device
         head = family_facts(self.model).head_modules(self.model)

@@ -62,7 +62,7 @@ class ImageGenerationConfig(FinetuneConfig):
     conditioning: str = "text+class"
     """text+class (each step: the label, a prompt or nothing) | class | text."""
     text_encoder: str = "all-MiniLM-L6-v2"
-    """Sentence encoder of the prompts: all-MiniLM-L6-v2 (built in) or a fromzero-bert checkpoint directory."""
+    """Sentence encoder of the prompts: all-MiniLM-L6-v2 (built in) or a fromzero-bert checkpoint folder."""
     text_prob: float = 0.5
     """text+class: probability that a conditioned example gets a prompt rather than its label."""
     cond_drop: float = 0.15
@@ -127,10 +127,10 @@ class ImageGenerationConfig(FinetuneConfig):
         if not 0.0 <= self.ema_decay < 1.0:
             raise FromzeroError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("train_images", "eval_images", "sample_steps", "grid_columns"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "train_images" else 1):
-                raise FromzeroError(f"{name} must be a {'non-negative' if name == 'train_images' else 'positive'} "
-                                    f"integer, got {value!r}")
+            value, low = getattr(self, name), 0 if name == "train_images" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise FromzeroError(f"{name} must be a {'non-negative' if low == 0 else 'positive'} integer, "
+                                    f"got {value!r}")
         if self.guidance < 0:
             raise FromzeroError(f"guidance must be >= 0, got {self.guidance}")
 
@@ -140,12 +140,14 @@ class ImageGenerationConfig(FinetuneConfig):
         from fromzero.models.diffusion import DiffusionConfig
 
         mc = DiffusionConfig(
-            image_size=28, channels=1, base_channels=self.base_channels, channel_mults=list(self.channel_mults),
+            image_size=28, channels=1, base_channels=self.base_channels,
+            channel_mults=list(self.channel_mults),
             layers_per_level=self.layers_per_level, attention_levels=list(self.attention_levels),
             heads=self.heads, groups=self.groups, dropout=self.dropout,
             num_classes=10 if "class" in self.conditioning else 0,
             text_dim=384 if "text" in self.conditioning else 0, text_encoder=self.text_encoder,
-            labels=list(CLASSES), timesteps=self.timesteps, schedule=self.schedule, prediction=self.prediction)
+            labels=list(CLASSES), timesteps=self.timesteps, schedule=self.schedule,
+            prediction=self.prediction)
         try:
             mc.validate()
         except ValueError as e:
@@ -266,8 +268,9 @@ class ImageGenerationTask(FinetuneTask):
         for split in ("val", "test"):
             s = data[split]
             k = min(cfg.eval_images, len(s))
-            self.eval_sets[split] = (s.images[:k], s.labels[:k], torch.randint(0, mc.timesteps, (k,), generator=g),
-                                     torch.randn((k, 1, 28, 28), generator=g))
+            steps = torch.randint(0, mc.timesteps, (k,), generator=g)
+            noise = torch.randn((k, 1, 28, 28), generator=g)
+            self.eval_sets[split] = (s.images[:k], s.labels[:k], steps, noise)
         self.sizes = n, min(cfg.eval_images, len(data["val"])), min(cfg.eval_images, len(data["test"]))
 
         torch.manual_seed(cfg.seed)
@@ -283,7 +286,8 @@ class ImageGenerationTask(FinetuneTask):
 
     def start(self, run_dir: Path) -> None:
         cfg = self.cfg
-        print(f"image generation (diffusion U-Net, {self.trainable:,} parameters; conditioning {cfg.conditioning}): "
+        print(f"image generation (diffusion U-Net, {self.trainable:,} parameters; "
+              f"conditioning {cfg.conditioning}): "
               f"train/val/test {self.sizes[0]}/{self.sizes[1]}/{self.sizes[2]} images; T={self.mc.timesteps} "
               f"({self.mc.schedule}), predicts {self.mc.prediction}; device {self.device}, {self.dtype}")
         self.base_info = {"task": "image-generation", "image_size": 28, "channels": 1,
@@ -297,13 +301,14 @@ class ImageGenerationTask(FinetuneTask):
         per_epoch = n // bs if n >= bs else 1
 
         def epoch_batches(epoch: int) -> Iterator[torch.Tensor]:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+            seed = self.cfg.seed * 100_003 + epoch
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             for i in range(per_epoch):
                 yield order[i * bs : (i + 1) * bs]  # indices: the images stay in one tensor
 
         return epoch_batches, per_epoch
 
-    def conditions(self, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def conditions(self, idx: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """(labels, text vectors, text mask) of a training batch, drawn with the global RNG (so
         a resumed run draws the same): null with cond_drop, else a prompt (text_prob) or the label."""
         B = len(idx)
@@ -318,7 +323,8 @@ class ImageGenerationTask(FinetuneTask):
             as_class = conditioned if self.use_class else torch.zeros(B, dtype=torch.bool)
         labels = text = mask = None
         if self.use_class:
-            labels = torch.where(as_class, self.labels[idx], torch.full((B,), -1, dtype=torch.long)).to(self.device)
+            null = torch.full((B,), -1, dtype=torch.long)
+            labels = torch.where(as_class, self.labels[idx], null).to(self.device)
         if self.use_text:
             row = self.labels[idx] * 3 + self.styles[idx]
             pick = (torch.rand(B) * self.counts[row]).long()
@@ -384,7 +390,8 @@ class ImageGenerationTask(FinetuneTask):
         rows = []
         g = torch.Generator().manual_seed(0)
         if self.use_class:
-            rows.append(sample(net, 10 * k, labels=digits, steps=cfg.sample_steps, guidance=cfg.guidance, generator=g))
+            rows.append(sample(net, 10 * k, labels=digits, steps=cfg.sample_steps, guidance=cfg.guidance,
+                               generator=g))
         if self.use_text:
             g = torch.Generator().manual_seed(0)
             rows.append(sample(net, 10 * k, text=self.grid_vectors[digits], steps=cfg.sample_steps,
@@ -408,7 +415,8 @@ class ImageGenerationTask(FinetuneTask):
     def finish(self, fit: FitResult, test: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
         from fromzero.evaluation.metrics import write_metrics_json
 
-        report = {"split": "test", "denoising_loss": test["loss"], "val_denoising_loss": fit.best_metrics["loss"],
+        report = {"split": "test", "denoising_loss": test["loss"],
+                  "val_denoising_loss": fit.best_metrics["loss"],
                   "best_epoch": fit.best_epoch, "best_step": fit.best_step, "epochs_run": fit.epochs_run}
         write_metrics_json(report, self.run_dir / "metrics.json")
         self.write_best({"best_epoch": fit.best_epoch, "best_step": fit.best_step,

@@ -61,7 +61,7 @@ def load_generator(directory: str | Path, device: str = "cpu") -> tuple[Any, dic
     config = read_json(directory / CONFIG_FILE, "model config")
     if config.get("model_type") != "fromzero-diffusion":
         raise FromzeroError(f"{directory} holds a {config.get('model_type')!r} model, not an image generator "
-                            "(a fromzero-diffusion checkpoint from `fromzero finetune` with task image-generation)")
+                            "(a fromzero-diffusion checkpoint: `fromzero finetune` of task image-generation)")
     model = load_model(directory, device)
     assert isinstance(model, UNet)
     return model, checkpoint_info(directory)
@@ -75,7 +75,8 @@ def condition_for(model: Any, prompt: str | None, label: int | str | None, num: 
     if prompt is not None and label is not None:
         raise FromzeroError("give --prompt or --label, not both")
     if prompt is None and label is None:
-        what = " or ".join(w for w, ok in (("--prompt TEXT", cfg.text_dim), ("--label N", cfg.num_classes)) if ok)
+        kinds = (("--prompt TEXT", cfg.text_dim), ("--label N", cfg.num_classes))
+        what = " or ".join(w for w, ok in kinds if ok)
         raise FromzeroError(f"say what to draw: {what or 'nothing (an unconditional model)'}")
     if label is not None:
         if not cfg.num_classes:
@@ -101,7 +102,8 @@ def condition_for(model: Any, prompt: str | None, label: int | str | None, num: 
 
     vector = embed_prompts([str(prompt)], encoder or cfg.text_encoder, cache=False)[0]
     if vector.numel() != cfg.text_dim:
-        raise FromzeroError(f"the text encoder gives {vector.numel()}-d vectors; the model takes {cfg.text_dim}")
+        raise FromzeroError(f"the text encoder gives {vector.numel()}-d vectors; the model takes "
+                            f"{cfg.text_dim}")
     return None, vector.expand(num, -1).clone()
 
 
@@ -116,7 +118,8 @@ def generate_images(checkpoint: str | Path, prompt: str | None = None, label: in
     device = resolve_device(s.device)
     model, _ = load_generator(checkpoint, device)
     if s.steps > model.config.timesteps:
-        raise FromzeroError(f"--steps {s.steps} is more than the model's {model.config.timesteps} diffusion steps")
+        raise FromzeroError(f"--steps {s.steps} is more than the model's {model.config.timesteps} "
+                            "diffusion steps")
     labels, text = condition_for(model, prompt, label, s.num)
     generator = torch.Generator().manual_seed(s.seed)
     return sample(model, s.num, labels=labels, text=text, steps=s.steps, guidance=s.guidance,

@@ -97,7 +97,8 @@ class DiffusionConfig(ConfigDict):
         if levels < 1 or any(int(m) <= 0 for m in self.channel_mults):
             raise ValueError("channel_mults must be a non-empty list of positive integers")
         if self.image_size % (2 ** (levels - 1)):
-            raise ValueError(f"image_size {self.image_size} is not divisible by 2 ** {levels - 1} ({levels} levels)")
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2 ** {levels - 1} "
+                             f"({levels} levels)")
         for name in ("base_channels", "layers_per_level", "heads", "groups", "timesteps", "channels"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -127,7 +128,8 @@ class Schedule:
         if kind == "linear":  # Ho et al. 2020, scaled to T (for T = 1000: 1e-4 .. 0.02)
             scale = 1000 / T
             betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
-        elif kind == "cosine":  # Nichol & Dhariwal 2021: abar(t) = f(t) / f(0), f = cos^2(((t/T + s)/(1 + s)) pi/2)
+        elif kind == "cosine":  # Nichol & Dhariwal 2021: abar(t) = f(t) / f(0),
+            # f(t) = cos^2((t/T + s) / (1 + s) * pi/2)
             s = 0.008
             steps = torch.arange(T + 1, dtype=torch.float64) / T
             f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
@@ -194,7 +196,8 @@ def ddpm_step(schedule: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t: int, t
     variance = beta (1 - abar_prev) / (1 - abar_t)."""
     ab, ab_prev = float(schedule.abar(torch.tensor(t))), float(schedule.abar(torch.tensor(t_prev)))
     beta = 1 - ab / ab_prev
-    mean = (math.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x_t
+    mean = ((math.sqrt(ab_prev) * beta / (1 - ab)) * x0
+            + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * x_t)
     var = beta * (1 - ab_prev) / (1 - ab)
     if var > 0 and noise is not None:
         mean = mean + math.sqrt(var) * noise
@@ -405,7 +408,6 @@ def sample(model: UNet, n: int, labels: torch.Tensor | None = None, text: torch.
     any device. on_step: called with the images finished so far after each batch's step."""
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be ddim or ddpm, got {sampler!r}")
-    cfg = model.config
     device = next(model.parameters()).device
     if text is not None and text.dim() == 1:
         text = text.expand(n, -1)
@@ -414,7 +416,8 @@ def sample(model: UNet, n: int, labels: torch.Tensor | None = None, text: torch.
         end = min(n, start + batch_size)
         lab = labels[start:end].to(device) if labels is not None else None
         txt = text[start:end].to(device) if text is not None else None
-        out.append(_sample_batch(model, end - start, lab, txt, steps, guidance, sampler, eta, generator, device))
+        out.append(_sample_batch(model, end - start, lab, txt, steps, guidance, sampler, eta, generator,
+                                 device))
         if on_step is not None:
             on_step(end)
     return torch.cat(out)
