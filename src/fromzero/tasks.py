@@ -88,7 +88,7 @@ for _task in (
     Task("question-answering", "reader", config="fromzero.finetune.qa:QuestionAnsweringConfig",
          run="fromzero.finetune.qa:finetune_question_answering"),
     Task("image-generation", "image-generator", config="fromzero.finetune.diffusion:ImageGenerationConfig",
-         run="fromzero.finetune.diffusion:finetune_image_generation"),
+         run="fromzero.finetune.diffusion:finetune_image_generation", data_key="data_dir"),
     Task("language-model", "generator", eval_split="val", distill_as="sft"),  # pretraining (fromzero pretrain)
 ):
     register_task(_task)

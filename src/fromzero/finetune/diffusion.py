@@ -92,7 +92,7 @@ class ImageGenerationConfig(FinetuneConfig):
     sample_steps: int = 20
     """DDIM steps of the sample grids drawn at each evaluation."""
     guidance: float = 3.0
-    """Classifier-free guidance scale of the sample grids (1 = none); saved as the checkpoint's default."""
+    """Classifier-free guidance scale of the sample grids (1 = none); recorded in info.json."""
     grid_columns: int = 8
     """Samples per row of the grids (a row per digit)."""
     epochs: int = 5
