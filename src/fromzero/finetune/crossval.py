@@ -55,8 +55,11 @@ def _text_folds(cfg: Any, folds: int, data_root: Path) -> list[str]:
 def _image_folds(cfg: Any, folds: int, data_root: Path) -> list[str]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    from fromzero.finetune.images import builtin_image_data
+    from fromzero.finetune.images import MEMORY_DATASETS, builtin_image_data
 
+    if cfg.data_dir in MEMORY_DATASETS:
+        raise FromzeroError(f"cross-validation reads image folders: export the built-in {cfg.data_dir} first "
+                            f"(fromzero data export-images {cfg.data_dir} DIR) and give DIR as data.source")
     root = builtin_image_data(cfg.data_dir)
     pool: list[tuple[Path, str]] = []
     for split in ("train", "val"):

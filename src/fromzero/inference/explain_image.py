@@ -3,8 +3,8 @@
 Grad-CAM (Selvaraju et al., 2017): each channel k of a late feature map A (K, h, w) is weighted
 by the mean gradient of the class logit over the map; the map ``relu(sum_k w_k A_k)`` (h, w) is
 upsampled (bilinear) to the input size. CNNs: captum's ``LayerGradCam`` on the last
-convolutional stage (``conv2`` of the simple CNN; ``layer4`` of a ResNet, 1/32 of the input
-side). ViT: the same formula on the patch tokens that *enter* the last block, on the patch grid:
+convolutional stage (the simple CNN's last convolution, ``conv2`` in the guide's; ``layer4`` of a
+ResNet, 1/32 of the input side). ViT: the same formula on the patch tokens that *enter* the last block, on the patch grid:
 the classifier reads only the class token after the last block, so the gradient reaching that
 block's other output tokens is zero, while the tokens entering it reach the class token through
 its attention ("where did the model look", for the target class).
@@ -44,7 +44,7 @@ def cam_layer(model: nn.Module) -> tuple[str, nn.Module]:
     from fromzero.models.cnn import SimpleCNN
 
     if isinstance(model, SimpleCNN):
-        return "conv2", model.conv2
+        return model.last_conv()
     layer4 = getattr(model, "layer4", None)
     if isinstance(layer4, nn.Module):
         return "layer4", layer4

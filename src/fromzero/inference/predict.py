@@ -293,15 +293,33 @@ def _evaluate_images(directory: Path, data: str, split: str, batch_size: int, de
     from torch.utils.data import DataLoader
 
     from fromzero.data.images import load_image_folder
-    from fromzero.finetune.images import _score, predict_loader
+    from fromzero.finetune.images import (MEMORY_DATASETS, _score, builtin_image_data, memory_image_data,
+                                          predict_loader)
 
     classifier = Classifier(directory, device)
-    root = Path(data)
-    folder = root / split if (root / split).is_dir() else root
-    mode = "RGB" if int(classifier.info.get("channels", 3)) == 3 else "L"
-    dataset = load_image_folder(folder, classifier.image_transform(), mode=mode, classes=classifier.labels)
-    logits, labels = predict_loader(classifier.model, DataLoader(dataset, batch_size=batch_size),
-                                    classifier.device, classifier._autocast)
+    channels = int(classifier.info.get("channels", 3))
+    if data in MEMORY_DATASETS:  # a built-in dataset held in memory: batches as the run made them
+        from torch.utils.data import TensorDataset
+
+        from fromzero.data.images import TensorImageBatch
+
+        splits, names = memory_image_data(data)
+        if split not in splits:
+            raise FromzeroError(f"--split must be one of {', '.join(splits)} for {data}, got {split!r}")
+        if names != classifier.labels:
+            raise FromzeroError(f"{directory} has classes {classifier.labels}, the built-in {data} has {names}")
+        info = classifier.info
+        collate = TensorImageBatch(False, int(info.get("image_size", 28)), channels, mean=info.get("mean"),
+                                   std=info.get("std"))
+        loader = DataLoader(TensorDataset(splits[split].images, splits[split].labels), batch_size=batch_size,
+                            collate_fn=collate)
+    else:
+        root = builtin_image_data(data)  # a folder, or the built-in digits (written once)
+        folder = root / split if (root / split).is_dir() else root
+        dataset = load_image_folder(folder, classifier.image_transform(), mode="RGB" if channels == 3 else "L",
+                                    classes=classifier.labels)
+        loader = DataLoader(dataset, batch_size=batch_size)
+    logits, labels = predict_loader(classifier.model, loader, classifier.device, classifier._autocast)
     return {**_score(logits, labels, classifier.labels), "split": split}
 
 
