@@ -232,7 +232,7 @@ def console_script() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_mnist() -> dict[str, Any]:
+def mnist_slice() -> dict[str, Any]:
     """{"train": 512, "val": 64, "test": 64} real MNIST digits (ImageSplit), loaded once per session;
     skipped when the MNIST file cannot be fetched (offline, no cache)."""
     from fromzero.data.mnist import ImageSplit, load_mnist

@@ -44,6 +44,19 @@ def test_sample_statistics_converge_to_the_closed_form() -> None:
     assert mu.shape == (2,) and sigma.shape == (2, 2)
 
 
+def test_the_eigen_method_matches_scipys_matrix_square_root() -> None:
+    from scipy import linalg
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
+    (m1, s1), (m2, s2) = gaussian_stats(a), gaussian_stats(b)
+    reference = m1 @ m1 - 2 * m1 @ m2 + m2 @ m2 + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(float(reference), rel=1e-6)
+    # rank-deficient (a dead feature, fewer samples than dimensions): finite, identical sets still 0
+    few = np.concatenate([rng.normal(size=(5, 8)), np.zeros((5, 1))], axis=1)
+    assert fid_from_features(few, few) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_bad_statistics_are_refused() -> None:
     with pytest.raises(FromzeroError, match="at least 2"):
         gaussian_stats(np.zeros((1, 3)))

@@ -30,8 +30,8 @@ def fake_embed(texts: list[str], encoder: str = "", cache: bool = True) -> torch
 
 
 @pytest.fixture
-def tiny_task(monkeypatch: pytest.MonkeyPatch, small_mnist: dict) -> None:
-    monkeypatch.setattr("fromzero.data.mnist.load_mnist", lambda: small_mnist)
+def tiny_task(monkeypatch: pytest.MonkeyPatch, mnist_slice: dict) -> None:
+    monkeypatch.setattr("fromzero.data.mnist.load_mnist", lambda: mnist_slice)
     monkeypatch.setattr(fd, "embed_prompts", fake_embed)
 
 
@@ -60,8 +60,8 @@ def test_prompts_fill_in_digits_and_hold_phrasings_out() -> None:
     assert (candidates[counts.unsqueeze(1) <= torch.arange(candidates.shape[1])] == -1).all()
 
 
-def test_thickness_is_measured_on_the_images(small_mnist: dict) -> None:
-    train = small_mnist["train"]
+def test_thickness_is_measured_on_the_images(mnist_slice: dict) -> None:
+    train = mnist_slice["train"]
     styles = measure_styles(train.images, train.labels)
     ink = ink_counts(train.images).float()
     for d in range(10):

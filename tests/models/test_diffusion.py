@@ -157,8 +157,8 @@ def test_ema_update_follows_the_formula() -> None:
     torch.testing.assert_close(other.weight.detach(), torch.full((1, 2), expected))
 
 
-def test_loss_goes_down_on_real_mnist(small_mnist: dict) -> None:
-    train = small_mnist["train"]
+def test_loss_goes_down_on_real_mnist(mnist_slice: dict) -> None:
+    train = mnist_slice["train"]
     x0 = train.images[:256].float() / 127.5 - 1
     labels = train.labels[:256]
     torch.manual_seed(0)

@@ -4,8 +4,11 @@ FID (Heusel et al. 2017) fits a Gaussian to each set of features and measures
 
     d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)),
 
-the squared 2-Wasserstein distance between the two Gaussians (:func:`frechet_distance`, with
-scipy's matrix square root). The standard FID uses Inception-v3's pool features of ImageNet;
+the squared 2-Wasserstein distance between the two Gaussians (:func:`frechet_distance`). The
+trace of the matrix square root is taken with symmetric eigendecompositions:
+Tr((S_1 S_2)^(1/2)) = sum_i sqrt(lambda_i(S_1^(1/2) S_2 S_1^(1/2))), whose argument is symmetric
+positive semi-definite, so rank-deficient covariances (dead ReLU features, fewer samples than
+dimensions) need no offset and give no complex parts. The standard FID uses Inception-v3's pool features of ImageNet;
 here the features come from a domain classifier instead (:class:`ClassifierFeatures`: the input
 of the last Linear layer of a fromzero image-classification checkpoint, e.g. an MNIST CNN), so
 its values are comparable between models scored with the *same* classifier, and not with
@@ -33,14 +36,15 @@ def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.
     return x.mean(0), np.cov(x, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (see the module docstring).
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix (negative
+    eigenvalues from rounding are taken as 0)."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
-    When S_1 S_2 is singular (fewer samples than dimensions) the square root is taken of
-    (S_1 + eps I)(S_2 + eps I), as the reference FID code does."""
-    from scipy import linalg
 
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (see the module docstring)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -48,13 +52,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise FromzeroError(f"mismatched Gaussian statistics: means {mu1.shape} / {mu2.shape}, "
                             f"covariances {sigma1.shape} / {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # numerical noise: tiny imaginary parts
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum())
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
 
 
 def fid_from_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
