@@ -46,6 +46,7 @@ class ImageGenerationConfig(FinetuneConfig):
     RECIPE_KEYS: ClassVar[dict[str, str]] = {
         "data_dir": "data.source", "train_images": "data.train_images", "eval_images": "data.eval_images",
         "conditioning": "model.conditioning", "text_encoder": "model.text_encoder",
+        "text_norm": "model.text_norm",
         "base_channels": "model.base_channels", "channel_mults": "model.channel_mults",
         "layers_per_level": "model.layers_per_level", "attention_levels": "model.attention_levels",
         "heads": "model.heads", "groups": "model.groups", "dropout": "model.dropout",
@@ -63,6 +64,8 @@ class ImageGenerationConfig(FinetuneConfig):
     """text+class (each step: the label, a prompt or nothing) | class | text."""
     text_encoder: str = "all-MiniLM-L6-v2"
     """Sentence encoder of the prompts: all-MiniLM-L6-v2 (built in) or a fromzero-bert checkpoint folder."""
+    text_norm: bool = True
+    """LayerNorm on the sentence vector before the U-Net's text MLP (see DiffusionConfig.text_norm)."""
     text_prob: float = 0.5
     """text+class: probability that a conditioned example gets a prompt rather than its label."""
     cond_drop: float = 0.15
@@ -146,6 +149,7 @@ class ImageGenerationConfig(FinetuneConfig):
             heads=self.heads, groups=self.groups, dropout=self.dropout,
             num_classes=10 if "class" in self.conditioning else 0,
             text_dim=384 if "text" in self.conditioning else 0, text_encoder=self.text_encoder,
+            text_norm=self.text_norm,
             labels=list(CLASSES), timesteps=self.timesteps, schedule=self.schedule,
             prediction=self.prediction)
         try:

@@ -80,6 +80,10 @@ class DiffusionConfig(ConfigDict):
     """Class-label conditioning: number of classes (0 = none)."""
     text_dim: int = 384
     """Text conditioning: size of the sentence vectors (0 = none; 384 = all-MiniLM-L6-v2)."""
+    text_norm: bool = False
+    """LayerNorm on the sentence vector before its MLP. Sentence vectors of different prompts are
+    close (cosine ~0.8) and small (unit length over 384 dims); normalised, their differences start
+    at the scale of the class embeddings, and text conditioning is learned from the first epoch."""
     text_encoder: str = "all-MiniLM-L6-v2"
     """The sentence encoder whose vectors the model was trained on (prompts are embedded with it)."""
     labels: list[str] | None = None
@@ -297,10 +301,11 @@ class UNet(nn.Module):
         # class conditioning: one extra row is the learned null class (label -1)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, E) if cfg.num_classes else None
         if cfg.text_dim:  # text conditioning: the sentence vector through an MLP; a learned null vector
+            self.text_norm = nn.LayerNorm(cfg.text_dim) if cfg.text_norm else None
             self.text_mlp = nn.Sequential(nn.Linear(cfg.text_dim, E), nn.SiLU(), nn.Linear(E, E))
             self.null_text = nn.Parameter(torch.zeros(E))
         else:
-            self.text_mlp, self.null_text = None, None
+            self.text_norm, self.text_mlp, self.null_text = None, None, None
 
         widths = [C * m for m in cfg.channel_mults]
         levels = len(widths)
@@ -353,7 +358,10 @@ class UNet(nn.Module):
                 emb = emb + null
             else:
                 mask = torch.ones(B, dtype=torch.bool, device=t.device) if text_mask is None else text_mask
-                emb = emb + torch.where(mask[:, None], self.text_mlp(text.to(emb.dtype)), null)
+                text = text.to(emb.dtype)
+                if self.text_norm is not None:
+                    text = self.text_norm(text)
+                emb = emb + torch.where(mask[:, None], self.text_mlp(text), null)
         return emb
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
