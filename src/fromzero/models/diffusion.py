@@ -406,14 +406,15 @@ class UNet(nn.Module):
 def sample(model: UNet, n: int, labels: torch.Tensor | None = None, text: torch.Tensor | None = None,
            steps: int = 50, guidance: float = 1.0, sampler: str = "ddim", eta: float = 0.0,
            generator: torch.Generator | None = None, batch_size: int = 256,
-           on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[int], None] | None = None, clip: bool = True) -> torch.Tensor:
     """``n`` images (n, channels, H, W) in [-1, 1]: ``steps`` denoising steps from pure noise.
 
     labels: (n,) class indices (-1 = none); text: (n, text_dim) or (text_dim,) sentence vectors;
     neither: unconditional. guidance != 1: classifier-free guidance (each step also runs the
     null condition, in the same forward pass). sampler: ddim (with ``eta``; 0 = deterministic)
     | ddpm (ancestral). Noise comes from ``generator`` (CPU), so a seed gives the same images on
-    any device. on_step: called with the images finished so far after each batch's step."""
+    any device. on_step: called with the images finished so far after each batch. clip: clamp each
+    step's x0 estimate to [-1, 1] (off, DDIM from an undertrained model drifts into noise)."""
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be ddim or ddpm, got {sampler!r}")
     device = next(model.parameters()).device
@@ -425,7 +426,7 @@ def sample(model: UNet, n: int, labels: torch.Tensor | None = None, text: torch.
         lab = labels[start:end].to(device) if labels is not None else None
         txt = text[start:end].to(device) if text is not None else None
         out.append(_sample_batch(model, end - start, lab, txt, steps, guidance, sampler, eta, generator,
-                                 device))
+                                 device, clip))
         if on_step is not None:
             on_step(end)
     return torch.cat(out)
@@ -433,7 +434,7 @@ def sample(model: UNet, n: int, labels: torch.Tensor | None = None, text: torch.
 
 def _sample_batch(model: UNet, B: int, labels: torch.Tensor | None, text: torch.Tensor | None, steps: int,
                   guidance: float, sampler: str, eta: float, generator: torch.Generator | None,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, clip: bool = True) -> torch.Tensor:
     cfg, sch = model.config, model.schedule
     shape = (B, cfg.channels, cfg.image_size, cfg.image_size)
     x = torch.randn(shape, generator=generator).to(device)
@@ -454,7 +455,7 @@ def _sample_batch(model: UNet, B: int, labels: torch.Tensor | None, text: torch.
             out = guided(both[:B], both[B:], guidance)
         else:
             out = model(x, tt, labels, text).float()
-        x0, eps = sch.split(x, out, t, cfg.prediction)
+        x0, eps = sch.split(x, out, t, cfg.prediction, clip=clip)
         noise = torch.randn(shape, generator=generator).to(device) if t_prev >= 0 else None
         if sampler == "ddpm":
             x = ddpm_step(sch, x, x0, t, t_prev, noise)
