@@ -225,3 +225,22 @@ def console_script() -> Path:
     if not path.exists():
         pytest.skip(f"console script not found next to {sys.executable}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST (the built-in, fetched once into $FROMZERO_HOME): a small real slice for learning tests
+
+
+@pytest.fixture(scope="session")
+def mnist_slice() -> dict[str, Any]:
+    """{"train": 512, "val": 64, "test": 64} real MNIST digits (ImageSplit), loaded once per session;
+    skipped when the MNIST file cannot be fetched (offline, no cache)."""
+    from fromzero.data.mnist import ImageSplit, load_mnist
+    from fromzero.errors import FromzeroError
+
+    try:
+        data = load_mnist()
+    except FromzeroError as e:
+        pytest.skip(f"MNIST not available: {e}")
+    sizes = {"train": 512, "val": 64, "test": 64}
+    return {k: ImageSplit(data[k].images[:n].clone(), data[k].labels[:n].clone()) for k, n in sizes.items()}

@@ -116,7 +116,8 @@ def test_every_finetuning_task_names_its_config_and_training_function() -> None:
     from fromzero.tasks import finetuning_tasks
 
     assert set(finetuning_tasks()) == {"text-classification", "sft", "dpo", "image-classification", "recommendation",
-                                        "translation", "question-answering", "object-detection"}
+                                        "translation", "question-answering", "object-detection",
+                                        "image-generation"}
     for task in finetuning_tasks().values():
         cls = task.config_class()
         assert dataclasses.is_dataclass(cls) and issubclass(cls, FinetuneConfig), task.name

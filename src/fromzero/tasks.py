@@ -23,7 +23,8 @@ class Task:
     name: str
     kind: str
     """classifier | generator (a causal LM: sft, dpo, pretraining) | recommender | translator (seq2seq) |
-    reader (extractive question answering: answers are spans of a context) | detector (boxes and labels)."""
+    reader (extractive question answering: answers are spans of a context) | detector (boxes and labels) |
+    image-generator (diffusion: images from a label or a prompt)."""
     inputs: str = ""
     """What ``predict`` feeds a classifier: text | image ("" for other kinds)."""
     config: str = ""
@@ -89,6 +90,8 @@ for _task in (
          run="fromzero.finetune.qa:finetune_question_answering"),
     Task("object-detection", "detector", inputs="image", config="fromzero.finetune.detection:DetectionConfig",
          run="fromzero.finetune.detection:finetune_detection", data_key="data_dir"),
+    Task("image-generation", "image-generator", config="fromzero.finetune.diffusion:ImageGenerationConfig",
+         run="fromzero.finetune.diffusion:finetune_image_generation", data_key="data_dir"),
     Task("language-model", "generator", eval_split="val", distill_as="sft"),  # pretraining (fromzero pretrain)
 ):
     register_task(_task)

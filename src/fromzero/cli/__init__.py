@@ -57,8 +57,9 @@ def _add_parser(sub: argparse._SubParsersAction, name: str, help: str, descripti
 
 
 # The verbs in the order `fromzero --help` lists them (a module's verbs need not be adjacent).
-HELP_ORDER = ("data", "tokenizer", "pretrain", "generate", "chat", "convert", "embed", "finetune", "crossval",
-              "distill", "tune", "runs", "evaluate", "predict", "translate", "index", "ask", "explain", "serve", "merge-lora", "export", "prune", "quantize", "ui")
+HELP_ORDER = ("data", "tokenizer", "pretrain", "generate", "generate-image", "chat", "convert", "embed", "finetune",
+              "crossval", "distill", "tune", "runs", "evaluate", "predict", "translate", "index", "ask", "explain",
+              "serve", "merge-lora", "export", "prune", "quantize", "ui")
 
 
 def build_parser(with_pretrain_help: bool = True, with_finetune_help: bool = True) -> argparse.ArgumentParser:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fromzero.checkpoint import atomic_write_bytes
 from fromzero.errors import FromzeroError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def plot_confusion_matrix(
@@ -77,3 +80,19 @@ def plot_confusion_matrix(
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def image_grid_png(images: "torch.Tensor", nrow: int, pad: int = 2) -> bytes:
+    """PNG bytes of a grid of images (N, C, H, W) with pixels in [-1, 1], ``nrow`` per row
+    (torchvision's make_grid); grayscale stays one channel. Write it with atomic_write_bytes."""
+    import torch
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=pad, pad_value=0.5)
+    array = (grid * 255).round().to(torch.uint8)
+    mode = "L" if images.shape[1] == 1 else "RGB"
+    pixels = array[0].numpy() if mode == "L" else array.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()

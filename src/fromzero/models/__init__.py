@@ -26,6 +26,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "fromzero-seq2seq": "fromzero.models.seq2seq",
     "fromzero-centernet": "fromzero.models.centernet",
     "fromzero-fcos": "fromzero.models.fcos",
+    "fromzero-diffusion": "fromzero.models.diffusion",
 }
 
 
