@@ -60,7 +60,8 @@ class Classifier:
         self.task = self.info["task"]
         task = get_task(self.task)
         if task is None or not task.is_classifier:
-            raise FromzeroError(f"{directory} is a {self.task} checkpoint, not a classifier")
+            hint = "; draw with `fromzero generate-image`" if task is not None and task.kind == "image-generator" else ""
+            raise FromzeroError(f"{directory} is not a classifier (its task is {self.task}){hint}")
         self.inputs = task.inputs  # text | image
         self.config = read_json(self.directory / CONFIG_FILE, "model config")
         self.device = resolve_device(device)
