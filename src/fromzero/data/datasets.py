@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -187,6 +188,30 @@ def shakespeare_genre(passage_chars: int = 500, min_chars: int = 200) -> dict[st
 # digits as an ImageFolder
 
 DIGITS_SPLIT = {"train": 0.70, "val": 0.15, "test": 0.15}
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """Write a dataset folder whole or not at all: yields an empty temporary folder beside ``out``;
+    when the block ends it replaces ``out`` (:func:`move_into_place`), when it fails it is deleted.
+    An existing ``out`` needs ``force``; an OSError becomes one ``cannot write`` FromzeroError."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FromzeroError(f"{out} already exists: choose another folder or pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir_beside(out, f".{out.name}.tmp-")
+    except OSError as e:
+        raise FromzeroError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        move_into_place(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FromzeroError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -171,21 +171,15 @@ def write_mnist_detection(out: Path, force: bool = False, sizes: dict[str, int] 
                           seed: int = SEED) -> Path:
     """Build the ``mnist-detection`` scenes from the built-in MNIST into ``out`` (atomically: a
     temporary folder renamed into place; an existing ``out`` is replaced only with ``force``)."""
-    from fromzero.data.datasets import move_into_place
+    from fromzero.data.datasets import staged_folder
     from fromzero.data.mnist import CLASSES, load_mnist
-    from fromzero.files import temp_dir_beside
 
     out = Path(out)
-    if out.exists() and not force:
+    if out.exists() and not force:  # before loading MNIST
         raise FromzeroError(f"{out} already exists: choose another folder or pass --force to replace it")
     sizes = dict(SCENES if sizes is None else sizes)
     mnist = load_mnist()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir_beside(out, f".{out.name}.tmp-")
-    except OSError as e:
-        raise FromzeroError(f"cannot write {out}: {e.strerror or e}") from None
-    try:
+    with staged_folder(out, force) as tmp:
         counts = {}
         for k, split in enumerate(SPLITS):
             scenes = make_scenes(mnist[split].images, mnist[split].labels, sizes[split], seed=seed * 1000 + k)
@@ -196,13 +190,6 @@ def write_mnist_detection(out: Path, force: bool = False, sizes: dict[str, int] 
                 "classes": list(CLASSES), "splits": counts,
                 "note": "white ink on black; boxes are [x, y, w, h], tight around each digit's ink"}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        move_into_place(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FromzeroError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

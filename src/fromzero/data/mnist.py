@@ -23,7 +23,6 @@ import functools
 import gzip
 import json
 import pickle
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +31,7 @@ import torch
 
 from fromzero.data.packages import PackageFile, fetch_package_file
 from fromzero.errors import FromzeroError
-from fromzero.data.datasets import move_into_place
-from fromzero.files import temp_dir_beside
+from fromzero.data.datasets import staged_folder
 
 NAME = "mnist"
 SPLITS = ("train", "val", "test")
@@ -127,14 +125,7 @@ def export_image_folder(splits: dict[str, ImageSplit], out: str | Path, force: b
     from PIL import Image
 
     out = Path(out)
-    if out.exists() and not force:
-        raise FromzeroError(f"{out} already exists: choose another folder or pass --force to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir_beside(out, f".{out.name}.tmp-")
-    except OSError as e:
-        raise FromzeroError(f"cannot write {out}: {e.strerror or e}") from None
-    try:
+    with staged_folder(out, force) as tmp:
         for name, split in splits.items():
             for label in classes:
                 (tmp / name / label).mkdir(parents=True)
@@ -145,11 +136,4 @@ def export_image_folder(splits: dict[str, ImageSplit], out: str | Path, force: b
                 "sizes": {name: len(split) for name, split in splits.items()},
                 "note": "ink is white on black (255 = ink), as in the original MNIST"}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        move_into_place(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FromzeroError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
